@@ -1,0 +1,34 @@
+"""loraformat: a specified, framework-neutral file format for LoRA adapters.
+
+The core (this package's ``format``) is torch-free: load, save, validate and inspect adapters.
+"""
+
+from .errors import LoraformatError, ValidationError
+from .format.adapter import (
+    Adapter,
+    LayerSpec,
+    LoraLayer,
+    Problem,
+    convert,
+    load,
+    scale_of,
+    validate,
+)
+from .format.manifest import FORMAT_VERSION
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Adapter",
+    "LayerSpec",
+    "LoraLayer",
+    "LoraformatError",
+    "Problem",
+    "ValidationError",
+    "__version__",
+    "convert",
+    "load",
+    "scale_of",
+    "validate",
+]

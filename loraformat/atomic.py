@@ -1,0 +1,92 @@
+"""Atomic outputs: write a temporary sibling, fsync, rename. Never a half-written file.
+
+A reader that sees the final name sees a complete file or directory, whether the writer finished,
+raised, or was killed with SIGKILL. Leftover temporaries carry the ``.lf-tmp-`` marker and are never
+mistaken for outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import LoraformatError
+
+TMP_MARKER = ".lf-tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse to replace an existing output unless ``overwrite`` is set."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise LoraformatError(out, "output already exists (use --overwrite to replace it)")
+    if not out.parent.exists():
+        raise LoraformatError(out, f"output folder {out.parent} does not exist")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temporary sibling of ``path`` for binary writing; rename it into place on success."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + target.name, dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    Files written inside need no fsync of their own: every file is fsynced here before the rename.
+    Replacing an existing directory is two renames (old aside, new in); the old one is removed
+    only after the new one is in place.
+    """
+    target = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + target.name, dir=target.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f"{TMP_MARKER}old-{os.getpid()}-{target.name}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_file(path) as handle:
+        handle.write(data)

@@ -1,0 +1,154 @@
+"""Read a Hugging Face style checkpoint lazily: ``config.json`` plus one or many safetensors shards.
+
+A checkpoint is a directory holding ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
+shards with ``model.safetensors.index.json``; a bare ``.safetensors`` file works too (no config).
+Nothing but headers is read until a tensor is asked for, and then through the memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import LoraformatError
+from .format.safetensors_io import SafetensorsFile, TensorInfo
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+#: Bytes hashed from each end of a tensor for the fingerprint (spec/FORMAT.md §Fingerprint).
+FINGERPRINT_SAMPLE = 4096
+FINGERPRINT_PREFIX = "lfp1:"
+
+
+class Checkpoint:
+    """Lazy, read-only view of a checkpoint's tensors across shards."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.config: dict[str, Any] = {}
+        self.index_metadata: dict[str, Any] = {}
+        self.shard_of: dict[str, str] = {}  # tensor name → shard file name
+        self._files: dict[str, SafetensorsFile] = {}
+        if self.path.is_dir():
+            self._open_dir()
+        elif self.path.is_file():
+            self._open_file(self.path)
+        else:
+            raise LoraformatError(self.path, "base checkpoint not found")
+
+    def _open_dir(self) -> None:
+        config_path = self.path / CONFIG_FILE
+        if config_path.is_file():
+            try:
+                self.config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise LoraformatError(config_path, f"not valid JSON ({exc})") from None
+            if not isinstance(self.config, dict):
+                raise LoraformatError(config_path, "config is not a JSON object")
+        index_path = self.path / INDEX_FILE
+        if index_path.is_file():
+            try:
+                index = json.loads(index_path.read_text(encoding="utf-8"))
+                weight_map = index["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AssertionError):
+                raise LoraformatError(index_path, "not a safetensors index (no weight_map)") from None
+            self.index_metadata = index.get("metadata") or {}
+            for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard:
+                    raise LoraformatError(index_path, f"shard {shard!r} is outside the checkpoint")
+                self._files[shard] = SafetensorsFile(self.path / shard)
+            for name, shard in weight_map.items():
+                if name not in self._files[shard]:
+                    raise LoraformatError(self.path / shard, f"index names tensor {name!r}, shard lacks it")
+                self.shard_of[name] = shard
+        elif (self.path / SINGLE_FILE).is_file():
+            self._open_file(self.path / SINGLE_FILE)
+        else:
+            raise LoraformatError(self.path, f"no {SINGLE_FILE} or {INDEX_FILE} in the checkpoint")
+
+    def _open_file(self, file: Path) -> None:
+        st = SafetensorsFile(file)
+        self._files[file.name] = st
+        for name in st.keys():
+            self.shard_of[name] = file.name
+
+    # access --------------------------------------------------------------------------------
+    @property
+    def shards(self) -> list[str]:
+        return list(self._files)
+
+    def shard_file(self, shard: str) -> SafetensorsFile:
+        return self._files[shard]
+
+    def names(self) -> list[str]:
+        return list(self.shard_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.shard_of
+
+    def info(self, name: str) -> TensorInfo:
+        return self._file_of(name).info(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self.info(name).shape for name in self.shard_of}
+
+    def numpy(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of one tensor."""
+        return self._file_of(name).numpy(name)
+
+    def raw(self, name: str) -> memoryview:
+        return self._file_of(name).raw(name)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.shard_of:
+            yield name, self.numpy(name)
+
+    def _file_of(self, name: str) -> SafetensorsFile:
+        try:
+            return self._files[self.shard_of[name]]
+        except KeyError:
+            raise LoraformatError(self.path, f"checkpoint has no tensor {name!r}") from None
+
+    def fingerprint(self) -> str:
+        return fingerprint(self)
+
+    def close(self) -> None:
+        for st in self._files.values():
+            st.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fingerprint(checkpoint: Checkpoint) -> str:
+    """``lfp1:`` + sha256 over every tensor's name, dtype, shape and a byte sample.
+
+    Exact definition (spec/FORMAT.md §Fingerprint): for each tensor in ascending UTF-8 byte order
+    of its name, the line ``name TAB dtype TAB shape TAB sha256(sample) LF``, where shape is
+    comma-separated decimals and sample is the whole data if it is at most 2·4096 bytes, else its
+    first 4096 bytes followed by its last 4096. Independent of sharding; reads ~8 KiB per tensor.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(checkpoint.names(), key=lambda n: n.encode("utf-8")):
+        info = checkpoint.info(name)
+        data = checkpoint.raw(name)
+        if len(data) > 2 * FINGERPRINT_SAMPLE:
+            sample = bytes(data[:FINGERPRINT_SAMPLE]) + bytes(data[-FINGERPRINT_SAMPLE:])
+        else:
+            sample = bytes(data)
+        shape = ",".join(str(d) for d in info.shape)
+        line = f"{name}\t{info.dtype}\t{shape}\t{hashlib.sha256(sample).hexdigest()}\n"
+        digest.update(line.encode("utf-8"))
+    return FINGERPRINT_PREFIX + digest.hexdigest()

@@ -1,0 +1,1 @@
+"""The on-disk format: manifest, tensors, validation. Torch-free."""
