@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny checkpoints built once per test session (no downloads)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_checkpoint("gpt2")`` → path of a tiny saved transformers checkpoint (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def build(architecture: str, **kwargs) -> Path:
+        key = (architecture, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{architecture}-base")
+            cache[key] = tiny_models.BUILDERS[architecture](out, **kwargs)
+        return cache[key]
+
+    return build
