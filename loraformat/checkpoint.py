@@ -49,7 +49,7 @@ class Checkpoint:
         if config_path.is_file():
             try:
                 self.config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise LoraformatError(config_path, f"not valid JSON ({exc})") from None
             if not isinstance(self.config, dict):
                 raise LoraformatError(config_path, "config is not a JSON object")
@@ -57,10 +57,15 @@ class Checkpoint:
         if index_path.is_file():
             try:
                 index = json.loads(index_path.read_text(encoding="utf-8"))
-                weight_map = index["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AssertionError):
-                raise LoraformatError(index_path, "not a safetensors index (no weight_map)") from None
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise LoraformatError(index_path, f"not valid JSON ({exc})") from None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise LoraformatError(
+                    index_path, "not a safetensors index (no weight_map of name → shard file)"
+                )
             self.index_metadata = index.get("metadata") or {}
             for shard in sorted(set(weight_map.values())):
                 if Path(shard).name != shard:
@@ -68,7 +73,9 @@ class Checkpoint:
                 self._files[shard] = SafetensorsFile(self.path / shard)
             for name, shard in weight_map.items():
                 if name not in self._files[shard]:
-                    raise LoraformatError(self.path / shard, f"index names tensor {name!r}, shard lacks it")
+                    raise LoraformatError(
+                        self.path / shard, f"index names tensor {name!r}, shard lacks it"
+                    )
                 self.shard_of[name] = shard
         elif (self.path / SINGLE_FILE).is_file():
             self._open_file(self.path / SINGLE_FILE)
@@ -78,7 +85,7 @@ class Checkpoint:
     def _open_file(self, file: Path) -> None:
         st = SafetensorsFile(file)
         self._files[file.name] = st
-        for name in st.keys():
+        for name in st:
             self.shard_of[name] = file.name
 
     # access --------------------------------------------------------------------------------

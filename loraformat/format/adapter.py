@@ -12,7 +12,7 @@ import math
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,9 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.where}: {self.message}" if self.where else f"{self.file}: {self.message}"
+        if self.where:
+            return f"{self.file}: {self.where}: {self.message}"
+        return f"{self.file}: {self.message}"
 
 
 # -- tensor checksum ----------------------------------------------------------------------------
@@ -137,16 +139,17 @@ class TensorStore(Mapping[str, np.ndarray]):
         self._source = source
         skip = set(exclude)
         if isinstance(source, SafetensorsFile):
-            self._names = [n for n in source.keys() if n not in skip]
+            self._names = [n for n in source if n not in skip]
         else:
             self._names = [n for n in source if n not in skip]
+        self._name_set = frozenset(self._names)  # O(1) membership for 1,000s of layers
 
     @property
     def file(self) -> SafetensorsFile | None:
         return self._source if isinstance(self._source, SafetensorsFile) else None
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._names:
+        if name not in self._name_set:
             raise KeyError(name)
         if isinstance(self._source, SafetensorsFile):
             return self._source.numpy(name)
@@ -159,7 +162,7 @@ class TensorStore(Mapping[str, np.ndarray]):
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._names
+        return name in self._name_set
 
     def dtype(self, name: str) -> str:
         if isinstance(self._source, SafetensorsFile):
@@ -334,7 +337,8 @@ class Adapter:
         """
         spec = self._spec(path)
         layer = self.layer(path)
-        low_rank = (layer.B.astype(dtype) * dtype_scalar(self.scale(path), dtype)) @ layer.A.astype(dtype)
+        scale = dtype_scalar(self.scale(path), dtype)
+        low_rank = (layer.B.astype(dtype) * scale) @ layer.A.astype(dtype)
         if spec.out_rows is None:
             return low_rank
         full = np.zeros((spec.out_features, spec.in_features), dtype=dtype)
@@ -360,7 +364,7 @@ class Adapter:
 
     # writing -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write the adapter atomically. ``*.safetensors`` → single file, anything else → directory."""
+        """Write the adapter atomically: ``*.safetensors`` → single file, else → directory."""
         from ..atomic import check_output
 
         out = check_output(path, overwrite)
@@ -368,7 +372,10 @@ class Adapter:
         manifest["tensors_sha256"] = _store_checksum(self.tensors)
         entries = [
             TensorEntry(
-                name, self.tensors.dtype(name), self.tensors.shape(name), _raw_getter(self.tensors, name)
+                name,
+                self.tensors.dtype(name),
+                self.tensors.shape(name),
+                _raw_getter(self.tensors, name),
             )
             for name in self.tensors
         ]
@@ -399,7 +406,7 @@ def _json_number(value: float) -> int | float:
     return int(value) if value.is_integer() and abs(value) < 2**53 else value
 
 
-def _raw_getter(store: TensorStore, name: str):  # noqa: ANN202 - a zero-argument callable
+def _raw_getter(store: TensorStore, name: str) -> Callable[[], bytes | memoryview]:
     return lambda: store.raw(name)
 
 
@@ -430,6 +437,13 @@ def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], lis
         if alpha is None:
             problems.append(f"layers/{path}: no alpha given and the manifest has no default alpha")
             continue
+        try:
+            alpha = float(alpha)
+        except OverflowError:
+            alpha = math.inf
+        if not math.isfinite(alpha):
+            problems.append(f"layers/{path}: alpha must be a finite number")
+            continue
         out_rows = entry.get("out_rows")
         if out_rows is not None:
             out_rows = tuple((int(a), int(b)) for a, b in out_rows)
@@ -455,12 +469,22 @@ def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], lis
         )
         if spec.dora and spec.out_rows is not None:
             problems.append(f"layers/{path}: dora cannot be combined with out_rows")
+        if spec.kind == "embedding" and (spec.dora or spec.lora_bias or spec.out_rows):
+            problems.append(
+                f"layers/{path}: an embedding layer cannot have dora, lora_bias or out_rows"
+            )
         if spec.rank > min(spec.in_features, spec.b_rows):
             problems.append(
                 f"layers/{path}: rank {spec.rank} exceeds the layer's smaller dimension "
                 f"{min(spec.in_features, spec.b_rows)}"
             )
         specs[path] = spec
+    for name in manifest.get("replacements", []):
+        if name.endswith(".weight") and name[: -len(".weight")] in specs:
+            problems.append(
+                f"replacements: {name!r} is the weight of adapted layer "
+                f"{name[: -len('.weight')]!r}; a tensor is either replaced or adapted"
+            )
     return specs, problems
 
 
@@ -517,11 +541,12 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
         )
     for key in store:
         if store.dtype(key) in FLOAT_DTYPES:
-            array = store[key]
-            finite = np.isfinite(array.astype(np.float32, copy=False))
+            # isfinite in the stored dtype: casting F64 to F32 would turn large values into Inf.
+            finite = np.isfinite(store[key])
             if not finite.all():
                 problems.append(
-                    f"tensor {key!r}: {int(finite.size - finite.sum())} non-finite value(s) (NaN/Inf)"
+                    f"tensor {key!r}: {int(finite.size - finite.sum())} "
+                    "non-finite value(s) (NaN/Inf)"
                 )
     return problems
 
@@ -529,21 +554,45 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
 # -- opening both forms -------------------------------------------------------------------------
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(text: str) -> Any:
+    """Strict RFC 8259 JSON: NaN/Infinity refused, absurd nesting a ValueError, not a crash."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _refuse_escape(adapter_dir: Path, member: Path) -> None:
+    """An adapter's files must lie inside it: a symbolic link may not lead out of the directory."""
+    if member.is_symlink():
+        target = member.resolve()
+        if adapter_dir.resolve() not in target.parents:
+            raise LoraformatError(member, "symbolic link points outside the adapter directory")
+
+
 def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
     """(manifest, open tensor file, the file to name in messages about the manifest)."""
     if path.is_dir():
         manifest_path = path / mf.MANIFEST_FILE
         if not manifest_path.is_file():
-            raise LoraformatError(path, f"not a loraformat adapter directory: no {mf.MANIFEST_FILE}")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LoraformatError(manifest_path, f"manifest is not valid JSON ({exc})") from None
+            raise LoraformatError(
+                path, f"not a loraformat adapter directory: no {mf.MANIFEST_FILE}"
+            )
         tensors_path = path / mf.TENSORS_FILE
-        if tensors_path.is_symlink():
-            target = tensors_path.resolve()
-            if path.resolve() not in target.parents:
-                raise LoraformatError(tensors_path, "symbolic link points outside the adapter")
+        for member in (manifest_path, tensors_path):
+            _refuse_escape(path, member)
+        try:
+            manifest = _parse_json(manifest_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise LoraformatError(manifest_path, f"manifest is not valid UTF-8 ({exc})") from None
+        except ValueError as exc:
+            raise LoraformatError(manifest_path, f"manifest is not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise LoraformatError(manifest_path, f"cannot read: {exc.strerror}") from None
         return manifest, SafetensorsFile(tensors_path), manifest_path
     if not path.exists():
         raise LoraformatError(path, "no such file or directory")
@@ -555,8 +604,8 @@ def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
             path, f"not a loraformat adapter: no {mf.METADATA_KEY!r} key in __metadata__"
         )
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
+        manifest = _parse_json(text)
+    except ValueError as exc:
         st.close()
         raise LoraformatError(path, f"embedded manifest is not valid JSON ({exc})") from None
     return manifest, st, path
@@ -603,7 +652,9 @@ def validate(path: str | os.PathLike[str]) -> list[Problem]:
         st.close()
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def convert(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Rewrite an adapter in the other form (or the same); the content is unchanged."""
     with load(src) as adapter:
         return adapter.save(dst, overwrite=overwrite)

@@ -9,6 +9,7 @@ N, N bytes of UTF-8 JSON, then the byte buffer. Tests check parity with the ``sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -50,6 +51,11 @@ DTYPES: dict[str, np.dtype] = {
 }
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 _NUMPY_TO_ST = {dt: name for name, dt in DTYPES.items()}
+
+
+def _refuse_constant(name: str) -> None:
+    # Python's json accepts NaN/Infinity; JSON (RFC 8259) and the safetensors spec do not.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def dtype_name(array_dtype: np.dtype) -> str:
@@ -95,7 +101,9 @@ class SafetensorsFile:
         except FileNotFoundError:
             raise LoraformatError(self.path, "file not found") from None
         except IsADirectoryError:
-            raise LoraformatError(self.path, "is a directory, expected a .safetensors file") from None
+            raise LoraformatError(
+                self.path, "is a directory, expected a .safetensors file"
+            ) from None
         except OSError as exc:
             raise LoraformatError(self.path, f"cannot open: {exc.strerror}") from None
         try:
@@ -126,9 +134,11 @@ class SafetensorsFile:
             )
         raw = self._file.read(header_size)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
             raise self._fail(f"safetensors header is not valid UTF-8 JSON ({exc})") from None
+        except RecursionError:
+            raise self._fail("safetensors header is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._fail("safetensors header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
@@ -163,7 +173,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"tensor {name!r}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._fail(f"tensor {name!r}: unsupported dtype {dtype!r}")
         if (
             not isinstance(shape, list)
@@ -177,7 +187,9 @@ class SafetensorsFile:
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise self._fail(f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end")
+            raise self._fail(
+                f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end"
+            )
         info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
         if info.numel * DTYPES[dtype].itemsize != info.nbytes:
             raise self._fail(
@@ -223,12 +235,14 @@ class SafetensorsFile:
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
     def close(self) -> None:
         if self._mmap is not None:
-            try:
+            # An array may still view the map; it is then released with that array.
+            with contextlib.suppress(BufferError):
                 self._mmap.close()
-            except BufferError:
-                pass  # an array still views the map; it is released with that array
             self._mmap = None
         self._file.close()
 
@@ -327,5 +341,5 @@ def read_header_only(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo
 
 
 def iter_arrays(st: SafetensorsFile) -> Iterator[tuple[str, np.ndarray]]:
-    for name in st.keys():
+    for name in st:
         yield name, st.numpy(name)
