@@ -29,6 +29,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(is_dir: bool) -> int:
+    # mkstemp/mkdtemp create 0600/0700; an output should get the permissions a plain open() or
+    # mkdir() would give it, so shared model folders stay readable.
+    return (0o777 if is_dir else 0o666) & ~_umask()
+
+
 def check_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse to replace an existing output unless ``overwrite`` is set."""
     out = Path(path)
@@ -48,6 +60,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
+            os.fchmod(handle.fileno(), _default_mode(False))
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
@@ -73,6 +86,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb+") as handle:
                     os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode(True))
         _fsync_dir(tmp)
         old = None
         if target.exists():
