@@ -52,12 +52,18 @@ class Registry:
         self.pm = pluggy.PluginManager("loraformat")
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
+        self._arch_cache: dict[str, list[ArchitectureInfo]] = {}
         if load_entry_points:
             self._load_entry_points()
 
     def _load_entry_points(self) -> None:
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        for ep in sorted(_entry_points(), key=lambda e: e.name):
             dist = getattr(ep, "dist", None)
+            if ep.name in self.records:  # the same plugin seen twice (e.g. two installs)
+                self.records[ep.name].errors.append(
+                    f"entry point {ep.name!r} is defined more than once; using the first"
+                )
+                continue
             record = PluginRecord(
                 ep.name, dist.metadata["Name"] if dist else None, dist.version if dist else None
             )
@@ -68,13 +74,59 @@ class Registry:
             except Exception as exc:  # a broken plugin must not break the others
                 record.errors.append(f"failed to load: {type(exc).__name__}: {exc}")
                 continue
-            record.architectures = [info.id for info in self._architectures_of(ep.name)]
+            self._collect_architectures(ep.name)
 
-    def register(self, plugin: object, name: str, version: str | None = None) -> None:
-        """Register a plugin object directly (tests, embedding applications)."""
-        self.pm.register(plugin, name=name)
-        self.records[name] = PluginRecord(name, None, version)
-        self.records[name].architectures = [info.id for info in self._architectures_of(name)]
+    def register(self, plugin: object, name: str, version: str | None = None) -> PluginRecord:
+        """Register a plugin object directly (tests, embedding applications).
+
+        Like an entry point, a plugin that pluggy rejects is recorded with its error, not raised.
+        """
+        record = PluginRecord(name, None, version)
+        self.records[name] = record
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:
+            record.errors.append(f"failed to register: {type(exc).__name__}: {exc}")
+            return record
+        self._collect_architectures(name)
+        return record
+
+    def _collect_architectures(self, name: str) -> None:
+        record = self.records[name]
+        taken = {
+            info.id: other
+            for other, infos in self._arch_cache.items()
+            if other != name
+            for info in infos
+        }
+        infos = self._architectures_of(name)
+        for info in infos:
+            if info.id in taken:
+                record.errors.append(
+                    f"architecture {info.id!r} is already provided by plugin {taken[info.id]!r}"
+                )
+        self._arch_cache[name] = [i for i in infos if i.id not in taken]
+        record.architectures = [info.id for info in infos]
+
+    def unregister(self, name: str) -> None:
+        """Forget a plugin (tests)."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin, name=name)
+        self.records.pop(name, None)
+        self._arch_cache.pop(name, None)
+
+    def health_check(self) -> None:
+        """Ask every loaded plugin the cheapest question, so one that raises is recorded.
+
+        A plugin must answer ``None`` to detection of an empty checkpoint; raising there marks it
+        broken (``loraformat plugins`` shows the error).
+        """
+        for impl in self._impls("loraformat_detect"):
+            try:
+                impl.function(*[{"config": {}, "tensor_names": []}[a] for a in impl.argnames])
+            except Exception as exc:
+                self._fail(impl.plugin_name, "loraformat_detect", exc)
 
     def _impls(self, hook: str) -> list[pluggy.HookImpl]:
         # pluggy calls the last registered first; keep its order.
@@ -82,17 +134,24 @@ class Registry:
 
     def _fail(self, plugin_name: str, hook: str, exc: Exception) -> None:
         record = self.records.setdefault(plugin_name, PluginRecord(plugin_name, None, None))
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        record.errors.append(
-            f"{hook} raised {type(exc).__name__}: {exc} ({where.filename}:{where.lineno})"
-        )
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        message = f"{hook} raised {type(exc).__name__}: {exc}{where}"
+        if message not in record.errors:  # the same failure on every call is reported once
+            record.errors.append(message)
 
     def call_first(self, hook: str, **kwargs: Any) -> Any:
-        """Like a ``firstresult`` hook call, but a plugin that raises is recorded and skipped."""
+        """Like a ``firstresult`` hook call, but a plugin that raises is recorded and skipped.
+
+        A :class:`LoraformatError` is the plugin's verdict on the user's input (a config it cannot
+        export, say), not a plugin bug: it propagates to the caller unchanged.
+        """
         for impl in self._impls(hook):
             args = [kwargs[name] for name in impl.argnames]
             try:
                 result = impl.function(*args)
+            except LoraformatError:
+                raise
             except Exception as exc:
                 self._fail(impl.plugin_name, hook, exc)
                 continue
@@ -105,22 +164,27 @@ class Registry:
         for impl in self._impls("loraformat_architectures"):
             if impl.plugin is plugin:
                 try:
-                    infos = list(impl.function())
-                except Exception as exc:
+                    return [
+                        ArchitectureInfo(str(i.id), str(i.description), plugin=plugin_name)
+                        for i in impl.function()
+                    ]
+                except Exception as exc:  # includes answers that are not ArchitectureInfo
                     self._fail(plugin_name, "loraformat_architectures", exc)
                     return []
-                return [
-                    ArchitectureInfo(i.id, i.description, plugin=plugin_name) for i in infos
-                ]
         return []
 
     def architectures(self) -> dict[str, ArchitectureInfo]:
+        """Architecture id → info, over every plugin that loaded (asked once per plugin)."""
         found: dict[str, ArchitectureInfo] = {}
-        for name in self.records:
-            if self.pm.get_plugin(name) is not None:
-                for info in self._architectures_of(name):
-                    found.setdefault(info.id, info)
+        for infos in self._arch_cache.values():
+            for info in infos:
+                found.setdefault(info.id, info)
         return found
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    # A seam for tests: monkeypatch this to add a fake or broken entry point.
+    return list(metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
 @functools.cache

@@ -1,0 +1,397 @@
+"""BERT (``model_type: bert``): BertModel and the encoder-with-head variants.
+
+Reads the Hugging Face layout, with the ``bert.`` prefix (BertForSequenceClassification,
+BertForTokenClassification) or bare (BertModel). Dense layers are the attention query/key/value,
+the attention output, the feed-forward pair, the pooler and the classifier, all ``nn.Linear``
+([out, in]); the word-embedding table is offered as an ``embedding`` layer ([vocab, hidden]).
+
+Names: transformers 5 keeps BERT's checkpoint names in memory (checked against 5.24's
+``named_modules()``), so PEFT's module names equal the layer paths. BERT has no GGUF/MLX names here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from loraformat.architecture import (
+    ArchitectureInfo,
+    DenseLayer,
+    ExportModel,
+    ExportOptions,
+    hookimpl,
+)
+from loraformat.errors import LoraformatError
+
+ARCH = "bert"
+_PREFIX = "bert."
+# Per encoder layer, in checkpoint order.
+_LAYER_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+_PATH_RE = re.compile(
+    r"^(?:bert\.)?(?:embeddings\.word_embeddings|pooler\.dense|encoder\.layer\.\d+\."
+    r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense"
+    r"|output\.dense))$|^classifier$"
+)
+
+
+def _prefix(names: Sequence[str] | Mapping[str, Any]) -> str:
+    return _PREFIX if f"{_PREFIX}embeddings.word_embeddings.weight" in names else ""
+
+
+@hookimpl
+def loraformat_architectures() -> list[ArchitectureInfo]:
+    return [ArchitectureInfo(ARCH, "BERT encoder (BertModel, sequence/token classification)")]
+
+
+@hookimpl
+def loraformat_detect(config: Mapping[str, Any], tensor_names: Sequence[str]) -> str | None:
+    model_type = config.get("model_type")
+    if model_type is not None:
+        # RoBERTa & co. share BERT's names but not its position ids: trust model_type when given.
+        return ARCH if model_type == ARCH else None
+    names = set(tensor_names)
+    for prefix in (_PREFIX, ""):
+        if (
+            f"{prefix}embeddings.word_embeddings.weight" in names
+            and f"{prefix}encoder.layer.0.attention.self.query.weight" in names
+        ):
+            return ARCH
+    return None
+
+
+@hookimpl
+def loraformat_dense_layers(
+    architecture: str, config: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
+) -> list[DenseLayer] | None:
+    if architecture != ARCH:
+        return None
+    p = _prefix(tensor_shapes)
+
+    def linear(path: str) -> DenseLayer | None:
+        shape = tensor_shapes.get(path + ".weight")
+        if shape is None or len(shape) != 2:
+            return None
+        bias = path + ".bias" if path + ".bias" in tensor_shapes else None
+        return DenseLayer(path, in_features=shape[1], out_features=shape[0], bias=bias)
+
+    layers: list[DenseLayer] = []
+    word = tensor_shapes.get(f"{p}embeddings.word_embeddings.weight")
+    if word is not None and len(word) == 2:
+        layers.append(
+            DenseLayer(
+                f"{p}embeddings.word_embeddings", in_features=word[0], out_features=word[1],
+                layout="in_out", kind="embedding",
+            )
+        )
+    i = 0
+    while f"{p}encoder.layer.{i}.attention.self.query.weight" in tensor_shapes:
+        for name in _LAYER_LINEARS:
+            layer = linear(f"{p}encoder.layer.{i}.{name}")
+            if layer is not None:
+                layers.append(layer)
+        i += 1
+    for path in (f"{p}pooler.dense", "classifier"):
+        layer = linear(path)
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+@hookimpl
+def loraformat_default_targets(architecture: str, config: Mapping[str, Any]) -> list[str] | None:
+    # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["bert"].
+    return ["query", "value"] if architecture == ARCH else None
+
+
+@hookimpl
+def loraformat_foreign_name(
+    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
+) -> str | None:
+    if architecture != ARCH or convention != "peft" or not _PATH_RE.match(layer_path):
+        return None
+    return layer_path  # transformers does not rename BERT modules on load
+
+
+@hookimpl
+def loraformat_layer_path(
+    architecture: str, config: Mapping[str, Any], foreign_name: str, convention: str
+) -> str | None:
+    if architecture != ARCH or convention != "peft" or not _PATH_RE.match(foreign_name):
+        return None
+    return foreign_name
+
+
+@hookimpl
+def loraformat_foreign_row_permutation(
+    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
+) -> Sequence[int] | None:
+    return None  # no convention BERT answers stores rows permuted
+
+
+@hookimpl
+def loraformat_export_model(
+    architecture: str, config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions
+) -> ExportModel | None:
+    if architecture != ARCH:
+        return None
+    return build_export_model(config, tensors, options)
+
+
+# -- the export module --------------------------------------------------------------------------
+
+
+def _activation(name: str) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    acts = {
+        "gelu": F.gelu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+        "swish": F.silu,
+        "tanh": torch.tanh,
+    }
+    if name not in acts:
+        raise LoraformatError(
+            None, f"bert: unsupported hidden_act {name!r} (known: {', '.join(sorted(acts))})"
+        )
+    return acts[name]
+
+
+def build_export_model(
+    config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions | None = None
+) -> ExportModel:
+    """The plain-torch BERT for ``tensors`` (name → torch.Tensor), state-dict keys = names."""
+    import torch
+    from torch import nn
+
+    from loraformat.architecture.modules import Dense
+
+    options = options or ExportOptions()
+    if options.with_past:
+        raise LoraformatError(None, "bert is an encoder: it has no KV cache to export")
+    p = _prefix(tensors)
+    if f"{p}embeddings.word_embeddings.weight" not in tensors:
+        raise LoraformatError(None, "bert: checkpoint has no embeddings.word_embeddings.weight")
+    for key in ("num_attention_heads", "layer_norm_eps"):
+        if key not in config:
+            raise LoraformatError(None, f"bert: config.json lacks {key!r}, needed for export")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise LoraformatError(
+            None, f"bert: position_embedding_type {config['position_embedding_type']!r} is not "
+            "supported (only 'absolute')"
+        )
+    heads = int(config["num_attention_heads"])
+    eps = float(config["layer_norm_eps"])
+    act = _activation(str(config.get("hidden_act", "gelu")))
+    architectures = list(config.get("architectures") or [])
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in tensors:
+            raise LoraformatError(None, f"bert: checkpoint lacks {name}")
+        return tuple(tensors[name].shape)
+
+    def dense(path: str) -> Dense:
+        out_f, in_f = shape(path + ".weight")
+        return Dense(in_f, out_f, bias=path + ".bias" in tensors)
+
+    def layer_norm(path: str) -> nn.LayerNorm:
+        return nn.LayerNorm(shape(path + ".weight")[0], eps=eps)
+
+    class SelfAttention(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.query = dense(path + ".query")
+            self.key = dense(path + ".key")
+            self.value = dense(path + ".value")
+
+        def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            b, s, _ = h.shape
+
+            def split(x: torch.Tensor) -> torch.Tensor:
+                return x.view(b, s, heads, -1).transpose(1, 2)
+
+            q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1)
+            return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
+
+    class Output(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.dense = dense(path + ".dense")
+            self.LayerNorm = layer_norm(path + ".LayerNorm")
+
+        def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return self.LayerNorm(self.dense(x) + residual)
+
+    class Intermediate(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.dense = dense(path + ".dense")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return act(self.dense(x))
+
+    class Attention(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.self = SelfAttention(path + ".self")
+            self.output = Output(path + ".output")
+
+        def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            return self.output(self.self(h, mask), h)
+
+    class Layer(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.attention = Attention(path + ".attention")
+            self.intermediate = Intermediate(path + ".intermediate")
+            self.output = Output(path + ".output")
+
+        def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            h = self.attention(h, mask)  # post-LN: residual inside Output
+            return self.output(self.intermediate(h), h)
+
+    class Encoder(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            count = 0
+            while f"{path}.layer.{count}.attention.self.query.weight" in tensors:
+                count += 1
+            self.layer = nn.ModuleList(Layer(f"{path}.layer.{i}") for i in range(count))
+
+    class Embeddings(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.word_embeddings = nn.Embedding(*shape(path + ".word_embeddings.weight"))
+            self.position_embeddings = nn.Embedding(*shape(path + ".position_embeddings.weight"))
+            self.token_type_embeddings = nn.Embedding(
+                *shape(path + ".token_type_embeddings.weight")
+            )
+            self.LayerNorm = layer_norm(path + ".LayerNorm")
+
+    class Pooler(nn.Module):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.dense = dense(path + ".dense")
+
+    class Body(nn.Module):
+        """The modules under the ``bert.`` prefix (or at the root of a bare BertModel)."""
+
+        def __init__(self, p: str) -> None:
+            super().__init__()
+            self.embeddings = Embeddings(p + "embeddings")
+            self.encoder = Encoder(p + "encoder")
+            if f"{p}pooler.dense.weight" in tensors:
+                self.pooler = Pooler(p + "pooler")
+
+    has_classifier = "classifier.weight" in tensors
+    has_pooler = f"{p}pooler.dense.weight" in tensors
+    # Token classification heads apply the classifier per token on an encoder without a pooler.
+    per_token = any("TokenClassification" in a for a in architectures) or (
+        has_classifier and not has_pooler
+    )
+
+    class BertExport(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            if p:
+                self.bert = Body(p)
+            else:  # bare BertModel: the body's modules live at the root, like the checkpoint
+                body = Body(p)
+                for name, child in body.named_children():
+                    self.add_module(name, child)
+            if has_classifier:
+                self.classifier = dense("classifier")
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            token_type_ids: torch.Tensor | None = None,
+        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            body = self.bert if p else self
+            emb = body.embeddings
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            h = (
+                emb.word_embeddings(input_ids)
+                + emb.token_type_embeddings(token_type_ids)
+                + emb.position_embeddings(positions)[None]
+            )
+            h = emb.LayerNorm(h)
+            mask = None
+            if attention_mask is not None:
+                # 0 keeps a key, the dtype's minimum drops it, as transformers' eager path does.
+                keep = attention_mask[:, None, None, :].to(h.dtype)
+                mask = (1.0 - keep) * torch.finfo(h.dtype).min
+            for layer in body.encoder.layer:
+                h = layer(h, mask)
+            if has_classifier:
+                if per_token:
+                    return self.classifier(h)
+                return self.classifier(torch.tanh(body.pooler.dense(h[:, 0])))
+            if has_pooler:
+                return h, torch.tanh(body.pooler.dense(h[:, 0]))
+            return h
+
+    module = BertExport()
+    wanted = module.state_dict()
+    missing = [k for k in wanted if k not in tensors]
+    if missing:
+        raise LoraformatError(None, f"bert: checkpoint lacks {', '.join(missing[:5])}")
+    for key, value in wanted.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise LoraformatError(
+                None,
+                f"bert: {key} has shape {list(tensors[key].shape)}, expected {list(value.shape)}",
+            )
+    module.load_state_dict({k: tensors[k] for k in wanted}, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+
+    vocab, _ = shape(f"{p}embeddings.word_embeddings.weight")
+    max_pos = shape(f"{p}embeddings.position_embeddings.weight")[0]
+    seq = min(8, max_pos)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (2, seq), generator=generator)
+    attention_mask = torch.ones(2, seq, dtype=torch.int64)
+    attention_mask[1, seq - 2 :] = 0  # one padded row, so the mask path is exercised
+    example = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": torch.zeros(2, seq, dtype=torch.int64),
+    }
+    seq_axes = {0: "batch", 1: "sequence"}
+    if has_classifier:
+        outputs = ["logits"]
+        axes = {"logits": dict(seq_axes) if per_token else {0: "batch"}}
+    elif has_pooler:
+        outputs = ["last_hidden_state", "pooler_output"]
+        axes = {"last_hidden_state": dict(seq_axes), "pooler_output": {0: "batch"}}
+    else:
+        outputs = ["last_hidden_state"]
+        axes = {"last_hidden_state": dict(seq_axes)}
+    for name in example:
+        axes[name] = dict(seq_axes)
+    return ExportModel(
+        module=module,
+        example_inputs=example,
+        input_names=list(example),
+        output_names=outputs,
+        dynamic_axes=axes,
+    )
