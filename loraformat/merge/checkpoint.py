@@ -1,0 +1,259 @@
+"""Streamed merge (and unmerge) of adapters into a Hugging Face safetensors checkpoint.
+
+Each output shard is the input shard with the changed tensors' bytes replaced: the header is
+copied verbatim (a merged tensor keeps its dtype and shape, so every offset stays valid), tensors
+nothing changes are copied by the kernel (``os.copy_file_range``, falling back to chunked
+``pread``/``write``) without ever entering this process, and a changed tensor is read with
+``pread`` into one buffer, merged in place (fp32 accumulation) and written. Peak memory is
+therefore about two copies of the largest *changed* tensor, whatever the model's size, and no
+memory map of the base is touched beyond the fingerprint's samples.
+
+The output directory holds the same shard files under the same names, the index, and every other
+top-level file of the base (config, generation config, tokenizer) — except other weight formats
+(``*.bin``, ``*.pt``, ``*.pth``, ``*.h5``, ``*.msgpack``, ``*.gguf``), which would be stale
+unmerged copies. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import TMP_MARKER, atomic_dir, atomic_file, check_output
+from ..base import BaseModel, open_base
+from ..errors import LoraformatError
+from ..format.adapter import Adapter
+from ..format.safetensors_io import DTYPES, SafetensorsFile
+from .plan import MergePlan, open_adapter, plan_merge
+
+Progress = Callable[[int, int], None]
+
+#: Weight files of other formats not carried into a merged checkpoint (they would be unmerged).
+STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
+_CHUNK = 64 << 20
+_NO_RANGE_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge wrote."""
+
+    path: Path
+    layers: int  # adapted layers
+    tensors_changed: int
+    shards: int
+
+
+def plan_for_base(
+    base: BaseModel,
+    adapters: Sequence[Adapter],
+    *,
+    weights: Sequence[float] | None = None,
+    subtract: bool = False,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+) -> MergePlan:
+    """:func:`~loraformat.merge.plan.plan_merge` with the base's plugin layers and fingerprint."""
+    return plan_merge(
+        base.layers,
+        base.checkpoint.shapes(),
+        adapters,
+        architecture=base.architecture,
+        base_path=base.path,
+        weights=weights,
+        subtract=subtract,
+        fingerprint=base.checkpoint.fingerprint,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+    )
+
+
+# -- low-level I/O ------------------------------------------------------------------------------
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def _read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    got = 0
+    while got < len(buffer):
+        n = os.preadv(fd, [buffer[got:]], offset + got)
+        if n <= 0:
+            raise LoraformatError(path, "file ended early while reading a tensor")
+        got += n
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int, path: Path) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (at its file position)."""
+    fast = getattr(os, "copy_file_range", None)
+    while count > 0 and fast is not None:
+        try:
+            n = fast(src, dst, min(count, 1 << 30), offset)
+        except OSError as exc:
+            if exc.errno in _NO_RANGE_COPY:
+                break  # not supported here: fall back to plain reads and writes
+            raise
+        if n == 0:
+            break
+        offset += n
+        count -= n
+    while count > 0:
+        chunk = os.pread(src, min(count, _CHUNK), offset)
+        if not chunk:
+            raise LoraformatError(path, "file ended early while copying a tensor")
+        _write_all(dst, memoryview(chunk))
+        offset += len(chunk)
+        count -= len(chunk)
+
+
+def _read_tensor(fd: int, st: SafetensorsFile, name: str) -> np.ndarray:
+    info = st.info(name)
+    array = np.empty(info.shape, dtype=DTYPES[info.dtype])
+    if info.nbytes:
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        _read_into(fd, view, st.data_start + info.begin, st.path)
+    return array
+
+
+def write_merged_shard(
+    st: SafetensorsFile,
+    handle_fd: int,
+    plan: MergePlan,
+    on_op: Callable[[], None] | None = None,
+) -> None:
+    """Write ``st`` with ``plan`` applied to the open, empty file ``handle_fd``."""
+    with open(st.path, "rb", buffering=0) as src:
+        fd = src.fileno()
+        _copy_range(fd, handle_fd, 0, st.data_start, st.path)  # size field + header, verbatim
+        for name, info in sorted(st.tensors.items(), key=lambda item: item[1].begin):
+            op = plan.ops.get(name)
+            if op is None:
+                _copy_range(fd, handle_fd, st.data_start + info.begin, info.nbytes, st.path)
+                continue
+            value = op.apply(_read_tensor(fd, st, name), inplace=True)
+            if value.dtype != DTYPES[info.dtype] or tuple(value.shape) != info.shape:
+                raise AssertionError(f"merge changed {name}'s dtype or shape")  # a bug, not input
+            data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            _write_all(handle_fd, memoryview(data))
+            del value, data
+            if on_op is not None:
+                on_op()
+
+
+def _copy_side_files(base_dir: Path, out_dir: Path, shards: set[str]) -> None:
+    for item in sorted(base_dir.iterdir()):
+        name = item.name
+        if name in shards or name.startswith(TMP_MARKER) or name.endswith(STALE_WEIGHT_SUFFIXES):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out_dir / name, symlinks=False)
+        elif item.is_file():
+            shutil.copy2(item, out_dir / name)
+
+
+def merge_into_checkpoint(
+    base: BaseModel,
+    plan: MergePlan,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Stream ``base`` with ``plan`` applied to ``out`` (a directory, or a ``.safetensors`` file
+    when the base is one file). Atomic: ``out`` is complete or absent."""
+    target = check_output(out, overwrite)
+    checkpoint = base.checkpoint
+    if target.resolve() == checkpoint.path.resolve():
+        raise LoraformatError(target, "output is the base itself; inputs are never modified")
+    total, done = len(plan.ops), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
+    if target.suffix == ".safetensors":
+        if len(checkpoint.shards) != 1:
+            raise LoraformatError(
+                target, f"the base has {len(checkpoint.shards)} shards; write a directory instead"
+            )
+        with atomic_file(target) as handle:
+            handle.flush()
+            only = checkpoint.shard_file(checkpoint.shards[0])
+            write_merged_shard(only, handle.fileno(), plan, step)
+        return MergeResult(target, plan.layer_count, total, 1)
+    with atomic_dir(target) as tmp:
+        for shard in checkpoint.shards:
+            with open(tmp / shard, "wb", buffering=0) as handle:
+                write_merged_shard(checkpoint.shard_file(shard), handle.fileno(), plan, step)
+        if checkpoint.path.is_dir():
+            _copy_side_files(checkpoint.path, tmp, set(checkpoint.shards))
+    return MergeResult(target, plan.layer_count, total, len(checkpoint.shards))
+
+
+def merge_checkpoint(
+    base: str | os.PathLike[str] | BaseModel,
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    out: str | os.PathLike[str],
+    *,
+    weights: Sequence[float] | None = None,
+    subtract: bool = False,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge ``adapters`` (weighted) into the checkpoint ``base`` and write it to ``out``.
+
+    W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ in the base's layout and dtype (fp32 accumulation);
+    ``subtract=True`` is ``unmerge``: W' = W − Σ wᵢ·scaleᵢ·BᵢAᵢ, where ``base`` is a merged model,
+    so an adapter's base fingerprint is not checked. All refusals happen before anything is
+    written (see :func:`~loraformat.merge.plan.plan_merge`).
+    """
+    with contextlib.ExitStack() as stack:
+        model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
+        opened = []
+        for item in adapters:
+            adapter = open_adapter(item, model)
+            if not isinstance(item, Adapter):
+                stack.callback(adapter.close)
+            opened.append(adapter)
+        plan = plan_for_base(
+            model, opened, weights=weights, subtract=subtract, force=force,
+            allow_nonfinite=allow_nonfinite,
+        )
+        return merge_into_checkpoint(model, plan, out, overwrite=overwrite, progress=progress)
+
+
+def unmerge_checkpoint(
+    base: str | os.PathLike[str] | BaseModel,
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    out: str | os.PathLike[str],
+    **kwargs: object,
+) -> MergeResult:
+    """:func:`merge_checkpoint` with ``subtract=True``."""
+    return merge_checkpoint(base, adapters, out, subtract=True, **kwargs)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "STALE_WEIGHT_SUFFIXES",
+    "MergeResult",
+    "merge_checkpoint",
+    "merge_into_checkpoint",
+    "plan_for_base",
+    "unmerge_checkpoint",
+    "write_merged_shard",
+]
