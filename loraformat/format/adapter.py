@@ -644,7 +644,8 @@ def validate(path: str | os.PathLike[str]) -> list[Problem]:
             found = content_problems(manifest, store)
         problems = []
         for message in found:
-            file = st.path if message.startswith(("tensor ", "tensors_sha256")) else manifest_path
+            in_data = message.startswith(("tensor ", "tensors_sha256: data does not match"))
+            file = st.path if in_data else manifest_path
             where, _, text = message.partition(": ")
             problems.append(Problem(str(file), where, text))
         return problems

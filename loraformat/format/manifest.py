@@ -99,6 +99,13 @@ def schema_problems(manifest: dict[str, Any]) -> list[str]:
             continue
         where = "/".join(str(p) for p in error.absolute_path) or "(manifest)"
         message = error.message
+        if error.validator == "additionalProperties":
+            known = set(error.schema.get("properties", {}))
+            unknown = sorted(k for k in error.instance if k not in known and not k.startswith("x-"))
+            message = (
+                f"unknown member {', '.join(map(repr, unknown))} (format {FORMAT_VERSION} allows "
+                "only the members of spec/FORMAT.md, and 'x-' extensions)"
+            )
         if len(message) > 200:
             message = message[:200] + "..."
         problems.append(f"{where}: {message}")

@@ -277,7 +277,9 @@ def _tensor_bytes(entry: TensorEntry) -> bytes | memoryview:
                 f"declared {entry.dtype}{list(entry.shape)}"
             )
         data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-        return memoryview(data).cast("B")
+        # A flat uint8 view works for empty, 0-d and extension (bfloat16) arrays alike, where
+        # memoryview.cast("B") does not.
+        return memoryview(data.reshape(-1).view(np.uint8))
     return data
 
 
