@@ -179,8 +179,11 @@ def checkpoint_tensors(base: BaseModel, dtype: str = "float32") -> dict[str, Any
     return tensors
 
 
-def slotted_module(module: Any, paths: Sequence[str], input_names: Sequence[str]) -> Any:
+def slotted_module(module: Any, paths: Sequence[str], keywords: Sequence[str]) -> Any:
     """A shallow copy of ``module`` whose ``forward(*inputs, A0, B0, A1, B1, ...)`` fills slots.
+
+    The leading positional arguments are passed on to the module's own ``forward`` as the
+    ``keywords`` (its example-input names, in order).
 
     The copy is of a subclass of the module's own class, so its state-dict keys — and hence the
     exported initializer names — stay exactly the checkpoint names (a wrapper module would prefix
@@ -202,7 +205,7 @@ def slotted_module(module: Any, paths: Sequence[str], input_names: Sequence[str]
             )
         denses.append(sub)
     cls = type(module)
-    names = list(input_names)
+    names = list(keywords)
 
     def forward(self: Any, *args: Any) -> Any:
         inputs = dict(zip(names, args[: len(names)], strict=True))
@@ -230,10 +233,13 @@ def _export(base: BaseModel, paths: Sequence[str], dtype: str) -> tuple[Any, arc
     export_model = arch.export_model(base.architecture, base.config, tensors, options)
     module = export_model.module.eval()
     input_names = list(export_model.input_names)
-    slotted = slotted_module(module, paths, input_names)
+    # example_inputs' keys are forward()'s keywords, in input_names order (the graph names may
+    # differ: ``past_key_values.0.key`` is passed as ``past_key_values_0_key``).
+    keywords = list(export_model.example_inputs)
+    slotted = slotted_module(module, paths, keywords)
 
     torch_dtype = getattr(torch, dtype)
-    args: list[Any] = [export_model.example_inputs[name] for name in input_names]
+    args: list[Any] = [export_model.example_inputs[key] for key in keywords]
     dims: dict[str, Any] = {}
     shapes: list[Any] = []
     for name in input_names:
