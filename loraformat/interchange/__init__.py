@@ -1,1 +1,222 @@
-"""interchange"""
+"""Interchange: every foreign LoRA format converts to and from the loraformat :class:`Adapter`.
+
+One mechanism for all formats: each is a *codec* object in its own module with
+
+- ``name`` / ``description``, ``options`` (the extra keyword options it understands),
+- ``sniff(path) -> bool``: does this path look like the format (cheap: headers, config files),
+- ``read(path, ctx) -> Adapter`` and ``write(adapter, path, ctx) -> None`` (atomic output).
+
+:func:`convert` = detect or take the source format, read into an :class:`Adapter` (the hub), write
+the target. Anything the target cannot carry is refused with one line saying what, unless
+``lossy=True``; the returned :class:`Report` lists representation changes (``notes``) and, with
+``lossy``, what was changed or dropped (``lossy``).
+
+=============  ==============================================================================
+name           format
+=============  ==============================================================================
+loraformat     this project's adapter (directory or single ``.safetensors``)
+peft           Hugging Face PEFT directory (adapter_config.json + adapter_model.safetensors/.bin)
+loralib        microsoft/LoRA checkpoint (``.pt``/``.bin``/``.safetensors``), incl. MergedLinear
+onnx_adapter   ONNX Runtime ``.onnx_adapter`` for a hot-swappable graph (loraformat export)
+gguf           llama.cpp GGUF LoRA adapter
+mlx            MLX-LM adapter directory (adapters.safetensors + adapter_config.json)
+=============  ==============================================================================
+
+Pickled torch files (PEFT's legacy ``adapter_model.bin``, loralib ``.pt``) are read only with
+``torch.load(weights_only=True)``, which cannot execute code from the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ..atomic import check_output
+from ..errors import LoraformatError
+from ..format.adapter import Adapter
+from ._common import Context, Progress, Report
+
+#: format name → module holding its ``CODEC``; detection tries them in this order.
+CODECS: dict[str, str] = {
+    "loraformat": "loraformat.interchange.native",
+    "peft": "loraformat.interchange.peft",
+    "mlx": "loraformat.interchange.mlx",
+    "gguf": "loraformat.interchange.gguf",
+    "onnx_adapter": "loraformat.interchange.onnx_adapter",
+    "loralib": "loraformat.interchange.loralib",
+}
+ALIASES = {"onnx-adapter": "onnx_adapter", "ort": "onnx_adapter", "lora": "loralib",
+           "mlx-lm": "mlx", "mlx_lm": "mlx", "llama.cpp": "gguf", "native": "loraformat"}
+
+#: output suffix → format, when ``to`` is not given.
+SUFFIXES = {".onnx_adapter": "onnx_adapter", ".gguf": "gguf", ".pt": "loralib",
+            ".pth": "loralib", ".bin": "loralib", ".safetensors": "loraformat"}
+
+
+def formats() -> list[str]:
+    return list(CODECS)
+
+
+def codec(name: str) -> Any:
+    """The codec object for a format name (or alias)."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in CODECS:
+        raise LoraformatError(
+            None, f"unknown format {name!r} (known: {', '.join(CODECS)})"
+        )
+    return importlib.import_module(CODECS[key]).CODEC
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The format name of an existing adapter file or directory, by content."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraformatError(path, "no such file or directory")
+    for name in CODECS:
+        try:
+            if codec(name).sniff(path):
+                return name
+        except LoraformatError:
+            continue
+    raise LoraformatError(
+        path,
+        "not a LoRA adapter in any known format (" + ", ".join(CODECS) + "); pass --from FMT "
+        "if it is one",
+    )
+
+
+def target_format(path: str | os.PathLike[str]) -> str:
+    """The format an output path implies (by suffix); directories default to loraformat."""
+    suffix = Path(path).suffix.lower()
+    return SUFFIXES.get(suffix, "loraformat")
+
+
+def _context(base: Any, lossy: bool, progress: Progress, options: dict[str, Any]) -> Context:
+    from .peft import _open_base
+
+    return Context(base=_open_base(base), allow_lossy=lossy, options=dict(options),
+                   progress=progress)
+
+
+def _check_options(fmt_codecs: list[Any], options: dict[str, Any]) -> None:
+    known: set[str] = {"architecture"}
+    for c in fmt_codecs:
+        known |= set(getattr(c, "options", ()))
+    for key, value in options.items():
+        if value is not None and key not in known:
+            names = ", ".join(c.name for c in fmt_codecs)
+            raise LoraformatError(None, f"option {key!r} does not apply to {names}")
+
+
+def to_adapter(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    base: Any = None,
+    lossy: bool = False,
+    progress: Progress = None,
+    **options: Any,
+) -> Adapter:
+    """Read an adapter in any format (detected unless ``fmt``) as a loraformat :class:`Adapter`."""
+    adapter, _ = _read(Path(path), fmt, _context(base, lossy, progress, options))
+    return adapter
+
+
+def _read(path: Path, fmt: str | None, ctx: Context) -> tuple[Adapter, Any]:
+    if not path.exists():
+        raise LoraformatError(path, "no such file or directory")
+    source = codec(fmt or detect_format(path))
+    _check_options([source], ctx.options)
+    ctx.report.source_format = source.name
+    ctx.report.source = str(path)
+    return source.read(path, ctx), source
+
+
+def from_adapter(
+    adapter: Adapter | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    base: Any = None,
+    lossy: bool = False,
+    overwrite: bool = False,
+    progress: Progress = None,
+    **options: Any,
+) -> Report:
+    """Write a loraformat adapter (object or path) in format ``fmt`` (default: by suffix)."""
+    if not isinstance(adapter, Adapter):
+        from ..format.adapter import load
+
+        adapter = load(adapter)
+    ctx = _context(base, lossy, progress, options)
+    return _write(adapter, Path(path), fmt, ctx, overwrite)
+
+
+def _write(adapter: Adapter, path: Path, fmt: str | None, ctx: Context, overwrite: bool) -> Report:
+    target = codec(fmt or target_format(path))
+    _check_options([target], ctx.options)
+    check_output(path, overwrite)
+    if ctx.base is not None and ctx.base.architecture != adapter.architecture:
+        raise LoraformatError(
+            ctx.base.path,
+            f"base is {ctx.base.architecture!r} but the adapter is for {adapter.architecture!r}",
+        )
+    ctx.report.target_format = target.name
+    ctx.report.target = str(path)
+    target.write(adapter, path, ctx)
+    return ctx.report
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    from_: str | None = None,
+    to: str | None = None,
+    *,
+    base: Any = None,
+    lossy: bool = False,
+    overwrite: bool = False,
+    progress: Progress = None,
+    **options: Any,
+) -> Report:
+    """Convert ``src`` (format ``from_`` or detected) to ``dst`` (format ``to`` or by suffix).
+
+    ``base``: base checkpoint path or :class:`~loraformat.base.BaseModel`; needed where names or
+    row order depend on the model config (GGUF) and used to check shapes everywhere.
+    ``options``: codec options, e.g. ``alpha``/``rank``/``enable_lora`` for loralib,
+    ``architecture`` when there is no base, ``dtype`` for ONNX Runtime adapters.
+    Returns the :class:`Report`; raises :class:`LoraformatError` for bad input or a refused
+    lossy conversion. ``src`` is never modified.
+    """
+    src_path, dst_path = Path(src), Path(dst)
+    if src_path.exists() and dst_path.exists() and src_path.resolve() == dst_path.resolve():
+        raise LoraformatError(dst_path, "output is the input; choose another output path")
+    ctx = _context(base, lossy, progress, options)
+    source = codec(from_ or detect_format(src_path))
+    target = codec(to or target_format(dst_path))
+    _check_options([source, target], ctx.options)
+    ctx.report.source_format, ctx.report.source = source.name, str(src_path)
+    if not src_path.exists():
+        raise LoraformatError(src_path, "no such file or directory")
+    check_output(dst_path, overwrite)
+    adapter = source.read(src_path, ctx)
+    try:
+        return _write(adapter, dst_path, target.name, ctx, overwrite)
+    finally:
+        adapter.close()
+
+
+__all__ = [
+    "CODECS",
+    "Context",
+    "Report",
+    "codec",
+    "convert",
+    "detect_format",
+    "formats",
+    "from_adapter",
+    "target_format",
+    "to_adapter",
+]

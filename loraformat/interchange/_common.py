@@ -1,0 +1,229 @@
+"""What every codec shares: the conversion context, lossy-change bookkeeping, name translation.
+
+A codec never decides on its own to drop or distort something: it calls
+:meth:`Context.lossy` with one sentence saying what cannot be carried, and
+:meth:`Context.check_lossy` refuses the whole conversion (one line listing every such item) unless
+the caller asked for ``lossy=True``. Changes of *representation* that keep the adapter's outputs
+(folding a scale into B, padding zero rows) are recorded with :meth:`Context.note`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import LoraformatError
+
+if TYPE_CHECKING:
+    from ..base import BaseModel
+
+Progress = Callable[[int, int], None] | None
+
+
+@dataclass
+class Report:
+    """What a conversion did. ``notes``: representation changes that keep the outputs;
+    ``lossy``: what was dropped or changed because the target cannot carry it (only with
+    ``lossy=True``)."""
+
+    source_format: str = ""
+    target_format: str = ""
+    source: str = ""
+    target: str = ""
+    layers: int = 0
+    notes: list[str] = field(default_factory=list)
+    lossy: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from": self.source_format,
+            "to": self.target_format,
+            "input": self.source,
+            "output": self.target,
+            "layers": self.layers,
+            "notes": list(self.notes),
+            "lossy": list(self.lossy),
+        }
+
+
+@dataclass
+class Context:
+    """Options of one conversion plus its report.
+
+    ``base``: an opened base model (architecture, config, dense layers) or ``None``.
+    ``options``: codec-specific options (``alpha``, ``rank``, ``enable_lora`` for loralib,
+    ``architecture``, ``dtype``...). Unknown options are refused by :func:`convert`.
+    """
+
+    base: BaseModel | None = None
+    allow_lossy: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+    report: Report = field(default_factory=Report)
+    progress: Progress = None
+    _pending: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        if message not in self.report.notes:
+            self.report.notes.append(message)
+
+    def lossy(self, message: str) -> None:
+        """Record something the target cannot carry; refused later unless ``allow_lossy``."""
+        if message not in self._pending:
+            self._pending.append(message)
+
+    def check_lossy(self, path: str | os.PathLike[str] | None, target: str) -> None:
+        """Refuse if anything lossy was recorded and the caller did not allow it."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        if not self.allow_lossy:
+            raise LoraformatError(
+                path,
+                f"cannot be carried to {target} without loss: " + "; ".join(pending)
+                + " (use --lossy / lossy=True to convert to the nearest form anyway)",
+            )
+        for message in pending:
+            if message not in self.report.lossy:
+                self.report.lossy.append(message)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.base.config) if self.base is not None else {}
+
+    def tick(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
+
+
+# -- names --------------------------------------------------------------------------------------
+
+
+class Names:
+    """Translate between loraformat layer paths and a foreign convention through the plugins.
+
+    ``identity_fallback``: when no plugin answers, use the name unchanged (right for PEFT on
+    architectures whose in-memory module names equal their checkpoint names).
+    """
+
+    def __init__(
+        self, architecture: str, config: Mapping[str, Any], convention: str,
+        *, identity_fallback: bool,
+    ) -> None:
+        self.architecture = architecture
+        self.config = dict(config)
+        self.convention = convention
+        self.identity_fallback = identity_fallback
+
+    def to_foreign(self, path: str) -> str | None:
+        from .. import architecture as registry
+
+        name = registry.foreign_name(self.architecture, self.config, path, self.convention)
+        if name is None and self.identity_fallback:
+            return path
+        return name
+
+    def to_path(self, foreign: str) -> str | None:
+        from .. import architecture as registry
+
+        path = registry.layer_path(self.architecture, self.config, foreign, self.convention)
+        if path is None and self.identity_fallback:
+            return foreign
+        return path
+
+
+def detect_architecture(
+    config: Mapping[str, Any], tensor_names: list[str]
+) -> str | None:
+    """Ask the plugins which architecture a (possibly partial) config and tensor names are."""
+    from .. import architecture as registry
+
+    try:
+        return registry.detect(config, tensor_names)
+    except LoraformatError:
+        return None
+
+
+# -- arrays -------------------------------------------------------------------------------------
+
+
+def torch_to_numpy(tensor: Any) -> np.ndarray:
+    """A CPU torch tensor → numpy, bfloat16 through ``ml_dtypes`` (numpy has no bf16)."""
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return tensor.numpy().copy()
+
+
+def numpy_to_torch(array: np.ndarray) -> Any:
+    import ml_dtypes
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def torch_load_weights_only(path: Path) -> dict[str, np.ndarray]:
+    """Read a pickled torch checkpoint with ``torch.load(weights_only=True)``, never unpickling.
+
+    ``weights_only=True`` refuses any pickled object other than tensors and plain containers, so a
+    malicious checkpoint cannot run code. Nested ``{"state_dict": {...}}`` /
+    ``{"model_state_dict": {...}}`` wrappers are unwrapped.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoraformatError(
+            path, f"cannot read as a torch checkpoint with weights_only=True ({first})"
+        ) from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise LoraformatError(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            out[str(key)] = torch_to_numpy(value)
+    return out
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a safetensors file as in-memory arrays, plus its metadata."""
+    from ..format.safetensors_io import SafetensorsFile
+
+    with SafetensorsFile(path) as st:
+        return {name: np.array(st.numpy(name)) for name in st}, dict(st.metadata)
+
+
+def scaled(array: np.ndarray, factor: float) -> np.ndarray:
+    """``array·factor`` in the array's dtype (computed in float32 or wider); unchanged if 1."""
+    if factor == 1.0:
+        return array
+    wide = np.float64 if array.dtype == np.float64 else np.float32
+    return (array.astype(wide) * wide(factor)).astype(array.dtype)
+
+
+def is_power_of_two(value: float) -> bool:
+    mantissa, _ = math.frexp(abs(value))
+    return value != 0 and mantissa == 0.5
+
+
+def float_dtype_name(array: np.ndarray) -> str:
+    return str(array.dtype)
