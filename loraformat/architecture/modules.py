@@ -42,3 +42,79 @@ class Dense(nn.Module):
         if self.lora_A is not None and self.lora_B is not None:
             y = y + (x @ self.lora_A) @ self.lora_B
         return y
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm: computed in fp32, scaled by ``weight`` in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def attention_mask_4d(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    seq: int,
+    past: int | torch.SymInt,
+    device: torch.device,
+) -> torch.Tensor:
+    """A boolean [batch, 1, seq, past+seq] mask: True where a query may attend a key.
+
+    Queries sit at absolute positions ``past .. past+seq-1``; key ``j`` is visible to query ``i``
+    when ``j <= past + i`` and ``attention_mask[:, j]`` is non-zero (``attention_mask`` is
+    [batch, past+seq] of 0/1, or ``None`` for all ones). Written with tensor ops only, so sizes
+    stay symbolic in an export.
+    """
+    q_pos = torch.arange(seq, device=device) + past
+    k_pos = torch.arange(seq + past, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None, :, :]
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask[:, None, None, :] != 0)
+    else:
+        allowed = allowed.expand(batch, 1, seq, seq + past)
+    return allowed
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention of q [b, h, s, d] over k/v [b, kv_h, t, d] (kv heads repeated for GQA).
+
+    Explicit matmul/softmax (not SDPA) so the exported graph is plain and the softmax runs in fp32.
+    Masked scores are replaced, not added to, so fp16 cannot overflow.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(
+    x: torch.Tensor,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Rotary embedding (HF's half-split layout) of x [b, h, s, d] at ``position_ids`` [b, s]."""
+    freqs = position_ids[:, :, None].to(torch.float32) * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * attention_scaling)[:, None, :, :].to(x.dtype)
+    sin = (emb.sin() * attention_scaling)[:, None, :, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
