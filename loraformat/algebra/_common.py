@@ -1,0 +1,195 @@
+"""Shared pieces of the algebra: checks across inputs, row unions, dtypes, provenance.
+
+Conventions of every operation in this package (see ``loraformat.algebra``):
+
+* Inputs are read, never modified; the work is done in float64.
+* Each input layer's scale (``alpha/r`` or ``alpha/sqrt(r)``) is folded into its B, so outputs of
+  stack/subtract/reduce/combine/extract carry a clean scaling: rule ``alpha/r`` with
+  ``alpha = rank`` on every layer, i.e. scale 1 and ΔW = B·A. (``scale`` alone keeps the input's
+  scaling rule and alphas and multiplies B.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import __version__ as _version
+from ..errors import LoraformatError
+from ..format.adapter import Adapter, LoraLayer
+
+try:  # bfloat16 is a valid adapter dtype; numpy alone does not know it
+    import ml_dtypes
+
+    _BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _BF16 = None
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16", "float64")
+
+
+def parse_dtype(name: str | np.dtype | type | None) -> np.dtype | None:
+    """``None`` (keep the inputs' dtype) or the numpy dtype for a name like ``'bfloat16'``."""
+    if name is None:
+        return None
+    if isinstance(name, str):
+        if name == "bfloat16":
+            return _BF16
+        if name not in DTYPE_CHOICES:
+            raise LoraformatError(
+                None, f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}"
+            )
+    return np.dtype(name)
+
+
+def output_dtype(adapters: Sequence[Adapter], requested: str | np.dtype | None) -> np.dtype:
+    """The requested dtype, else the inputs' common A/B dtype (float32 when they disagree)."""
+    chosen = parse_dtype(requested)
+    if chosen is not None:
+        return chosen
+    found = set()
+    for adapter in adapters:
+        for path in adapter.layer_paths:
+            found.add(np.dtype(adapter.layer(path).B.dtype))
+    if len(found) == 1:
+        return found.pop()
+    return np.dtype(np.float32)
+
+
+def where(adapter: Adapter) -> str | None:
+    return str(adapter.path) if adapter.path is not None else None
+
+
+def check_compatible(adapters: Sequence[Adapter], check_base: bool = True) -> None:
+    """Refuse inputs made for different architectures or (when both say) different bases."""
+    if not adapters:
+        raise LoraformatError(None, "no input adapters")
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.architecture != first.architecture:
+            raise LoraformatError(
+                where(other),
+                f"architecture {other.architecture!r} differs from {first.architecture!r} of "
+                f"{where(first) or 'the first input'}",
+            )
+        if (
+            check_base
+            and first.fingerprint
+            and other.fingerprint
+            and first.fingerprint != other.fingerprint
+        ):
+            raise LoraformatError(
+                where(other),
+                f"base fingerprint {other.fingerprint[:17]}… differs from "
+                f"{first.fingerprint[:17]}… of {where(first) or 'the first input'}: "
+                f"the adapters were made for different bases",
+            )
+    for other in adapters[1:]:
+        for path in set(first.layer_paths) & set(other.layer_paths):
+            a, b = first.specs[path], other.specs[path]
+            if (a.in_features, a.out_features, a.kind) != (b.in_features, b.out_features, b.kind):
+                raise LoraformatError(
+                    where(other),
+                    f"layer {path!r} is {b.kind} {b.in_features}→{b.out_features} here but "
+                    f"{a.kind} {a.in_features}→{a.out_features} in "
+                    f"{where(first) or 'the first input'}",
+                )
+
+
+def common_fingerprint(adapters: Sequence[Adapter]) -> str | None:
+    prints = {a.fingerprint for a in adapters if a.fingerprint}
+    return prints.pop() if len(prints) == 1 else None
+
+
+def common_base_name(adapters: Sequence[Adapter]) -> str | None:
+    names = {a.manifest["base_model"].get("name") for a in adapters}
+    return names.pop() if len(names) == 1 else None
+
+
+def union_paths(adapters: Sequence[Adapter]) -> list[str]:
+    paths: set[str] = set()
+    for adapter in adapters:
+        paths.update(adapter.layer_paths)
+    return sorted(paths)
+
+
+def refuse_dora(adapter: Adapter, path: str, operation: str) -> None:
+    if adapter.specs[path].dora:
+        raise LoraformatError(
+            where(adapter),
+            f"layer {path!r} is a DoRA layer: its change is not a pure low-rank delta (the "
+            f"magnitude rescales the merged weight), so {operation} cannot be exact; merge or "
+            f"convert it first",
+        )
+
+
+def row_ranges(layer: LoraLayer) -> list[tuple[int, int]]:
+    return list(layer.out_rows) if layer.out_rows is not None else [(0, layer.out_features)]
+
+
+def union_rows(
+    ranges: Sequence[Sequence[tuple[int, int]]], out_features: int
+) -> list[tuple[int, int]] | None:
+    """Merged [start, stop) ranges covering every input's rows; ``None`` when that is all rows."""
+    spans = sorted((int(a), int(b)) for group in ranges for a, b in group)
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    if merged == [(0, out_features)]:
+        return None
+    return merged
+
+
+def rows_of(ranges: Sequence[tuple[int, int]] | None, out_features: int) -> np.ndarray:
+    if ranges is None:
+        return np.arange(out_features)
+    return np.concatenate([np.arange(a, b) for a, b in ranges])
+
+
+def expand_b(b: np.ndarray, layer: LoraLayer, target: list[tuple[int, int]] | None) -> np.ndarray:
+    """B (rows of ``layer``) placed into the rows of ``target`` (a superset), zeros elsewhere."""
+    if layer.out_rows is None and target is None:
+        return b
+    target_rows = rows_of(target, layer.out_features)
+    position = np.full(layer.out_features, -1)
+    position[target_rows] = np.arange(target_rows.size)
+    out = np.zeros((target_rows.size, b.shape[1]), dtype=b.dtype)
+    out[position[layer.rows()]] = b
+    return out
+
+
+def describe_input(adapter: Adapter, **extra: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"tensors_sha256": adapter.manifest.get("tensors_sha256")}
+    if adapter.path is not None:
+        item["name"] = adapter.path.name
+    item.update(extra)
+    if "provenance" in adapter.manifest:
+        item["provenance"] = adapter.manifest["provenance"]
+    return item
+
+
+def provenance(
+    operation: str,
+    parameters: Mapping[str, Any],
+    inputs: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The manifest's ``provenance`` object: what made this adapter from what."""
+    return {
+        "operation": operation,
+        "parameters": {k: v for k, v in parameters.items() if v is not None},
+        "inputs": [dict(item) for item in inputs],
+        "tool": f"loraformat {_version}",
+    }
+
+
+def cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(array).astype(dtype))
+
+
+def f64(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array).astype(np.float64)

@@ -1,0 +1,219 @@
+"""Rank reduction on the factors: the best rank-k approximation (Eckart–Young) of ΔW = s·B·A.
+
+Never builds the dense ΔW. With B = Q_B·R_B (rows×r) and Aᵀ = Q_A·R_A (in×r), ΔW =
+Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ; the SVD of the small r×r core, U_c·Σ·V_cᵀ, gives ΔW's SVD
+(Q_B·U_c)·Σ·(Q_A·V_c)ᵀ in O((in+rows)·r²). The relative Frobenius error of keeping k values is
+exactly sqrt(Σ_{i>k} σᵢ²) / sqrt(Σ σᵢ²).
+
+Output factors: σ goes into B (B = U_k·diag(σ_k), A = V_kᵀ with orthonormal rows), the convention
+of PEFT's svd combination; the layer gets alpha = rank under ``alpha/r`` so its scale is 1.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import LoraformatError
+from ..format.adapter import Adapter, LoraLayer
+from ._common import cast, describe_input, f64, output_dtype, provenance
+
+
+@dataclass(frozen=True)
+class FactoredSVD:
+    """ΔW = U·diag(s)·Vt with U rows×k and Vt k×in orthonormal, s descending."""
+
+    U: np.ndarray
+    s: np.ndarray
+    Vt: np.ndarray
+
+
+def factored_svd(B: np.ndarray, A: np.ndarray, scale: float = 1.0) -> FactoredSVD:
+    """SVD of ``scale·B·A`` from the factors (float64), via two reduced QRs and an r×r SVD."""
+    b = f64(B)
+    a = f64(A)
+    qb, rb = np.linalg.qr(b)  # rows×m, m×r   (m = min(rows, r))
+    qa, ra = np.linalg.qr(a.T)  # in×n, n×r    (n = min(in, r))
+    core = (rb * float(scale)) @ ra.T  # m×n
+    uc, s, vct = np.linalg.svd(core, full_matrices=False)
+    return FactoredSVD(qb @ uc, s, vct @ qa.T)
+
+
+def energy_rank(s: np.ndarray, energy: float) -> int:
+    """The smallest k ≥ 1 with Σ_{i<k} sᵢ² ≥ energy·Σ sᵢ².
+
+    A relative slack of 1e-12 absorbs rounding (energy 1.0 gives the full rank, not one more).
+    """
+    if not 0.0 < energy <= 1.0:
+        raise LoraformatError(None, f"energy must be in (0, 1], got {energy}")
+    power = np.asarray(s, dtype=np.float64) ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    cumulative = np.cumsum(power)
+    k = int(np.searchsorted(cumulative, energy * total * (1.0 - 1e-12), side="left")) + 1
+    return max(1, min(k, power.size))
+
+
+def relative_error(s: np.ndarray, k: int) -> float:
+    """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F for the best rank-k approximation, from the singular values."""
+    power = np.asarray(s, dtype=np.float64) ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(max(float(power[k:].sum()), 0.0) / total)
+
+
+def parse_rank_pattern(text: str) -> dict[str, int]:
+    """``'q_proj=8,v_proj=4'`` → ``{'q_proj': 8, 'v_proj': 4}``."""
+    pattern: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            rank = int(value)
+        except ValueError:
+            rank = 0
+        if not sep or not key.strip() or rank < 1:
+            raise LoraformatError(
+                None, f"rank pattern item {item!r} is not PATTERN=RANK with a positive integer rank"
+            )
+        pattern[key.strip()] = rank
+    return pattern
+
+
+def pattern_rank(path: str, pattern: Mapping[str, int]) -> int | None:
+    """The rank of the first pattern matching ``path``: a glob on the whole path, or a suffix of
+    whole path components (``q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
+    for key, rank in pattern.items():
+        if (
+            path == key
+            or path.endswith("." + key)
+            or fnmatch.fnmatchcase(path, key)
+            or fnmatch.fnmatchcase(path, "*." + key)
+        ):
+            return rank
+    return None
+
+
+@dataclass(frozen=True)
+class LayerReduction:
+    """What reduce did to one layer."""
+
+    path: str
+    rank_in: int
+    rank_out: int
+    relative_error: float  # ‖ΔW − ΔW_kept‖_F / ‖ΔW‖_F, exact from the discarded σ
+    kept_energy: float  # Σσ²(kept) / Σσ²
+
+
+def reduce_layer(
+    layer: LoraLayer, scale: float, k: int | None = None, energy: float | None = None
+) -> tuple[np.ndarray, np.ndarray, FactoredSVD, int]:
+    """(A float64, B float64 with σ folded in and scale 1, the SVD, kept rank) for one layer.
+
+    ``k`` None and ``energy`` None: full rank (lossless). Kept rank is at least 1 (the format needs
+    it) and at most the number of singular values, min(rows, in, r).
+    """
+    svd = factored_svd(layer.B, layer.A, scale)
+    available = svd.s.size
+    if energy is not None and k is None:
+        k = energy_rank(svd.s, energy)
+    k = available if k is None else min(int(k), available)
+    k = max(k, 1)
+    b = svd.U[:, :k] * svd.s[:k]
+    a = svd.Vt[:k]
+    return a, b, svd, k
+
+
+def reduce(
+    adapter: Adapter,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    dtype: str | np.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Adapter, list[LayerReduction]]:
+    """Each layer's best approximation of rank ``rank``, or of the smallest rank keeping
+    ``energy`` of Σσ²; ``rank_pattern`` (first matching pattern wins) overrides per layer; layers
+    no rule covers keep their full rank (a lossless refactorisation). Returns the adapter and a
+    per-layer report.
+
+    DoRA magnitudes are kept unchanged (the low-rank part is approximated); a layer's lora_bias is
+    rescaled so ``scale·lora_bias`` is unchanged. Replacement tensors are copied.
+    """
+    if rank is not None and rank < 1:
+        raise LoraformatError(None, f"rank must be a positive integer, got {rank}")
+    if rank is not None and energy is not None:
+        raise LoraformatError(None, "give either a rank or an energy, not both")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise LoraformatError(None, f"energy must be in (0, 1], got {energy}")
+    if rank is None and energy is None and not rank_pattern:
+        raise LoraformatError(None, "reduce needs a rank, an energy or a rank pattern")
+    out_dtype = output_dtype([adapter], dtype)
+    layers: dict[str, LoraLayer] = {}
+    report: list[LayerReduction] = []
+    paths = adapter.layer_paths
+    for i, path in enumerate(paths):
+        layer = adapter.layer(path)
+        scale = adapter.scale(path)
+        k = pattern_rank(path, rank_pattern) if rank_pattern else None
+        e = None
+        if k is None:
+            k, e = rank, energy
+        a, b, svd, kept = reduce_layer(layer, scale, k, e)
+        power = svd.s**2
+        total = float(power.sum())
+        report.append(
+            LayerReduction(
+                path=path,
+                rank_in=layer.rank,
+                rank_out=kept,
+                relative_error=relative_error(svd.s, kept),
+                kept_energy=float(power[:kept].sum()) / total if total else 1.0,
+            )
+        )
+        layers[path] = LoraLayer(
+            A=cast(a, out_dtype),
+            B=cast(b, out_dtype),
+            alpha=float(kept),
+            in_features=layer.in_features,
+            out_features=layer.out_features,
+            kind=layer.kind,
+            out_rows=layer.out_rows,
+            magnitude=None if layer.magnitude is None else np.array(layer.magnitude),
+            lora_bias=None
+            if layer.lora_bias is None
+            else cast(f64(layer.lora_bias) * scale, out_dtype),
+        )
+        if progress:
+            progress(i + 1, len(paths))
+    result = Adapter.from_layers(
+        adapter.architecture,
+        layers,
+        scaling="alpha/r",
+        replacements={n: np.array(adapter.replacement(n)) for n in adapter.replacement_names}
+        or None,
+        base_name=adapter.manifest["base_model"].get("name"),
+        fingerprint=adapter.fingerprint,
+        provenance=provenance(
+            "reduce",
+            {
+                "rank": rank,
+                "energy": energy,
+                "rank_pattern": dict(rank_pattern) if rank_pattern else None,
+                "dtype": str(out_dtype),
+            },
+            [describe_input(adapter)],
+        ),
+    )
+    return result, report
+
+
+def report_json(report: list[LayerReduction]) -> list[dict[str, Any]]:
+    return [asdict(row) for row in report]
