@@ -344,7 +344,7 @@ def main() -> None:
     print("switching adapters per request                     time/switch     memory held")
     print(
         f"  slots: Session.run, adapter changes every call  {ms(s['switching_s'] - s['fixed_s'])}"
-        f"   {mib(s['held_bytes'])}  (10 adapters loaded)"
+        f"   {mib(s['held_bytes'])}  ({args.adapters} adapters loaded)"
     )
     print(
         f"  merged: new InferenceSession per task (+1 run)  {ms(r['switch_s'])}   "
