@@ -113,7 +113,7 @@ def apply_rotary(
     attention_scaling: float = 1.0,
 ) -> torch.Tensor:
     """Rotary embedding (HF's half-split layout) of x [b, h, s, d] at ``position_ids`` [b, s]."""
-    freqs = position_ids[:, :, None].to(torch.float32) * inv_freq[None, None, :]
+    freqs = position_ids[:, :, None].to(torch.float32) * inv_freq.to(torch.float32)[None, None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos = (emb.cos() * attention_scaling)[:, None, :, :].to(x.dtype)
     sin = (emb.sin() * attention_scaling)[:, None, :, :].to(x.dtype)
