@@ -1,0 +1,66 @@
+"""``export``: a base checkpoint to ONNX (the plain base; options shape the graph)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..architecture import ExportOptions
+from ._common import echo_json, json_option, overwrite_option
+
+
+def export_options(**kwargs: object) -> ExportOptions:
+    """The :class:`~loraformat.architecture.ExportOptions` for the command's options.
+
+    One place to turn new flags (KV cache, LoRA slots) into export options.
+    """
+    return ExportOptions(**kwargs)  # type: ignore[arg-type]
+
+
+@click.command("export")
+@click.argument("base", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="The .onnx file.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Weight and activation dtype.")
+@click.option("--opset", type=int, default=None, help="ONNX opset version (default 18).")
+@click.option("--verify", is_flag=True,
+              help="Compare ONNX Runtime with torch on random inputs before writing.")
+@overwrite_option
+@json_option
+def export_command(
+    base: str, out: str, dtype: str, opset: int | None, verify: bool, overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Export the base checkpoint BASE to the ONNX model OUT (dynamic batch/sequence axes).
+
+    Initializer names equal the checkpoint's tensor names, so `loraformat merge OUT.onnx ADAPTER`
+    can later merge adapters into it without torch.
+    """
+    from ..export.onnx import DEFAULT_OPSET, export_onnx
+
+    result = export_onnx(
+        base, out, dtype=dtype, opset=opset or DEFAULT_OPSET, options=export_options(),
+        verify_output=verify, overwrite=overwrite,
+    )
+    if as_json:
+        echo_json({
+            "output": str(result.path),
+            "external_data": str(result.external_data) if result.external_data else None,
+            "opset": result.opset, "dtype": result.dtype, "nodes": result.nodes,
+            "initializers": result.initializers, "inputs": result.input_names,
+            "outputs": result.output_names, "max_abs_diff": result.max_abs_diff,
+            "verify_provider": result.verify_provider,
+        })
+        return
+    click.echo(
+        f"exported {Path(base)} to {result.path}: opset {result.opset}, {result.dtype}, "
+        f"{result.nodes} nodes, inputs {', '.join(result.input_names)}"
+        + (f", weights in {result.external_data}" if result.external_data else "")
+    )
+    if result.max_abs_diff is not None:
+        click.echo(
+            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
+            f"({result.verify_provider}) and torch on random inputs (tolerance "
+            f"{result.tolerance:.3g}): ok"
+        )

@@ -1,0 +1,444 @@
+"""ONNX export of a base model, plain or with adapters merged into its weights.
+
+The plugin builds an export-ready torch module from the (merged) tensors; ``torch.onnx.export``
+(the dynamo exporter) turns it into a graph. Two properties are kept on purpose:
+
+* **Initializer names are the checkpoint's tensor names, in the checkpoint's layout.** The
+  exporter's default optimizer constant-folds ``Transpose(W)`` of every nn.Linear weight into a new
+  initializer ``val_N`` (recording the old name only in ``folded_from`` metadata) and merges
+  identical initializers (a random model's LayerNorm ones). So the graph is exported unoptimized,
+  and the same onnxscript optimizer is then run with the checkpoint tensors hidden from it (turned
+  into graph inputs for the duration): shapes, constants and rewrites are optimized, the weights
+  are neither folded nor deduplicated. ONNX Runtime folds the remaining ``Transpose(W)`` once, at
+  session creation, so inference pays nothing for it. Surgery and other tools find every layer by
+  name.
+* **No added latency.** A merged export is the base's export with different initializer values:
+  same nodes, same inputs and outputs (tests compare the two graphs node by node).
+
+Weights go to external data (``<name>.data`` next to the model) when they exceed 2 GB, the
+protobuf limit. The default opset is :data:`DEFAULT_OPSET`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..architecture import ExportModel, ExportOptions, export_model
+from ..atomic import TMP_MARKER, check_output
+from ..base import BaseModel, open_base
+from ..errors import LoraformatError
+from ..format.adapter import Adapter
+from ..merge.checkpoint import plan_for_base
+from ..merge.plan import MergePlan, open_adapter
+
+#: Opset used unless ``--opset`` says otherwise (ONNX Runtime ≥ 1.14 runs it; LayerNormalization
+#: is a single op from 17 on).
+DEFAULT_OPSET = 18
+#: Above this many initializer bytes the weights go to an external data file (protobuf's cap).
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+DTYPES = ("float32", "float16")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote, and what ``verify`` measured."""
+
+    path: Path
+    external_data: Path | None
+    opset: int
+    dtype: str
+    nodes: int
+    initializers: int
+    tensors_changed: int = 0
+    max_abs_diff: float | None = None
+    verify_provider: str | None = None
+    tolerance: float | None = None
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+
+# -- tensors ------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise LoraformatError(None, f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return {"float32": torch.float32, "float16": torch.float16}[name]
+
+
+def _to_torch(array: np.ndarray, dtype: Any) -> Any:
+    """A torch tensor owning a copy of ``array``; floating tensors cast to ``dtype``."""
+    import torch
+
+    if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+        array = np.asarray(array).astype(np.float32)  # bf16/f16/f64 → f32 first (numpy knows all)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def merged_tensors(
+    base: BaseModel,
+    plan: MergePlan | None,
+    dtype: str = "float32",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Every checkpoint tensor as a torch tensor, with ``plan`` applied (fp32 accumulation, in the
+    base dtype, then cast to ``dtype``) — so the export sees exactly the weights the merged
+    checkpoint would hold."""
+    torch_dtype = _torch_dtype(dtype)
+    ckpt = base.checkpoint
+    ops = plan.ops if plan is not None else {}
+    tensors: dict[str, Any] = {}
+    total, done = len(ops), 0
+    for name in ckpt.names():
+        value = ckpt.numpy(name)
+        op = ops.get(name)
+        if op is not None:
+            value = op.apply(value)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        tensors[name] = _to_torch(value, torch_dtype)
+    return tensors
+
+
+# -- graph --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress to stdout and logs warnings for optional packages."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def optimize_keeping_weights(model: Any, keep: set[str]) -> None:
+    """Run onnxscript's optimizer on an onnx_ir model without touching the initializers in
+    ``keep``: they become graph inputs while it runs (not constants, so never folded,
+    transposed, renamed or deduplicated) and initializers again afterwards."""
+    import onnxscript.optimizer
+
+    graph = model.graph
+    hidden = []
+    for name in list(graph.initializers):
+        if name not in keep:
+            continue
+        value = graph.initializers[name]
+        tensor = value.const_value
+        graph.initializers.pop(name)
+        value.const_value = None
+        graph.inputs.append(value)
+        hidden.append((value, tensor))
+    try:
+        onnxscript.optimizer.optimize(model)
+    finally:
+        for value, tensor in hidden:
+            graph.inputs.remove(value)
+            value.const_value = tensor
+            graph.register_initializer(value)
+
+
+def export_graph(
+    exported: ExportModel,
+    keep: set[str],
+    opset: int = DEFAULT_OPSET,
+) -> Any:
+    """The onnx_ir model of ``exported``'s module, optimized but with ``keep``'s names intact."""
+    import torch
+
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            exported.module,
+            (),
+            kwargs=dict(exported.example_inputs),
+            input_names=list(exported.input_names),
+            output_names=list(exported.output_names),
+            dynamic_axes={k: dict(v) for k, v in exported.dynamic_axes.items()},
+            opset_version=opset,
+            dynamo=True,
+            optimize=False,
+            verbose=False,
+        )
+        model = program.model
+        optimize_keeping_weights(model, keep)
+    return model
+
+
+def _initializer_bytes(model: Any) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def save_model(
+    model: Any,
+    out: Path,
+    external_data: bool | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path | None:
+    """Write ``model`` atomically to ``out``.
+
+    Weights go to ``out.name + '.data'`` when ``external_data`` (``None``: when over 2 GB).
+    Returns the data file, if any.
+
+    Both files are written into a temporary sibling directory, ``check(temporary model path)``
+    runs (it may raise to abandon the output), and they are renamed into place, the data file
+    first, so ``out`` never names a model whose weights are incomplete.
+    """
+    import onnx_ir as ir
+
+    if external_data is None:
+        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
+    data_name = out.name + ".data"
+    try:
+        tmp_model = tmp / out.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            ir.save(model, tmp_model)
+        for file in (tmp / data_name, tmp_model):
+            if file.exists():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if check is not None:
+            check(tmp_model)
+        data_path = None
+        if external_data:
+            data_path = out.with_name(data_name)
+            os.replace(tmp / data_name, data_path)
+        elif out.with_name(data_name).exists():
+            pass  # a previous export's data file; the new model does not reference it
+        os.replace(tmp_model, out)
+        return data_path
+    finally:
+        for file in tmp.iterdir():
+            with contextlib.suppress(OSError):
+                file.unlink()
+        with contextlib.suppress(OSError):
+            tmp.rmdir()
+
+
+# -- verification -------------------------------------------------------------------------------
+
+
+def _random_inputs(
+    exported: ExportModel, config: Mapping[str, Any], seed: int = 0
+) -> dict[str, Any]:
+    """Random inputs shaped like the examples, with batch 3 and sequence 5 where those axes are
+    dynamic and nothing else depends on them (so the check also exercises the dynamic axes)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    resize = not any(
+        name not in ("batch", "sequence")
+        for axes in exported.dynamic_axes.values()
+        for name in axes.values()
+    )
+    sizes = {"batch": 3, "sequence": 5}
+    vocab = int(config.get("vocab_size") or 0)
+    inputs = {}
+    for name, example in exported.example_inputs.items():
+        shape = list(example.shape)
+        if resize:
+            for axis, axis_name in exported.dynamic_axes.get(name, {}).items():
+                shape[axis] = sizes.get(axis_name, shape[axis])
+        if example.dtype.is_floating_point:
+            inputs[name] = torch.randn(shape, generator=g).to(example.dtype)
+        elif name == "input_ids" or name.endswith("input_ids"):
+            high = vocab or int(example.max()) + 1
+            inputs[name] = torch.randint(0, max(high, 1), shape, generator=g, dtype=example.dtype)
+        elif "mask" in name:
+            inputs[name] = torch.ones(shape, dtype=example.dtype)
+        elif shape == list(example.shape):
+            inputs[name] = example.clone()
+        else:
+            inputs[name] = torch.zeros(shape, dtype=example.dtype)
+    return inputs
+
+
+def ort_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it and a CUDA device is present, then CPU."""
+    import onnxruntime
+    import torch
+
+    available = onnxruntime.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        wanted.insert(0, "CUDAExecutionProvider")
+    return wanted
+
+
+def verify(
+    onnx_path: str | os.PathLike[str],
+    exported: ExportModel,
+    inputs: Mapping[str, Any],
+    providers: Sequence[str] | None = None,
+) -> tuple[float, float, str]:
+    """Run ``onnx_path`` in ONNX Runtime and ``exported.module`` in torch on ``inputs``.
+
+    Returns (max abs difference over all outputs, largest |reference| value, provider used).
+    """
+    import onnxruntime
+    import torch
+
+    session = onnxruntime.InferenceSession(
+        os.fspath(onnx_path), providers=list(providers or ort_providers())
+    )
+    feed_names = {i.name for i in session.get_inputs()}
+    feed = {k: v.numpy() for k, v in inputs.items() if k in feed_names}
+    got = session.run(None, feed)
+    with torch.no_grad():
+        ref = exported.module(**dict(inputs))
+    if isinstance(ref, torch.Tensor):
+        ref = [ref]
+    elif isinstance(ref, Mapping):
+        ref = list(ref.values())
+    ref = [r for r in _flatten(ref)]
+    diff, scale = 0.0, 0.0
+    for r, o in zip(ref, got, strict=False):
+        r32 = r.detach().to(torch.float32).numpy()
+        o32 = np.asarray(o, dtype=np.float32)
+        if r32.shape != o32.shape:
+            raise LoraformatError(
+                onnx_path, f"verify: ONNX Runtime output has shape {list(o32.shape)}, torch "
+                f"{list(r32.shape)}",
+            )
+        diff = max(diff, float(np.max(np.abs(r32 - o32))) if r32.size else 0.0)
+        scale = max(scale, float(np.max(np.abs(r32))) if r32.size else 0.0)
+    return diff, scale, session.get_providers()[0]
+
+
+def _flatten(items: Any) -> list[Any]:
+    out = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            out.extend(_flatten(item))
+        else:
+            out.append(item)
+    return out
+
+
+# -- the entry point ----------------------------------------------------------------------------
+
+
+def export_onnx(
+    base: str | os.PathLike[str] | BaseModel,
+    out: str | os.PathLike[str],
+    *,
+    adapters: Sequence[str | os.PathLike[str] | Adapter] = (),
+    weights: Sequence[float] | None = None,
+    dtype: str = "float32",
+    opset: int = DEFAULT_OPSET,
+    options: ExportOptions | None = None,
+    verify_output: bool = False,
+    external_data: bool | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    build: Callable[[BaseModel, Mapping[str, Any], ExportOptions], ExportModel] | None = None,
+) -> ExportResult:
+    """Export ``base`` (with ``adapters`` merged, weighted) to the ONNX file ``out``.
+
+    ``options`` are passed to the plugin (KV cache, LoRA slots); ``build`` replaces the plugin's
+    export module (callers that wrap it, e.g. slot export). ``verify_output`` runs ONNX Runtime on
+    random inputs (batch 3, sequence 5) against the torch module before the output is put in
+    place, and refuses it (nothing written) when the max abs difference exceeds
+    1e-4·max(1, max|ref|) (fp32) or 2e-2·max(1, max|ref|) (fp16); the figures are in the
+    result. Merge refusals are :func:`~loraformat.merge.plan.plan_merge`'s.
+    """
+    target = check_output(out, overwrite)
+    if target.suffix != ".onnx":
+        raise LoraformatError(target, "an ONNX export's output must end in .onnx")
+    options = options or ExportOptions()
+    with contextlib.ExitStack() as stack:
+        model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
+        plan = None
+        if adapters:
+            opened = []
+            for item in adapters:
+                adapter = open_adapter(item, model)
+                if not isinstance(item, Adapter):
+                    stack.callback(adapter.close)
+                opened.append(adapter)
+            plan = plan_for_base(
+                model, opened, weights=weights, force=force, allow_nonfinite=allow_nonfinite
+            )
+        tensors = merged_tensors(model, plan, dtype, progress)
+        if build is not None:
+            exported = build(model, tensors, options)
+        else:
+            exported = export_model(model.architecture, model.config, tensors, options)
+        torch_dtype = _torch_dtype(dtype)
+        exported.example_inputs = {
+            k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)
+            for k, v in exported.example_inputs.items()
+        }
+        graph = export_graph(exported, set(tensors), opset)
+        result = ExportResult(
+            path=target,
+            external_data=None,
+            opset=opset,
+            dtype=dtype,
+            nodes=len(list(graph.graph)),
+            initializers=len(graph.graph.initializers),
+            tensors_changed=len(plan.ops) if plan else 0,
+            input_names=list(exported.input_names),
+            output_names=list(exported.output_names),
+        )
+
+        def check(path: Path) -> None:
+            inputs = _random_inputs(exported, model.config)
+            diff, scale, provider = verify(path, exported, inputs)
+            tol = (1e-4 if dtype == "float32" else 2e-2) * max(1.0, scale)
+            result.max_abs_diff, result.verify_provider, result.tolerance = diff, provider, tol
+            if not diff <= tol:
+                raise LoraformatError(
+                    target, f"verify failed: ONNX Runtime ({provider}) differs from torch by "
+                    f"{diff:.3g} (tolerance {tol:.3g}); nothing was written",
+                )
+
+        result.external_data = save_model(
+            graph, target, external_data, check if verify_output else None
+        )
+        return result
+
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "DTYPES",
+    "EXTERNAL_DATA_THRESHOLD",
+    "ExportResult",
+    "export_graph",
+    "export_onnx",
+    "merged_tensors",
+    "optimize_keeping_weights",
+    "save_model",
+    "verify",
+]
