@@ -246,3 +246,19 @@ def test_export_errors_name_the_problem(ckpt, tensors):
     with pytest.raises(LoraformatError, match=r"lacks 1 tensor.*h\.1\.mlp\.c_fc\.bias"):
         plugin.loraformat_export_model("gpt2", ckpt.config, partial, ExportOptions())
     assert plugin.loraformat_export_model("llama", ckpt.config, tensors, ExportOptions()) is None
+
+
+@pytest.mark.slow
+def test_bare_hub_layout_exports_under_its_own_names(ckpt, tensors, reference):
+    """The original hub checkpoints have no ``transformer.`` prefix: the export module then keeps
+    the bare names (state dict and submodule paths) and still matches transformers."""
+    from loraformat.architecture.modules import Dense
+
+    bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    em = plugin.loraformat_export_model("gpt2", ckpt.config, bare, ExportOptions())
+    assert set(em.module.state_dict()) == set(bare)
+    assert isinstance(em.module.get_submodule("h.1.mlp.c_proj"), Dense)
+    x = tiny_models.example_inputs("gpt2")
+    with torch.no_grad():
+        expected = reference(**x, use_cache=False).logits
+        torch.testing.assert_close(em.module(**x), expected, atol=1e-4, rtol=0)
