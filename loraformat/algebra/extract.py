@@ -67,7 +67,7 @@ def randomized_svd(
 class LayerExtraction:
     """One tensor of the extraction: what it became and how well."""
 
-    path: str
+    path: str  # the layer path for "lora", else the tensor name
     action: str  # "lora", "replacement" or "unchanged"
     rank: int = 0
     relative_error: float = 0.0  # ‖ΔW − B·A‖_F / ‖ΔW‖_F, measured on the dense ΔW
