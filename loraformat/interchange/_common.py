@@ -9,9 +9,11 @@ the caller asked for ``lossy=True``. Changes of *representation* that keep the a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,3 +229,23 @@ def is_power_of_two(value: float) -> bool:
 
 def float_dtype_name(array: np.ndarray) -> str:
     return str(array.dtype)
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path) -> Iterator[Path]:
+    """A temporary sibling path for writers that insist on opening the file themselves (gguf,
+    onnxruntime); on success it is fsynced and renamed onto ``out`` in one step."""
+    from ..atomic import TMP_MARKER
+
+    fd, name = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -170,10 +170,16 @@ def _resolve_architecture(
         return ctx.base.architecture
     if given:
         return given
+    # PEFT records the model class and its module (transformers.models.<model_type>.modeling_…):
+    # enough for the plugins' detection without the base checkpoint.
     fake_config: dict[str, Any] = {}
-    cls = (config.get("auto_mapping") or {}).get("base_model_class")
-    if isinstance(cls, str):
-        fake_config["architectures"] = [cls]
+    mapping = config.get("auto_mapping") or {}
+    if isinstance(mapping.get("base_model_class"), str):
+        fake_config["architectures"] = [mapping["base_model_class"]]
+    library = mapping.get("parent_library")
+    match = re.fullmatch(r"transformers\.models\.(\w+)\.modeling_\w+", str(library or ""))
+    if match:
+        fake_config["model_type"] = match.group(1)
     found = detect_architecture(fake_config, [m + ".weight" for m in modules])
     if found is None:
         raise LoraformatError(
@@ -301,7 +307,7 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
         scaling=scaling,
         replacements=replacements or None,
         base_name=base_name if isinstance(base_name, str) and base_name else None,
-        fingerprint=ctx.base.checkpoint.fingerprint if ctx.base is not None else None,
+        fingerprint=ctx.base.checkpoint.fingerprint() if ctx.base is not None else None,
         provenance=provenance,
     )
 

@@ -1,0 +1,307 @@
+"""llama.cpp GGUF LoRA adapters, written and read with the ``gguf`` package.
+
+What llama.cpp's loader (``src/llama-adapter.cpp``) requires, and this module writes:
+
+- KV ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha`` (f32),
+  ``general.architecture`` = llama.cpp's architecture name (must equal the model's);
+- tensors ``<llama.cpp weight name>.lora_a`` / ``.lora_b`` (e.g. ``blk.0.attn_q.weight.lora_a``),
+  names from the plugin (``foreign_name(..., "gguf")``). numpy A is (r, in) and B (out, r) —
+  GGUF lists them as ne [in, r] / [r, out], and the loader checks model.ne[0] == a.ne[0],
+  model.ne[1] == b.ne[1], a.ne[1] == b.ne[0]. ``token_embd`` is the exception: A is stored
+  transposed, (num_embeddings, r), as llama.cpp's converter does;
+- B's rows in llama.cpp's order: the plugin's ``row_permutation(..., "gguf")`` (LLaMA q/k are
+  permuted for llama.cpp's rotary layout); A is untouched.
+
+The scale llama.cpp applies is ``user_scale·alpha/rank`` with one alpha per file and the rank read
+from the tensor. So one alpha covers every layer with the same alpha under ``alpha/r``; rsLoRA
+(alpha/√r) with one rank is written as alpha·√r. Layers whose scale no single alpha reproduces get
+their scale ratio folded into B (a representation change, noted in the report).
+``loraformat.scaling`` / ``loraformat.alpha`` KV entries record the original rule and alpha, so
+reading back restores them exactly when nothing was folded. DoRA, lora_bias, replacements and
+layers llama.cpp has no name for cannot be carried (refused unless ``lossy``).
+
+Writing and reading need the base (``--base``): llama.cpp's names and row order depend on the
+model config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LoraformatError
+from ..format.adapter import Adapter, LoraLayer, scale_of
+from ._common import Context, Names, atomic_path, scaled
+
+NAME = "gguf"
+KV_SCALING = "loraformat.scaling"
+KV_ALPHA = "loraformat.alpha"
+KV_FOLDED = "loraformat.folded_layers"
+#: loraformat architecture id → llama.cpp ``general.architecture``, where they differ.
+LLAMA_CPP_ARCH: dict[str, str] = {}
+_EMBEDDING_NAMES = ("token_embd",)
+
+
+def _gguf() -> Any:
+    import gguf
+
+    return gguf
+
+
+def _need_base(ctx: Context, path: Path) -> Any:
+    if ctx.base is None:
+        raise LoraformatError(
+            path,
+            "GGUF conversion needs the base model (--base BASE): llama.cpp's tensor names and "
+            "row order depend on its config",
+        )
+    return ctx.base
+
+
+def _permutation(architecture: str, config: dict, path: str, rows: int) -> np.ndarray | None:
+    from .. import architecture as arch
+
+    perm = arch.row_permutation(architecture, config, path, "gguf")
+    if perm is None:
+        return None
+    perm = np.asarray(perm, dtype=np.int64)
+    if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
+        raise LoraformatError(None, f"plugin gave an invalid gguf row permutation for {path}")
+    return perm
+
+
+def _file_alpha(adapter: Adapter) -> tuple[float, dict[str, float]]:
+    """(alpha for the file, per-layer factor to fold into B where alpha/rank is not the scale)."""
+    specs = adapter.specs
+    if adapter.scaling == "alpha/r":
+        alpha = Counter(s.alpha for s in specs.values()).most_common(1)[0][0]
+    else:
+        alpha_r = Counter((s.alpha, s.rank) for s in specs.values()).most_common(1)[0][0]
+        alpha = alpha_r[0] * math.sqrt(alpha_r[1])
+    folds = {}
+    for path, spec in specs.items():
+        wanted = scale_of(adapter.scaling, spec.alpha, spec.rank)
+        given = alpha / spec.rank
+        if wanted != given:
+            folds[path] = wanted / given
+    return alpha, folds
+
+
+def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
+    gguf = _gguf()
+    base = _need_base(ctx, out)
+    config = ctx.config
+    names = Names(adapter.architecture, config, "gguf", identity_fallback=False)
+    specs = adapter.specs
+    dora = [p for p, s in specs.items() if s.dora]
+    biased = [p for p, s in specs.items() if s.lora_bias]
+    unnamed = [p for p in specs if names.to_foreign(p) is None]
+    if len(unnamed) == len(specs):
+        raise LoraformatError(
+            out,
+            f"the {adapter.architecture!r} plugin gives no llama.cpp (gguf) tensor names: "
+            "llama.cpp cannot load this architecture's adapters",
+        )
+    if dora:
+        ctx.lossy(f"DoRA magnitudes on {len(dora)} layer(s) (e.g. {dora[0]}): llama.cpp LoRA "
+                  "has no DoRA (--lossy drops them: outputs change)")
+    if biased:
+        ctx.lossy(f"lora_bias on {len(biased)} layer(s) (e.g. {biased[0]}): llama.cpp LoRA has "
+                  "no bias (--lossy drops it)")
+    if adapter.replacement_names:
+        ctx.lossy(f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
+                  f"{adapter.replacement_names[0]}): llama.cpp LoRA carries only A and B "
+                  "(--lossy drops them)")
+    if unnamed:
+        ctx.lossy(f"{len(unnamed)} layer(s) llama.cpp has no tensor for (e.g. {unnamed[0]}) "
+                  "(--lossy drops them)")
+    ctx.check_lossy(out, "GGUF")
+
+    alpha, folds = _file_alpha(adapter)
+    if folds:
+        ctx.note(f"GGUF has one alpha per file: scale ratios folded into B for {len(folds)} "
+                 f"layer(s) (e.g. {next(iter(folds))}); alpha = {alpha:g}")
+    arch_name = LLAMA_CPP_ARCH.get(adapter.architecture, adapter.architecture)
+    tensors: list[tuple[str, np.ndarray]] = []
+    total = len(specs)
+    for done, (path, layer) in enumerate(adapter.layers(), 1):
+        name = names.to_foreign(path)
+        if name is None:
+            continue
+        name = name.removesuffix(".weight") + ".weight"
+        b = np.asarray(layer.B)
+        if layer.out_rows is not None:
+            full = np.zeros((layer.out_features, layer.rank), dtype=b.dtype)
+            full[layer.rows()] = b
+            b = full
+            ctx.note("out_rows layers written with zero B rows for the rows they do not adapt")
+        b = scaled(b, folds.get(path, 1.0))
+        perm = _permutation(adapter.architecture, config, path, layer.out_features)
+        if perm is not None:
+            b = b[perm]
+        a = np.asarray(layer.A)
+        if layer.kind == "embedding" or name.removesuffix(".weight") in _EMBEDDING_NAMES:
+            a = a.T  # llama.cpp's token_embd LoRA: A stored (num_embeddings, r)
+        tensors.append((name + ".lora_a", np.ascontiguousarray(a)))
+        tensors.append((name + ".lora_b", np.ascontiguousarray(b)))
+        ctx.tick(done, total)
+    del base
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch_name)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_string(KV_SCALING, adapter.scaling)
+        if not folds:
+            alphas = {s.alpha for s in specs.values()}
+            if len(alphas) == 1:
+                writer.add_float64(KV_ALPHA, float(next(iter(alphas))))
+        for name, array in tensors:
+            _add_tensor(gguf, writer, name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    ctx.report.layers = len(tensors) // 2
+
+
+def _add_tensor(gguf: Any, writer: Any, name: str, array: np.ndarray) -> None:
+    import ml_dtypes
+
+    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+        writer.add_tensor(name, array.view(np.uint16), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    elif array.dtype in (np.float32, np.float16):
+        writer.add_tensor(name, array)
+    else:
+        writer.add_tensor(name, array.astype(np.float32))
+
+
+def _field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _tensor_array(gguf: Any, tensor: Any) -> np.ndarray:
+    import ml_dtypes
+
+    data = np.asarray(tensor.data)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    kind = tensor.tensor_type
+    if kind == gguf.GGMLQuantizationType.BF16:
+        return np.array(data.view(np.uint16).view(ml_dtypes.bfloat16).reshape(shape))
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.array(data.reshape(shape))
+    raise LoraformatError(None, f"tensor {tensor.name}: type {kind.name} is not supported "
+                          "(F32, F16, BF16 only)")
+
+
+def read_gguf(path: Path, ctx: Context) -> Adapter:
+    gguf = _gguf()
+    base = _need_base(ctx, path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/struct errors for a bad file
+        raise LoraformatError(path, f"not a readable GGUF file ({exc})") from None
+    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
+        raise LoraformatError(path, "not a GGUF LoRA adapter (general.type/adapter.type)")
+    arch_name = _field(reader, "general.architecture")
+    expected = LLAMA_CPP_ARCH.get(base.architecture, base.architecture)
+    if arch_name != expected:
+        raise LoraformatError(
+            path, f"adapter is for llama.cpp architecture {arch_name!r}, the base is {expected!r}"
+        )
+    alpha = float(_field(reader, "adapter.lora.alpha") or 0.0)
+    scaling = _field(reader, KV_SCALING)
+    original_alpha = _field(reader, KV_ALPHA)
+    names = Names(base.architecture, ctx.config, "gguf", identity_fallback=False)
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for tensor in reader.tensors:
+        name = str(tensor.name)
+        for suffix, role in ((".lora_a", "a"), (".lora_b", "b")):
+            if name.endswith(suffix):
+                pairs.setdefault(name[: -len(suffix)], {})[role] = _tensor_array(gguf, tensor)
+                break
+        else:
+            if name.endswith("_norm.weight"):
+                ctx.lossy(f"norm tensor {name} (llama.cpp ignores it too; --lossy drops it)")
+                continue
+            raise LoraformatError(path, f"tensor {name!r} is neither .lora_a nor .lora_b")
+    layers: dict[str, LoraLayer] = {}
+    for name, pair in sorted(pairs.items()):
+        if "a" not in pair or "b" not in pair:
+            raise LoraformatError(path, f"{name}: has only one of lora_a and lora_b")
+        layer_path = names.to_path(name.removesuffix(".weight"))
+        dense = base.layers.get(layer_path) if layer_path else None
+        if dense is None:
+            raise LoraformatError(path, f"{name}: no layer of the base has this llama.cpp name")
+        a, b = pair["a"], pair["b"]
+        if dense.kind == "embedding" or name.removesuffix(".weight") in _EMBEDDING_NAMES:
+            a = np.ascontiguousarray(a.T)
+        if a.shape[0] != b.shape[1] or (a.shape[1], b.shape[0]) != (
+            dense.in_features, dense.out_features
+        ):
+            raise LoraformatError(
+                path, f"{name}: lora_a {list(a.shape)} / lora_b {list(b.shape)} do not fit "
+                f"{layer_path} ({dense.in_features}→{dense.out_features})",
+            )
+        perm = _permutation(base.architecture, ctx.config, layer_path, dense.out_features)
+        if perm is not None:
+            restored = np.empty_like(b)
+            restored[perm] = b
+            b = restored
+        rank = int(a.shape[0])
+        layers[layer_path] = LoraLayer(
+            A=a, B=np.ascontiguousarray(b), alpha=alpha if alpha else float(rank),
+            in_features=dense.in_features, out_features=dense.out_features,
+            kind="embedding" if dense.kind == "embedding" else "linear",
+        )
+    ctx.check_lossy(path, "loraformat")
+    rule = "alpha/r"
+    if scaling in ("alpha/r", "alpha/sqrt(r)") and original_alpha is not None:
+        # Written by loraformat without folding: restore the exact rule and alpha, if they give
+        # the same scale llama.cpp computes from the file's alpha (a check against edits).
+        candidate = float(original_alpha)
+        if all(
+            math.isclose(scale_of(scaling, candidate, l.rank), l.alpha / l.rank, rel_tol=1e-6)
+            for l in layers.values()
+        ):
+            rule = scaling
+            for layer in layers.values():
+                layer.alpha = candidate
+    if not alpha:
+        ctx.note("adapter.lora.alpha is 0 or absent: llama.cpp applies scale 1 (alpha = rank)")
+    ctx.report.layers = len(layers)
+    return Adapter.from_layers(
+        base.architecture, layers, scaling=rule, fingerprint=base.checkpoint.fingerprint(),
+        provenance={"converted_from": "gguf"},
+    )
+
+
+def sniff(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+class GgufCodec:
+    name = NAME
+    description = "llama.cpp GGUF LoRA adapter"
+    writes_directory = False
+    options = ()
+
+    def sniff(self, path: Path) -> bool:
+        return sniff(path)
+
+    def read(self, path: Path, ctx: Context) -> Adapter:
+        return read_gguf(path, ctx)
+
+    def write(self, adapter: Adapter, path: Path, ctx: Context) -> None:
+        write_gguf(adapter, path, ctx)
+
+
+CODEC = GgufCodec()
