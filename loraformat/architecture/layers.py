@@ -73,8 +73,10 @@ class ExportModel:
     """An export-ready module plus how to call it.
 
     ``module``'s ``state_dict()`` keys MUST equal the checkpoint's tensor names for every weight it
-    uses. ``example_inputs`` are keyword arguments for ``module(**example_inputs)``, in the order of
-    ``input_names``. ``dynamic_axes`` maps an input/output name to {axis: axis name}.
+    uses. ``example_inputs`` are keyword arguments for ``module(**example_inputs)``; ``input_names``
+    are the graph's input names in the same order (a graph name may contain dots where the Python
+    keyword cannot: ``past_key_values.0.key`` ↔ ``past_key_values_0_key``). ``dynamic_axes`` maps an
+    input/output graph name to {axis: axis name}.
     """
 
     module: Any
