@@ -230,10 +230,26 @@ def test_slotted_module_fills_and_clears_slots():
     x = torch.randn(2, 8)
     a, b = torch.randn(12, 2), torch.randn(2, 6)
     with torch.no_grad():
-        got = slotted(x, a, b)
+        got = slotted(x=x, lora_0_A=a, lora_0_B=b)
         h = torch.relu(module.net.up(x))
         want = (h @ module.net.down.weight + (h @ a) @ b) * module.net.norm
     torch.testing.assert_close(got, want)
     assert module.net.down.lora_A is None and module.net.down.lora_B is None
     with pytest.raises(LoraformatError, match=r"no Dense layer at net\.norm"):
         slotted_module(module, ["net.norm"], ["x"])
+
+
+@pytest.mark.slow
+def test_verify_and_same_nodes_as_plain_export(toy_base, tmp_path):
+    """The slot graph is the plain export plus, per slot, MatMul(x, A), MatMul(·, B) and an Add."""
+    from collections import Counter
+
+    from loraformat.export.onnx import export_onnx
+
+    slotted = export_with_slots(toy_base, tmp_path / "slots.onnx", verify_output=True)
+    assert slotted.max_abs_diff is not None and slotted.max_abs_diff <= 1e-5
+    plain = export_onnx(toy_base, tmp_path / "plain.onnx")
+    ops_slotted = Counter(n.op_type for n in onnx.load(slotted.path).graph.node)
+    ops_plain = Counter(n.op_type for n in onnx.load(plain.path).graph.node)
+    assert ops_slotted - ops_plain == Counter({"MatMul": 4, "Add": 2})
+    assert not ops_plain - ops_slotted

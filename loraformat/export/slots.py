@@ -9,7 +9,10 @@ active the extra product is an empty sum, the graph computes the plain base, and
 accepts the run without those inputs. An adapter (``.onnx_adapter``, or a loraformat adapter
 through :class:`loraformat.runtime.Session`) supplies the inputs per call.
 
-Weights keep their checkpoint names as initializer names, as the merged export's do.
+The graph is made by the same pipeline as the plain/merged export (:mod:`loraformat.export.onnx`:
+the exporter, then onnxscript's optimizer with the weights hidden from it), so initializer names
+are the checkpoint's tensor names and the slot graph differs from the merged graph only by the
+slot inputs and their MatMul/Add nodes.
 """
 
 from __future__ import annotations
@@ -17,9 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +28,26 @@ from typing import Any
 import numpy as np
 
 from .. import architecture as arch
-from ..atomic import TMP_MARKER, atomic_file, check_output
+from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
+from .onnx import (
+    DEFAULT_OPSET,
+    DTYPES,
+    _random_inputs,
+    export_graph,
+    merged_tensors,
+    save_model,
+    verify,
+)
 
 SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 #: The rank used for the traced example slot tensors (0 and 1 would be specialised by torch.export).
 EXAMPLE_RANK = 2
-DEFAULT_OPSET = 18
-DTYPES = ("float32", "float16")
 #: ONNX model metadata keys this export writes (read back by loraformat.runtime.Session).
 META_ARCHITECTURE = "loraformat.architecture"
 META_FINGERPRINT = "loraformat.base_fingerprint"
 META_SLOTS = "loraformat.lora_slots"
-PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,10 @@ class SlotExport:
     input_names: list[str]  # the model's own inputs (slot inputs not included)
     output_names: list[str]
     opset: int
+    dtype: str
     external_data: Path | None = None
+    max_abs_diff: float | None = None  # with verify: slot graph (no adapter) vs the torch base
+    tolerance: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,7 +73,9 @@ class SlotExport:
             "inputs": self.input_names,
             "outputs": self.output_names,
             "opset": self.opset,
+            "dtype": self.dtype,
             "external_data": str(self.external_data) if self.external_data else None,
+            "max_abs_diff": self.max_abs_diff,
         }
 
 
@@ -114,6 +125,7 @@ def export_with_slots(
     targets: Sequence[str] | None = None,
     dtype: str = "float32",
     opset: int = DEFAULT_OPSET,
+    verify_output: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SlotExport:
@@ -121,73 +133,97 @@ def export_with_slots(
 
     The graph's inputs are the plugin export module's inputs (dynamic axes as it declares them);
     for each slot ``P.lora_A``/``P.lora_B`` are further inputs with defaults (see the module
-    docstring). Writes ``output`` atomically; refuses to replace it unless ``overwrite``.
+    docstring). ``verify_output`` runs ONNX Runtime (no adapter active) against the plugin's torch
+    module on random inputs before the file is put in place, and refuses a difference over
+    1e-4·max(1, max|ref|) (fp32) or 2e-2·max(1, max|ref|) (fp16). Writes ``output`` atomically;
+    refuses to replace it unless ``overwrite``.
     """
     out = check_output(output, overwrite)
+    if out.suffix != ".onnx":
+        raise LoraformatError(out, "an ONNX export's output must end in .onnx")
     if dtype not in DTYPES:
         raise LoraformatError(out, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     owned = not isinstance(base, BaseModel)
     model = open_base(base) if owned else base
     try:
         paths = resolve_targets(model, targets)
-        steps = 4
+        steps = 3
         if progress:
             progress(0, steps)
-        proto, export_model = _export(model, paths, dtype)
+        tensors = merged_tensors(model, None, dtype)
+        plain = arch.export_model(
+            model.architecture, model.config, tensors, arch.ExportOptions(lora_slots=tuple(paths))
+        )
+        plain.example_inputs = {k: _cast(v, dtype) for k, v in plain.example_inputs.items()}
+        graph = export_graph(
+            slotted_export_model(plain, paths, model.layers, dtype), set(tensors), opset
+        )
         if progress:
-            progress(2, steps)
-        add_slot_defaults(proto, paths)
-        _set_metadata(
-            proto,
+            progress(1, steps)
+        add_slot_defaults(graph, paths)
+        graph.metadata_props.update(
             {
                 META_ARCHITECTURE: model.architecture,
                 META_FINGERPRINT: model.checkpoint.fingerprint(),
                 META_SLOTS: json.dumps(paths),
-            },
+            }
         )
-        if progress:
-            progress(3, steps)
-        external = save_model(proto, out)
+        measured: dict[str, float] = {}
+
+        def check(path: Path) -> None:
+            inputs = _random_inputs(plain, model.config)
+            diff, scale, provider = verify(path, plain, inputs, providers=["CPUExecutionProvider"])
+            tol = (1e-4 if dtype == "float32" else 2e-2) * max(1.0, scale)
+            measured.update(diff=diff, tol=tol)
+            if not diff <= tol:
+                raise LoraformatError(
+                    out,
+                    f"verify failed: ONNX Runtime ({provider}, no adapter) differs from torch by "
+                    f"{diff:.3g} (tolerance {tol:.3g}); nothing was written",
+                )
+
+        data = save_model(graph, out, check=check if verify_output else None)
         if progress:
             progress(steps, steps)
         return SlotExport(
             out,
             model.architecture,
             paths,
-            list(export_model.input_names),
-            list(export_model.output_names),
+            list(plain.input_names),
+            list(plain.output_names),
             opset,
-            external,
+            dtype,
+            data,
+            measured.get("diff"),
+            measured.get("tol"),
         )
     finally:
         if owned:
             model.close()
 
 
-# -- the pieces -----------------------------------------------------------------------------------
-
-
-def checkpoint_tensors(base: BaseModel, dtype: str = "float32") -> dict[str, Any]:
-    """Every checkpoint tensor as a torch tensor of ``dtype`` (floating tensors only are cast)."""
+def _cast(value: Any, dtype: str) -> Any:
     import torch
 
-    target = getattr(torch, dtype)
-    tensors = {}
-    for name, array in base.checkpoint.items():
-        tensor = torch.from_numpy(np.array(array))  # a copy: the map is read-only
-        tensors[name] = tensor.to(target) if tensor.is_floating_point() else tensor
-    return tensors
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(getattr(torch, dtype))
+    return value
+
+
+def slot_keywords(index: int) -> tuple[str, str]:
+    """forward()'s keywords for slot ``index`` (graph names have dots, keywords cannot)."""
+    return f"lora_{index}_A", f"lora_{index}_B"
 
 
 def slotted_module(module: Any, paths: Sequence[str], keywords: Sequence[str]) -> Any:
-    """A shallow copy of ``module`` whose ``forward(*inputs, A0, B0, A1, B1, ...)`` fills slots.
+    """A shallow copy of ``module`` whose forward also takes each slot's A and B.
 
-    The leading positional arguments are passed on to the module's own ``forward`` as the
-    ``keywords`` (its example-input names, in order).
-
-    The copy is of a subclass of the module's own class, so its state-dict keys — and hence the
-    exported initializer names — stay exactly the checkpoint names (a wrapper module would prefix
-    them). Each targeted submodule must be a :class:`loraformat.architecture.modules.Dense`.
+    ``forward(<keywords>, lora_0_A, lora_0_B, lora_1_A, ...)``: the ``keywords`` (the module's own
+    example-input names) go on to the module's ``forward``; slot ``i``'s tensors are set on the
+    Dense at ``paths[i]`` for the duration of the call. The copy is of a subclass of the
+    module's own class, so its state-dict keys — and hence the exported initializer names — stay
+    exactly the checkpoint names (a wrapper module would prefix them). The signature is spelled
+    out, one parameter per graph input, because the exporter maps dynamic axes by signature.
     """
     from ..architecture.modules import Dense
 
@@ -205,136 +241,89 @@ def slotted_module(module: Any, paths: Sequence[str], keywords: Sequence[str]) -
             )
         denses.append(sub)
     cls = type(module)
-    names = list(keywords)
+    own = list(keywords)
+    slot_names = [name for i in range(len(paths)) for name in slot_keywords(i)]
+    clash = set(own) & set(slot_names)
+    if clash:
+        raise LoraformatError(None, f"the export module already takes {sorted(clash)[0]}")
 
-    def forward(self: Any, *args: Any) -> Any:
-        inputs = dict(zip(names, args[: len(names)], strict=True))
-        slots = args[len(names) :]
+    def run(self: Any, values: dict[str, Any]) -> Any:
         for i, dense in enumerate(denses):
-            dense.lora_A, dense.lora_B = slots[2 * i], slots[2 * i + 1]
+            key_a, key_b = slot_keywords(i)
+            dense.lora_A, dense.lora_B = values[key_a], values[key_b]
         try:
-            return cls.forward(self, **inputs)
+            return cls.forward(self, **{k: values[k] for k in own})
         finally:
             for dense in denses:
                 dense.lora_A = dense.lora_B = None
 
-    slotted_cls = type(f"Slotted{cls.__name__}", (cls,), {"forward": forward})
+    every = [*own, *slot_names]
+    if not all(name.isidentifier() for name in every):
+        raise LoraformatError(None, f"export module input names are not identifiers: {own}")
+    source = (
+        f"def forward(self, {', '.join(every)}):\n"
+        f"    return _run(self, {{{', '.join(f'{n!r}: {n}' for n in every)}}})\n"
+    )
+    scope: dict[str, Any] = {"_run": run}
+    exec(source, scope)  # a fixed template over identifier names checked above
+    slotted_cls = type(f"Slotted{cls.__name__}", (cls,), {"forward": scope["forward"]})
     slotted = copy.copy(module)
     slotted.__class__ = slotted_cls
     return slotted
 
 
-def _export(base: BaseModel, paths: Sequence[str], dtype: str) -> tuple[Any, arch.ExportModel]:
+def slotted_export_model(
+    plain: arch.ExportModel,
+    paths: Sequence[str],
+    layers: Mapping[str, arch.DenseLayer],
+    dtype: str = "float32",
+) -> arch.ExportModel:
+    """The plugin's :class:`ExportModel` with a slot on each of ``paths``: the slotted module,
+    example A/B tensors of rank :data:`EXAMPLE_RANK`, graph inputs ``P.lora_A``/``P.lora_B`` and
+    a dynamic ``rank_<i>`` axis per slot (shared by its A and B)."""
     import torch
-    from torch.export import Dim
-
-    tensors = checkpoint_tensors(base, dtype)
-    options = arch.ExportOptions(lora_slots=tuple(paths))
-    export_model = arch.export_model(base.architecture, base.config, tensors, options)
-    module = export_model.module.eval()
-    input_names = list(export_model.input_names)
-    # example_inputs' keys are forward()'s keywords, in input_names order (the graph names may
-    # differ: ``past_key_values.0.key`` is passed as ``past_key_values_0_key``).
-    keywords = list(export_model.example_inputs)
-    slotted = slotted_module(module, paths, keywords)
 
     torch_dtype = getattr(torch, dtype)
-    args: list[Any] = [export_model.example_inputs[key] for key in keywords]
-    dims: dict[str, Any] = {}
-    shapes: list[Any] = []
-    for name in input_names:
-        axes = export_model.dynamic_axes.get(name, {})
-        shapes.append(
-            {axis: dims.setdefault(label, Dim(label)) for axis, label in axes.items()} or None
-        )
-    slot_names: list[str] = []
-    layers = base.layers
+    keywords = list(plain.example_inputs)
+    examples = dict(plain.example_inputs)
+    names = list(plain.input_names)
+    axes = {k: dict(v) for k, v in plain.dynamic_axes.items()}
     for i, path in enumerate(paths):
         layer = layers[path]
-        rank = Dim(f"rank_{i}", min=0)
-        args.append(torch.zeros(layer.in_features, EXAMPLE_RANK, dtype=torch_dtype))
-        args.append(torch.zeros(EXAMPLE_RANK, layer.out_features, dtype=torch_dtype))
-        shapes += [{1: rank}, {0: rank}]
-        slot_names += slot_input_names(path)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # A and B of one slot share their rank axis; torch says so once per slot.
-            warnings.filterwarnings("ignore", message=r".*The axis name: rank_\d+ will not be used")
-            program = torch.onnx.export(
-                slotted,
-                tuple(args),
-                dynamo=True,
-                dynamic_shapes={"args": tuple(shapes)},
-                input_names=[*input_names, *slot_names],
-                output_names=list(export_model.output_names),
-                opset_version=DEFAULT_OPSET,
-                optimize=False,  # keep every initializer under its state-dict (checkpoint) name
-                verbose=False,
-            )
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoraformatError(base.path, f"torch.onnx.export failed: {first}") from exc
-    return program.model_proto, export_model
+        key_a, key_b = slot_keywords(i)
+        name_a, name_b = slot_input_names(path)
+        examples[key_a] = torch.zeros(layer.in_features, EXAMPLE_RANK, dtype=torch_dtype)
+        examples[key_b] = torch.zeros(EXAMPLE_RANK, layer.out_features, dtype=torch_dtype)
+        names += [name_a, name_b]
+        axes[name_a] = {1: f"rank_{i}"}
+        axes[name_b] = {0: f"rank_{i}"}
+    module = slotted_module(plain.module, paths, keywords)
+    return arch.ExportModel(module, examples, names, list(plain.output_names), axes)
 
 
-def add_slot_defaults(proto: Any, paths: Sequence[str]) -> None:
-    """Give every slot input a same-named zero-rank initializer (A [in, 0], B [0, out]).
+def add_slot_defaults(model: Any, paths: Sequence[str]) -> None:
+    """Give every slot input of the onnx_ir ``model`` a same-named zero-rank initializer.
 
-    ONNX Runtime rejects a run that omits a graph input without a default, and rejects adapter
-    parameters that are not graph inputs; a zero-rank default satisfies both and makes the
-    adapter term vanish.
+    A is [in, 0], B is [0, out]. ONNX Runtime rejects a run that omits a graph input without a
+    default, and rejects adapter parameters that are not graph inputs; a zero-rank default
+    satisfies both and makes the adapter term an empty sum.
     """
-    from onnx import helper, numpy_helper
+    import onnx_ir as ir
 
-    inputs = {value.name: value for value in proto.graph.input}
-    have = {init.name for init in proto.graph.initializer}
+    graph = model.graph
+    inputs = {value.name: value for value in graph.inputs}
     for path in paths:
         for name, zero_axis in zip(slot_input_names(path), (1, 0), strict=True):
             value = inputs.get(name)
             if value is None:
                 raise LoraformatError(None, f"the exported graph has no input {name}")
-            dims = value.type.tensor_type.shape.dim
-            shape = [0 if axis == zero_axis else dims[axis].dim_value for axis in range(2)]
-            if any(d < 0 for d in shape) or shape[1 - zero_axis] == 0:
+            dims = list(value.shape)
+            fixed = dims[1 - zero_axis]
+            if len(dims) != 2 or not isinstance(fixed, int):
                 raise LoraformatError(None, f"graph input {name} has no static feature size")
-            np_dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            if name not in have:
-                proto.graph.initializer.append(
-                    numpy_helper.from_array(np.zeros(shape, np_dtype), name)
-                )
-
-
-def _set_metadata(proto: Any, values: Mapping[str, str]) -> None:
-    kept = [p for p in proto.metadata_props if p.key not in values]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for key, value in values.items():
-        proto.metadata_props.add(key=key, value=value)
-
-
-def save_model(proto: Any, out: Path) -> Path | None:
-    """Write ``proto`` atomically; weights go to ``<out>.data`` when the graph exceeds 2 GB."""
-    import onnx
-
-    if proto.ByteSize() < PROTOBUF_LIMIT:
-        with atomic_file(out) as handle:
-            handle.write(proto.SerializeToString())
-        return None
-    data = out.with_name(out.name + ".data")
-    # onnx writes external data beside the model: stage both in a private sibling folder, then
-    # move the data first and the model last, so a reader that sees the model sees its data.
-    staging = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
-    try:
-        onnx.save_model(
-            proto,
-            str(staging / out.name),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
-        os.replace(staging / data.name, data)
-        os.replace(staging / out.name, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return data
+            shape = [0, 0]
+            shape[1 - zero_axis] = fixed
+            if name in graph.initializers:
+                continue
+            value.const_value = ir.tensor(np.zeros(shape, value.dtype.numpy()), name=name)
+            graph.register_initializer(value)
