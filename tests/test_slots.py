@@ -253,3 +253,37 @@ def test_verify_and_same_nodes_as_plain_export(toy_base, tmp_path):
     ops_plain = Counter(n.op_type for n in onnx.load(plain.path).graph.node)
     assert ops_slotted - ops_plain == Counter({"MatMul": 4, "Add": 2})
     assert not ops_plain - ops_slotted
+
+
+@pytest.mark.slow
+def test_cli_export_lora_slots(toy_base, tmp_path, capsys):
+    from loraformat.cli import main
+
+    out = tmp_path / "cli.onnx"
+
+    def run(*args: str) -> int:
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    assert run("export", toy_base, "--lora-slots", "--targets", "down", "-o", out, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["slots"] == ["net.down"] and report["output"] == str(out)
+    assert {i.name for i in onnx.load(out).graph.input} == {
+        "x",
+        "net.down.lora_A",
+        "net.down.lora_B",
+    }
+
+    assert run("export", toy_base, "--targets", "down", "-o", tmp_path / "b.onnx") == 2
+    assert "--targets applies only with --lora-slots" in capsys.readouterr().err
+    assert (
+        run("export", toy_base, "--lora-slots", "--targets", "up,nope", "-o", tmp_path / "c.onnx")
+        == 1
+    )
+    assert capsys.readouterr().err.strip() == (
+        f"error: {toy_base}: target 'nope' matches no linear layer (module names: down, up)"
+    )
+    assert not (tmp_path / "c.onnx").exists()

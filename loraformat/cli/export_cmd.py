@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..architecture import ExportOptions
-from ._common import echo_json, json_option, overwrite_option
+from ._common import echo_json, json_option, overwrite_option, progress
 
 
 def export_options(**kwargs: object) -> ExportOptions:
@@ -26,11 +26,17 @@ def export_options(**kwargs: object) -> ExportOptions:
 @click.option("--opset", type=int, default=None, help="ONNX opset version (default 18).")
 @click.option("--verify", is_flag=True,
               help="Compare ONNX Runtime with torch on random inputs before writing.")
+@click.option("--lora-slots", is_flag=True,
+              help="Hot-swappable graph: LoRA A/B inputs (with zero-rank defaults) on every "
+              "targeted dense layer, for .onnx_adapter files / loraformat.runtime.Session.")
+@click.option("--targets", multiple=True, metavar="NAMES",
+              help="With --lora-slots: layer paths or module names (q_proj, c_attn), comma-"
+              "separated or repeated; default every dense layer.")
 @overwrite_option
 @json_option
 def export_command(
     base: str, out: str, dtype: str, opset: int | None, verify: bool, overwrite: bool,
-    as_json: bool,
+    as_json: bool, lora_slots: bool = False, targets: tuple[str, ...] = (),
 ) -> None:
     """Export the base checkpoint BASE to the ONNX model OUT (dynamic batch/sequence axes).
 
@@ -39,6 +45,11 @@ def export_command(
     """
     from ..export.onnx import DEFAULT_OPSET, export_onnx
 
+    if targets and not lora_slots:
+        raise click.UsageError("--targets applies only with --lora-slots")
+    if lora_slots:
+        _export_slots(base, out, dtype, opset or DEFAULT_OPSET, verify, overwrite, as_json, targets)
+        return
     result = export_onnx(
         base, out, dtype=dtype, opset=opset or DEFAULT_OPSET, options=export_options(),
         verify_output=verify, overwrite=overwrite,
@@ -63,4 +74,33 @@ def export_command(
             f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
             f"({result.verify_provider}) and torch on random inputs (tolerance "
             f"{result.tolerance:.3g}): ok"
+        )
+
+
+def _export_slots(
+    base: str, out: str, dtype: str, opset: int, verify: bool, overwrite: bool, as_json: bool,
+    targets: tuple[str, ...],
+) -> None:
+    """``export --lora-slots``: see :func:`loraformat.export.slots.export_with_slots`."""
+    from ..export.slots import export_with_slots
+
+    names = [t.strip() for item in targets for t in item.split(",") if t.strip()]
+    with progress("exporting") as report:
+        result = export_with_slots(
+            base, out, targets=names or None, dtype=dtype, opset=opset, verify_output=verify,
+            overwrite=overwrite, progress=report,
+        )
+    if as_json:
+        echo_json(result.to_json())
+        return
+    click.echo(
+        f"exported {Path(base)} to {result.path} with {len(result.slots)} LoRA slot(s): opset "
+        f"{result.opset}, {result.dtype}, inputs {', '.join(result.input_names)} + "
+        "<layer>.lora_A/.lora_B"
+        + (f", weights in {result.external_data}" if result.external_data else "")
+    )
+    if result.max_abs_diff is not None:
+        click.echo(
+            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime (no adapter) "
+            f"and torch on random inputs (tolerance {result.tolerance:.3g}): ok"
         )
