@@ -223,10 +223,12 @@ def build_export_model(
                 return x.view(b, s, heads, -1).transpose(1, 2)
 
             q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+            # Scores and softmax in fp32 (as transformers' softmax is), so an fp16 export
+            # cannot overflow; masked keys are replaced by the fp32 minimum, not added to.
+            scores = torch.matmul(q.float(), k.float().transpose(2, 3)) / math.sqrt(q.shape[-1])
             if mask is not None:
-                scores = scores + mask
-            probs = torch.softmax(scores, dim=-1)
+                scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
             return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
 
     class Output(nn.Module):
@@ -335,11 +337,8 @@ def build_export_model(
                 + emb.position_embeddings(positions)[None]
             )
             h = emb.LayerNorm(h)
-            mask = None
-            if attention_mask is not None:
-                # 0 keeps a key, the dtype's minimum drops it, as transformers' eager path does.
-                keep = attention_mask[:, None, None, :].to(h.dtype)
-                mask = (1.0 - keep) * torch.finfo(h.dtype).min
+            # [batch, 1, 1, keys]: True where a key may be attended (attention_mask non-zero).
+            mask = None if attention_mask is None else attention_mask[:, None, None, :] != 0
             for layer in body.encoder.layer:
                 h = layer(h, mask)
             if has_classifier:

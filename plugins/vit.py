@@ -242,8 +242,9 @@ def build_export_model(
                 return x.view(b, s, heads, -1).transpose(1, 2)
 
             q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
-            probs = torch.softmax(scores, dim=-1)
+            # Scores and softmax in fp32 (as transformers' softmax is) so fp16 cannot overflow.
+            scores = torch.matmul(q.float(), k.float().transpose(2, 3)) / math.sqrt(q.shape[-1])
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
             return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
 
     class WithDense(nn.Module):
