@@ -151,12 +151,12 @@ def from_adapter(
 
         adapter = load(adapter)
     ctx = _context(base, lossy, progress, options)
+    _check_options([codec(fmt or target_format(path))], ctx.options)
     return _write(adapter, Path(path), fmt, ctx, overwrite)
 
 
 def _write(adapter: Adapter, path: Path, fmt: str | None, ctx: Context, overwrite: bool) -> Report:
     target = codec(fmt or target_format(path))
-    _check_options([target], ctx.options)
     check_output(path, overwrite)
     if ctx.base is not None and ctx.base.architecture != adapter.architecture:
         raise LoraformatError(
