@@ -398,6 +398,12 @@ def test_shape_and_byte_size_disagree(tmp_path: Path):
         ({"__metadata__": {"k": 1}}, 0, "__metadata__ must map strings to strings"),
         (b"[" * 100_000, 0, "nested too deeply"),
         (b'{"w": NaN}', 0, "not valid UTF-8 JSON"),
+        (
+            b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
+            b' "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+            4,
+            "duplicate member 'w'",
+        ),
         (b"\xff\xfe", 0, "not valid UTF-8 JSON"),
         ([1, 2], 0, "not a JSON object"),
     ],
@@ -427,3 +433,14 @@ def test_rank_larger_than_layer_refused(tmp_path: Path):
     Adapter.from_layers("llama", {"m.q": _layer(rng, 5, 6, 4)}).save(tmp_path / "a")
     with pytest.raises(LoraformatError, match="rank 5 exceeds the layer's smaller dimension 4"):
         load(tmp_path / "a")
+
+
+def test_duplicate_manifest_member_refused(seed_dir: Path, tmp_path: Path):
+    adapter = Path(shutil.copytree(seed_dir, tmp_path / "a"))
+    text = (adapter / "adapter.json").read_text()
+    (adapter / "adapter.json").write_text(text.replace('"alpha": 4,', '"alpha": 4, "alpha": 400,'))
+    with pytest.raises(LoraformatError) as info:
+        load(adapter)
+    assert str(info.value) == (
+        f"{adapter / 'adapter.json'}: manifest is not valid JSON (duplicate member 'alpha')"
+    )

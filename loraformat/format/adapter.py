@@ -7,7 +7,6 @@ memory map) the first time it is asked for.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import struct
@@ -28,6 +27,7 @@ from .safetensors_io import (
     SafetensorsFile,
     TensorEntry,
     dtype_name,
+    strict_json,
     write_safetensors,
 )
 
@@ -554,18 +554,6 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
 # -- opening both forms -------------------------------------------------------------------------
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _parse_json(text: str) -> Any:
-    """Strict RFC 8259 JSON: NaN/Infinity refused, absurd nesting a ValueError, not a crash."""
-    try:
-        return json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
 def _refuse_escape(adapter_dir: Path, member: Path) -> None:
     """An adapter's files must lie inside it: a symbolic link may not lead out of the directory."""
     if member.is_symlink():
@@ -586,7 +574,7 @@ def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
         for member in (manifest_path, tensors_path):
             _refuse_escape(path, member)
         try:
-            manifest = _parse_json(manifest_path.read_text(encoding="utf-8"))
+            manifest = strict_json(manifest_path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
             raise LoraformatError(manifest_path, f"manifest is not valid UTF-8 ({exc})") from None
         except ValueError as exc:
@@ -604,7 +592,7 @@ def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
             path, f"not a loraformat adapter: no {mf.METADATA_KEY!r} key in __metadata__"
         )
     try:
-        manifest = _parse_json(text)
+        manifest = strict_json(text)
     except ValueError as exc:
         st.close()
         raise LoraformatError(path, f"embedded manifest is not valid JSON ({exc})") from None

@@ -58,6 +58,28 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object hook refusing duplicate member names.
+
+    Parsers disagree on which duplicate wins, so a file with duplicates could mean one thing to
+    the validator and another to the tool that applies it.
+    """
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate member {key!r}")
+        result[key] = value
+    return result
+
+
+def strict_json(text: str | bytes) -> object:
+    """RFC 8259 JSON, strictly: no NaN/Infinity, no duplicate names; deep nesting → ValueError."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=unique_object)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def dtype_name(array_dtype: np.dtype) -> str:
     """The safetensors dtype string of a numpy dtype (``float32`` → ``F32``)."""
     try:
@@ -134,11 +156,9 @@ class SafetensorsFile:
             )
         raw = self._file.read(header_size)
         try:
-            header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+            header = strict_json(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise self._fail(f"safetensors header is not valid UTF-8 JSON ({exc})") from None
-        except RecursionError:
-            raise self._fail("safetensors header is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._fail("safetensors header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
