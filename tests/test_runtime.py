@@ -303,20 +303,27 @@ def test_wrong_shape_refused(graph, tmp_path):
 
 
 def test_dora_and_architecture_refused(graph, tmp_path):
-    dora = _adapter({L0: _layer(IN, HID, 2, 1, magnitude=np.ones(HID, np.float32))}).save(
-        tmp_path / "d"
-    )
+    magnitude = np.full(HID, 3.0, np.float32)
+    dora_adapter = _adapter({L0: _layer(IN, HID, 2, 1, magnitude=magnitude)})
+    dora = dora_adapter.save(tmp_path / "d")
     other = _adapter({L0: _layer(IN, HID, 2, 1)}, architecture="llama").save(tmp_path / "o")
     with Session(graph) as s:
-        with pytest.raises(
-            LoraformatError, match=r"layer blk\.0\.fc is DoRA, which is not low-rank"
-        ):
+        with pytest.raises(LoraformatError) as info:
             s.load("d", dora)
+        assert str(info.value).startswith(
+            f"{dora}: cannot be carried to an ONNX Runtime adapter without loss: DoRA magnitudes "
+            "on 1 layer(s) (e.g. blk.0.fc)"
+        )
         with pytest.raises(
             LoraformatError, match=r"adapter is for 'llama', slots\.onnx is a 'toy' model"
         ):
             s.load("o", other)
         assert s.adapters == []
+        # lossy: the magnitudes are dropped, the low-rank part is kept
+        s.load("d", dora, lossy=True)
+        x = _x(7)
+        want = _reference(x, {L0: dora_adapter.delta(L0, np.float64)})
+        np.testing.assert_allclose(s.run({"x": x}, adapter="d")[0], want, atol=1e-4)
 
 
 def test_onnx_adapter_refusals(graph, tmp_path):

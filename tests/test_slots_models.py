@@ -116,7 +116,14 @@ def setup(request, tiny_checkpoint, tmp_path_factory):
     session = Session(result.path)
     session.load("x", x_path)
     session.load("y", y_path)
-    yield {"arch": architecture, "session": session, "ids": ids, "refs": refs, "result": result}
+    yield {
+        "arch": architecture,
+        "session": session,
+        "ids": ids,
+        "refs": refs,
+        "result": result,
+        "adapter_paths": {"x": x_path, "y": y_path},
+    }
     session.close()
 
 
@@ -168,3 +175,49 @@ def test_threads_get_their_own_adapter(setup):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_peft_adapter_loaded_directly_equals_peft(setup, tiny_checkpoint, tmp_path):
+    """A real PEFT adapter (GPT-2: fan_in_fan_out on c_attn and c_proj), loaded from its directory
+    through the interchange, gives PeftModel's own outputs."""
+    import tiny_models
+    from peft import PeftModel
+
+    architecture = setup["arch"]
+    base_path = tiny_checkpoint(architecture)
+    lora = (
+        {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}
+        if architecture == "gpt2"
+        else {"target_modules": ["q_proj", "v_proj", "up_proj"], "use_rslora": True}
+    )
+    peft_dir = tiny_models.peft_adapter(base_path, architecture, tmp_path / "peft", seed=5, **lora)
+    model = PeftModel.from_pretrained(
+        tiny_models.load_transformers(base_path, architecture), peft_dir
+    )
+    with torch.no_grad():
+        want = model(torch.from_numpy(setup["ids"]), use_cache=False).logits.numpy()
+    session = setup["session"]
+    session.load("peft", peft_dir)
+    try:
+        got = session.run({"input_ids": setup["ids"]}, adapter="peft")[0]
+    finally:
+        session.unload("peft")
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(want - setup["refs"][None]).max() > 1e-2
+
+
+def test_converted_onnx_adapter_file(setup, tmp_path):
+    """`loraformat convert x -o x.onnx_adapter` output, memory-mapped by ORT as is."""
+    from loraformat.interchange import convert
+
+    x_path = setup["adapter_paths"]["x"]
+    out = tmp_path / "x.onnx_adapter"
+    convert(x_path, out)
+    session = setup["session"]
+    loaded = session.load("x_file", out)
+    try:
+        assert loaded.layers == {p: r for p, r in session.adapter("x").layers.items()}
+        got = session.run({"input_ids": setup["ids"]}, adapter="x_file")[0]
+    finally:
+        session.unload("x_file")
+    np.testing.assert_allclose(got, setup["refs"]["x"], atol=1e-4, rtol=0)

@@ -28,7 +28,6 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from ..format.adapter import load as load_adapter
 
 #: Suffixes of the two slot inputs of a layer (ONNX Runtime / Olive multi-LoRA convention).
 SLOT_A, SLOT_B = ".lora_A", ".lora_B"
@@ -146,14 +145,25 @@ class Session:
             except KeyError:
                 raise LoraformatError(self.path, self._unknown(name)) from None
 
-    def load(self, name: str, adapter: str | os.PathLike[str] | Adapter) -> LoadedAdapter:
+    def load(
+        self,
+        name: str,
+        adapter: str | os.PathLike[str] | Adapter,
+        *,
+        format: str | None = None,
+        base: Any = None,
+        lossy: bool = False,
+    ) -> LoadedAdapter:
         """Load an adapter once under ``name``; refuse a name in use or a mismatch with the graph.
 
-        A ``.onnx_adapter`` is checked against the slots (names, shapes, dtype — ORT casts
-        nothing) and memory-mapped as is. A loraformat adapter is converted to the slot
-        convention: A → Aᵀ [in, r], B → (scale·B)ᵀ [r, out] with unadapted rows of a fused layer
-        zero, cast to the graph's dtype. DoRA, LoRA biases, replaced tensors and embedding layers
-        cannot be carried by a slot and are refused.
+        ``adapter`` is an :class:`Adapter`, or a path in any format :mod:`loraformat.interchange`
+        reads (detected unless ``format``; ``base``, a checkpoint path or open base model, helps
+        where a format needs it, e.g. PEFT names). A ``.onnx_adapter`` is checked against the
+        slots (names, shapes, dtype — ORT casts nothing) and memory-mapped as is. Anything else is
+        converted in memory by the interchange's ONNX Runtime adapter codec: A → Aᵀ [in, r],
+        B → (scale·B)ᵀ [r, out], unadapted rows of a fused layer zero, in the graph's dtype. DoRA,
+        LoRA biases, replaced tensors and embedding layers cannot be carried by a slot: refused,
+        or dropped with ``lossy``.
         """
         if not isinstance(name, str) or not name:
             raise LoraformatError(
@@ -162,23 +172,29 @@ class Session:
         with self._lock:
             if name in self._adapters:
                 raise LoraformatError(self.path, f"an adapter named {name!r} is already loaded")
-        ort = _ort()
         if isinstance(adapter, Adapter):
             source = str(adapter.path) if adapter.path else f"<adapter {name}>"
-            loaded = self._load_converted(name, source, adapter)
+            loaded = self._load_converted(name, source, adapter, lossy)
         else:
+            from ..interchange import to_adapter
+            from ..interchange.onnx_adapter import sniff
+
             path = Path(adapter)
             source = str(path)
             if not path.exists():
                 raise LoraformatError(path, "adapter not found")
-            if path.is_file() and path.name.endswith(ONNX_ADAPTER_SUFFIX):
+            if format in (None, "onnx_adapter") and path.is_file() and sniff(path):
                 layers = self._check_onnx_adapter(path)
-                ort_adapter = ort.LoraAdapter()
+                ort_adapter = _ort().LoraAdapter()
                 ort_adapter.Load(str(path))
                 loaded = LoadedAdapter(name, source, ort_adapter, layers)
             else:
-                with load_adapter(path) as lf_adapter:
-                    loaded = self._load_converted(name, source, lf_adapter)
+                options = {"architecture": self.architecture} if base is None else {}
+                read = to_adapter(path, format, base=base, **options)
+                try:
+                    loaded = self._load_converted(name, source, read, lossy)
+                finally:
+                    read.close()
         with self._lock:
             if name in self._adapters:  # another thread won the race for this name
                 raise LoraformatError(self.path, f"an adapter named {name!r} is already loaded")
@@ -303,7 +319,9 @@ class Session:
                 )
         return layers
 
-    def _load_converted(self, name: str, source: str, adapter: Adapter) -> LoadedAdapter:
+    def _load_converted(
+        self, name: str, source: str, adapter: Adapter, lossy: bool = False
+    ) -> LoadedAdapter:
         ort = _ort()
         if self.architecture and adapter.architecture != self.architecture:
             raise LoraformatError(
@@ -320,7 +338,9 @@ class Session:
                 source,
                 f"adapter was made for another base (fingerprint differs from {self.path.name}'s)",
             )
-        arrays = slot_parameters(adapter, self.slots, where=source, model_name=self.path.name)
+        arrays = slot_parameters(
+            adapter, self.slots, where=source, model_name=self.path.name, lossy=lossy
+        )
         values = {key: ort.OrtValue.ortvalue_from_numpy(array) for key, array in arrays.items()}
         writer = ort.AdapterFormat()
         writer.set_adapter_version(1)
@@ -390,40 +410,27 @@ def slot_parameters(
     *,
     where: str | os.PathLike[str] | None = None,
     model_name: str = "the model",
+    lossy: bool = False,
 ) -> dict[str, np.ndarray]:
-    """An adapter's tensors in the slot convention, keyed by graph input name.
+    """An adapter's tensors in the slot convention, keyed by graph input name, in the slots' dtype.
 
-    ``<layer>.lora_A`` = Aᵀ ([in, r]); ``<layer>.lora_B`` = (scale·B)ᵀ ([r, out]) with B's rows
-    placed at ``out_rows`` (other rows zero); computed in fp32 (fp64 for a float64 slot), cast to
-    the slot's dtype. Refuses what a slot cannot express.
+    Checks every layer against the graph's slots (present, same features), then converts with
+    :func:`loraformat.interchange.onnx_adapter.adapter_arrays` — the same arrays an
+    ``.onnx_adapter`` written by ``loraformat convert`` holds.
     """
+    from ..interchange import Context
+    from ..interchange.onnx_adapter import adapter_arrays
+
     where = where if where is not None else (adapter.path or "adapter")
-    if adapter.replacement_names:
-        raise LoraformatError(
-            where,
-            "adapter replaces whole tensors ("
-            + ", ".join(adapter.replacement_names[:3])
-            + "); a LoRA slot carries only A and B — merge it instead",
-        )
-    out: dict[str, np.ndarray] = {}
+    dtypes = set()
     for path, spec in adapter.specs.items():
+        if spec.kind != "linear" and lossy:
+            continue  # dropped by the conversion below
         slot = slots.get(path)
         if slot is None:
             known = ", ".join(sorted(slots)) or "none"
             raise LoraformatError(
                 where, f"layer {path} has no LoRA slot in {model_name} (slots: {known})"
-            )
-        if spec.kind != "linear":
-            raise LoraformatError(
-                where, f"layer {path} is an {spec.kind} adapter; slots take linear layers"
-            )
-        if spec.dora:
-            raise LoraformatError(
-                where, f"layer {path} is DoRA, which is not low-rank and cannot fill a LoRA slot"
-            )
-        if spec.lora_bias:
-            raise LoraformatError(
-                where, f"layer {path} has a LoRA bias, which a LoRA slot cannot carry"
             )
         if (spec.in_features, spec.out_features) != (slot.in_features, slot.out_features):
             raise LoraformatError(
@@ -431,15 +438,9 @@ def slot_parameters(
                 f"layer {path} is {spec.in_features}→{spec.out_features}, the slot in {model_name} "
                 f"is {slot.in_features}→{slot.out_features}",
             )
-        layer = adapter.layer(path)
-        work = np.float64 if slot.dtype == np.float64 else np.float32
-        b = np.asarray(layer.B, dtype=work) * work(adapter.scale(path))
-        if spec.out_rows is not None:
-            full = np.zeros((spec.out_features, spec.rank), dtype=work)
-            full[layer.rows()] = b
-            b = full
-        out[path + SLOT_A] = np.ascontiguousarray(
-            np.asarray(layer.A, dtype=work).T, dtype=slot.dtype
-        )
-        out[path + SLOT_B] = np.ascontiguousarray(b.T, dtype=slot.dtype)
-    return out
+        dtypes.add(slot.dtype)
+    if len(dtypes) > 1:
+        raise LoraformatError(where, f"the slots this adapter fills in {model_name} mix dtypes")
+    dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
+    ctx = Context(allow_lossy=lossy, options={"dtype": dtype.name})
+    return adapter_arrays(adapter, ctx, Path(where))
