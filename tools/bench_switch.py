@@ -5,8 +5,8 @@
 
 Builds, locally and in one run: a GPT-2-shaped checkpoint (random weights, transformers), N
 random loraformat adapters (rank r on every c_attn/c_proj/c_fc/mlp.c_proj), the LoRA-slot graph
-(``export_with_slots``) and, for each adapter, the merged graph (the plain export of the same
-base with W' = W + scale·B·A written into its initializers — the node list of the plain base).
+(``export_with_slots``) and, for each adapter, the merged graph (``export_onnx`` of the base,
+then ``merge_onnx`` initializer surgery: the node list of the plain base, W' = W + scale·B·A).
 Then measures:
 
 1. time per switch: ``Session.run`` round-robin over the N adapters (the adapter changes every
@@ -58,13 +58,13 @@ def session_options():
 
 def build(work: Path, args: argparse.Namespace) -> dict:
     import torch
-    from onnx import load as onnx_load
-    from onnx import numpy_helper
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import loraformat
     from loraformat.base import open_base
-    from loraformat.export.slots import export_with_slots, save_model
+    from loraformat.export.onnx import export_onnx
+    from loraformat.export.slots import export_with_slots
+    from loraformat.merge.onnx_surgery import merge_onnx
 
     base_dir = work / "base"
     torch.manual_seed(0)
@@ -102,32 +102,20 @@ def build(work: Path, args: argparse.Namespace) -> dict:
                 "gpt2", layers, fingerprint=base.checkpoint.fingerprint()
             )
             adapters.append(adapter.save(work / f"adapter{i}.safetensors"))
-        layouts = {p: base.layers[p].layout for p in targets}
 
         t = time.perf_counter()
         slots = export_with_slots(base, work / "slots.onnx", targets=list(MODULES))
         export_slots_s = time.perf_counter() - t
         t = time.perf_counter()
-        plain = export_with_slots(base, work / "plain.onnx", targets=[])
+        plain = export_onnx(base, work / "plain.onnx")
         export_plain_s = time.perf_counter() - t
 
-    # merged graphs: the plain graph's initializers with ΔW merged in the stored layout
+    # merged graphs: `loraformat merge plain.onnx ADAPTER -o merged.onnx` (initializer surgery)
     merged = []
     t = time.perf_counter()
     for i, path in enumerate(adapters):
-        proto = onnx_load(plain.path)
-        inits = {init.name: init for init in proto.graph.initializer}
-        with loraformat.load(path) as adapter:
-            for layer_path in adapter.layer_paths:
-                init = inits[layer_path + ".weight"]
-                delta = adapter.delta(layer_path, np.float32)
-                if layouts[layer_path] == "in_out":
-                    delta = delta.T
-                init.CopyFrom(
-                    numpy_helper.from_array(numpy_helper.to_array(init) + delta, init.name)
-                )
         out = work / f"merged{i}.onnx"
-        save_model(proto, out)
+        merge_onnx(plain.path, [path], out)
         merged.append(out)
     merge_s = (time.perf_counter() - t) / len(adapters)
     return {
