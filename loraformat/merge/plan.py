@@ -67,26 +67,14 @@ def open_adapter(path: str | os.PathLike[str] | Adapter, base: object | None = N
     p = Path(path)
     if p.is_dir() and (p / PEFT_CONFIG).is_file() and not (p / mf.MANIFEST_FILE).is_file():
         try:
-            from ..interchange import peft as peft_io  # type: ignore[attr-defined]
+            from ..interchange.peft import read_peft
         except ImportError:
             raise LoraformatError(
-                p, "is a PEFT adapter, and this installation cannot read PEFT adapters yet "
+                p, "is a PEFT adapter, and this installation cannot read PEFT adapters "
                 "(loraformat.interchange.peft is missing); convert it to loraformat first",
             ) from None
-        return _from_peft(peft_io, p, base)
+        return read_peft(p, base=base)
     return load(p)
-
-
-def _from_peft(peft_io: object, path: Path, base: object | None) -> Adapter:
-    """Call the interchange module's PEFT reader, whichever of its documented names it has."""
-    for name in ("from_peft", "read_peft", "load_peft", "read", "load"):
-        reader = getattr(peft_io, name, None)
-        if callable(reader):
-            try:
-                return reader(path, base=base)
-            except TypeError:
-                return reader(path)
-    raise LoraformatError(path, "loraformat.interchange.peft has no PEFT reader function")
 
 
 def _same_kind(op: TensorOp, kind: str, where: object) -> None:
