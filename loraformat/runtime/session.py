@@ -83,9 +83,11 @@ class Session:
     ``run(inputs, adapter=...)`` runs with none, one, or several adapters active — several only if
     they fill different layers. Loaded adapters stay in memory until :meth:`unload`.
 
-    ORT's Python binding (1.31) memory-maps an adapter file in host memory; with a GPU provider,
-    ORT copies the active parameters to the device on each call (the C API's allocator-taking
-    ``CreateLoraAdapter`` avoids that copy but is not exposed to Python).
+    Device memory: ORT's Python binding (1.31) has only ``LoraAdapter.Load(path)``, which
+    memory-maps the file in host memory; the C API's ``CreateLoraAdapter(path, allocator)``,
+    which copies the parameters to the device once, is not exposed to Python. With a GPU
+    provider the active parameters are therefore fed like host inputs and copied per call
+    (small: r·(in+out) values per layer). Not measured here (no GPU in this session).
     """
 
     def __init__(
