@@ -505,15 +505,60 @@ def test_loralib_merged_linear_matches_loralib_math(bases, tmp_path):
         assert torch.equal(again[key], state[key]), key
 
 
-def test_loralib_refuses_what_it_cannot_hold(bases, tmp_path):
+def test_loralib_folds_scales_pads_ranks_and_carries_embeddings(bases, tmp_path):
+    base = bases["gpt2"]
+    paths = [*linear_paths(base, 3), "transformer.wte"]
+    adapter = make_adapter(base, paths, scaling="alpha/sqrt(r)",
+                           per_layer={paths[0]: {"rank": 2}, paths[1]: {"alpha": 3.0}})
+    report = interchange.from_adapter(adapter, tmp_path / "x.safetensors", "loralib", base=base)
+    assert any("folded into lora_B" in n for n in report.notes)
+    assert any("zero-padded to 4 for 1 layer" in n for n in report.notes)
+    back = interchange.to_adapter(tmp_path / "x.safetensors", "loralib", base=base)
+    assert back.specs["transformer.wte"].kind == "embedding"
+    assert {s.rank for s in back.specs.values()} == {4}
+    assert_same_delta(adapter, back)
+
+
+def test_loralib_refuses_dora_unless_lossy(bases, tmp_path):
     base = bases["llama"]
     paths = linear_paths(base, 2)
-    adapter = make_adapter(base, paths, per_layer={paths[0]: {"alpha": 3.0}})
-    with pytest.raises(LoraformatError, match="one r and lora_alpha"):
+    adapter = make_adapter(base, paths, per_layer={paths[0]: {"dora": True}})
+    with pytest.raises(LoraformatError, match=r"to loralib without loss: DoRA magnitudes on 1"):
         interchange.from_adapter(adapter, tmp_path / "x.pt", base=base)
-    rs = make_adapter(base, paths, scaling="alpha/sqrt(r)")
-    with pytest.raises(LoraformatError, match="only the alpha/r"):
-        interchange.from_adapter(rs, tmp_path / "x.pt", base=base)
+    report = interchange.from_adapter(adapter, tmp_path / "x.pt", base=base, lossy=True)
+    assert report.lossy and "DoRA" in report.lossy[0]
+    back = interchange.to_adapter(tmp_path / "x.pt", base=base, alpha=8)
+    assert not any(s.dora for s in back.specs.values())
+
+
+# -- dtypes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("fmt,suffix", [("peft", ""), ("gguf", ".gguf"), ("mlx", ""),
+                                        ("loralib", ".pt"), ("loralib", ".safetensors")])
+def test_half_precision_round_trips_keep_dtype_and_bits(bases, tmp_path, dtype, fmt, suffix):
+    import ml_dtypes
+
+    base = bases["llama"]
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    adapter = make_adapter(base, linear_paths(base, 3), dtype=np_dtype)
+    options = {"alpha": 8.0} if suffix == ".pt" else {}
+    back, _, _ = roundtrip(adapter, tmp_path, suffix, fmt, base=base, **options)
+    assert_bitwise(adapter, back)
+
+
+def test_onnx_adapter_bfloat16_becomes_float32(bases, tmp_path):
+    import ml_dtypes
+
+    base = bases["llama"]
+    adapter = make_adapter(base, linear_paths(base, 1), alpha=4.0, dtype=ml_dtypes.bfloat16)
+    back, report, _ = roundtrip(adapter, tmp_path, ".onnx_adapter", "onnx_adapter", base=base)
+    assert any("bfloat16 tensors written as float32" in n for n in report.notes)
+    for name in back.tensors:
+        assert back.tensors.dtype(name) == "F32"
+        np.testing.assert_array_equal(back.tensors[name],
+                                      np.asarray(adapter.tensors[name]).astype(np.float32))
 
 
 # -- detection and the convert entry point ------------------------------------------------------

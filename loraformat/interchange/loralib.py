@@ -20,6 +20,7 @@ lora_alpha/r — the same scale, exactly. Writing reverses this when B is block 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
 from ..format.safetensors_io import write_safetensors
-from ._common import Context, read_safetensors, torch_load_weights_only
+from ._common import Context, read_safetensors, scaled, torch_load_weights_only
 
 NAME = "loralib"
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -144,6 +145,8 @@ def read_loralib(path: Path, ctx: Context) -> Adapter:
             layers[layer_path] = LoraLayer(
                 A=a, B=b, alpha=float(alpha), in_features=int(a.shape[1]),
                 out_features=int(b.shape[0]),
+                # lora.Embedding keeps A r×num_embeddings, B dim×r: the same math orientation.
+                kind="embedding" if dense is not None and dense.kind == "embedding" else "linear",
             )
             continue
         if enable is None:
@@ -207,22 +210,38 @@ def _split_blocks(layer: LoraLayer) -> tuple[int, list[np.ndarray]] | None:
 
 
 def write_loralib(adapter: Adapter, out: Path, ctx: Context) -> None:
-    """Plain layers → lora.Linear tensors; out_rows layers whose B is block diagonal over equal
-    parts → MergedLinear tensors. loralib has one (r, lora_alpha) for all layers and only the
-    alpha/r rule: anything else is refused. A ``.safetensors`` output records them."""
-    if adapter.scaling != "alpha/r":
-        raise LoraformatError(out, "loralib has only the alpha/r scaling rule (this is rsLoRA)")
-    tensors: dict[str, np.ndarray] = {}
-    pairs: set[tuple[int, float]] = set()
-    enables: set[tuple[bool, ...]] = set()
+    """Plain layers → ``lora.Linear`` / ``lora.Embedding`` tensors; out_rows layers whose B is
+    block diagonal over equal parts → ``MergedLinear`` tensors.
+
+    loralib builds every layer with one ``r`` and ``lora_alpha`` and scales by alpha/r. Adapters
+    with one rank and alpha are written as they are (bitwise). Otherwise the exact equivalent is
+    written and noted: smaller ranks zero-padded to the largest, each layer's scale ratio to the
+    most common scale folded into B. DoRA magnitudes, lora_bias and replaced tensors have no
+    loralib form (refused unless lossy, which drops them). A ``.safetensors`` output records
+    ``lora_alpha``, ``r`` and ``enable_lora`` in its metadata.
+    """
+    from .mlx import alpha_for_scale
+
+    specs = adapter.specs
+    dora = [p for p, s in specs.items() if s.dora]
+    biased = [p for p, s in specs.items() if s.lora_bias]
+    if dora:
+        ctx.lossy(f"DoRA magnitudes on {len(dora)} layer(s) (e.g. {dora[0]}): loralib has no "
+                  "DoRA (--lossy drops them: outputs change)")
+    if biased:
+        ctx.lossy(f"lora_bias on {len(biased)} layer(s) (e.g. {biased[0]}): loralib has none "
+                  "(--lossy drops it)")
+    if adapter.replacement_names:
+        ctx.lossy(f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
+                  f"{adapter.replacement_names[0]}): not part of a loralib checkpoint (--lossy "
+                  "drops them)")
+    ctx.check_lossy(out, "loralib")
+    # (path, A, [B blocks], enable or None, scale): the layer as loralib sees it.
+    parts: list[tuple[str, np.ndarray, list[np.ndarray], tuple[bool, ...] | None, float]] = []
     for path, layer in adapter.layers():
-        spec = adapter.specs[path]
-        if spec.dora or spec.lora_bias or spec.kind != "linear":
-            what = "DoRA" if spec.dora else "lora_bias" if spec.lora_bias else spec.kind
-            raise LoraformatError(out, f"{path}: loralib cannot carry {what}")
+        scale = adapter.scale(path)
         if layer.out_rows is None:
-            pairs.add((layer.rank, layer.alpha))
-            tensors[path + ".lora_A"], tensors[path + ".lora_B"] = layer.A, layer.B
+            parts.append((path, np.asarray(layer.A), [np.asarray(layer.B)], None, scale))
             continue
         split = _split_blocks(layer)
         sizes = {b - a for a, b in layer.out_rows}
@@ -230,27 +249,55 @@ def write_loralib(adapter: Adapter, out: Path, ctx: Context) -> None:
             raise LoraformatError(
                 out, f"{path}: out_rows layer is not a MergedLinear (equal parts, block-diagonal B)"
             )
-        r, blocks = split
         part = next(iter(sizes))
         starts = {a for a, _ in layer.out_rows}
         enable = tuple(i * part in starts for i in range(layer.out_features // part))
-        enables.add(enable)
-        pairs.add((r, layer.alpha / len(blocks)))
-        tensors[path + ".lora_A"] = layer.A
+        parts.append((path, np.asarray(layer.A), split[1], enable, scale))
+    enables = {e for *_, e, _ in parts if e is not None}
+    if len(enables) > 1:
+        raise LoraformatError(out, f"loralib needs one enable_lora for all MergedLinear layers; "
+                              f"this adapter has {sorted(enables)}")
+    ranks = {blocks[0].shape[1] for _, _, blocks, _, _ in parts}
+    r = max(ranks)
+    uniform = {(blocks[0].shape[1], adapter.specs[p].alpha / len(blocks))
+               for p, _, blocks, _, _ in parts}
+    if adapter.scaling == "alpha/r" and len(uniform) == 1:
+        alpha = next(iter(uniform))[1]
+        scale0 = None
+    else:
+        scale0 = Counter(s for *_, s in parts).most_common(1)[0][0]
+        alpha = alpha_for_scale(scale0, r, "alpha/r")
+    tensors: dict[str, np.ndarray] = {}
+    folded = padded = 0
+    for path, a, blocks, enable, scale in parts:
+        block_rank = blocks[0].shape[1]
+        factor = 1.0 if scale0 is None else scale / scale0
+        if factor != 1.0:
+            blocks = [scaled(b, factor) for b in blocks]
+            folded += 1
+        if block_rank < r:
+            if enable is not None:
+                raise LoraformatError(out, f"{path}: MergedLinear rank {block_rank} differs from "
+                                      f"the other layers' {r}")
+            a = np.concatenate([a, np.zeros((r - block_rank, a.shape[1]), a.dtype)])
+            blocks = [np.concatenate([blocks[0], np.zeros((blocks[0].shape[0], r - block_rank),
+                                                          blocks[0].dtype)], axis=1)]
+            padded += 1
+        tensors[path + ".lora_A"] = a
         tensors[path + ".lora_B"] = np.concatenate(blocks, axis=0)
-    if len(pairs) > 1 or len(enables) > 1:
-        raise LoraformatError(
-            out,
-            f"loralib needs one r and lora_alpha for all layers; this adapter has {sorted(pairs)}",
-        )
-    r, alpha = next(iter(pairs))
+    if folded:
+        ctx.note(f"loralib has one lora_alpha/r: scale ratios folded into lora_B for {folded} "
+                 "layer(s)")
+    if padded:
+        ctx.note(f"ranks zero-padded to {r} for {padded} layer(s) (same outputs)")
     metadata = {META_ALPHA: repr(float(alpha)), META_RANK: str(r)}
+    hint = f"--alpha {alpha:g} --rank {r}"
     if enables:
-        metadata[META_ENABLE] = json.dumps(list(next(iter(enables))))
-    ctx.note(f"loralib does not store them: read back with --alpha {alpha:g} --rank {r}"
-             + (f" --enable-lora {','.join(str(e).lower() for e in next(iter(enables)))}"
-                if enables else ""))
-    ctx.report.layers = len(adapter.specs)
+        enable = next(iter(enables))
+        metadata[META_ENABLE] = json.dumps(list(enable))
+        hint += " --enable-lora " + ",".join(str(e).lower() for e in enable)
+    ctx.note(f"loralib checkpoints do not store them: read back with {hint}")
+    ctx.report.layers = len(parts)
     if out.suffix == ".safetensors":
         write_safetensors(out, tensors, metadata)
         return

@@ -87,6 +87,8 @@ def adapter_arrays(
         out[path + SLOT_A] = np.ascontiguousarray(layer.A.T.astype(dtype, copy=False))
         out[path + SLOT_B] = np.ascontiguousarray(full.T.astype(dtype, copy=False))
         ctx.tick(done, total)
+    if any(adapter.tensors.dtype(name) == "BF16" for name in adapter.tensors) and not wanted:
+        ctx.note("bfloat16 tensors written as float32 (pass dtype to match the graph's slots)")
     if any(s.out_rows is not None for s in adapter.specs.values()):
         ctx.note("out_rows layers written with zero B rows for the rows they do not adapt")
     if any(adapter.scale(p) != 1.0 for p in adapter.specs):
