@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraformat.errors import LoraformatError
+from loraformat.format import manifest as mf
 from loraformat.format import safetensors_io
 from loraformat.format.adapter import Adapter, LoraLayer, load, validate
 from loraformat.format.safetensors_io import SafetensorsFile, write_safetensors
@@ -202,6 +203,7 @@ def _report(name: str, outcomes: Counter) -> None:
 
 def test_fuzz_manifest(seed_dir: Path):
     outcomes: Counter = Counter()
+    agreement: Counter = Counter()
     manifest = json.loads((seed_dir / "adapter.json").read_text())
     work = Path(tempfile.mkdtemp())
 
@@ -217,12 +219,20 @@ def test_fuzz_manifest(seed_dir: Path):
         text = json.dumps(mutated)  # NaN/Infinity floats become the non-JSON tokens: refused
         (target / "adapter.json").write_text(text)
         exercise(target, outcomes)
+        # The fast schema check must agree with jsonschema on every manifest.
+        parsed = json.loads(text)
+        if isinstance(parsed, dict):
+            for lenient in (False, True):
+                slow = not mf.jsonschema_problems(parsed, newer_minor=lenient)
+                assert mf.conforms(parsed, lenient=lenient) == slow, (lenient, parsed)
+                agreement[slow] += 1
 
     try:
         case()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _report("fuzz manifest", outcomes)
+    assert agreement[True] > 0 and agreement[False] > 0, agreement  # both answers exercised
 
 
 def _split(blob: bytes) -> tuple[dict, bytes]:

@@ -85,6 +85,122 @@ def check_version(manifest: object) -> str | None:
     return None
 
 
+# -- fast path ------------------------------------------------------------------------------------
+# jsonschema needs ~0.15 s to import and ~0.2 ms per layer to validate; inspect must answer a
+# 1,000-layer adapter in well under a second. ``conforms`` decides the same question as the schema
+# in plain Python; only when it says no does jsonschema run, to explain. tests/test_fuzz_format.py
+# checks that the two agree on every fuzzed manifest.
+
+_PATH_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+_SCHEMA_VERSION_RE = re.compile(r"^1\.(0|[1-9][0-9]*)$")
+_FINGERPRINT_RE = re.compile(r"^lfp1:[0-9a-f]{64}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ANY_RE = re.compile("")
+_TOP = frozenset(
+    {"format", "format_version", "base_model", "scaling", "rank", "alpha", "layers",
+     "replacements", "tensors_sha256", "provenance"}
+)
+_TOP_REQUIRED = ("format", "format_version", "base_model", "scaling", "alpha", "layers",
+                 "tensors_sha256")
+_BASE = frozenset({"architecture", "name", "fingerprint"})
+_LAYER = frozenset({"rank", "alpha", "in_features", "out_features", "kind", "out_rows", "dora",
+                    "lora_bias"})
+
+
+def _is_int(v: object) -> bool:
+    # JSON Schema 2020-12: an integer is any number with a zero fractional part.
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _int_in(v: object, lo: int, hi: int | None = None) -> bool:
+    return _is_int(v) and v >= lo and (hi is None or v <= hi)
+
+
+def _str_match(v: object, pattern: re.Pattern[str], lo: int = 0, hi: int | None = None) -> bool:
+    return (
+        isinstance(v, str)
+        and lo <= len(v)
+        and (hi is None or len(v) <= hi)
+        and pattern.search(v) is not None
+    )
+
+
+def _members_ok(obj: dict[str, Any], known: frozenset[str], lenient: bool) -> bool:
+    return lenient or all(k in known or k.startswith("x-") for k in obj)
+
+
+def _layer_ok(entry: object, lenient: bool) -> bool:
+    if not isinstance(entry, dict) or not _members_ok(entry, _LAYER, lenient):
+        return False
+    if not all(_int_in(entry.get(k), 1, 16777216) for k in ("in_features", "out_features")):
+        return False
+    if "rank" in entry and not _int_in(entry["rank"], 1, 65536):
+        return False
+    if "alpha" in entry and not _is_num(entry["alpha"]):
+        return False
+    if "kind" in entry and entry["kind"] not in ("linear", "embedding"):
+        return False
+    for flag in ("dora", "lora_bias"):
+        if flag in entry and not isinstance(entry[flag], bool):
+            return False
+    if "out_rows" in entry:
+        rows = entry["out_rows"]
+        if not isinstance(rows, list) or not rows:
+            return False
+        for r in rows:
+            if not (isinstance(r, list) and len(r) == 2 and _int_in(r[0], 0) and _int_in(r[1], 1)):
+                return False
+    return True
+
+
+def conforms(manifest: object, *, lenient: bool = False) -> bool:
+    """True when ``manifest`` satisfies the v1 schema (``lenient``: unknown members ignored)."""
+    if not isinstance(manifest, dict) or not all(k in manifest for k in _TOP_REQUIRED):
+        return False
+    if not _members_ok(manifest, _TOP, lenient):
+        return False
+    if manifest["format"] != FORMAT_NAME or isinstance(manifest["format"], bool):
+        return False
+    if not _str_match(manifest["format_version"], _SCHEMA_VERSION_RE):
+        return False
+    base = manifest["base_model"]
+    if not isinstance(base, dict) or not _members_ok(base, _BASE, lenient):
+        return False
+    if not _str_match(base.get("architecture"), _ANY_RE, 1, 128):
+        return False
+    if "name" in base and not (isinstance(base["name"], str) and len(base["name"]) <= 1024):
+        return False
+    if "fingerprint" in base and not _str_match(base["fingerprint"], _FINGERPRINT_RE):
+        return False
+    if manifest["scaling"] not in SCALING_RULES or not isinstance(manifest["scaling"], str):
+        return False
+    if "rank" in manifest and not _int_in(manifest["rank"], 1, 65536):
+        return False
+    if not _is_num(manifest["alpha"]):
+        return False
+    layers = manifest["layers"]
+    if not isinstance(layers, dict):
+        return False
+    for path, entry in layers.items():
+        if not _str_match(path, _PATH_RE, 1, 512) or not _layer_ok(entry, lenient):
+            return False
+    if "replacements" in manifest:
+        names = manifest["replacements"]
+        if not isinstance(names, list) or not all(_str_match(n, _PATH_RE, 1, 512) for n in names):
+            return False
+        if len(set(names)) != len(names):
+            return False
+    if not _str_match(manifest["tensors_sha256"], _SHA_RE):
+        return False
+    return "provenance" not in manifest or isinstance(manifest["provenance"], dict)
+
+
 def schema_problems(manifest: dict[str, Any]) -> list[str]:
     """Every schema violation, as ``'<json path>: <message>'``.
 
@@ -93,6 +209,13 @@ def schema_problems(manifest: dict[str, Any]) -> list[str]:
     """
     version = parse_version(manifest.get("format_version")) or (SUPPORTED_MAJOR, SUPPORTED_MINOR)
     newer_minor = version[1] > SUPPORTED_MINOR
+    if conforms(manifest, lenient=newer_minor):
+        return []
+    return jsonschema_problems(manifest, newer_minor=newer_minor)
+
+
+def jsonschema_problems(manifest: dict[str, Any], *, newer_minor: bool = False) -> list[str]:
+    """The schema check by jsonschema itself: slow, but its messages say what is wrong."""
     problems = []
     for error in sorted(_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path)):
         if newer_minor and error.validator == "additionalProperties":
