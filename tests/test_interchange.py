@@ -234,6 +234,23 @@ def test_peft_errors_name_the_problem(tmp_path):
                                                          "lora_alpha": 8}))
     with pytest.raises(LoraformatError, match=r"neither adapter_model\.safetensors"):
         interchange.to_adapter(out, architecture="llama")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_parameters": ["experts.w1"]}))
+    with pytest.raises(LoraformatError, match=r"bare parameters \(target_parameters\) has no"):
+        interchange.to_adapter(out, architecture="llama")
+
+
+def test_peft_alora_is_lossy(bases, tmp_path):
+    base = bases["llama"]
+    adapter = make_adapter(base, linear_paths(base, 1))
+    out = tmp_path / "p"
+    interchange.from_adapter(adapter, out, "peft", base=base)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["alora_invocation_tokens"] = [5, 6]
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LoraformatError, match="aLoRA invocation tokens"):
+        interchange.to_adapter(out, base=base)
+    assert_bitwise(adapter, interchange.to_adapter(out, base=base, lossy=True))
 
 
 # -- ONNX Runtime adapter ----------------------------------------------------------------------
@@ -380,6 +397,16 @@ def test_gguf_refusals(bases, tmp_path):
     interchange.from_adapter(adapter, tmp_path / "l.gguf", base=bases["llama"])
     with pytest.raises(LoraformatError, match=r"architecture 'llama', the base is 'gpt2'"):
         interchange.to_adapter(tmp_path / "l.gguf", base=bases["gpt2"])
+
+
+@pytest.mark.parametrize("arch", ["bert", "vit"])
+@pytest.mark.parametrize("fmt,suffix,what", [("gguf", ".gguf", "llama.cpp"), ("mlx", "", "MLX")])
+def test_architectures_without_foreign_names_are_refused(bases, tmp_path, arch, fmt, suffix,
+                                                         what):
+    adapter = make_adapter(bases[arch], linear_paths(bases[arch], 2))
+    with pytest.raises(LoraformatError, match=f"the '{arch}' plugin gives no {what}"):
+        interchange.from_adapter(adapter, tmp_path / f"x{suffix}", fmt, base=bases[arch])
+    assert not (tmp_path / f"x{suffix}").exists()
 
 
 # -- MLX ---------------------------------------------------------------------------------------

@@ -105,8 +105,14 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
             raise LoraformatError(config_path, f"{key} must be a number, got {config.get(key)!r}")
-    if config.get("layer_replication"):
-        raise LoraformatError(config_path, "layer_replication is not supported")
+    for key, what in (
+        ("layer_replication", "layer_replication (duplicated layers)"),
+        ("target_parameters", "LoRA on bare parameters (target_parameters)"),
+        ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
+        ("use_qalora", "QA-LoRA"),
+    ):
+        if config.get(key):
+            raise LoraformatError(config_path, f"{what} has no loraformat form")
     return config
 
 
@@ -210,6 +216,11 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
             continue  # the plain key (saved by modules_to_save) wins over bias="all"'s wrapper key
         others[name] = array
 
+    if config.get("alora_invocation_tokens"):
+        ctx.lossy(
+            "aLoRA invocation tokens: the adapter acts only after them, loraformat applies it "
+            "to every token (--lossy drops the invocation sequence)"
+        )
     arch = _resolve_architecture(path, config, sorted(grouped), ctx, architecture)
     names = Names(arch, ctx.config, "peft", identity_fallback=True)
     scaling = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
