@@ -133,7 +133,6 @@ def isolated_registry(monkeypatch):
     ]
     monkeypatch.setattr(registry_module, "_entry_points", lambda: real + fake)
     reg = Registry()
-    monkeypatch.setattr("loraformat.cli.plugins_cmd.registry", lambda: reg)
     monkeypatch.setattr(registry_module, "registry", lambda: reg)
     return reg
 

@@ -176,7 +176,9 @@ class Registry:
     def architectures(self) -> dict[str, ArchitectureInfo]:
         """Architecture id → info, over every plugin that loaded (asked once per plugin)."""
         found: dict[str, ArchitectureInfo] = {}
-        for infos in self._arch_cache.values():
+        for name, infos in self._arch_cache.items():
+            if self.pm.get_plugin(name) is None:  # unregistered behind our back (pm.unregister)
+                continue
             for info in infos:
                 found.setdefault(info.id, info)
         return found
@@ -191,6 +193,18 @@ def _entry_points() -> list[metadata.EntryPoint]:
 def registry() -> Registry:
     """The process-wide registry, loaded from entry points on first use."""
     return Registry()
+
+
+def plugin_report() -> list[dict[str, Any]]:
+    """What ``loraformat plugins`` shows: one entry per plugin, sorted by name, with fields
+    name, distribution, version, architectures, ok, errors.
+
+    Every loaded plugin is asked to detect an empty checkpoint first, so a plugin that raises
+    inside a hook shows up with its error even before a real checkpoint reaches it.
+    """
+    reg = registry()
+    reg.health_check()
+    return [reg.records[name].to_json() for name in sorted(reg.records)]
 
 
 # -- the questions the core asks, one function each ------------------------------------------

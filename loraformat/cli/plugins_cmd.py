@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
-from ..architecture import registry
+from ..architecture.registry import plugin_report
 from ._common import echo_json, json_option
-
-
-def plugin_report() -> list[dict[str, Any]]:
-    """One entry per plugin: name, distribution, version, architectures, ok, errors.
-
-    Every loaded plugin is asked to detect an empty checkpoint first, so a plugin that raises
-    inside a hook shows up with its error even before a real checkpoint reaches it.
-    """
-    reg = registry()
-    reg.health_check()
-    return [reg.records[name].to_json() for name in sorted(reg.records)]
 
 
 @click.command("plugins")
