@@ -611,7 +611,8 @@ def load(path: str | os.PathLike[str]) -> Adapter:
     problems = structural_problems(manifest, store)
     if problems:
         st.close()
-        raise ValidationError(manifest_path if "tensor " not in problems[0] else st.path, problems)
+        in_data = problems[0].startswith("tensor ")
+        raise ValidationError(st.path if in_data else manifest_path, problems)
     return Adapter(manifest, store, path)
 
 
