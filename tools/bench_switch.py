@@ -50,6 +50,9 @@ def session_options():
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # No busy-waiting between runs: with several sessions in one process (all merged models
+    # resident) spinning thread pools would fight over the cores. Same setting for every strategy.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -166,23 +169,38 @@ def child_slots(files: dict, args: argparse.Namespace) -> dict:
     for name in names:  # warm every adapter once
         session.run(feed, adapter=name)
     held = rss_bytes() - before
-    warm = 5
-    for _ in range(warm):
-        session.run(feed)
-    n = args.requests
-    order = itertools.cycle(names)
-    switching = timed(lambda: session.run(feed, adapter=next(order)), n)
-    fixed = timed(lambda: session.run(feed, adapter=names[0]), n)
-    none = timed(lambda: session.run(feed), n)
     check = {name: session.run(feed, adapter=name)[0] for name in names[:2]}
     np.save(Path(files["work"]) / "slot_out.npy", np.stack(list(check.values())))
+
+    # Latency: the merged graph and the three slot modes, interleaved request by request (the
+    # order rotating every round) so load drift on the machine hits all four alike.
+    import onnxruntime as ort
+
+    merged = ort.InferenceSession(
+        files["merged"][0], session_options(), providers=["CPUExecutionProvider"]
+    )
+    order = itertools.cycle(names)
+    modes = {
+        "merged": lambda: merged.run(None, feed),
+        "none": lambda: session.run(feed),
+        "fixed": lambda: session.run(feed, adapter=names[0]),
+        "switching": lambda: session.run(feed, adapter=next(order)),
+    }
+    for fn in modes.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    keys = list(modes)
+    for i in range(args.requests):
+        for key in keys[i % 4 :] + keys[: i % 4]:
+            t = time.perf_counter()
+            modes[key]()
+            times[key].append(time.perf_counter() - t)
     return {
         "open_s": open_s,
         "load_adapter_s": statistics.median(load_s),
         "held_bytes": held,
-        "switching_s": statistics.median(switching),
-        "fixed_s": statistics.median(fixed),
-        "none_s": statistics.median(none),
+        **{f"{key}_s": statistics.median(values) for key, values in times.items()},
     }
 
 
@@ -237,8 +255,20 @@ def child_merged_all(files: dict, args: argparse.Namespace) -> dict:
     held = rss_bytes() - before
     n = args.requests
     order = itertools.cycle(sessions)
-    switching = timed(lambda: next(order).run(None, feed), n)
-    return {"held_bytes": held, "switching_s": statistics.median(switching)}
+    switching, fixed = [], []
+    for _ in range(n):  # interleaved, as in child_slots
+        for fn, out in (
+            (lambda: next(order).run(None, feed), switching),
+            (lambda: sessions[0].run(None, feed), fixed),
+        ):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return {
+        "held_bytes": held,
+        "switching_s": statistics.median(switching),
+        "fixed_s": statistics.median(fixed),
+    }
 
 
 def child_plain(files: dict, args: argparse.Namespace) -> dict:
@@ -340,8 +370,8 @@ def main() -> None:
     )
     print(
         f"  merged: all {args.adapters} sessions resident              "
-        f"{ms(a['switching_s'] - r['latency_s'])}   {mib(a['held_bytes'])}  "
-        "(round-robin run minus one model's run)"
+        f"{ms(a['switching_s'] - a['fixed_s'])}   {mib(a['held_bytes'])}  "
+        "(round-robin run minus same-model run)"
     )
     print(
         f"  (plain base session alone: {mib(p['held_bytes']).strip()}; one adapter load into the "
@@ -349,13 +379,13 @@ def main() -> None:
     )
     print()
     print("per-request latency (median)")
-    print(f"  merged graph                      {ms(r['latency_s'])}")
-    base = r["latency_s"]
+    print(f"  merged graph                      {ms(s['merged_s'])}")
+    base = s["merged_s"]
     print(f"  slot graph, no adapter            {ms(s['none_s'])}   ×{s['none_s'] / base:.2f}")
     print(f"  slot graph, one adapter active    {ms(s['fixed_s'])}   ×{s['fixed_s'] / base:.2f}")
     print(
         f"  slot graph, adapter switches      {ms(s['switching_s'])}   "
-        f"×{s['switching_s'] / r['latency_s']:.2f}"
+        f"×{s['switching_s'] / base:.2f}"
     )
     print()
     print("ratios")
@@ -369,7 +399,8 @@ def main() -> None:
         f"{r['held_bytes'] / s['held_bytes']:.2f}×"
     )
     print(
-        f"  latency price of slots (adapter active / merged): {s['fixed_s'] / r['latency_s']:.2f}×"
+        f"  latency price of slots (adapter active / merged): {s['fixed_s'] / base:.2f}×; "
+        f"no adapter / merged: {s['none_s'] / base:.2f}×"
     )
     print(
         json.dumps(
