@@ -167,3 +167,13 @@ def test_kit_reports_missing_hooks_and_unknown_architectures(toy_dir):
         check_plugin(toy_dir, "gpt2", reg=reg)
     with pytest.raises(AssertionError, match="no plugin detects this checkpoint"):
         check_plugin(toy_dir, reg=Registry(load_entry_points=False))
+
+
+@pytest.mark.slow
+def test_kit_reads_sharded_checkpoints(tiny_checkpoint):
+    if not (PLUGINS_DIR / "llama.py").exists():
+        pytest.skip("plugins/llama.py is not written yet")
+    path = tiny_checkpoint("llama", max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").exists()
+    report = check_plugin(path, reference=tiny_models.load_transformers(path, "llama"))
+    assert report.architecture == "llama" and report.max_abs_diff <= 1e-4
