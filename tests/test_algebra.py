@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from loraformat.algebra import (
     stack,
     subtract,
 )
+from loraformat.algebra.reduce import tall_qr
 from loraformat.cli import cli
 
 PROPERTY = settings(
@@ -182,6 +184,27 @@ def test_factored_svd_never_needs_dense_and_matches_numpy():
     np.testing.assert_allclose(svd.s, np.linalg.svd(0.5 * b @ a, compute_uv=False)[:7], rtol=1e-12)
     np.testing.assert_allclose((svd.U * svd.s) @ svd.Vt, 0.5 * b @ a, atol=1e-11)
     np.testing.assert_allclose(svd.U.T @ svd.U, np.eye(7), atol=1e-12)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e2, 1e4, 1e9, math.inf], ids=str)
+def test_tall_qr_every_route_is_accurate(cond):
+    """Cholesky QR (κ < 1e3), CholeskyQR2 (κ < 1e6), Householder (worse or rank-deficient)."""
+    rng = np.random.default_rng(12)
+    q0, _ = np.linalg.qr(rng.standard_normal((500, 8)))
+    v0, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    s = np.geomspace(1.0, 1.0 / cond if np.isfinite(cond) else 1.0, 8)
+    if not np.isfinite(cond):
+        s[-3:] = 0.0  # rank-deficient
+    x = (q0 * s) @ v0
+    q, r = tall_qr(x)
+    np.testing.assert_allclose(q @ r, x, atol=1e-13)
+    if np.isfinite(cond):
+        np.testing.assert_allclose(q.T @ q, np.eye(8), atol=1e-9)
+    a = rng.standard_normal((8, 40))
+    svd = factored_svd(x, a)
+    reference = np.linalg.svd(x @ a, compute_uv=False)[:8]
+    np.testing.assert_allclose(svd.s, reference, rtol=0, atol=1e-12 * reference[0])
+    np.testing.assert_allclose((svd.U * svd.s) @ svd.Vt, x @ a, atol=1e-12 * reference[0])
 
 
 def test_energy_rank_examples():

@@ -222,8 +222,8 @@ def combine(
             probe = LoraLayer(
                 exact_a, exact_b, 1.0, first.in_features, first.out_features, out_rows=target
             )
-            a, b, svd, kept = reduce_layer(probe, 1.0, k=svd_rank)
-            error = relative_error(svd.s, kept)
+            a, b, s, kept = reduce_layer(probe, 1.0, k=svd_rank)
+            error = relative_error(s, kept)
         elif method in FACTOR_METHODS:
             a, b = _factor_method(
                 method, adapters, w, present, path, target, density, majority_sign, rng, masks

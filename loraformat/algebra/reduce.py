@@ -33,40 +33,76 @@ class FactoredSVD:
     Vt: np.ndarray
 
 
-#: CholeskyQR2 is accurate to machine precision while κ(X) stays well below 1/sqrt(eps).
-_CHOLESKY_QR_MAX_COND = 1e6
+#: Below this κ(X), CholeskyQR (R = chol(XᵀX)ᵀ) alone is accurate to ~κ²·eps ≤ 1e-10; below the
+#: second, CholeskyQR2 is accurate to machine precision (Yamamoto et al. 2015); above, Householder.
+_CHOLESKY_QR1_MAX_COND = 1e3
+_CHOLESKY_QR2_MAX_COND = 1e6
+
+
+class _TallQR:
+    """Reduced QR of a tall-skinny float64 matrix X (m×r), Q kept implicit where possible.
+
+    ``R`` is r'×r (r' = min(m, r)); :meth:`q_times` gives Q·M without forming Q when the
+    Cholesky route was taken (X·(R⁻¹·M): one thin product instead of two). The Cholesky routes
+    need only matrix products, several times faster than Householder QR for LoRA-sized r;
+    ill-conditioned or rank-deficient inputs (e.g. stacks of dependent factors) take Householder,
+    so the result is always backward stable.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        m, r = x.shape
+        self._x = x
+        self._q: np.ndarray | None = None
+        self._r_inv: np.ndarray | None = None
+        if m >= 2 * r and np.all(np.isfinite(x)):
+            try:
+                r1 = np.linalg.cholesky(x.T @ x).T
+                cond = np.linalg.cond(r1)
+                if cond < _CHOLESKY_QR1_MAX_COND:
+                    self.R, self._r_inv = r1, np.linalg.inv(r1)
+                    return
+                if cond < _CHOLESKY_QR2_MAX_COND:
+                    q1 = x @ np.linalg.inv(r1)
+                    r2 = np.linalg.cholesky(q1.T @ q1).T
+                    self.R, self._q = r2 @ r1, q1 @ np.linalg.inv(r2)
+                    return
+            except np.linalg.LinAlgError:
+                pass
+        self._q, self.R = np.linalg.qr(x)
+
+    def q_times(self, m: np.ndarray) -> np.ndarray:
+        if self._q is not None:
+            return self._q @ m
+        return self._x @ (self._r_inv @ m)
 
 
 def tall_qr(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reduced QR of a tall-skinny float64 matrix (m×r, m ≥ r): Q m×r orthonormal, R r×r.
+    """Reduced QR (Q m×r', R r'×r) of a tall-skinny matrix; see :class:`_TallQR`."""
+    qr = _TallQR(np.asarray(x, dtype=np.float64))
+    return qr.q_times(np.eye(qr.R.shape[0])), qr.R
 
-    CholeskyQR2 (Yamamoto et al. 2015: two passes of R = chol(XᵀX)ᵀ, Q = X·R⁻¹) needs only
-    matrix products, several times faster than Householder QR for the r ≤ a few hundred of LoRA
-    factors; ill-conditioned or rank-deficient inputs (κ > 1e6, e.g. stacks of dependent factors)
-    take the Householder route, so the result is always backward stable.
-    """
-    m, r = x.shape
-    if m >= 2 * r and np.all(np.isfinite(x)):
-        try:
-            r1 = np.linalg.cholesky(x.T @ x).T
-            if np.linalg.cond(r1) < _CHOLESKY_QR_MAX_COND:
-                q = x @ np.linalg.inv(r1)
-                r2 = np.linalg.cholesky(q.T @ q).T
-                return q @ np.linalg.inv(r2), r2 @ r1
-        except np.linalg.LinAlgError:
-            pass
-    return np.linalg.qr(x)
+
+class _CoreSVD:
+    """ΔW = Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ with the small core's SVD; singular vectors formed on demand."""
+
+    def __init__(self, B: np.ndarray, A: np.ndarray, scale: float) -> None:
+        self._qb = _TallQR(f64(B))  # rows×m, m×r   (m = min(rows, r))
+        self._qa = _TallQR(f64(A).T)  # in×n, n×r    (n = min(in, r))
+        core = (self._qb.R * float(scale)) @ self._qa.R.T
+        self._uc, self.s, self._vct = np.linalg.svd(core, full_matrices=False)
+
+    def factors(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(U_k rows×k, V_kᵀ k×in) for the top k singular values."""
+        u = self._qb.q_times(self._uc[:, :k])
+        vt = self._qa.q_times(self._vct[:k].T).T
+        return u, vt
 
 
 def factored_svd(B: np.ndarray, A: np.ndarray, scale: float = 1.0) -> FactoredSVD:
-    """SVD of ``scale·B·A`` from the factors (float64), via two reduced QRs and an r×r SVD."""
-    b = f64(B)
-    a = f64(A)
-    qb, rb = tall_qr(b)  # rows×m, m×r   (m = min(rows, r))
-    qa, ra = tall_qr(a.T)  # in×n, n×r    (n = min(in, r))
-    core = (rb * float(scale)) @ ra.T  # m×n
-    uc, s, vct = np.linalg.svd(core, full_matrices=False)
-    return FactoredSVD(qb @ uc, s, vct @ qa.T)
+    """SVD of ``scale·B·A`` from the factors (float64), via two tall QRs and an r×r SVD."""
+    core = _CoreSVD(B, A, scale)
+    u, vt = core.factors(core.s.size)
+    return FactoredSVD(u, core.s, vt)
 
 
 def energy_rank(s: np.ndarray, energy: float) -> int:
@@ -138,21 +174,20 @@ class LayerReduction:
 
 def reduce_layer(
     layer: LoraLayer, scale: float, k: int | None = None, energy: float | None = None
-) -> tuple[np.ndarray, np.ndarray, FactoredSVD, int]:
-    """(A float64, B float64 with σ folded in and scale 1, the SVD, kept rank) for one layer.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(A float64, B float64 with σ folded in and scale 1, all singular values, kept rank).
 
     ``k`` None and ``energy`` None: full rank (lossless). Kept rank is at least 1 (the format needs
     it) and at most the number of singular values, min(rows, in, r).
     """
-    svd = factored_svd(layer.B, layer.A, scale)
-    available = svd.s.size
+    core = _CoreSVD(layer.B, layer.A, scale)
+    available = core.s.size
     if energy is not None and k is None:
-        k = energy_rank(svd.s, energy)
+        k = energy_rank(core.s, energy)
     k = available if k is None else min(int(k), available)
     k = max(k, 1)
-    b = svd.U[:, :k] * svd.s[:k]
-    a = svd.Vt[:k]
-    return a, b, svd, k
+    u, vt = core.factors(k)
+    return vt, u * core.s[:k], core.s, k
 
 
 def reduce(
@@ -191,15 +226,15 @@ def reduce(
         e = None
         if k is None:
             k, e = rank, energy
-        a, b, svd, kept = reduce_layer(layer, scale, k, e)
-        power = svd.s**2
+        a, b, s, kept = reduce_layer(layer, scale, k, e)
+        power = s**2
         total = float(power.sum())
         report.append(
             LayerReduction(
                 path=path,
                 rank_in=layer.rank,
                 rank_out=kept,
-                relative_error=relative_error(svd.s, kept),
+                relative_error=relative_error(s, kept),
                 kept_energy=float(power[:kept].sum()) / total if total else 1.0,
             )
         )
