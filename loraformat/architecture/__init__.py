@@ -11,6 +11,7 @@ from .registry import (
     foreign_name,
     hookimpl,
     layer_path,
+    plugin_report,
     registry,
     row_permutation,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "foreign_name",
     "hookimpl",
     "layer_path",
+    "plugin_report",
     "registry",
     "row_permutation",
 ]
