@@ -382,6 +382,11 @@ def test_mismatched_inputs_are_refused():
         )
     with pytest.raises(LoraformatError, match="needs a density"):
         combine([a, a], method="dare_ties")
+    with pytest.raises(LoraformatError, match="rank applies to the svd methods only"):
+        combine([a, a], method="linear", rank=2)
+    single, _ = combine([a], [2.0], method="ties")  # PEFT: one adapter is always "linear"
+    assert single.manifest["provenance"]["parameters"]["requested_method"] == "ties"
+    assert_close(dense(single, "m.q"), 2.0 * dense(a, "m.q"), rel=1e-12)
     with pytest.raises(LoraformatError, match="reduce needs a rank"):
         reduce(a)
 

@@ -27,7 +27,9 @@ Differences from PEFT, on purpose: every input's own scale (``alpha/r`` or rsLoR
 ``alpha/sqrt(r)``) is used and the output always has scale 1 (``alpha/r`` with alpha = rank),
 where PEFT copies the first adapter's config (wrong for rsLoRA, peft#3761); lora_bias terms add
 linearly (Σ wᵢsᵢ·biasᵢ); layers present in only some inputs combine the inputs that have them (as
-PEFT does); DoRA layers are refused. PEFT's ``svd_clamp`` is not offered.
+PEFT does); DoRA layers are refused. PEFT's ``svd_clamp`` is not offered. As in PEFT, a single
+input turns every method except ``svd``/``cat`` into ``linear``; ``svd`` of a single input still
+truncates to ``rank`` (PEFT silently keeps the full rank there).
 """
 
 from __future__ import annotations
@@ -187,6 +189,11 @@ def combine(
     adapters = list(adapters)
     w = _weights(adapters, weights)
     check_compatible(adapters, check_base)
+    requested = method
+    if len(adapters) == 1 and method in FACTOR_METHODS + DENSE_SVD_METHODS:
+        method = "linear"  # as PEFT: one adapter has nothing to prune against or elect signs with
+    if rank is not None and not method.endswith("svd"):
+        raise LoraformatError(None, f"rank applies to the svd methods only, not to {method!r}")
     if method in NEEDS_DENSITY:
         if density is None:
             raise LoraformatError(None, f"method {method!r} needs a density in [0, 1]")
@@ -270,6 +277,7 @@ def combine(
             "combine",
             {
                 "method": method,
+                "requested_method": requested if requested != method else None,
                 "weights": w,
                 "rank": svd_rank if method.endswith("svd") else None,
                 "density": density if method in NEEDS_DENSITY else None,
