@@ -22,8 +22,11 @@ and as [in, out] when found through ``folded_from`` (the fold is a transpose of 
 weight).
 
 **Sharing.** An initializer used by more than one MatMul/Gemm/Gather/Conv (after following
-Transpose/Cast) is shared, e.g. after the exporter deduplicated identical tensors. Merging into it
-would change every user, so it is refused, unless ``unshare``: the users that belong to the layer
+Transpose/Cast) is shared, e.g. after the exporter deduplicated identical tensors. One exception:
+an embedding table read by one Gather and by the MatMul/Gemm of a tied LM head is one checkpoint
+tensor used twice by design, and is merged (changing both uses, as transformers' tying does).
+Merging into any other shared initializer would change every user, so it is refused, unless
+``unshare``: the users that belong to the layer
 (by the exporter's ``pkg.torch.onnx.name_scopes`` node metadata, or — for a bias — the Add fed by
 the layer's MatMul) get a copy of their own, named ``<P>.weight``/``<P>.bias`` where that name is
 free.
@@ -297,6 +300,9 @@ def locate(
             value, how = hit
             uses = _terminal_uses(value)
             compute = [(n, i, f) for n, i, f in uses if n.op_type in _COMPUTE]
+            tied = _tied_embedding(compute) if spec.kind == "embedding" else None
+            if tied is not None:
+                compute = tied  # one table, also read by the tied LM head: merge it (as HF does)
             if len(compute) > 1:
                 if not unshare:
                     raise LoraformatError(
@@ -406,6 +412,17 @@ def _bias_of_weight(
         bias = _unshare_bias(index, bias, compute, set(), path)
         unshared.append(bias.name)
     return bias, "name"
+
+
+def _tied_embedding(compute: list) -> list | None:
+    """The Gather use, when the weight is an embedding table whose other users are the MatMul/Gemm
+    of a tied LM head (one checkpoint tensor, two uses by design: merging changes both, exactly
+    as transformers' tied weights do)."""
+    gathers = [u for u in compute if u[0].op_type == "Gather" and u[1] == 0]
+    rest = [u for u in compute if u not in gathers]
+    if len(gathers) == 1 and rest and all(n.op_type in ("MatMul", "Gemm") for n, _, _ in rest):
+        return gathers
+    return None
 
 
 def _check_again(dense: DenseLayer, spec: Any, adapter: Adapter) -> DenseLayer:
@@ -538,6 +555,12 @@ def merge_onnx(
         detected = None
         with contextlib.suppress(Exception):
             detected = arch.detect({}, index_names)
+        for adapter in opened:  # before locating, so the message names the real problem
+            if detected is not None and adapter.architecture != detected:
+                raise LoraformatError(
+                    adapter.path, f"adapter is for architecture {adapter.architecture!r}, but the "
+                    f"graph {source} is {detected!r}",
+                )
         layout = locate(model, opened, architecture=detected, where=source, unshare=unshare)
         plan: MergePlan = plan_merge(
             layout.layers, layout.shapes, opened, architecture=detected, base_path=source,
