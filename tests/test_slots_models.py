@@ -221,3 +221,38 @@ def test_converted_onnx_adapter_file(setup, tmp_path):
     finally:
         session.unload("x_file")
     np.testing.assert_allclose(got, setup["refs"]["x"], atol=1e-4, rtol=0)
+
+
+def test_kv_cache_graph_with_adapter(setup, tiny_checkpoint, tmp_path):
+    """with_past: a prompt run in two steps through the KV cache, adapter X active in both,
+    gives the X-merged model's logits (the first step starts from an empty cache)."""
+    if setup["arch"] != "llama":
+        pytest.skip("one KV-cache export is enough for the suite's time: LLaMA (GQA, rope)")
+    result = export_with_slots(
+        tiny_checkpoint(setup["arch"]), tmp_path / "past.onnx", with_past=True
+    )
+    ids, want = setup["ids"], setup["refs"]["x"]
+    with Session(result.path) as session:
+        session.load("x", setup["adapter_paths"]["x"])
+        shapes = {i.name: i.shape for i in session.inner.get_inputs()}
+        past = {
+            name: np.zeros((ids.shape[0], shape[1], 0, shape[3]), np.float32)
+            for name, shape in shapes.items()
+            if name.startswith("past_key_values.")
+        }
+        assert len(past) == 4  # two layers, key and value
+        logits = []
+        for start, stop in ((0, 4), (4, ids.shape[1])):
+            tokens = ids[:, start:stop]
+            positions = np.broadcast_to(np.arange(start, stop), tokens.shape)
+            feed = {
+                "input_ids": tokens,
+                "attention_mask": np.ones((ids.shape[0], stop), np.int64),
+                "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+                **past,
+            }
+            out = session.run(feed, adapter="x")
+            logits.append(out[0])
+            presents = dict(zip(session.output_names[1:], out[1:], strict=True))
+            past = {n.replace("present.", "past_key_values."): v for n, v in presents.items()}
+    np.testing.assert_allclose(np.concatenate(logits, axis=1), want, atol=1e-4, rtol=0)

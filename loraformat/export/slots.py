@@ -125,6 +125,7 @@ def export_with_slots(
     targets: Sequence[str] | None = None,
     dtype: str = "float32",
     opset: int = DEFAULT_OPSET,
+    with_past: bool = False,
     verify_output: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -133,8 +134,10 @@ def export_with_slots(
 
     The graph's inputs are the plugin export module's inputs (dynamic axes as it declares them);
     for each slot ``P.lora_A``/``P.lora_B`` are further inputs with defaults (see the module
-    docstring). ``verify_output`` runs ONNX Runtime (no adapter active) against the plugin's torch
-    module on random inputs before the file is put in place, and refuses a difference over
+    docstring). ``with_past`` asks the plugin for its KV-cache inputs/outputs too (decoders), so
+    generation can switch adapters per request. ``verify_output`` runs ONNX Runtime (no adapter
+    active) against the plugin's torch module on random inputs before the file is put in place,
+    and refuses a difference over
     1e-4·max(1, max|ref|) (fp32) or 2e-2·max(1, max|ref|) (fp16). Writes ``output`` atomically;
     refuses to replace it unless ``overwrite``.
     """
@@ -152,7 +155,10 @@ def export_with_slots(
             progress(0, steps)
         tensors = merged_tensors(model, None, dtype)
         plain = arch.export_model(
-            model.architecture, model.config, tensors, arch.ExportOptions(lora_slots=tuple(paths))
+            model.architecture,
+            model.config,
+            tensors,
+            arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths)),
         )
         plain.example_inputs = {k: _cast(v, dtype) for k, v in plain.example_inputs.items()}
         graph = export_graph(
