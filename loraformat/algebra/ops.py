@@ -82,15 +82,25 @@ def stack_layers(
     layers = [(adapter.layer(path), adapter.scale(path), w) for adapter, w in present]
     first = layers[0][0]
     target = union_rows([row_ranges(layer) for layer, _, _ in layers], first.out_features)
-    a_parts, b_parts = [], []
+    rows = sum(b - a for a, b in target) if target is not None else first.out_features
+    total = sum(layer.rank for layer, _, _ in layers)
+    # filled in place: one float64 copy of each factor, no temporaries
+    a_out = np.empty((total, first.in_features))
+    b_out = np.empty((rows, total))
     bias = None
+    at = 0
     for layer, scale, w in layers:
-        a_parts.append(f64(layer.A))
-        b_parts.append(expand_b(f64(layer.B) * (w * scale), layer, target))
+        r = layer.rank
+        a_out[at : at + r] = layer.A
+        if layer.out_rows is None and target is None:
+            np.multiply(layer.B, w * scale, out=b_out[:, at : at + r], dtype=np.float64)
+        else:
+            b_out[:, at : at + r] = expand_b(f64(layer.B) * (w * scale), layer, target)
+        at += r
         if layer.lora_bias is not None:
             term = f64(layer.lora_bias) * (w * scale)
             bias = term if bias is None else bias + term
-    return np.concatenate(a_parts, axis=0), np.concatenate(b_parts, axis=1), target, bias, first
+    return a_out, b_out, target, bias, first
 
 
 def stack(

@@ -57,12 +57,14 @@ class _TallQR:
         if m >= 2 * r and np.all(np.isfinite(x)):
             try:
                 r1 = np.linalg.cholesky(x.T @ x).T
-                cond = np.linalg.cond(r1)
+                r1_inv = np.linalg.inv(r1)
+                # ‖R‖_F·‖R⁻¹‖_F bounds κ₂(R) = κ₂(X) from above: cheap and on the safe side
+                cond = np.linalg.norm(r1) * np.linalg.norm(r1_inv)
                 if cond < _CHOLESKY_QR1_MAX_COND:
-                    self.R, self._r_inv = r1, np.linalg.inv(r1)
+                    self.R, self._r_inv = r1, r1_inv
                     return
                 if cond < _CHOLESKY_QR2_MAX_COND:
-                    q1 = x @ np.linalg.inv(r1)
+                    q1 = x @ r1_inv
                     r2 = np.linalg.cholesky(q1.T @ q1).T
                     self.R, self._q = r2 @ r1, q1 @ np.linalg.inv(r2)
                     return
