@@ -93,7 +93,12 @@ def test_extract_recovers_known_low_rank_difference(llama_pair):
 
 def test_extract_by_energy_picks_true_ranks_and_full_embeddings(llama_pair):
     base, tuned, _ = llama_pair
-    adapter, _ = extract(tuned, base, energy=0.999999, full_embeddings=True)
+    calls = []
+    adapter, _ = extract(
+        tuned, base, energy=0.999999, full_embeddings=True, progress=lambda *c: calls.append(c)
+    )
+    total = len(Checkpoint(base).names())
+    assert calls[0] == (1, total) and calls[-1] == (total, total)
     ranks = {p: s.rank for p, s in adapter.specs.items()}
     assert ranks == {"model.layers.0.self_attn.q_proj": 3, "model.layers.1.mlp.down_proj": 2}
     assert sorted(adapter.replacement_names) == ["model.embed_tokens.weight", "model.norm.weight"]
