@@ -532,6 +532,30 @@ def test_loralib_merged_linear_matches_loralib_math(bases, tmp_path):
         assert torch.equal(again[key], state[key]), key
 
 
+def test_loralib_spec_vector_fused(tmp_path):
+    """spec/vectors: the fused GPT-2 c_attn adapter and the same adapter as loralib stores it."""
+    from pathlib import Path
+
+    from loraformat.format.safetensors_io import write_safetensors
+
+    vectors = Path(__file__).resolve().parent.parent / "spec" / "vectors"
+    expected = load(vectors / "fused")
+    stored, _ = interchange._common.read_safetensors(
+        vectors / "expected" / "fused.loralib.safetensors"
+    )
+    src = tmp_path / "fused_lora.safetensors"
+    write_safetensors(src, {f"transformer.h.0.attn.c_attn.{k}": v for k, v in stored.items()})
+    got = interchange.to_adapter(src, "loralib", architecture="gpt2", alpha=4,
+                                 enable_lora="[true, false, true]")
+    assert_bitwise(expected, got)
+    out = tmp_path / "again.safetensors"
+    interchange.from_adapter(expected, out, "loralib")
+    again, metadata = interchange._common.read_safetensors(out)
+    assert metadata == {"lora_alpha": "4.0", "r": "2", "enable_lora": "[true, false, true]"}
+    for key, value in stored.items():
+        assert again[f"transformer.h.0.attn.c_attn.{key}"].tobytes() == value.tobytes()
+
+
 def test_loralib_folds_scales_pads_ranks_and_carries_embeddings(bases, tmp_path):
     base = bases["gpt2"]
     paths = [*linear_paths(base, 3), "transformer.wte"]

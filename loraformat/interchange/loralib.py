@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoraformatError
-from ..format.adapter import Adapter, LoraLayer
+from ..format.adapter import Adapter, LoraLayer, scale_of
 from ..format.safetensors_io import write_safetensors
 from ._common import Context, read_safetensors, scaled, torch_load_weights_only
 
@@ -92,6 +92,8 @@ def _find_path(module: str, ctx: Context) -> str:
 
 
 def read_loralib(path: Path, ctx: Context) -> Adapter:
+    from .mlx import alpha_for_scale
+
     tensors, metadata = _load(path)
     alpha = ctx.options.get("alpha")
     if alpha is None and META_ALPHA in metadata:
@@ -173,13 +175,18 @@ def read_loralib(path: Path, ctx: Context) -> Adapter:
         for g in range(k):
             block[g * part : (g + 1) * part, g * r : (g + 1) * r] = b[g * part : (g + 1) * part]
         rows = [(i * part, (i + 1) * part) for i, on in enumerate(enable) if on]
+        # spec/FORMAT.md §5: alpha/rank of the fused layer (rank k·r) must equal loralib's
+        # lora_alpha/r exactly; k·alpha does unless k·alpha rounds.
+        fused_alpha = float(alpha) * k
+        if scale_of("alpha/r", fused_alpha, k * r) != float(alpha) / r:
+            fused_alpha = alpha_for_scale(float(alpha) / r, k * r, "alpha/r")
         layers[layer_path] = LoraLayer(
-            A=a, B=block, alpha=float(alpha) * k, in_features=int(a.shape[1]),
+            A=a, B=block, alpha=fused_alpha, in_features=int(a.shape[1]),
             out_features=out_features, out_rows=rows,
         )
         ctx.note(
             f"{layer_path}: MergedLinear {enable} → out_rows {rows}, block-diagonal B of rank "
-            f"{k * r}, alpha {float(alpha) * k:g} (same scale {float(alpha) / r:g})"
+            f"{k * r}, alpha {fused_alpha:g} (same scale {float(alpha) / r:g})"
         )
     ctx.report.layers = len(layers)
     return Adapter.from_layers(
