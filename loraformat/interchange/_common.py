@@ -192,7 +192,7 @@ def torch_load_weights_only(path: Path) -> dict[str, np.ndarray]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoraformatError(
-            path, f"cannot read as a torch checkpoint with weights_only=True ({first})"
+            path, f"refused to unpickle: not loadable with torch.load(weights_only=True) ({first})"
         ) from None
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):

@@ -40,7 +40,6 @@ from ._common import Context, Names, atomic_path, scaled
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
 KV_ALPHA = "loraformat.alpha"
-KV_FOLDED = "loraformat.folded_layers"
 #: loraformat architecture id → llama.cpp ``general.architecture``, where they differ.
 LLAMA_CPP_ARCH: dict[str, str] = {}
 _EMBEDDING_NAMES = ("token_embd",)
@@ -93,7 +92,7 @@ def _file_alpha(adapter: Adapter) -> tuple[float, dict[str, float]]:
 
 def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     gguf = _gguf()
-    base = _need_base(ctx, out)
+    _need_base(ctx, out)
     config = ctx.config
     names = Names(adapter.architecture, config, "gguf", identity_fallback=False)
     specs = adapter.specs
@@ -149,7 +148,6 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
         tensors.append((name + ".lora_a", np.ascontiguousarray(a)))
         tensors.append((name + ".lora_b", np.ascontiguousarray(b)))
         ctx.tick(done, total)
-    del base
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch_name)
         writer.add_type(gguf.GGUFType.ADAPTER)
