@@ -1,0 +1,292 @@
+"""Generation-ready export of a (merged) decoder: KV-cache inputs and outputs, optionally fused.
+
+The graph is the plugin's export module built with ``ExportOptions(with_past=True)`` and exported
+by :func:`loraformat.export.onnx.export_onnx` (same weights, names and external-data rules as a
+plain export). Its interface is the one optimum and ONNX Runtime users know:
+
+========================== ========================================== =========
+name                       shape                                      dtype
+========================== ========================================== =========
+``input_ids``              [batch, sequence]                          int64
+``attention_mask``         [batch, past_sequence + sequence]          int64
+``position_ids``           [batch, sequence]                          int64
+``past_key_values.N.key``  [batch, kv_heads, past_sequence, head_dim] float
+``past_key_values.N.value`` same                                      float
+``logits`` (output)        [batch, sequence, vocab]                   float
+``present.N.key/value``    [batch, kv_heads, past_sequence+sequence,   float
+                           head_dim]
+========================== ========================================== =========
+
+One graph serves prefill (``past_sequence`` = 0) and one-token decode steps (``sequence`` = 1).
+``optimize=True`` applies :func:`loraformat.export.optimize.optimize_graph` (ONNX Runtime
+fusions); the fused graph keeps this interface. ``dtype="float16"`` with ``optimize`` exports in
+fp32, fuses, then converts to fp16 for GPU providers (``logits`` stay fp32).
+
+``verify_output`` checks the graph before it is put in place: a prefill (batch 2, 5 tokens, empty
+past) and a decode step (1 token after those 5) in ONNX Runtime against the torch export module;
+logits and presents must agree within 1e-4·max(1, max|ref|) (plain fp32), 1e-3·… (fused fp32;
+fused kernels reorder sums), 2e-2·… (fp16, checked only where a CUDA provider runs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..architecture import ExportModel, ExportOptions, export_model
+from ..atomic import TMP_MARKER, check_output
+from ..base import BaseModel
+from ..errors import LoraformatError
+from ..format.adapter import Adapter
+from .onnx import DEFAULT_OPSET, ExportResult, export_onnx, ort_providers, save_model
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class DecoderExportResult:
+    """What :func:`export_decoder` wrote and measured."""
+
+    export: ExportResult
+    optimized: bool = False
+    fusions: dict[str, int] = field(default_factory=dict)
+    nodes: int = 0
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    verify_provider: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.export.path
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.export
+        return {
+            "output": str(e.path),
+            "external_data": str(e.external_data) if e.external_data else None,
+            "opset": e.opset,
+            "dtype": e.dtype,
+            "nodes": self.nodes,
+            "inputs": e.input_names,
+            "outputs": e.output_names,
+            "tensors_changed": e.tensors_changed,
+            "optimized": self.optimized,
+            "fusions": self.fusions,
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "verify_provider": self.verify_provider,
+        }
+
+
+# -- verification -------------------------------------------------------------------------------
+
+
+def decoder_check_inputs(
+    exported: ExportModel, vocab: int, batch: int = 2, prompt: int = 5, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Keyword inputs for a prefill (``prompt`` tokens, empty past) and a decode step (1 token
+    after them, past taken from the module's own prefill presents)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    past_args = [k for k in exported.example_inputs if k.startswith("past_key_values_")]
+    example = exported.example_inputs[past_args[0]]
+    heads, head_dim, dtype = example.shape[1], example.shape[3], example.dtype
+    prefill: dict[str, Any] = {
+        "input_ids": torch.randint(0, vocab, (batch, prompt), generator=g),
+        "attention_mask": torch.ones(batch, prompt, dtype=torch.int64),
+        "position_ids": torch.arange(prompt).expand(batch, prompt).contiguous(),
+    }
+    for k in past_args:
+        prefill[k] = torch.zeros(batch, heads, 0, head_dim, dtype=dtype)
+    with torch.no_grad():
+        out = exported.module(**prefill)
+    decode: dict[str, Any] = {
+        "input_ids": torch.randint(0, vocab, (batch, 1), generator=g),
+        "attention_mask": torch.ones(batch, prompt + 1, dtype=torch.int64),
+        "position_ids": torch.full((batch, 1), prompt, dtype=torch.int64),
+    }
+    for k, present in zip(past_args, out[1:], strict=True):
+        decode[k] = present.detach().clone()
+    return [prefill, decode]
+
+
+def verify_decoder(
+    onnx_path: str | os.PathLike[str],
+    exported: ExportModel,
+    checks: Sequence[Mapping[str, Any]],
+    providers: Sequence[str] | None = None,
+) -> tuple[float, float, str]:
+    """Run the graph in ONNX Runtime and ``exported.module`` in torch on each of ``checks``
+    (keyword inputs; fed to the graph under ``exported.input_names``, in order).
+
+    Returns (max abs difference over all outputs, largest |reference| value, provider).
+    """
+    import onnxruntime
+    import torch
+
+    session = onnxruntime.InferenceSession(
+        os.fspath(onnx_path), providers=list(providers or ort_providers())
+    )
+    types = {i.name: i.type for i in session.get_inputs()}
+    graph_name = dict(zip(exported.example_inputs, exported.input_names, strict=True))
+    diff, scale = 0.0, 0.0
+    for inputs in checks:
+        feed = {}
+        for key, value in inputs.items():
+            array = value.numpy()
+            if types.get(graph_name[key]) == "tensor(float16)":
+                array = array.astype(np.float16)
+            feed[graph_name[key]] = array
+        got = session.run(None, feed)
+        with torch.no_grad():
+            ref = exported.module(**dict(inputs))
+        for r, o in zip(ref, got, strict=True):
+            r32 = r.detach().to(torch.float32).numpy()
+            o32 = np.asarray(o, dtype=np.float32)
+            if r32.shape != o32.shape:
+                raise LoraformatError(
+                    onnx_path, f"verify: ONNX Runtime output has shape {list(o32.shape)}, torch "
+                    f"{list(r32.shape)}",
+                )
+            if r32.size:
+                diff = max(diff, float(np.max(np.abs(r32 - o32))))
+                scale = max(scale, float(np.max(np.abs(r32))))
+    return diff, scale, session.get_providers()[0]
+
+
+# -- the entry point ----------------------------------------------------------------------------
+
+
+def export_decoder(
+    base: str | os.PathLike[str] | BaseModel,
+    out: str | os.PathLike[str],
+    *,
+    adapters: Sequence[str | os.PathLike[str] | Adapter] = (),
+    weights: Sequence[float] | None = None,
+    dtype: str = "float32",
+    opset: int = DEFAULT_OPSET,
+    optimize: bool = False,
+    verify_output: bool = False,
+    external_data: bool | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> DecoderExportResult:
+    """Export the decoder ``base`` (with ``adapters`` merged, weighted) with a KV cache to ``out``.
+
+    See the module docstring for the graph's interface. Nothing is written when the export,
+    the optimization or ``verify_output`` fails. Merge refusals are
+    :func:`~loraformat.merge.plan.plan_merge`'s; an architecture whose plugin has no KV-cache
+    export is refused by the plugin.
+    """
+    import onnx_ir as ir
+
+    from .optimize import optimize_graph
+
+    target = check_output(out, overwrite)
+    if target.suffix != ".onnx":
+        raise LoraformatError(target, "an ONNX export's output must end in .onnx")
+    captured: dict[str, Any] = {}
+
+    def build(model: BaseModel, tensors: Mapping[str, Any], options: ExportOptions) -> ExportModel:
+        exported = export_model(model.architecture, model.config, tensors, options)
+        if not any(n.startswith("past_key_values.") for n in exported.input_names):
+            raise LoraformatError(
+                None, f"the {model.architecture} plugin's export module has no KV-cache inputs "
+                "(is it a decoder?)",
+            )
+        captured.update(
+            exported=exported, architecture=model.architecture, config=dict(model.config),
+            keep=set(tensors), vocab=int(tensors_vocab(exported, model.config)),
+        )
+        return exported
+
+    export_dtype = "float32" if optimize else dtype
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + target.name, dir=target.parent))
+    try:
+        staged = tmp / target.name
+        plain = export_onnx(
+            base, staged, adapters=adapters, weights=weights, dtype=export_dtype, opset=opset,
+            options=ExportOptions(with_past=True), verify_output=False,
+            external_data=external_data, force=force, allow_nonfinite=allow_nonfinite,
+            progress=progress, build=build,
+        )
+        exported: ExportModel = captured["exported"]
+        result = DecoderExportResult(export=plain, nodes=plain.nodes)
+        checks = decoder_check_inputs(exported, captured["vocab"]) if verify_output else []
+        float16 = dtype == "float16"
+
+        def check(path: Path) -> None:
+            providers = ort_providers()
+            if float16 and "CUDAExecutionProvider" not in providers:
+                import onnx
+
+                onnx.checker.check_model(os.fspath(path))  # fp16 kernels are for GPUs
+                result.verify_provider = "onnx.checker (no CUDA provider for fp16)"
+                return
+            diff, scale, provider = verify_decoder(path, exported, checks, providers)
+            rel = 2e-2 if float16 else (1e-3 if optimize else 1e-4)
+            tol = rel * max(1.0, scale)
+            result.max_abs_diff, result.tolerance, result.verify_provider = diff, tol, provider
+            if not diff <= tol:
+                raise LoraformatError(
+                    target, f"verify failed: ONNX Runtime ({provider}) differs from torch by "
+                    f"{diff:.3g} (tolerance {tol:.3g}) on a prefill and a decode step; "
+                    "nothing was written",
+                )
+
+        if optimize:
+            graph = ir.load(staged)
+            graph, report = optimize_graph(
+                graph, captured["architecture"], captured["config"], captured["keep"],
+                float16=float16,
+            )
+            result.optimized, result.fusions = True, report.fusions
+            result.nodes = report.nodes_after
+            plain.dtype = dtype
+            final = tmp / "optimized"
+            final.mkdir()
+            plain.external_data = save_model(
+                graph, final / target.name, external_data,
+                check if verify_output else None,
+            )
+            staged = final / target.name
+        elif verify_output:
+            check(staged)
+        data = staged.with_name(target.name + ".data")
+        if data.exists():
+            os.replace(data, target.with_name(data.name))
+            plain.external_data = target.with_name(data.name)
+        else:
+            plain.external_data = None
+        os.replace(staged, target)
+        plain.path = target
+        return result
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+
+
+def tensors_vocab(exported: ExportModel, config: Mapping[str, Any]) -> int:
+    """The vocabulary size for random token ids: the config's, else the logits' width."""
+    vocab = config.get("vocab_size")
+    if vocab:
+        return int(vocab)
+    import torch
+
+    with torch.no_grad():
+        out = exported.module(**exported.example_inputs)
+    return int(out[0].shape[-1])
+
+
+__all__ = ["DecoderExportResult", "decoder_check_inputs", "export_decoder", "verify_decoder"]

@@ -1,0 +1,245 @@
+"""Greedy generation over an exported decoder with a KV cache, in ONNX Runtime.
+
+The model is a ``--with-past`` export (:func:`loraformat.export.decoder.export_decoder`): inputs
+``input_ids`` [batch, sequence], ``attention_mask`` [batch, past+sequence], ``position_ids``
+[batch, sequence] and ``past_key_values.N.key/value`` [batch, kv_heads, past, head_dim]; outputs
+``logits`` [batch, sequence, vocab] and ``present.N.key/value`` [batch, kv_heads, past+sequence,
+head_dim] — the names optimum and ONNX Runtime's GenAI tooling use.
+
+Generation is the end-to-end check of such an export: one *prefill* call on the whole prompt with
+an empty past (sequence axis of length 0), then one call per new token with ``sequence = 1``,
+feeding each call's ``present.*`` back as the next call's ``past_key_values.*``. The attention mask
+grows by one column of ones per step and ``position_ids`` continue from the prompt length. The
+next token is the arg-max of the last position's logits (greedy; ties go to the lowest id, as in
+``torch.argmax``).
+
+Token ids in, token ids out: no tokenizer is needed. :func:`load_tokenizer` returns a
+``tokenizers.Tokenizer`` only when a ``tokenizer.json`` is present and the ``tokenizers`` package
+is importable, for callers that want text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import LoraformatError
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class GenerationResult:
+    """Prompt and generated ids (one row per batch item) and wall times in seconds."""
+
+    prompt_ids: list[list[int]]
+    new_ids: list[list[int]]
+    prefill_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)
+    text: list[str] | None = None
+
+    @property
+    def ids(self) -> list[list[int]]:
+        """Prompt followed by the generated tokens."""
+        return [p + n for p, n in zip(self.prompt_ids, self.new_ids, strict=True)]
+
+
+class DecoderSession:
+    """An ONNX Runtime session over a with-past decoder export.
+
+    ``providers`` default to CPU. ``intra_op_threads``/``inter_op_threads`` set the session's
+    thread pools (``None``: ONNX Runtime's default, one intra-op thread per physical core).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+    ) -> None:
+        import onnxruntime
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LoraformatError(self.path, "no such ONNX model")
+        options = onnxruntime.SessionOptions()
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        if inter_op_threads is not None:
+            options.inter_op_num_threads = inter_op_threads
+        try:
+            self.session = onnxruntime.InferenceSession(
+                os.fspath(self.path),
+                sess_options=options,
+                providers=list(providers or ["CPUExecutionProvider"]),
+            )
+        except Exception as exc:  # ORT raises its own types for unreadable/invalid models
+            raise LoraformatError(self.path, f"ONNX Runtime cannot load the model: {exc}") from exc
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in inputs]
+        past = sorted(
+            ((int(m[1]), m[2], name) for name in inputs if (m := _PAST.match(name))),
+            key=lambda t: (t[0], t[1] != "key"),
+        )
+        if missing or not past or "logits" not in outputs:
+            what = ", ".join(missing + ([] if past else ["past_key_values.N.key/value"]))
+            raise LoraformatError(
+                self.path,
+                "not a decoder exported with a KV cache (export with --with-past): "
+                + (f"missing input(s) {what}" if what else "missing output logits"),
+            )
+        self.past_names = [name for _, _, name in past]
+        self.present_names = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
+        absent = [n for n in self.present_names if n not in outputs]
+        if absent:
+            raise LoraformatError(self.path, f"the model has no output {absent[0]} for its past")
+        first = inputs[self.past_names[0]]
+        self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
+        if not isinstance(self.kv_heads, int) or not isinstance(self.head_dim, int):
+            raise LoraformatError(
+                self.path, f"{first.name} needs static head and head_dim axes, got {first.shape}"
+            )
+        self.past_dtype = _DTYPES.get(first.type)
+        if self.past_dtype is None:
+            raise LoraformatError(self.path, f"{first.name} has unsupported type {first.type}")
+        self.output_names = ["logits", *self.present_names]
+        vocab = self.session.get_outputs()[outputs.index("logits")].shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else None
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Past tensors of sequence length 0, for a prefill call."""
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return {name: np.zeros(shape, self.past_dtype) for name in self.past_names}
+
+    def step(
+        self, input_ids: np.ndarray, past: dict[str, Any], past_len: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """One forward call: ``input_ids`` [batch, seq] after ``past_len`` cached positions.
+
+        Returns (logits of the last position [batch, vocab], the presents as the next call's
+        past, keyed by ``past_key_values.*`` names). Past values may be numpy arrays or
+        ``OrtValue``s; the returned ones are ``OrtValue``s, so the cache is never copied to numpy.
+        """
+        import onnxruntime
+
+        batch, seq = input_ids.shape
+        feed = {
+            "input_ids": onnxruntime.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(input_ids, dtype=np.int64)
+            ),
+            "attention_mask": onnxruntime.OrtValue.ortvalue_from_numpy(
+                np.ones((batch, past_len + seq), np.int64)
+            ),
+            "position_ids": onnxruntime.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(
+                    np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64),
+                                    (batch, seq))
+                )
+            ),
+        }
+        for name, value in past.items():
+            feed[name] = (
+                value if isinstance(value, onnxruntime.OrtValue)
+                else onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            )
+        out = self.session.run_with_ort_values(self.output_names, feed)
+        logits = out[0].numpy()[:, -1, :]
+        return logits, dict(zip(self.past_names, out[1:], strict=True))
+
+
+def _as_batch(prompt_ids: Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
+    if len(prompt_ids) == 0:
+        raise LoraformatError(None, "the prompt is empty: give at least one token id")
+    if all(isinstance(t, (int, np.integer)) for t in prompt_ids):
+        return [[int(t) for t in prompt_ids]]  # type: ignore[union-attr]
+    rows = [[int(t) for t in row] for row in prompt_ids]  # type: ignore[union-attr]
+    if any(len(r) != len(rows[0]) for r in rows) or not rows[0]:
+        raise LoraformatError(None, "batched prompts must be non-empty and of equal length")
+    return rows
+
+
+def greedy_generate(
+    model: str | os.PathLike[str] | DecoderSession,
+    prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    providers: Sequence[str] | None = None,
+    progress: Progress | None = None,
+) -> GenerationResult:
+    """Greedy decoding of ``max_new_tokens`` tokens after ``prompt_ids``.
+
+    ``prompt_ids`` is one prompt (a list of ids) or a batch of prompts of equal length. Generation
+    stops early only when every row has produced ``eos_token_id`` (rows that finished first are
+    padded with it, as transformers does). Token ids outside the vocabulary are refused.
+    """
+    session = model if isinstance(model, DecoderSession) else DecoderSession(model, providers)
+    rows = _as_batch(prompt_ids)
+    if max_new_tokens < 0:
+        raise LoraformatError(None, f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    vocab = session.vocab_size
+    if vocab is not None:
+        bad = [t for row in rows for t in row if not 0 <= t < vocab]
+        if bad:
+            raise LoraformatError(
+                session.path, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+            )
+    result = GenerationResult(prompt_ids=rows, new_ids=[[] for _ in rows])
+    if max_new_tokens == 0:
+        return result
+    ids = np.asarray(rows, dtype=np.int64)
+    batch, length = ids.shape
+    done = np.zeros(batch, dtype=bool)
+    start = time.perf_counter()
+    logits, past = session.step(ids, session.empty_past(batch), 0)
+    result.prefill_s = time.perf_counter() - start
+    for n in range(max_new_tokens):
+        token = logits.argmax(-1)
+        if eos_token_id is not None:
+            token = np.where(done, eos_token_id, token)
+            done |= token == eos_token_id
+        for row, t in zip(result.new_ids, token.tolist(), strict=True):
+            row.append(int(t))
+        if progress is not None:
+            progress(n + 1, max_new_tokens)
+        if n + 1 == max_new_tokens or done.all():
+            break
+        start = time.perf_counter()
+        logits, past = session.step(token[:, None].astype(np.int64), past, length + n)
+        result.decode_s.append(time.perf_counter() - start)
+    return result
+
+
+def load_tokenizer(where: str | os.PathLike[str]) -> Any | None:
+    """A ``tokenizers.Tokenizer`` from ``where`` (a ``tokenizer.json`` or a directory holding one).
+
+    ``None`` when there is no tokenizer.json or the ``tokenizers`` package is not installed:
+    generation works on ids alone.
+    """
+    path = Path(where)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    try:
+        return Tokenizer.from_file(os.fspath(path))
+    except Exception as exc:  # tokenizers raises its own exception type for bad JSON
+        raise LoraformatError(path, f"cannot read the tokenizer: {exc}") from exc
+
+
+__all__ = ["DecoderSession", "GenerationResult", "greedy_generate", "load_tokenizer"]
