@@ -287,3 +287,19 @@ def test_cli_export_lora_slots(toy_base, tmp_path, capsys):
         f"error: {toy_base}: target 'nope' matches no linear layer (module names: down, up)"
     )
     assert not (tmp_path / "c.onnx").exists()
+
+
+@pytest.mark.slow
+def test_session_checks_the_base_fingerprint(toy_base, exported):
+    """The slot graph records its base's fingerprint; an adapter for another base is refused."""
+    with open_base(toy_base) as base:
+        fingerprint = base.checkpoint.fingerprint()
+    layer = _adapter({"net.up": 2}).layer("net.up")
+    right = loraformat.Adapter.from_layers(ARCH, {"net.up": layer}, fingerprint=fingerprint)
+    wrong = loraformat.Adapter.from_layers(ARCH, {"net.up": layer}, fingerprint="lfp1:" + "0" * 64)
+    with Session(exported.path) as s:
+        assert s.base_fingerprint == fingerprint
+        s.load("right", right)
+        with pytest.raises(LoraformatError, match="adapter was made for another base"):
+            s.load("wrong", wrong)
+        assert s.adapters == ["right"]
