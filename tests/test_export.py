@@ -224,6 +224,12 @@ def test_external_data_export_and_surgery(exported, tmp_path):
     merged = merge_onnx(tmp_path / "ext.onnx", [case["adapter"]], tmp_path / "m.onnx")
     assert merged.external_data == tmp_path / "m.onnx.data"
     np.testing.assert_allclose(ort_run(tmp_path / "m.onnx", "gpt2"), case["expected"], atol=1e-4)
+    # replacing it never rewrites the data file the old model still points at: names alternate
+    again = merge_onnx(tmp_path / "ext.onnx", [case["adapter"]], tmp_path / "m.onnx",
+                       overwrite=True)
+    assert again.external_data == tmp_path / "m.onnx.1.data"
+    assert not (tmp_path / "m.onnx.data").exists()
+    np.testing.assert_allclose(ort_run(tmp_path / "m.onnx", "gpt2"), case["expected"], atol=1e-4)
     assert not list(tmp_path.glob(".lf-tmp-*"))
 
 

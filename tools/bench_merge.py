@@ -155,6 +155,7 @@ def main() -> int:
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=40960)
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3, help="Interleaved runs per tool.")
     parser.add_argument("--keep", action="store_true", help="Keep the work directory.")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
@@ -170,23 +171,33 @@ def main() -> int:
               f"(built in {time.perf_counter() - t:.1f} s)")
         subprocess.run(["cat", str(base / "model.safetensors")], stdout=subprocess.DEVNULL,
                        check=True)  # every run starts with the input in the page cache
-        timed_sync()
         loraformat = str(Path(sys.executable).with_name("loraformat"))
-        rows = {}
-        rows["cp -r"] = (*measure(["cp", "-r", str(base), str(work / "copy")]), timed_sync())
-        rows["loraformat merge"] = (
-            *measure([loraformat, "merge", str(base), str(adapter), "-o", str(work / "merged")]),
-            timed_sync(),
-        )
+        commands = {
+            "cp -r": ["cp", "-r", str(base), str(work / "out")],
+            "loraformat merge": [loraformat, "merge", str(base), str(adapter), "-o",
+                                 str(work / "out")],
+        }
         if not args.skip_peft:
-            rows["peft merge_and_unload"] = (
-                *measure([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter),
-                          str(work / "peft-merged")]),
-                timed_sync(),
-            )
-        print(f"\n{'':24}{'wall s':>9}{'+ sync s':>10}{'peak RSS MiB':>14}")
+            commands["peft merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base),
+                                                 str(adapter), str(work / "out")]
+        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
+        for _ in range(args.repeat):  # interleaved, so a busy spell hits every tool alike
+            for name, cmd in commands.items():
+                shutil.rmtree(work / "out", ignore_errors=True)
+                timed_sync()
+                wall, rss = measure(cmd)
+                samples[name].append((wall, rss, timed_sync()))
+                if name == "loraformat merge":
+                    shutil.copytree(work / "out", work / "merged", dirs_exist_ok=True)
+                elif name.startswith("peft"):
+                    shutil.copytree(work / "out", work / "peft-merged", dirs_exist_ok=True)
+        rows = {name: tuple(float(np.median([s[i] for s in runs])) for i in range(3))
+                for name, runs in samples.items()}
+        print(f"\nmedian of {args.repeat} interleaved runs (min in brackets)")
+        print(f"{'':24}{'wall s':>16}{'+ sync s':>10}{'peak RSS MiB':>14}")
         for name, (wall, rss, sync) in rows.items():
-            print(f"{name:24}{wall:9.2f}{sync:10.2f}{rss:14.0f}")
+            best = min(s[0] for s in samples[name])
+            print(f"{name:24}{wall:9.2f} [{best:5.2f}]{sync:10.2f}{rss:14.0f}")
         ours, cp = rows["loraformat merge"], rows["cp -r"]
         print(f"\nmerge / cp time:        {ours[0] / cp[0]:.2f}x   (target <= 2x; "
               f"incl. sync {(ours[0] + ours[2]) / (cp[0] + cp[2]):.2f}x)")
@@ -195,6 +206,9 @@ def main() -> int:
             print(f"PEFT / merge time:      {peft[0] / ours[0]:.2f}x   (target >= 4x)")
             print(f"merge / PEFT peak RSS:  {ours[1] / peft[1]:.3f}   (target < 0.125)")
             _check_same(work / "merged", work / "peft-merged")
+        with open("/proc/loadavg") as handle:
+            print(f"load average at the end: {handle.read().split()[0]} "
+                  "(figures from a busy machine are noisy)")
         return 0
     finally:
         if not args.keep:

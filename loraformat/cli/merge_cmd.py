@@ -58,8 +58,8 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
                    "or a .onnx file (ONNX model).")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
-@click.option("--dtype", type=_DTYPES, default="float32", show_default=True,
-              help="ONNX export: weight and activation dtype.")
+@click.option("--dtype", type=_DTYPES, default=None,
+              help="ONNX export: weight and activation dtype (default float32).")
 @click.option("--opset", type=int, default=None,
               help="ONNX export: opset version (default 18).")
 @click.option("--verify", is_flag=True,
@@ -70,12 +70,17 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @click.option("--unshare", is_flag=True,
               help="ONNX surgery: give an adapted layer its own copy of a weight the graph shares "
                    "with other layers (default: refuse).")
+@click.option("--with-past", is_flag=True,
+              help="ONNX export of a decoder: KV-cache inputs/outputs (past_key_values.N.key/value "
+                   "→ present.N.key/value) for prefill and decode; see `loraformat generate`.")
+@click.option("--optimize", is_flag=True,
+              help="With --with-past: fuse for ONNX Runtime (SkipLayerNorm, FastGelu, RMSNorm).")
 @overwrite_option
 @json_option
 def merge_command(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], dtype: str,
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
-    overwrite: bool, as_json: bool,
+    overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
@@ -85,11 +90,33 @@ def merge_command(
     shards and names, config copied), a .onnx file an ONNX model with the same graph as the base
     and merged weights.
     """
+    if optimize and not with_past:
+        raise click.UsageError("--optimize applies only with --with-past")
+    if with_past:
+        if _is_onnx(base) or not _is_onnx(out):
+            raise click.UsageError("--with-past exports a checkpoint BASE to -o ....onnx")
+        from ..export.decoder import export_decoder
+        from ..export.onnx import DEFAULT_OPSET
+
+        with progress("merging") as bar:
+            result = export_decoder(
+                base, out, adapters=list(adapters), weights=list(weights),
+                dtype=dtype or "float32", opset=opset or DEFAULT_OPSET, optimize=optimize,
+                verify_output=verify, force=force, allow_nonfinite=allow_nonfinite,
+                overwrite=overwrite, progress=bar,
+            )
+        _report("merged", result, adapters, as_json)
+        return
     if _is_onnx(base):
         from ..merge.onnx_surgery import merge_onnx
 
         if not _is_onnx(out):
             raise click.UsageError("an ONNX base merges into an ONNX output (-o ....onnx)")
+        if dtype or opset or verify:
+            raise click.UsageError(
+                "--dtype, --opset and --verify apply to exporting a checkpoint; surgery keeps "
+                "the ONNX base's graph, opset and dtype"
+            )
         with progress("merging") as bar:
             result = merge_onnx(
                 base, list(adapters), out, weights=list(weights), force=force,
@@ -101,11 +128,13 @@ def merge_command(
 
         with progress("merging") as bar:
             result = export_onnx(
-                base, out, adapters=list(adapters), weights=list(weights), dtype=dtype,
+                base, out, adapters=list(adapters), weights=list(weights), dtype=dtype or "float32",
                 opset=opset or DEFAULT_OPSET, verify_output=verify, force=force,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     else:
+        if dtype or opset or verify:
+            raise click.UsageError("--dtype, --opset and --verify apply to ONNX output (-o x.onnx)")
         from ..merge.checkpoint import merge_checkpoint
 
         with progress("merging") as bar:

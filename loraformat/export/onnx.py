@@ -16,7 +16,8 @@ The plugin builds an export-ready torch module from the (merged) tensors; ``torc
   same nodes, same inputs and outputs (tests compare the two graphs node by node).
 
 Weights go to external data (``<name>.data`` next to the model) when they exceed 2 GB, the
-protobuf limit. The default opset is :data:`DEFAULT_OPSET`.
+protobuf limit; see :func:`save_model` for how a replaced model's data is handled atomically.
+The default opset is :data:`DEFAULT_OPSET`.
 """
 
 from __future__ import annotations
@@ -203,19 +204,27 @@ def save_model(
 ) -> Path | None:
     """Write ``model`` atomically to ``out``.
 
-    Weights go to ``out.name + '.data'`` when ``external_data`` (``None``: when over 2 GB).
-    Returns the data file, if any.
+    Weights go to an external data file next to it when ``external_data`` (``None``: when over
+    2 GB): ``<out name>.data``, or ``<out name>.1.data`` while a file of the first name is in use
+    (the two alternate, so a replaced model's data is never overwritten before the new model is in
+    place). Returns the data file, if any.
 
     Both files are written into a temporary sibling directory, ``check(temporary model path)``
-    runs (it may raise to abandon the output), and they are renamed into place, the data file
-    first, so ``out`` never names a model whose weights are incomplete.
+    runs (it may raise to abandon the output), the data file is renamed into place, then the
+    model; only then is the previous model's data file (either name) removed. A reader — or a
+    kill at any moment — therefore sees the old model with its data, or the new one with its
+    data, never a model whose data is missing or foreign; at worst an unreferenced data file is
+    left behind.
     """
     import onnx_ir as ir
 
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    names = [out.name + ".data", out.name + ".1.data"]
+    data_name = next((n for n in names if not out.with_name(n).exists()), names[0])
+    if out.with_name(data_name).exists():  # both exist (a leftover): reuse the unreferenced one
+        data_name = names[1] if _references(out, names[0]) else names[0]
     tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
-    data_name = out.name + ".data"
     try:
         tmp_model = tmp / out.name
         if external_data:
@@ -232,9 +241,11 @@ def save_model(
         if external_data:
             data_path = out.with_name(data_name)
             os.replace(tmp / data_name, data_path)
-        elif out.with_name(data_name).exists():
-            pass  # a previous export's data file; the new model does not reference it
         os.replace(tmp_model, out)
+        for name in names:  # the replaced model's data, now unreferenced
+            if name != (data_name if external_data else None):
+                with contextlib.suppress(OSError):
+                    out.with_name(name).unlink()
         return data_path
     finally:
         for file in tmp.iterdir():
@@ -242,6 +253,23 @@ def save_model(
                 file.unlink()
         with contextlib.suppress(OSError):
             tmp.rmdir()
+
+
+def _references(model_path: Path, data_name: str) -> bool:
+    """Whether the ONNX file at ``model_path`` (if any) keeps weights in ``data_name``."""
+    if not model_path.is_file():
+        return False
+    try:
+        import onnx
+
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # an unreadable old model: treat its data as unreferenced
+        return False
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data_name:
+                return True
+    return False
 
 
 # -- verification -------------------------------------------------------------------------------
