@@ -125,6 +125,17 @@ def refuse_dora(adapter: Adapter, path: str, operation: str) -> None:
         )
 
 
+def refuse_nonfinite(adapter: Adapter, path: str, operation: str) -> None:
+    """Refuse NaN/Inf factors up front: an SVD of them fails inside LAPACK."""
+    layer = adapter.layer(path)
+    if not (np.isfinite(layer.A).all() and np.isfinite(layer.B).all()):
+        raise LoraformatError(
+            where(adapter),
+            f"layer {path!r} has non-finite values (NaN/Inf) in lora_A or lora_B; {operation} "
+            "cannot approximate them (check the adapter with `loraformat validate`)",
+        )
+
+
 def row_ranges(layer: LoraLayer) -> list[tuple[int, int]]:
     return list(layer.out_rows) if layer.out_rows is not None else [(0, layer.out_features)]
 

@@ -54,6 +54,7 @@ from ._common import (
     output_dtype,
     provenance,
     refuse_dora,
+    refuse_nonfinite,
     union_paths,
 )
 from .ops import _weights, merged_replacements, stack_layers
@@ -217,6 +218,7 @@ def combine(
         present = [i for i, a in enumerate(adapters) if path in a.specs]
         for i in present:
             refuse_dora(adapters[i], path, f"combine --method {method}")
+            refuse_nonfinite(adapters[i], path, f"combine --method {method}")
         # the exact weighted sum, factored (scale folded into B), for svd and for the report
         exact_a, exact_b, target, bias, first = stack_layers(adapters, w, path, "combine")
         if method == "cat":

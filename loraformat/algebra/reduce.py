@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
-from ._common import cast, describe_input, f64, output_dtype, provenance
+from ._common import cast, describe_input, f64, output_dtype, provenance, refuse_nonfinite
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,7 @@ def reduce(
     report: list[LayerReduction] = []
     paths = adapter.layer_paths
     for i, path in enumerate(paths):
+        refuse_nonfinite(adapter, path, "reduce")
         layer = adapter.layer(path)
         scale = adapter.scale(path)
         k = pattern_rank(path, rank_pattern) if rank_pattern else None
