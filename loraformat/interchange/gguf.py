@@ -20,6 +20,14 @@ their scale ratio folded into B (a representation change, noted in the report).
 reading back restores them exactly when nothing was folded. DoRA, lora_bias, replacements and
 layers llama.cpp has no name for cannot be carried (refused unless ``lossy``).
 
+Checked against llama.cpp's own ``convert_lora_to_gguf.py`` (llama.cpp vendored in
+llama-cpp-python 0.3.36): for LLaMA (all seven projections and the embedding) both write the same
+names, alpha and bit-identical tensors. For GPT-2 they differ on purpose: that converter
+transposes the LoRA product along with HF's Conv1D weights, giving ``lora_a`` ne [out, r] for
+``attn_qkv`` (ne [n_embd, 3·n_embd]), which the loader's ``model.ne[0] == a.ne[0]`` check rejects
+(and, for square layers, applies ΔWᵀ). This module writes A, B in math orientation for every
+layer, which is what the loader checks and computes with.
+
 Writing and reading need the base (``--base``): llama.cpp's names and row order depend on the
 model config.
 """
