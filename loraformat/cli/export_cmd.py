@@ -32,11 +32,17 @@ def export_options(**kwargs: object) -> ExportOptions:
 @click.option("--targets", multiple=True, metavar="NAMES",
               help="With --lora-slots: layer paths or module names (q_proj, c_attn), comma-"
               "separated or repeated; default every dense layer.")
+@click.option("--with-past", is_flag=True,
+              help="Decoder with a KV cache: past_key_values.N.key/value inputs, present.N.key/"
+                   "value outputs, attention_mask and position_ids (prefill and decode).")
+@click.option("--optimize", is_flag=True,
+              help="With --with-past: fuse for ONNX Runtime (SkipLayerNorm, FastGelu, RMSNorm).")
 @overwrite_option
 @json_option
 def export_command(
     base: str, out: str, dtype: str, opset: int | None, verify: bool, overwrite: bool,
     as_json: bool, lora_slots: bool = False, targets: tuple[str, ...] = (),
+    with_past: bool = False, optimize: bool = False,
 ) -> None:
     """Export the base checkpoint BASE to the ONNX model OUT (dynamic batch/sequence axes).
 
@@ -47,6 +53,14 @@ def export_command(
 
     if targets and not lora_slots:
         raise click.UsageError("--targets applies only with --lora-slots")
+    if optimize and not with_past:
+        raise click.UsageError("--optimize applies only with --with-past")
+    if with_past:
+        if lora_slots:
+            raise click.UsageError("--with-past and --lora-slots cannot be combined yet")
+        _export_decoder(base, out, dtype, opset or DEFAULT_OPSET, verify, optimize, overwrite,
+                        as_json)
+        return
     if lora_slots:
         _export_slots(base, out, dtype, opset or DEFAULT_OPSET, verify, overwrite, as_json, targets)
         return
@@ -103,4 +117,33 @@ def _export_slots(
         click.echo(
             f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime (no adapter) "
             f"and torch on random inputs (tolerance {result.tolerance:.3g}): ok"
+        )
+
+
+def _export_decoder(
+    base: str, out: str, dtype: str, opset: int, verify: bool, optimize: bool, overwrite: bool,
+    as_json: bool,
+) -> None:
+    """``export --with-past``: see :func:`loraformat.export.decoder.export_decoder`."""
+    from ..export.decoder import export_decoder
+
+    with progress("exporting") as report:
+        result = export_decoder(
+            base, out, dtype=dtype, opset=opset, optimize=optimize, verify_output=verify,
+            overwrite=overwrite, progress=report,
+        )
+    if as_json:
+        echo_json(result.to_json())
+        return
+    click.echo(
+        f"exported {Path(base)} to {result.path} with a KV cache: opset {result.export.opset}, "
+        f"{result.export.dtype}, {result.nodes} nodes"
+        + (f", fused {result.fusions}" if result.optimized else "")
+        + (f", weights in {result.export.external_data}" if result.export.external_data else "")
+    )
+    if result.max_abs_diff is not None:
+        click.echo(
+            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
+            f"({result.verify_provider}) and torch on a prefill and a decode step (tolerance "
+            f"{result.tolerance:.3g}): ok"
         )
