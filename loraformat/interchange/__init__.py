@@ -203,6 +203,13 @@ def convert(
     check_output(dst_path, overwrite)
     adapter = source.read(src_path, ctx)
     try:
+        if ctx.base is not None:  # every target: never write a layer the base cannot take
+            from .native import _check_against_base
+
+            try:
+                _check_against_base(adapter, ctx)
+            except LoraformatError as exc:
+                raise LoraformatError(exc.path or src_path, exc.message) from None
         return _write(adapter, dst_path, target.name, ctx, overwrite)
     finally:
         adapter.close()
