@@ -152,6 +152,26 @@ def test_weight_two_adapters_and_out_rows_match_numpy(layout):
     np.testing.assert_array_equal(stored, w_math if layout == "out_in" else w_math.T)  # untouched
 
 
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_merge_into_out_equals_the_plain_merge(layout):
+    """The streaming path (read-only source, result in a separate buffer) gives the same bits."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((12, 12)).astype(np.float32)
+    w.flags.writeable = False
+    cases = [
+        [Contribution(_layer(rng, 12, 12, 2), 0.5)],
+        [Contribution(_layer(rng, 12, 12, 2), 0.5), Contribution(_layer(rng, 12, 12, 3), -1.0)],
+        [Contribution(_layer(rng, 12, 12, 2, out_rows=[(2, 5)]), 1.0)],
+        [Contribution(_layer(rng, 12, 12, 2, magnitude=np.ones(12, np.float32)), 1.0, 0.5)],
+        [],
+    ]
+    for contributions in cases:
+        out = np.full_like(w, np.nan)
+        got = merge_weight(w, layout, contributions, out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, merge_weight(w, layout, contributions))
+
+
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 def test_half_precision_bases_round_once(dtype):
     """fp32 accumulation, one cast at the end: the result is the fp32 sum, rounded."""

@@ -38,10 +38,15 @@ class TensorOp:
     replacement: np.ndarray | None = None
     source: str = ""  # the adapter that asked for it, for messages
 
-    def apply(self, value: np.ndarray, *, inplace: bool = False) -> np.ndarray:
-        """The new value of the tensor, given its current value (same dtype and shape)."""
+    def apply(
+        self, value: np.ndarray, *, inplace: bool = False, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The new value of the tensor, given its current value (same dtype and shape).
+
+        ``inplace``/``out`` are :func:`~loraformat.merge.weights.merge_weight`'s (weights only).
+        """
         if self.kind == "weight":
-            return merge_weight(value, self.layout, self.contributions, inplace=inplace)
+            return merge_weight(value, self.layout, self.contributions, inplace=inplace, out=out)
         if self.kind == "bias":
             return merge_bias(value, self.contributions)
         assert self.replacement is not None

@@ -61,13 +61,19 @@ def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
 
 
 def add_low_rank(acc: np.ndarray, layout: str, a: np.ndarray, b_scaled: np.ndarray,
-                 out_rows: Sequence[tuple[int, int]] | None) -> None:
+                 out_rows: Sequence[tuple[int, int]] | None,
+                 source: np.ndarray | None = None) -> None:
     """``acc += B·A`` (``out_in``) or ``acc += (B·A)ᵀ`` (``in_out``), in place, blockwise.
 
     ``b_scaled`` already carries the factor. With ``out_rows`` B's rows land only in those output
     rows (columns of an ``in_out`` weight), consecutively. The product is formed one block of
-    stored rows at a time in a reused scratch buffer, so no dense ΔW is ever allocated.
+    stored rows at a time in a reused scratch buffer, so no dense ΔW is ever allocated. With
+    ``source`` (same shape), ``acc = source + product`` instead: the copy is fused into the add,
+    so streaming reads each weight once.
     """
+    if source is not None and out_rows:
+        np.copyto(acc, source)
+        source = None
     out_features = acc.shape[0] if layout == "out_in" else acc.shape[1]
     ranges = list(out_rows) if out_rows else [(0, out_features)]
     a = np.ascontiguousarray(a, dtype=acc.dtype)
@@ -80,12 +86,13 @@ def add_low_rank(acc: np.ndarray, layout: str, a: np.ndarray, b_scaled: np.ndarr
             left, right, target = part, a, acc[start:stop]
         else:
             left, right, target = a_t, np.ascontiguousarray(part.T), acc[:, start:stop]
+        first = target if source is None else source  # no out_rows here: the whole tensor
         blocks = _row_blocks(target.shape[0], target.shape[1])
         scratch = np.empty((blocks[0][1] - blocks[0][0], target.shape[1]), dtype=acc.dtype)
         for i, j in blocks:
             product = scratch[: j - i]
             np.matmul(left[i:j], right, out=product)
-            np.add(target[i:j], product, out=target[i:j])
+            np.add(first[i:j], product, out=target[i:j])
 
 
 def _dora(acc: np.ndarray, layout: str, magnitude: np.ndarray) -> None:
@@ -102,12 +109,15 @@ def merge_weight(
     contributions: Sequence[Contribution],
     *,
     inplace: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The merged weight, in ``weight``'s layout and dtype.
 
     ``weight`` is not modified unless ``inplace`` is set and it is a writable C-contiguous array
     of the accumulator dtype (float32/float64), in which case it is updated and returned, saving
-    a copy of the largest tensor when streaming.
+    a copy of the largest tensor when streaming. ``out`` (a C-contiguous array of the accumulator
+    dtype and ``weight``'s shape, for a base of that dtype) receives the result instead, and
+    ``weight`` may then be read-only (a memory map).
 
     Contributions apply in order. A plain LoRA contribution adds ``factor·B·A``. A DoRA
     contribution with user weight w computes V = W + scale·B·A and D = (m/‖V‖_row)·V (PEFT's
@@ -117,7 +127,12 @@ def merge_weight(
     refuse to unmerge it.
     """
     acc_dtype = accumulator_dtype(weight.dtype)
-    if (
+    pending: np.ndarray | None = None  # the weight still to be copied into ``out``
+    if out is not None:
+        if out.dtype != acc_dtype or out.shape != weight.shape or not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous, of the accumulator dtype, weight's shape")
+        acc, pending = out, weight
+    elif (
         inplace
         and weight.dtype == acc_dtype
         and weight.flags.c_contiguous
@@ -130,6 +145,9 @@ def merge_weight(
         layer = item.layer
         a = np.asarray(layer.A).astype(acc_dtype, copy=False)
         if item.dora:
+            if pending is not None:
+                np.copyto(acc, pending)
+                pending = None
             if item.sign < 0:
                 raise ValueError("a DoRA merge cannot be undone from the merged weight")
             b_scaled = np.asarray(layer.B).astype(acc_dtype) * acc_dtype.type(item.scale)
@@ -142,7 +160,10 @@ def merge_weight(
                 acc += before
         else:
             b_scaled = np.asarray(layer.B).astype(acc_dtype) * acc_dtype.type(item.factor)
-            add_low_rank(acc, layout, a, b_scaled, layer.out_rows)
+            add_low_rank(acc, layout, a, b_scaled, layer.out_rows, source=pending)
+            pending = None
+    if pending is not None:
+        np.copyto(acc, pending)
     return acc.astype(weight.dtype, copy=False)
 
 
