@@ -163,6 +163,13 @@ def _write(adapter: Adapter, path: Path, fmt: str | None, ctx: Context, overwrit
             ctx.base.path,
             f"base is {ctx.base.architecture!r} but the adapter is for {adapter.architecture!r}",
         )
+    if ctx.base is not None:  # every target: never write a layer the base cannot take
+        from .native import _check_against_base
+
+        try:
+            _check_against_base(adapter, ctx)
+        except LoraformatError as exc:
+            raise LoraformatError(exc.path or ctx.report.source or None, exc.message) from None
     ctx.report.target_format = target.name
     ctx.report.target = str(path)
     target.write(adapter, path, ctx)
@@ -203,13 +210,6 @@ def convert(
     check_output(dst_path, overwrite)
     adapter = source.read(src_path, ctx)
     try:
-        if ctx.base is not None:  # every target: never write a layer the base cannot take
-            from .native import _check_against_base
-
-            try:
-                _check_against_base(adapter, ctx)
-            except LoraformatError as exc:
-                raise LoraformatError(exc.path or src_path, exc.message) from None
         return _write(adapter, dst_path, target.name, ctx, overwrite)
     finally:
         adapter.close()
