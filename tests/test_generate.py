@@ -186,3 +186,25 @@ def test_model_without_cache_is_refused(tmp_path: Path):
     )
     with pytest.raises(LoraformatError, match="no such ONNX model"):
         DecoderSession(tmp_path / "missing.onnx")
+
+
+def test_generate_cli_with_a_tokenizer(exported, tmp_path: Path):
+    """Text in and out when a tokenizer.json is given (and `tokenizers` is installed)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    _, path, _, _, _ = exported
+    vocab = {f"t{i}": i for i in range(96)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    run = CliRunner().invoke(
+        cli, ["generate", str(path), "--prompt", " ".join(f"t{i}" for i in PROMPT),
+              "--tokenizer", str(tmp_path), "--max-new-tokens", "6", "--json"],
+    )
+    assert run.exit_code == 0, run.output
+    report = json.loads(run.output)
+    expected = greedy_generate(path, PROMPT, 6).new_ids[0]
+    assert report["prompt_ids"] == PROMPT and report["new_ids"] == expected
+    assert report["text"] == " ".join(f"t{i}" for i in expected)
+    # --prompt without any tokenizer is a usage error naming the way out.
+    run = CliRunner().invoke(cli, ["generate", str(path), "--prompt", "t1 t2"])
+    assert run.exit_code == 2 and "--prompt needs a tokenizer" in run.output
