@@ -76,14 +76,16 @@ def test_merge_with_past_optimize_verify_generates_like_peft(tiny_checkpoint, tm
     assert str(run.exception) == f"{out}: output already exists (use --overwrite to replace it)"
 
 
-def test_export_with_past_float16_optimized(tiny_checkpoint, tmp_path):
+def test_export_with_past_float16_optimized(tiny_checkpoint, tmp_path, monkeypatch):
     """fp16 for GPU providers: KV cache and weights fp16, logits fp32, fused; on CPU the graph
     is checked and, where ONNX Runtime has the fp16 kernels, run against fp32 torch."""
     base = tiny_checkpoint("llama")
     out = tmp_path / "llama16.onnx"
+    monkeypatch.chdir(tmp_path)  # ORT's fp16 converter can leave temporaries in the cwd
     run = invoke("export", base, "-o", out, "--with-past", "--dtype", "float16", "--optimize",
                  "--verify", "--json")
     assert run.exit_code == 0, run.output
+    assert [p.name for p in tmp_path.iterdir()] == ["llama16.onnx"]
     report = json.loads(run.output)
     assert report["dtype"] == "float16" and report["optimized"]
     assert report["fusions"]["SkipSimplifiedLayerNormalization"] == 4

@@ -163,7 +163,10 @@ def optimize_graph(
             opt_level=0,
         )
         if float16:
-            optimized.convert_float_to_float16(keep_io_types=["logits"])
+            # ONNX shape inference, not ORT's symbolic one: that writes temporaries into the cwd.
+            optimized.convert_float_to_float16(
+                use_symbolic_shape_infer=False, keep_io_types=["logits"]
+            )
     proto = optimized.model
     ops = count_ops(proto)
     report = OptimizeReport(
