@@ -74,12 +74,17 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     if not path.exists():
         raise LoraformatError(path, "no such file or directory")
+    refused = None
     for name in CODECS:
         try:
             if codec(name).sniff(path):
                 return name
-        except LoraformatError:
+        except LoraformatError as exc:
+            if "refused to unpickle" in exc.message:  # a pickle we will not open: say so
+                refused = refused or exc
             continue
+    if refused is not None:
+        raise refused
     raise LoraformatError(
         path,
         "not a LoRA adapter in any known format (" + ", ".join(CODECS) + "); pass --from FMT "

@@ -176,6 +176,16 @@ def numpy_to_torch(array: np.ndarray) -> Any:
     return torch.from_numpy(array.copy())
 
 
+def refuse_escape(directory: Path, *members: Path) -> None:
+    """An input directory's files must lie inside it: no symbolic link may lead out (as for
+    loraformat adapters, spec/FORMAT.md §9), so a hostile download cannot make a reader open
+    files elsewhere."""
+    from ..format.adapter import _refuse_escape
+
+    for member in members:
+        _refuse_escape(directory, member)
+
+
 def torch_load_weights_only(path: Path) -> dict[str, np.ndarray]:
     """Read a pickled torch checkpoint with ``torch.load(weights_only=True)``, never unpickling.
 
@@ -184,11 +194,14 @@ def torch_load_weights_only(path: Path) -> dict[str, np.ndarray]:
     ``{"model_state_dict": {...}}`` wrappers are unwrapped.
     """
     import pickle
+    import warnings
 
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: not for users
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoraformatError(

@@ -57,7 +57,14 @@ def sniff(path: Path) -> bool:
     else:
         try:
             names = list(torch_load_weights_only(path))
-        except LoraformatError:
+        except LoraformatError as exc:
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+            # a torch zip or a pickle (PROTO opcode) that weights_only refused: say so, rather
+            # than "not a LoRA adapter in any known format"
+            pickled = head == b"PK\x03\x04" or head[:1] == b"\x80"
+            if pickled and "refused to unpickle" in exc.message:
+                raise
             return False
     return any(n.endswith(".lora_A") for n in names) and all(
         not n.endswith(".lora_A.weight") for n in names

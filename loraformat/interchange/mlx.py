@@ -37,7 +37,14 @@ from ..atomic import atomic_dir
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
 from ..format.safetensors_io import write_safetensors
-from ._common import Context, Names, detect_architecture, read_safetensors, scaled
+from ._common import (
+    Context,
+    Names,
+    detect_architecture,
+    read_safetensors,
+    refuse_escape,
+    scaled,
+)
 
 NAME = "mlx"
 CONFIG_FILE = "adapter_config.json"
@@ -78,6 +85,7 @@ def alpha_for_scale(scale: float, rank: int, rule: str) -> float:
 
 def read_mlx(path: Path, ctx: Context) -> Adapter:
     config_path = path / CONFIG_FILE
+    refuse_escape(path, config_path, path / WEIGHTS_FILE)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:

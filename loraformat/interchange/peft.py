@@ -44,6 +44,7 @@ from ._common import (
     Names,
     detect_architecture,
     read_safetensors,
+    refuse_escape,
     torch_load_weights_only,
 )
 
@@ -91,6 +92,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise LoraformatError(path, f"not a PEFT adapter directory: no {CONFIG_FILE}")
+    refuse_escape(path, config_path)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -118,6 +120,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], Path]:
     st = path / WEIGHTS_FILE
+    refuse_escape(path, st, path / LEGACY_WEIGHTS_FILE)
     if st.is_file():
         return read_safetensors(st)[0], st
     legacy = path / LEGACY_WEIGHTS_FILE
