@@ -446,3 +446,27 @@ def test_refuses_writing_over_the_base(gpt2_base, tmp_path):
     adapter = _native_adapter(gpt2_base, tmp_path, ["transformer.h.0.attn.c_attn"])
     with pytest.raises(LoraformatError, match="output is the base itself"):
         unmerge_checkpoint(gpt2_base, [adapter], gpt2_base, overwrite=True)
+
+
+def test_bf16_checkpoint_streams_through_fp32(gpt2_base, tmp_path):
+    """A bf16 base is merged in fp32 and rounded once; untouched tensors are copied bit for bit."""
+    from loraformat.format.safetensors_io import write_safetensors
+
+    base = tmp_path / "bf16"
+    base.mkdir()
+    (base / "config.json").write_bytes((gpt2_base / "config.json").read_bytes())
+    with Checkpoint(gpt2_base) as ckpt:
+        arrays = {n: np.asarray(ckpt.numpy(n)).astype(ml_dtypes.bfloat16) for n in ckpt.names()}
+    write_safetensors(base / "model.safetensors", arrays, {"format": "pt"})
+    path = "transformer.h.1.mlp.c_fc"
+    adapter_dir = _native_adapter(gpt2_base, tmp_path, [path])
+    merge_checkpoint(base, [adapter_dir], tmp_path / "m")
+    adapter = load_adapter(adapter_dir)
+    expected = (arrays[path + ".weight"].astype(np.float32) + adapter.delta(path).T).astype(
+        ml_dtypes.bfloat16
+    )
+    with Checkpoint(tmp_path / "m") as merged:
+        assert merged.info(path + ".weight").dtype == "BF16"
+        np.testing.assert_array_equal(merged.numpy(path + ".weight"), expected)
+        np.testing.assert_array_equal(merged.numpy("transformer.wte.weight"),
+                                      arrays["transformer.wte.weight"])
