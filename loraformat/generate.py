@@ -182,7 +182,7 @@ def greedy_generate(
 
     ``prompt_ids`` is one prompt (a list of ids) or a batch of prompts of equal length. Generation
     stops early only when every row has produced ``eos_token_id`` (rows that finished first are
-    padded with it, as transformers does). Token ids outside the vocabulary are refused.
+    padded with ``eos_token_id``). Token ids outside the vocabulary are refused.
     """
     session = model if isinstance(model, DecoderSession) else DecoderSession(model, providers)
     rows = _as_batch(prompt_ids)
