@@ -86,14 +86,15 @@ def plan_for_base(
 # -- low-level I/O ------------------------------------------------------------------------------
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     # 128 KiB per call: measured here (ext4, busy 2-core VM) 1.2 s for 1.8 GB against 2-8 s
     # for 1-16 MiB calls; the source chunk stays in cache while the kernel copies it.
     for start in range(0, len(data), _IO_CHUNK):
         chunk = data[start : start + _IO_CHUNK]
+        at = offset + start
         while len(chunk):
-            written = os.write(fd, chunk)
-            chunk = chunk[written:]
+            written = os.pwrite(fd, chunk, at)
+            chunk, at = chunk[written:], at + written
 
 
 def _read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
@@ -106,11 +107,11 @@ def _read_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
 
 
 def _copy_range(src: int, dst: int, offset: int, count: int, path: Path) -> None:
-    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (at its file position)."""
+    """Copy ``count`` bytes of ``src`` from ``offset`` to the same offset of ``dst``."""
     fast = getattr(os, "copy_file_range", None)
     while count > 0 and fast is not None:
         try:
-            n = fast(src, dst, min(count, 1 << 30), offset)
+            n = fast(src, dst, min(count, 1 << 30), offset, offset)
         except OSError as exc:
             if exc.errno in _NO_RANGE_COPY:
                 break  # not supported here: fall back to plain reads and writes
@@ -123,28 +124,34 @@ def _copy_range(src: int, dst: int, offset: int, count: int, path: Path) -> None
         chunk = os.pread(src, min(count, _CHUNK), offset)
         if not chunk:
             raise LoraformatError(path, "file ended early while copying a tensor")
-        _write_all(dst, memoryview(chunk))
+        _pwrite_all(dst, memoryview(chunk), offset)
         offset += len(chunk)
         count -= len(chunk)
 
 
 class _Writer:
-    """Appends to one file on a background thread, in submission order.
+    """Writes byte ranges of one file on background threads.
 
-    The main thread reads and merges the next tensor while this one writes the last
-    (``os.write`` and ``copy_file_range`` release the GIL, as does numpy's matmul), so a merge
-    costs about max(compute, I/O) rather than their sum. At most ``depth`` jobs wait; a written
-    buffer goes back to a pool, so steady state allocates nothing (fresh pages cost a fault each).
+    Every range goes to the offset it has in the input (the header is copied verbatim, so the
+    layouts agree), so writes need no order and two threads copy into the page cache at once.
+    The main thread merges the next tensor meanwhile (``pwrite``, ``copy_file_range`` and numpy's
+    matmul all release the GIL): a merge costs about max(compute, I/O), not their sum. At most
+    ``depth`` jobs wait; a written buffer goes back to a pool, so steady state allocates nothing
+    (fresh pages cost a fault each).
     """
 
-    def __init__(self, src: int, dst: int, path: Path, depth: int = 2) -> None:
+    def __init__(self, src: int, dst: int, path: Path, threads: int = 2, depth: int = 3) -> None:
         self.src, self.dst, self.path = src, dst, path
         self.jobs: queue.Queue = queue.Queue(maxsize=depth)
         self.free: dict[int, list[np.ndarray]] = {}
         self.lock = threading.Lock()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="loraformat-writer", daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"loraformat-writer-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def buffer(self, nbytes: int) -> np.ndarray:
         """A uint8 buffer of ``nbytes`` (reused when one is free)."""
@@ -153,6 +160,10 @@ class _Writer:
             if free:
                 return free.pop()
         return np.empty(nbytes, dtype=np.uint8)
+
+    def release(self, data: np.ndarray) -> None:
+        with self.lock:
+            self.free.setdefault(data.nbytes, []).append(data)
 
     def _run(self) -> None:
         while True:
@@ -165,19 +176,23 @@ class _Writer:
                 if job[0] == "copy":
                     _copy_range(self.src, self.dst, job[1], job[2], self.path)
                     continue
-                _, data, pooled = job
-                _write_all(self.dst, memoryview(data))
+                _, data, offset, pooled = job
+                _pwrite_all(self.dst, memoryview(data), offset)
+                # start writeback now (Linux: FADV_DONTNEED on dirty pages begins asynchronous
+                # writeback), so the fsync that makes the output durable finds little left:
+                # measured 0.6 s → 0.1 s for 1.8 GB here.
+                with contextlib.suppress(OSError, AttributeError):
+                    os.posix_fadvise(self.dst, offset, data.nbytes, os.POSIX_FADV_DONTNEED)
                 if pooled:
-                    with self.lock:
-                        self.free.setdefault(data.nbytes, []).append(data)
+                    self.release(data)
             except BaseException as exc:
                 self.error = exc
 
     def copy(self, offset: int, count: int) -> None:
         self._put(("copy", offset, count))
 
-    def write(self, data: np.ndarray, pooled: bool) -> None:
-        self._put(("data", data, pooled))
+    def write(self, data: np.ndarray, offset: int, pooled: bool) -> None:
+        self._put(("data", data, offset, pooled))
 
     def _put(self, job: tuple) -> None:
         if self.error is not None:
@@ -185,8 +200,10 @@ class _Writer:
         self.jobs.put(job)
 
     def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join()
         if self.error is not None:
             raise self.error
 
@@ -240,23 +257,24 @@ def write_merged_shard(
                     continue
                 raw = writer.buffer(info.nbytes)
                 value = raw.view(DTYPES[info.dtype]).reshape(info.shape)
-                if _merge_from_map(fd, st.data_start + info.begin, info, op, value):
-                    writer.write(raw, pooled=True)
+                offset = st.data_start + info.begin
+                if _merge_from_map(fd, offset, info, op, value):
+                    writer.write(raw, offset, pooled=True)
                     del value
                     if on_op is not None:
                         on_op()
                     continue
                 if info.nbytes:
-                    _read_into(fd, memoryview(raw), st.data_start + info.begin, st.path)
+                    _read_into(fd, memoryview(raw), offset, st.path)
                 merged = op.apply(value, inplace=True)
                 if merged.dtype != value.dtype or merged.shape != value.shape:
                     raise AssertionError(f"merge changed {name}'s dtype or shape")  # a bug
                 if merged is value:
-                    writer.write(raw, pooled=True)
+                    writer.write(raw, offset, pooled=True)
                 else:
-                    writer.write(np.ascontiguousarray(merged).reshape(-1).view(np.uint8), False)
-                    with writer.lock:
-                        writer.free.setdefault(raw.nbytes, []).append(raw)
+                    data = np.ascontiguousarray(merged).reshape(-1).view(np.uint8)
+                    writer.write(data, offset, pooled=False)
+                    writer.release(raw)
                 del value, merged
                 if on_op is not None:
                     on_op()
