@@ -406,6 +406,41 @@ def test_kill_merge_to_onnx(server, tiny_checkpoint, tmp_path):
     assert sha256_tree(base, adapter) == hashes
 
 
+def test_kill_merge_to_single_file(server, tiny_checkpoint, tmp_path):
+    """A single-file base merged into one ``.safetensors`` file, killed; a complete output also
+    has the permissions a plain ``open()`` would give it (not the temporary's 0600)."""
+    from loraformat.checkpoint import Checkpoint
+
+    base = tiny_checkpoint("gpt2")
+    adapter = random_adapter(base, tmp_path / "adapter", seed=2)
+    hashes = sha256_tree(base, adapter)
+    work = tmp_path / "out"
+    work.mkdir()
+    reference: dict[str, np.ndarray] = {}
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def check(out: Path) -> None:
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+        with Checkpoint(out) as ckpt:
+            tensors = {name: ckpt.numpy(name).copy() for name in ckpt.names()}
+        if not reference:
+            reference.update(tensors)
+            return
+        assert sorted(tensors) == sorted(reference)
+        for name, value in reference.items():
+            np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+
+    kill_loop(
+        server, work,
+        lambda name: ["merge", str(base), str(adapter), "-o", name],
+        lambda i: "ref.safetensors" if i < 0 else f"merged-{i}.safetensors",
+        check, n=8, seed=SEED + 5,
+        prepare=lambda out: shutil.copy(work / "ref.safetensors", out),
+    )
+    assert sha256_tree(base, adapter) == hashes
+
+
 def test_kill_merge_onnx_surgery(server, tiny_checkpoint, tmp_path):
     """An ONNX base merged into an ONNX output (initializer surgery, no torch), killed."""
     import onnx

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import TMP_MARKER, atomic_dir, check_output
+from ..atomic import TMP_MARKER, _default_mode, atomic_dir, check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
@@ -289,6 +289,7 @@ def _atomic_rw_file(path: Path) -> Iterator[int]:
     fd, tmp = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + path.name, dir=path.parent)
     try:
         yield fd
+        os.fchmod(fd, _default_mode(False))  # mkstemp's 0600 → what open() would give
         os.fsync(fd)
         os.close(fd)
         fd = -1
