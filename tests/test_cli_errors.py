@@ -470,3 +470,23 @@ def test_successful_commands_leave_inputs_unchanged(env: Env, tmp_path: Path) ->
     for argv in runs:
         code, _, err = run(*argv, inputs=env.inputs + ([onnx_out] if argv[0] != "export" else []))
         assert code == 0, (argv, err)
+
+
+def test_outputs_get_the_permissions_open_would_give(env: Env) -> None:
+    """Atomic writers create their temporaries 0600 (mkstemp): the output must not keep that."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    a, b = env.adapter, env.base
+    outputs = {
+        "gguf": (["convert", a, "--base", b, "-o"], env.out(".gguf")),
+        "onnx_adapter": (["convert", a, "--base", b, "-o"], env.out(".onnx_adapter")),
+        "loralib": (["convert", a, "--base", b, "-o"], env.out(".pt")),
+        "single file": (["stack", a, a, "-o"], env.out(".safetensors")),
+        "single-file merge": (["merge", b, a, "-o"], env.out(".safetensors")),
+    }
+    for what, (argv, out) in outputs.items():
+        code, _, err = run(*argv, out, inputs=[a, b])
+        assert code == 0, (what, err)
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask, (what, oct(out.stat().st_mode))

@@ -248,7 +248,7 @@ def float_dtype_name(array: np.ndarray) -> str:
 def atomic_path(out: Path) -> Iterator[Path]:
     """A temporary sibling path for writers that insist on opening the file themselves (gguf,
     onnxruntime); on success it is fsynced and renamed onto ``out`` in one step."""
-    from ..atomic import TMP_MARKER
+    from ..atomic import TMP_MARKER, _default_mode
 
     fd, name = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent)
     os.close(fd)
@@ -256,6 +256,7 @@ def atomic_path(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
+            os.fchmod(handle.fileno(), _default_mode(False))  # not mkstemp's 0600
             os.fsync(handle.fileno())
         os.replace(tmp, out)
     except BaseException:
