@@ -490,3 +490,14 @@ def test_outputs_get_the_permissions_open_would_give(env: Env) -> None:
         code, _, err = run(*argv, out, inputs=[a, b])
         assert code == 0, (what, err)
         assert out.stat().st_mode & 0o777 == 0o666 & ~umask, (what, oct(out.stat().st_mode))
+
+
+def test_combine_rank_mismatch_names_a_file(env: Env, tmp_path: Path) -> None:
+    """Even an error about several inputs names one of them (the first whose rank differs)."""
+    other = random_adapter(env.base, tmp_path / "rank8", rank=8)
+    line = assert_one_line_error(
+        run("combine", env.adapter, other, "--method", "linear", "-o", env.out(),
+            inputs=[env.adapter, other]),
+        other, "has ranks [4, 8] in the inputs", "(use --method svd or cat)",
+    )
+    assert line.startswith(f"error: {other}: ")

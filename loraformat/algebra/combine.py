@@ -56,6 +56,7 @@ from ._common import (
     refuse_dora,
     refuse_nonfinite,
     union_paths,
+    where,
 )
 from .ops import _weights, merged_replacements, stack_layers
 from .reduce import reduce_layer, relative_error
@@ -324,8 +325,10 @@ def _factor_method(
 ) -> tuple[np.ndarray, np.ndarray]:
     ranks = {adapters[i].specs[path].rank for i in present}
     if len(ranks) != 1:
+        first = adapters[present[0]].specs[path].rank
+        odd = next(i for i in present if adapters[i].specs[path].rank != first)
         raise LoraformatError(
-            None,
+            where(adapters[odd]),  # name a file: the first input whose rank differs
             f"layer {path!r} has ranks {sorted(ranks)} in the inputs; method {method!r} combines A "
             f"and B separately and needs equal ranks (use --method svd or cat)",
         )
