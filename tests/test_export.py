@@ -265,3 +265,16 @@ def test_demo_example_merges_and_matches_transformers(tmp_path):
                                            providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy()})[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_verify_feeds_dotted_graph_input_names(tiny_checkpoint, tmp_path):
+    """With a KV cache the graph's input names (past_key_values.0.key) are not Python keywords
+    (past_key_values_0_key); --verify must feed each input under its graph name."""
+    from loraformat.architecture import ExportOptions
+
+    result = export_onnx(
+        tiny_checkpoint("gpt2"), tmp_path / "past.onnx",
+        options=ExportOptions(with_past=True), verify_output=True,
+    )
+    assert "past_key_values.0.key" in result.input_names
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4

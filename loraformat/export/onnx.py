@@ -275,7 +275,7 @@ def _references(model_path: Path, data_name: str) -> bool:
 # -- verification -------------------------------------------------------------------------------
 
 
-def _random_inputs(
+def random_inputs(
     exported: ExportModel, config: Mapping[str, Any], seed: int = 0
 ) -> dict[str, Any]:
     """Random inputs shaped like the examples, with batch 3 and sequence 5 where those axes are
@@ -339,7 +339,13 @@ def verify(
         os.fspath(onnx_path), providers=list(providers or ort_providers())
     )
     feed_names = {i.name for i in session.get_inputs()}
-    feed = {k: v.numpy() for k, v in inputs.items() if k in feed_names}
+    # ``inputs`` are keyed by keyword; a graph name may differ (past_key_values.0.key ↔ _0_).
+    graph_name = dict(zip(exported.example_inputs, exported.input_names, strict=False))
+    feed = {
+        graph_name.get(k, k): v.numpy()
+        for k, v in inputs.items()
+        if graph_name.get(k, k) in feed_names
+    }
     got = session.run(None, feed)
     with torch.no_grad():
         ref = exported.module(**dict(inputs))
@@ -442,7 +448,7 @@ def export_onnx(
         )
 
         def check(path: Path) -> None:
-            inputs = _random_inputs(exported, model.config)
+            inputs = random_inputs(exported, model.config)
             diff, scale, provider = verify(path, exported, inputs)
             tol = (1e-4 if dtype == "float32" else 1e-2) * max(1.0, scale)
             result.max_abs_diff, result.verify_provider, result.tolerance = diff, provider, tol

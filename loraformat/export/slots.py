@@ -34,9 +34,9 @@ from ..errors import LoraformatError
 from .onnx import (
     DEFAULT_OPSET,
     DTYPES,
-    _random_inputs,
     export_graph,
     merged_tensors,
+    random_inputs,
     save_model,
     verify,
 )
@@ -179,7 +179,7 @@ def export_with_slots(
         def check(path: Path) -> None:
             import onnxruntime
 
-            inputs = _random_inputs(plain, model.config)
+            inputs = random_inputs(plain, model.config)
             # ORT warns once per slot that an initializer is also a graph input — by design here.
             onnxruntime.set_default_logger_severity(3)
             try:
