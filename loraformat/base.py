@@ -31,12 +31,14 @@ class BaseModel:
         found = arch.dense_layers(self.architecture, self.config, self.checkpoint.shapes())
         layers = {}
         for layer in found:
-            actual = self.checkpoint.info(layer.weight).shape if layer.weight in self.checkpoint else None
+            stored = layer.weight in self.checkpoint
+            actual = self.checkpoint.info(layer.weight).shape if stored else None
             if actual != layer.stored_shape():
                 raise LoraformatError(
                     self.path,
                     f"plugin {self.architecture!r} reports {layer.weight} as "
-                    f"{list(layer.stored_shape())}, checkpoint has {list(actual) if actual else 'none'}",
+                    f"{list(layer.stored_shape())}, "
+                    f"checkpoint has {list(actual) if actual else 'none'}",
                 )
             layers[layer.path] = layer
         return layers

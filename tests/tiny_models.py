@@ -102,7 +102,9 @@ def load_transformers(path: Path, architecture: str) -> Any:
     return cls.from_pretrained(path).eval()
 
 
-def example_inputs(architecture: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(
+    architecture: str, batch: int = 2, seq: int = 7, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if architecture == "vit":
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
