@@ -279,6 +279,9 @@ def test_cli_export_lora_slots(toy_base, tmp_path, capsys):
 
     assert run("export", toy_base, "--targets", "down", "-o", tmp_path / "b.onnx") == 2
     assert "--targets applies only with --lora-slots" in capsys.readouterr().err
+    args = ("--lora-slots", "--with-past", "--optimize", "-o", tmp_path / "b.onnx")
+    assert run("export", toy_base, *args) == 2
+    assert "--optimize cannot be combined with --lora-slots" in capsys.readouterr().err
     assert (
         run("export", toy_base, "--lora-slots", "--targets", "up,nope", "-o", tmp_path / "c.onnx")
         == 1

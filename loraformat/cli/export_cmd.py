@@ -55,14 +55,15 @@ def export_command(
         raise click.UsageError("--targets applies only with --lora-slots")
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
+    if lora_slots:
+        if optimize:
+            raise click.UsageError("--optimize cannot be combined with --lora-slots")
+        _export_slots(base, out, dtype, opset or DEFAULT_OPSET, verify, overwrite, as_json, targets,
+                      with_past)
+        return
     if with_past:
-        if lora_slots:
-            raise click.UsageError("--with-past and --lora-slots cannot be combined yet")
         _export_decoder(base, out, dtype, opset or DEFAULT_OPSET, verify, optimize, overwrite,
                         as_json)
-        return
-    if lora_slots:
-        _export_slots(base, out, dtype, opset or DEFAULT_OPSET, verify, overwrite, as_json, targets)
         return
     result = export_onnx(
         base, out, dtype=dtype, opset=opset or DEFAULT_OPSET, options=export_options(),
@@ -93,16 +94,16 @@ def export_command(
 
 def _export_slots(
     base: str, out: str, dtype: str, opset: int, verify: bool, overwrite: bool, as_json: bool,
-    targets: tuple[str, ...],
+    targets: tuple[str, ...], with_past: bool = False,
 ) -> None:
-    """``export --lora-slots``: see :func:`loraformat.export.slots.export_with_slots`."""
+    """``export --lora-slots [--with-past]``: see :func:`.slots.export_with_slots`."""
     from ..export.slots import export_with_slots
 
     names = [t.strip() for item in targets for t in item.split(",") if t.strip()]
     with progress("exporting") as report:
         result = export_with_slots(
             base, out, targets=names or None, dtype=dtype, opset=opset, verify_output=verify,
-            overwrite=overwrite, progress=report,
+            overwrite=overwrite, progress=report, with_past=with_past,
         )
     if as_json:
         echo_json(result.to_json())
