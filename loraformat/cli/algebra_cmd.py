@@ -33,6 +33,14 @@ output_option = click.option(
     type=click.Path(),
     help="Output adapter: a directory, or a single file if it ends in .safetensors.",
 )
+weights_option = click.option(
+    "-w",
+    "--weight",
+    "weights",
+    type=float,
+    multiple=True,
+    help="Weight of each adapter, in order (repeat once per adapter; default 1).",
+)
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(DTYPE_CHOICES),
@@ -76,16 +84,26 @@ def _print_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
         click.echo("  ".join(cells))
 
 
+def _report_layers(
+    out: str,
+    result: Adapter,
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str, str]],
+    as_json: bool,
+    **json_fields: Any,
+) -> None:
+    """With --json, ``{"output": out, **json_fields, "layers": rows}``; else the per-layer table
+    and the "wrote" line."""
+    if as_json:
+        echo_json({"output": out, **json_fields, "layers": rows})
+        return
+    _print_rows(rows, columns)
+    _wrote(out, result)
+
+
 @click.command("stack")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "-w",
-    "--weight",
-    "weights",
-    type=float,
-    multiple=True,
-    help="Weight of each adapter, in order (repeat once per adapter; default 1).",
-)
+@weights_option
 @output_option
 @dtype_option
 @overwrite_option
@@ -189,19 +207,17 @@ def reduce_command(
             loaded, rank, energy=energy, rank_pattern=pattern, dtype=dtype, progress=update
         )
         _save(result, out, overwrite)
-    rows = reduce_report(report)
-    if as_json:
-        echo_json({"output": out, "layers": rows})
-        return
-    _print_rows(
-        rows,
+    _report_layers(
+        out,
+        result,
+        reduce_report(report),
         [
             ("rank_in", "rank in", "d"),
             ("rank_out", "kept", "d"),
             ("relative_error", "rel.error", ".3e"),
         ],
+        as_json,
     )
-    _wrote(out, result)
 
 
 @click.command("combine")
@@ -213,14 +229,7 @@ def reduce_command(
     show_default=True,
     help="PEFT add_weighted_adapter's combination_type, with the same meaning.",
 )
-@click.option(
-    "-w",
-    "--weight",
-    "weights",
-    type=float,
-    multiple=True,
-    help="Weight of each adapter, in order (repeat once per adapter; default 1).",
-)
+@weights_option
 @click.option(
     "--rank",
     type=click.IntRange(min=1),
@@ -278,19 +287,18 @@ def combine_command(
             progress=update,
         )
         _save(result, out, overwrite)
-    rows = combine_report(report)
-    if as_json:
-        echo_json({"output": out, "method": method, "layers": rows})
-        return
-    _print_rows(
-        rows,
+    _report_layers(
+        out,
+        result,
+        combine_report(report),
         [
             ("inputs", "inputs", "d"),
             ("rank_out", "rank", "d"),
             ("relative_error", "rel.error", ".3e"),
         ],
+        as_json,
+        method=method,
     )
-    _wrote(out, result)
 
 
 @click.command("extract")
