@@ -204,3 +204,25 @@ def cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def f64(array: np.ndarray) -> np.ndarray:
     return np.asarray(array).astype(np.float64)
+
+
+def scale_one_layer(
+    a: np.ndarray,
+    b: np.ndarray,
+    like: LoraLayer,
+    out_rows: list[tuple[int, int]] | None,
+    bias: np.ndarray | None,
+    dtype: np.dtype,
+) -> LoraLayer:
+    """An output layer ΔW = b·a at scale 1 (``alpha`` = rank), with ``like``'s features and kind,
+    factors and bias cast to ``dtype``."""
+    return LoraLayer(
+        A=cast(a, dtype),
+        B=cast(b, dtype),
+        alpha=float(a.shape[0]),
+        in_features=like.in_features,
+        out_features=like.out_features,
+        kind=like.kind,
+        out_rows=out_rows,
+        lora_bias=None if bias is None else cast(bias, dtype),
+    )

@@ -44,7 +44,6 @@ import numpy as np
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
 from ._common import (
-    cast,
     check_compatible,
     common_base_name,
     common_fingerprint,
@@ -55,6 +54,7 @@ from ._common import (
     provenance,
     refuse_dora,
     refuse_nonfinite,
+    scale_one_layer,
     union_paths,
     where,
 )
@@ -255,18 +255,8 @@ def combine(
             )
             exact = exact_b @ exact_a
             error = _relative(float(np.linalg.norm(b @ a - exact)), float(np.linalg.norm(exact)))
-        kept_rank = a.shape[0]
-        layers[path] = LoraLayer(
-            A=cast(a, out_dtype),
-            B=cast(b, out_dtype),
-            alpha=float(kept_rank),
-            in_features=first.in_features,
-            out_features=first.out_features,
-            kind=first.kind,
-            out_rows=target,
-            lora_bias=None if bias is None else cast(bias, out_dtype),
-        )
-        report.append(LayerCombination(path, len(present), kept_rank, error))
+        layers[path] = scale_one_layer(a, b, first, target, bias, out_dtype)
+        report.append(LayerCombination(path, len(present), a.shape[0], error))
         if progress:
             progress(step + 1, len(paths))
     result = Adapter.from_layers(

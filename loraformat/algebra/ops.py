@@ -27,6 +27,7 @@ from ._common import (
     provenance,
     refuse_dora,
     row_ranges,
+    scale_one_layer,
     union_paths,
     union_rows,
     where,
@@ -133,17 +134,7 @@ def stack(
             # rank, which is exact because rank(B·A) ≤ min(in, rows).
             probe = LoraLayer(a, b, 1.0, first.in_features, first.out_features, out_rows=target)
             a, b, _, _ = reduce_layer(probe, 1.0)
-        rank = a.shape[0]
-        layers[path] = LoraLayer(
-            A=cast(a, out_dtype),
-            B=cast(b, out_dtype),
-            alpha=float(rank),
-            in_features=first.in_features,
-            out_features=first.out_features,
-            kind=first.kind,
-            out_rows=target,
-            lora_bias=None if bias is None else cast(bias, out_dtype),
-        )
+        layers[path] = scale_one_layer(a, b, first, target, bias, out_dtype)
         if progress:
             progress(i + 1, len(paths))
     parameters = {"weights": w, "dtype": str(out_dtype)}
