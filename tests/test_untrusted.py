@@ -250,3 +250,31 @@ def test_symlink_inside_the_directory_is_fine(adapters, tmp_path):
     code, _, err = run("convert", linked, "-o", tmp_path / "out", "--base", base,
                        inputs=[linked])
     assert code == 0, err
+
+
+def test_hugging_face_hub_cache_layout_is_accepted(adapters, tmp_path):
+    """The hub cache stores files as <repo>/blobs/<hash> and links them from
+    <repo>/snapshots/<revision>/: that link stays inside the repo and is accepted; a link from a
+    snapshot to anywhere else is still refused."""
+    base, _, peft, _ = adapters
+    repo = tmp_path / "models--someone--adapter"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(peft.iterdir()):
+        blob = repo / "blobs" / f"sha-{file.name}"
+        shutil.copy(file, blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    code, _, err = run("convert", snapshot, "-o", tmp_path / "out", "--base", base,
+                       inputs=[repo])
+    assert code == 0, err
+
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.copy(repo / "blobs" / "sha-adapter_model.safetensors", elsewhere)
+    (snapshot / "adapter_model.safetensors").unlink()
+    os.symlink(elsewhere, snapshot / "adapter_model.safetensors")
+    assert_one_line_error(
+        run("convert", snapshot, "-o", tmp_path / "out2", "--base", base, inputs=[repo]),
+        snapshot / "adapter_model.safetensors",
+        "symbolic link points outside the adapter directory",
+    )

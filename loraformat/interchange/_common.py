@@ -183,7 +183,25 @@ def refuse_escape(directory: Path, *members: Path) -> None:
     from ..format.adapter import _refuse_escape
 
     for member in members:
+        if _hub_cache_blob(directory, member):
+            continue
         _refuse_escape(directory, member)
+
+
+def _hub_cache_blob(directory: Path, member: Path) -> bool:
+    """True for the one link layout the Hugging Face hub cache uses, which is not an escape:
+    ``<repo>/snapshots/<revision>/<file>`` → ``<repo>/blobs/<hash>``, inside the same repo."""
+    if not member.is_symlink():
+        return False
+    snapshot = directory.resolve()
+    for parent in (snapshot, *snapshot.parents):
+        if parent.parent.name == "snapshots":
+            repo = parent.parent.parent
+            break
+    else:
+        return False
+    target = member.resolve()
+    return target.parent == repo / "blobs" and target.is_file()
 
 
 def torch_load_weights_only(path: Path) -> dict[str, np.ndarray]:
