@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from loraformat.architecture import DenseLayer, ExportModel, FusedPart
@@ -50,6 +50,60 @@ def dense_from_shape(
     rows, cols = int(shape[0]), int(shape[1])
     in_f, out_f = (cols, rows) if layout == "out_in" else (rows, cols)
     return DenseLayer(path, in_f, out_f, layout=layout, kind=kind, parts=parts, bias=bias)  # type: ignore[arg-type]
+
+
+def optional_linear(tensor_shapes: Mapping[str, tuple[int, ...]], path: str) -> DenseLayer | None:
+    """The ``nn.Linear`` at ``path`` ([out, in] weight, bias if stored); None if it has no 2-D
+    weight."""
+    shape = tensor_shapes.get(path + ".weight")
+    if shape is None or len(shape) != 2:
+        return None
+    bias = path + ".bias" if path + ".bias" in tensor_shapes else None
+    return DenseLayer(path, in_features=shape[1], out_features=shape[0], bias=bias)
+
+
+def encoder_linears(
+    tensor_shapes: Mapping[str, tuple[int, ...]],
+    layer_prefix: str,
+    per_layer: Iterable[str],
+    heads: Iterable[str] = (),
+) -> list[DenseLayer]:
+    """The ``nn.Linear`` layers of a BERT-style encoder, in checkpoint order.
+
+    For each numbered layer ``<layer_prefix>.<i>`` (counted while ``<layer_prefix>.<i>.<first of
+    per_layer>.weight`` exists), its ``per_layer`` suffixes in order; then the ``heads`` paths
+    (pooler, classifier). Linears a checkpoint lacks are skipped.
+    """
+    suffixes = list(per_layer)
+    paths: list[str] = []
+    i = 0
+    while f"{layer_prefix}.{i}.{suffixes[0]}.weight" in tensor_shapes:
+        paths += [f"{layer_prefix}.{i}.{name}" for name in suffixes]
+        i += 1
+    found = (optional_linear(tensor_shapes, path) for path in [*paths, *heads])
+    return [layer for layer in found if layer is not None]
+
+
+def encoder_activation(name: str, error: str) -> Any:
+    """The torch function for an encoder's ``hidden_act`` (transformers' ACT2FN names).
+
+    An unknown name is a :class:`LoraformatError` reading ``"<error> '<name>' (known: …)"``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    acts = {
+        "gelu": F.gelu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+        "swish": F.silu,
+        "tanh": torch.tanh,
+    }
+    if name not in acts:
+        raise LoraformatError(None, f"{error} {name!r} (known: {', '.join(sorted(acts))})")
+    return acts[name]
 
 
 def find_prefix(names: Sequence[str], pattern: str) -> str | None:

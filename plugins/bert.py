@@ -11,7 +11,6 @@ Names: transformers 5 keeps BERT's checkpoint names in memory (checked against 5
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,8 @@ from loraformat.architecture import (
     hookimpl,
 )
 from loraformat.errors import LoraformatError
+
+from ._common import encoder_activation, encoder_linears
 
 ARCH = "bert"
 _PREFIX = "bert."
@@ -76,13 +77,6 @@ def loraformat_dense_layers(
         return None
     p = _prefix(tensor_shapes)
 
-    def linear(path: str) -> DenseLayer | None:
-        shape = tensor_shapes.get(path + ".weight")
-        if shape is None or len(shape) != 2:
-            return None
-        bias = path + ".bias" if path + ".bias" in tensor_shapes else None
-        return DenseLayer(path, in_features=shape[1], out_features=shape[0], bias=bias)
-
     layers: list[DenseLayer] = []
     word = tensor_shapes.get(f"{p}embeddings.word_embeddings.weight")
     if word is not None and len(word) == 2:
@@ -92,18 +86,8 @@ def loraformat_dense_layers(
                 layout="in_out", kind="embedding",
             )
         )
-    i = 0
-    while f"{p}encoder.layer.{i}.attention.self.query.weight" in tensor_shapes:
-        for name in _LAYER_LINEARS:
-            layer = linear(f"{p}encoder.layer.{i}.{name}")
-            if layer is not None:
-                layers.append(layer)
-        i += 1
-    for path in (f"{p}pooler.dense", "classifier"):
-        layer = linear(path)
-        if layer is not None:
-            layers.append(layer)
-    return layers
+    heads = (f"{p}pooler.dense", "classifier")
+    return layers + encoder_linears(tensor_shapes, f"{p}encoder.layer", _LAYER_LINEARS, heads)
 
 
 @hookimpl
@@ -149,26 +133,6 @@ def loraformat_export_model(
 # -- the export module --------------------------------------------------------------------------
 
 
-def _activation(name: str) -> Any:
-    import torch
-    import torch.nn.functional as F
-
-    acts = {
-        "gelu": F.gelu,
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "relu": F.relu,
-        "silu": F.silu,
-        "swish": F.silu,
-        "tanh": torch.tanh,
-    }
-    if name not in acts:
-        raise LoraformatError(
-            None, f"bert: unsupported hidden_act {name!r} (known: {', '.join(sorted(acts))})"
-        )
-    return acts[name]
-
-
 def build_export_model(
     config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions | None = None
 ) -> ExportModel:
@@ -176,7 +140,7 @@ def build_export_model(
     import torch
     from torch import nn
 
-    from loraformat.architecture.modules import Dense
+    from loraformat.architecture.modules import Dense, EncoderSelfAttention
 
     options = options or ExportOptions()
     if options.with_past:
@@ -194,7 +158,7 @@ def build_export_model(
         )
     heads = int(config["num_attention_heads"])
     eps = float(config["layer_norm_eps"])
-    act = _activation(str(config.get("hidden_act", "gelu")))
+    act = encoder_activation(str(config.get("hidden_act", "gelu")), "bert: unsupported hidden_act")
     architectures = list(config.get("architectures") or [])
 
     def shape(name: str) -> tuple[int, ...]:
@@ -209,27 +173,9 @@ def build_export_model(
     def layer_norm(path: str) -> nn.LayerNorm:
         return nn.LayerNorm(shape(path + ".weight")[0], eps=eps)
 
-    class SelfAttention(nn.Module):
-        def __init__(self, path: str) -> None:
-            super().__init__()
-            self.query = dense(path + ".query")
-            self.key = dense(path + ".key")
-            self.value = dense(path + ".value")
-
-        def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            b, s, _ = h.shape
-
-            def split(x: torch.Tensor) -> torch.Tensor:
-                return x.view(b, s, heads, -1).transpose(1, 2)
-
-            q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-            # Scores and softmax in fp32 (as transformers' softmax is), so an fp16 export
-            # cannot overflow; masked keys are replaced by the fp32 minimum, not added to.
-            scores = torch.matmul(q.float(), k.float().transpose(2, 3)) / math.sqrt(q.shape[-1])
-            if mask is not None:
-                scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
-            probs = torch.softmax(scores, dim=-1).to(v.dtype)
-            return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
+    def self_attention(path: str) -> EncoderSelfAttention:
+        query, key, value = (dense(f"{path}.{n}") for n in ("query", "key", "value"))
+        return EncoderSelfAttention(query, key, value, heads)
 
     class Output(nn.Module):
         def __init__(self, path: str) -> None:
@@ -251,7 +197,7 @@ def build_export_model(
     class Attention(nn.Module):
         def __init__(self, path: str) -> None:
             super().__init__()
-            self.self = SelfAttention(path + ".self")
+            self.self = self_attention(path + ".self")
             self.output = Output(path + ".output")
 
         def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

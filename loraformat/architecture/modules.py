@@ -7,6 +7,8 @@ can carry a LoRA *slot*: A/B supplied at call time as graph inputs (hot-swappabl
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,6 +59,35 @@ class RMSNorm(nn.Module):
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+
+class EncoderSelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention, as in BERT and ViT: h [b, s, hidden] → the heads'
+    outputs concatenated [b, s, hidden], before the output projection.
+
+    The projections are children named ``query``/``key``/``value`` (the encoders' checkpoint names),
+    so state-dict keys equal checkpoint names. ``mask`` is a boolean [b, 1, 1, keys], True where a
+    key may be attended, or None. Scores and softmax run in fp32 (as transformers' softmax does),
+    so an fp16 export cannot overflow; masked keys are replaced by the fp32 minimum, not added to.
+    """
+
+    def __init__(self, query: nn.Module, key: nn.Module, value: nn.Module, heads: int) -> None:
+        super().__init__()
+        self.query, self.key, self.value = query, key, value
+        self.heads = heads
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, _ = h.shape
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, s, self.heads, -1).transpose(1, 2)
+
+        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+        scores = torch.matmul(q.float(), k.float().transpose(2, 3)) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
 
 
 def attention_mask_4d(
