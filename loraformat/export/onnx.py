@@ -41,7 +41,7 @@ from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ..merge.checkpoint import plan_for_base
-from ..merge.plan import MergePlan, open_adapter
+from ..merge.plan import MergePlan, open_adapters
 
 #: Opset used unless ``--opset`` says otherwise (ONNX Runtime ≥ 1.14 runs it; LayerNormalization
 #: is a single op from 17 on).
@@ -415,12 +415,7 @@ def export_onnx(
         model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
         plan = None
         if adapters:
-            opened = []
-            for item in adapters:
-                adapter = open_adapter(item, model)
-                if not isinstance(item, Adapter):
-                    stack.callback(adapter.close)
-                opened.append(adapter)
+            opened = open_adapters(stack, adapters, model)
             plan = plan_for_base(
                 model, opened, weights=weights, force=force, allow_nonfinite=allow_nonfinite
             )

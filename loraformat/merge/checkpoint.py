@@ -37,7 +37,7 @@ from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ..format.safetensors_io import DTYPES, SafetensorsFile, TensorInfo
-from .plan import MergePlan, TensorOp, open_adapter, plan_merge
+from .plan import MergePlan, TensorOp, open_adapters, plan_merge
 from .weights import accumulator_dtype
 
 Progress = Callable[[int, int], None]
@@ -375,12 +375,7 @@ def merge_checkpoint(
     """
     with contextlib.ExitStack() as stack:
         model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
-        opened = []
-        for item in adapters:
-            adapter = open_adapter(item, model)
-            if not isinstance(item, Adapter):
-                stack.callback(adapter.close)
-            opened.append(adapter)
+        opened = open_adapters(stack, adapters, model)
         plan = plan_for_base(
             model, opened, weights=weights, subtract=subtract, force=force,
             allow_nonfinite=allow_nonfinite,

@@ -57,7 +57,7 @@ from ..architecture import DenseLayer
 from ..atomic import check_output
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from .plan import MergePlan, open_adapter, plan_merge
+from .plan import MergePlan, open_adapters, plan_merge
 
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -545,12 +545,7 @@ def merge_onnx(
         raise LoraformatError(source, f"cannot read the ONNX model ({type(exc).__name__}: {exc})") \
             from None
     with contextlib.ExitStack() as stack:
-        opened = []
-        for item in adapters:
-            adapter = open_adapter(item, None)
-            if not isinstance(item, Adapter):
-                stack.callback(adapter.close)
-            opened.append(adapter)
+        opened = open_adapters(stack, adapters)
         index_names = _Index(model).names()
         detected = None
         with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ by ONNX export, and (with layers located in the graph instead of the plugin) ONN
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,22 @@ def open_adapter(path: str | os.PathLike[str] | Adapter, base: object | None = N
             ) from None
         return read_peft(p, base=base)
     return load(p)
+
+
+def open_adapters(
+    stack: contextlib.ExitStack,
+    items: Sequence[str | os.PathLike[str] | Adapter],
+    base: object | None = None,
+) -> list[Adapter]:
+    """:func:`open_adapter` for each item; those opened here are closed when ``stack`` unwinds
+    (adapters passed in as objects belong to the caller)."""
+    opened = []
+    for item in items:
+        adapter = open_adapter(item, base)
+        if not isinstance(item, Adapter):
+            stack.callback(adapter.close)
+        opened.append(adapter)
+    return opened
 
 
 def _same_kind(op: TensorOp, kind: str, where: object) -> None:
@@ -228,4 +245,4 @@ def plan_merge(
     return MergePlan(ops, len(adapted), subtract)
 
 
-__all__ = ["PEFT_CONFIG", "MergePlan", "TensorOp", "open_adapter", "plan_merge"]
+__all__ = ["PEFT_CONFIG", "MergePlan", "TensorOp", "open_adapter", "open_adapters", "plan_merge"]
