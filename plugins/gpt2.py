@@ -187,7 +187,7 @@ def _build(
     import torch
     from torch import nn
 
-    from loraformat.architecture.modules import Dense, attend, attention_mask_4d
+    from loraformat.architecture.modules import Dense, additive_mask, attend, attention_mask_4d
 
     names = list(tensors)
     prefix = find_prefix(names, r"h\.\d+\.attn\.c_attn\.weight$")
@@ -233,8 +233,8 @@ def _build(
             q, k, v = self.c_attn(x).split(d, dim=-1)
             q, k, v = (t.reshape(b, s, n_head, head_dim).transpose(1, 2) for t in (q, k, v))
             if past is not None:
-                k = torch.cat((past[0], k), dim=2)
-                v = torch.cat((past[1], v), dim=2)
+                k = torch.cat((past[0], k), dim=-2)
+                v = torch.cat((past[1], v), dim=-2)
             out = attend(q, k, v, allowed, self.scale).transpose(1, 2).reshape(b, s, d)
             return self.c_proj(out), (k, v)
 
@@ -276,7 +276,9 @@ def _build(
             past_len = pairs[0][0].shape[2] if pairs[0] is not None else 0
             if position_ids is None:
                 position_ids = (torch.arange(s, device=input_ids.device) + past_len)[None, :]
-            allowed = attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
+            allowed = additive_mask(
+                attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
+            )
             x = self.wte(input_ids) + self.wpe(position_ids)
             presents = []
             for block, past in zip(self.h, pairs, strict=True):

@@ -225,6 +225,7 @@ def _build(
     from loraformat.architecture.modules import (
         Dense,
         RMSNorm,
+        additive_mask,
         apply_rotary,
         attend,
         attention_mask_4d,
@@ -277,8 +278,8 @@ def _build(
             q = apply_rotary(q, position_ids, inv_freq, rope_scale)
             k = apply_rotary(k, position_ids, inv_freq, rope_scale)
             if past is not None:
-                k = torch.cat((past[0], k), dim=2)
-                v = torch.cat((past[1], v), dim=2)
+                k = torch.cat((past[0], k), dim=-2)
+                v = torch.cat((past[1], v), dim=-2)
             out = attend(q, k, v, allowed, head_dim**-0.5)
             return self.o_proj(out.transpose(1, 2).reshape(b, s, n_head * head_dim)), (k, v)
 
@@ -324,7 +325,9 @@ def _build(
             if position_ids is None:
                 position_ids = (torch.arange(s, device=input_ids.device) + past_len)[None, :]
                 position_ids = position_ids.expand(b, s)
-            allowed = attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
+            allowed = additive_mask(
+                attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
+            )
             x = self.embed_tokens(input_ids)
             presents = []
             for layer, past in zip(self.layers, pairs, strict=True):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import tiny_models
 import torch
@@ -98,7 +99,40 @@ def test_fused_graph_gives_the_same_tokens(exported):
         assert report.fusions["SkipSimplifiedLayerNormalization"] == 2 * layers
         assert report.fusions["SimplifiedLayerNormalization"] == 1
         assert "Pow" not in ops and "ReduceMean" not in ops  # RMSNorm fused everywhere
+    # Attention fuses in every layer (additive mask, cache concatenated on axis -2) and the
+    # graph keeps its attention_mask input, so padding still counts.
+    assert report.fusions["MultiHeadAttention"] == layers
+    assert "Softmax" not in ops
+    assert "attention_mask" in {i.name for i in onnx.load(fused_path).graph.input}
     assert report.nodes_after < report.nodes_before
+
+
+def test_fused_attention_respects_padding(exported):
+    """A left-padded batch through the fused graph equals the plain graph, prefill and decode."""
+    _, plain_path, fused_path, _, _ = exported
+    plain, fused = ort.InferenceSession(str(plain_path)), ort.InferenceSession(str(fused_path))
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 96, (2, 6)).astype(np.int64)
+    mask = np.ones((2, 6), np.int64)
+    mask[0, :3] = 0
+    feed = {"input_ids": ids, "attention_mask": mask,
+            "position_ids": np.clip(np.cumsum(mask, 1) - 1, 0, None)}
+    for i in fused.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feed[i.name] = np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32)
+    names = [o.name for o in fused.get_outputs()]
+    got, want = fused.run(None, feed), plain.run(None, feed)
+    for name, a, b in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
+    step = {
+        "input_ids": ids[:, :1],
+        "attention_mask": np.concatenate([mask, np.ones((2, 1), np.int64)], 1),
+        "position_ids": feed["position_ids"][:, -1:] + 1,
+    }
+    step.update({n.replace("present", "past_key_values"): v
+                 for n, v in zip(names, got, strict=True) if n.startswith("present")})
+    for name, a, b in zip(names, fused.run(None, step), plain.run(None, step), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
 
 
 def test_fused_logits_match_plain(exported):

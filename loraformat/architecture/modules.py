@@ -114,21 +114,33 @@ def attention_mask_4d(
     return allowed
 
 
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """The fp32 bias form of a boolean mask: 0 where allowed, the most negative float elsewhere.
+
+    Computed once per forward and *added* to the scores: ONNX Runtime's attention fusions match
+    ``Softmax(MatMul(Q, Kᵀ)·scale + mask)``, not a ``Where`` after the scale.
+    """
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    return bias.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Softmax attention of q [b, h, s, d] over k/v [b, kv_h, t, d] (kv heads repeated for GQA).
 
-    Explicit matmul/softmax (not SDPA) so the exported graph is plain and the softmax runs in fp32.
-    Masked scores are replaced, not added to, so fp16 cannot overflow.
+    ``mask`` is boolean (True = may attend) or an :func:`additive_mask`. Explicit matmul/softmax
+    (not SDPA) so the exported graph is plain; scores and softmax are fp32, so the additive mask
+    cannot overflow an fp16 model.
     """
+    if mask.dtype == torch.bool:
+        mask = additive_mask(mask)
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     scores = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    probs = torch.softmax(scores + mask, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
 
