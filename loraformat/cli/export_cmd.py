@@ -36,7 +36,8 @@ def export_options(**kwargs: object) -> ExportOptions:
               help="Decoder with a KV cache: past_key_values.N.key/value inputs, present.N.key/"
                    "value outputs, attention_mask and position_ids (prefill and decode).")
 @click.option("--optimize", is_flag=True,
-              help="With --with-past: fuse for ONNX Runtime (SkipLayerNorm, FastGelu, RMSNorm).")
+              help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
+              "FastGelu, RMSNorm).")
 @overwrite_option
 @json_option
 def export_command(

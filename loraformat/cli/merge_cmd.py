@@ -74,7 +74,8 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
               help="ONNX export of a decoder: KV-cache inputs/outputs (past_key_values.N.key/value "
                    "→ present.N.key/value) for prefill and decode; see `loraformat generate`.")
 @click.option("--optimize", is_flag=True,
-              help="With --with-past: fuse for ONNX Runtime (SkipLayerNorm, FastGelu, RMSNorm).")
+              help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
+              "FastGelu, RMSNorm).")
 @overwrite_option
 @json_option
 def merge_command(
