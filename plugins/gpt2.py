@@ -228,14 +228,14 @@ def _build(
                 index + 1 if by_layer else 1
             )
 
-        def forward(self, x, allowed, past):
+        def forward(self, x, mask_bias, past):
             b, s, _ = x.shape
             q, k, v = self.c_attn(x).split(d, dim=-1)
             q, k, v = (t.reshape(b, s, n_head, head_dim).transpose(1, 2) for t in (q, k, v))
             if past is not None:
                 k = torch.cat((past[0], k), dim=-2)
                 v = torch.cat((past[1], v), dim=-2)
-            out = attend(q, k, v, allowed, self.scale).transpose(1, 2).reshape(b, s, d)
+            out = attend(q, k, v, mask_bias, self.scale).transpose(1, 2).reshape(b, s, d)
             return self.c_proj(out), (k, v)
 
     class MLP(nn.Module):
@@ -255,8 +255,8 @@ def _build(
             self.ln_2 = nn.LayerNorm(d, eps=eps)
             self.mlp = MLP()
 
-        def forward(self, x, allowed, past):
-            a, present = self.attn(self.ln_1(x), allowed, past)
+        def forward(self, x, mask_bias, past):
+            a, present = self.attn(self.ln_1(x), mask_bias, past)
             x = x + a
             return x + self.mlp(self.ln_2(x)), present
 
@@ -276,13 +276,13 @@ def _build(
             past_len = pairs[0][0].shape[2] if pairs[0] is not None else 0
             if position_ids is None:
                 position_ids = (torch.arange(s, device=input_ids.device) + past_len)[None, :]
-            allowed = additive_mask(
+            mask_bias = additive_mask(
                 attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
             )
             x = self.wte(input_ids) + self.wpe(position_ids)
             presents = []
             for block, past in zip(self.h, pairs, strict=True):
-                x, present = block(x, allowed, past)
+                x, present = block(x, mask_bias, past)
                 presents.append(present)
             return self.ln_f(x), presents
 

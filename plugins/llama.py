@@ -270,7 +270,7 @@ def _build(
             self.v_proj = Dense(d, n_kv * head_dim, bias=attn_bias)
             self.o_proj = Dense(n_head * head_dim, d, bias=attn_bias)
 
-        def forward(self, x, allowed, position_ids, inv_freq, past):
+        def forward(self, x, mask_bias, position_ids, inv_freq, past):
             b, s, _ = x.shape
             q = self.q_proj(x).reshape(b, s, n_head, head_dim).transpose(1, 2)
             k = self.k_proj(x).reshape(b, s, n_kv, head_dim).transpose(1, 2)
@@ -280,7 +280,7 @@ def _build(
             if past is not None:
                 k = torch.cat((past[0], k), dim=-2)
                 v = torch.cat((past[1], v), dim=-2)
-            out = attend(q, k, v, allowed, head_dim**-0.5)
+            out = attend(q, k, v, mask_bias, head_dim**-0.5)
             return self.o_proj(out.transpose(1, 2).reshape(b, s, n_head * head_dim)), (k, v)
 
     class MLP(nn.Module):
@@ -301,9 +301,9 @@ def _build(
             self.input_layernorm = RMSNorm(d, eps)
             self.post_attention_layernorm = RMSNorm(d, eps)
 
-        def forward(self, x, allowed, position_ids, inv_freq, past):
+        def forward(self, x, mask_bias, position_ids, inv_freq, past):
             a, present = self.self_attn(
-                self.input_layernorm(x), allowed, position_ids, inv_freq, past
+                self.input_layernorm(x), mask_bias, position_ids, inv_freq, past
             )
             x = x + a
             return x + self.mlp(self.post_attention_layernorm(x)), present
@@ -325,13 +325,13 @@ def _build(
             if position_ids is None:
                 position_ids = (torch.arange(s, device=input_ids.device) + past_len)[None, :]
                 position_ids = position_ids.expand(b, s)
-            allowed = additive_mask(
+            mask_bias = additive_mask(
                 attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
             )
             x = self.embed_tokens(input_ids)
             presents = []
             for layer, past in zip(self.layers, pairs, strict=True):
-                x, present = layer(x, allowed, position_ids, self.rotary_emb.inv_freq, past)
+                x, present = layer(x, mask_bias, position_ids, self.rotary_emb.inv_freq, past)
                 presents.append(present)
             return self.norm(x), presents
 

@@ -125,22 +125,20 @@ def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Softmax attention of q [b, h, s, d] over k/v [b, kv_h, t, d] (kv heads repeated for GQA).
 
-    ``mask`` is boolean (True = may attend) or an :func:`additive_mask`. Explicit matmul/softmax
+    ``mask_bias`` is an :func:`additive_mask`, built once per forward. Explicit matmul/softmax
     (not SDPA) so the exported graph is plain; scores and softmax are fp32, so the additive mask
     cannot overflow an fp16 model.
     """
-    if mask.dtype == torch.bool:
-        mask = additive_mask(mask)
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     scores = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) * scale
-    probs = torch.softmax(scores + mask, dim=-1).to(v.dtype)
+    probs = torch.softmax(scores + mask_bias, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
 
