@@ -23,7 +23,10 @@ FORMATS = ["loraformat", "peft", "loralib", "onnx_adapter", "gguf", "mlx"]
               "(dropping DoRA magnitudes, lora_bias, replaced tensors... as needed) and list "
               "what changed. Without it such conversions are refused.")
 @click.option("--alpha", type=float, help="loralib input: the lora_alpha it was trained with.")
-@click.option("--rank", type=int, help="loralib input: r (checked against the tensors).")
+@click.option("--rank", type=int, help="loralib input: r (checked against the tensors). PEFT "
+              "LoHa/LoKr/AdaLoRA/VeRA input: reduce every layer to this rank (as `reduce`).")
+@click.option("--energy", type=float, help="PEFT LoHa/LoKr/AdaLoRA/VeRA input: keep the "
+              "smallest rank holding this fraction of Σσ² per layer (as `reduce`).")
 @click.option("--enable-lora", help="loralib input: MergedLinear parts, e.g. true,false,true.")
 @click.option("--architecture", help="Architecture id when there is no --base (e.g. llama).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "float64"]),
@@ -39,6 +42,7 @@ def convert_command(
     lossy: bool,
     alpha: float | None,
     rank: int | None,
+    energy: float | None,
     enable_lora: str | None,
     architecture: str | None,
     dtype: str | None,
@@ -56,7 +60,7 @@ def convert_command(
     """
     from ..interchange import convert
 
-    options = {"alpha": alpha, "rank": rank, "enable_lora": enable_lora,
+    options = {"alpha": alpha, "rank": rank, "energy": energy, "enable_lora": enable_lora,
                "architecture": architecture, "dtype": dtype}
     with progress("converting") as callback:
         report = convert(

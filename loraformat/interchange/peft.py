@@ -53,6 +53,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
+#: PEFT methods converted by :mod:`loraformat.interchange.peft_variants` (exact low-rank forms).
+VARIANTS = ("LOHA", "LOKR", "ADALORA", "VERA")
 
 _LAYER_SUFFIXES = {
     ".lora_A.weight": "A",
@@ -100,9 +102,13 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise LoraformatError(config_path, "not a JSON object")
     peft_type = config.get("peft_type")
+    if peft_type in VARIANTS:
+        return config  # checked by peft_variants
     if peft_type != "LORA":
         raise LoraformatError(
-            config_path, f"peft_type is {peft_type!r}; only LoRA adapters (\"LORA\") convert"
+            config_path,
+            f"peft_type is {peft_type!r}; only LoRA adapters (\"LORA\") and the variants "
+            f"{', '.join(VARIANTS)} convert",
         )
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool):
@@ -202,6 +208,16 @@ def _resolve_architecture(
 def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
     config = _read_config(path)
     raw, weights_path = _read_tensors(path)
+    if config["peft_type"] in VARIANTS:
+        from .peft_variants import read_variant
+
+        return read_variant(
+            path, config, raw, weights_path, ctx,
+            lambda modules: _resolve_architecture(path, config, modules, ctx, architecture),
+        )[0]
+    if ctx.options.get("rank") is not None or ctx.options.get("energy") is not None:
+        raise LoraformatError(None, "--rank/--energy apply to PEFT LoHa, LoKr, AdaLoRA and VeRA "
+                                    "inputs; reduce a LoRA adapter with `loraformat reduce`")
     grouped: dict[str, dict[str, np.ndarray]] = {}
     others: dict[str, np.ndarray] = {}
     for key, array in raw.items():
@@ -557,7 +573,7 @@ class PeftCodec:
     name = NAME
     description = "Hugging Face PEFT LoRA directory (adapter_config.json + adapter weights)"
     writes_directory = True
-    options = ()
+    options = ("rank", "energy")  # reduce LoHa/LoKr/AdaLoRA/VeRA inputs in the same pass
 
     def sniff(self, path: Path) -> bool:
         return sniff(path)
