@@ -92,6 +92,17 @@ class LayerSpec:
             return self.out_features
         return sum(b - a for a, b in self.out_rows)
 
+    @property
+    def max_rank(self) -> int:
+        """spec §9 (1.1): B·A with k row ranges (k = 1 without out_rows) — as loralib's
+        MergedLinear, one r×in block per part — has rank ≤ min(k·in_features, b_rows)."""
+        return min(len(self.out_rows or ((0, 0),)) * self.in_features, self.b_rows)
+
+    @property
+    def max_rank_1_0(self) -> int:
+        """spec §9 in format 1.0: rank ≤ min(in_features, b_rows)."""
+        return min(self.in_features, self.b_rows)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -227,7 +238,7 @@ class Adapter:
         default_alpha = alphas.most_common(1)[0][0] if alphas else 1
         manifest: dict[str, Any] = {
             "format": mf.FORMAT_NAME,
-            "format_version": mf.FORMAT_VERSION,
+            "format_version": mf.BASE_VERSION,
             "base_model": base,
             "scaling": scaling,
             "alpha": default_alpha,
@@ -265,6 +276,7 @@ class Adapter:
                 arrays[mf.tensor_key(name, mf.ROLE_REPLACEMENT)] = array
         if provenance:
             manifest["provenance"] = dict(provenance)
+        manifest["format_version"] = lowest_version(manifest)
         store = TensorStore({k: np.ascontiguousarray(v) for k, v in arrays.items()})
         manifest["tensors_sha256"] = _store_checksum(store)
         return cls(manifest, store)
@@ -423,8 +435,19 @@ def is_single_file(path: Path) -> bool:
 # -- manifest → layer specs -------------------------------------------------------------------
 
 
+def lowest_version(manifest: Mapping[str, Any]) -> str:
+    """The lowest format version that expresses ``manifest`` (spec §8: writers write it, so a
+    1.0 reader reads every adapter that 1.0 can express). Only 1.1's rank rule for fused layers
+    (§9) needs 1.1."""
+    specs, _ = _layer_specs({**manifest, "format_version": mf.FORMAT_VERSION})
+    if any(spec.max_rank_1_0 < spec.rank <= spec.max_rank for spec in specs.values()):
+        return mf.FORMAT_VERSION
+    return mf.BASE_VERSION
+
+
 def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], list[str]]:
     specs: dict[str, LayerSpec] = {}
+    rule_1_1 = mf.version_at_least(dict(manifest), 1)
     problems: list[str] = []
     default_rank = manifest.get("rank")
     default_alpha = manifest.get("alpha")
@@ -473,17 +496,31 @@ def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], lis
             problems.append(
                 f"layers/{path}: an embedding layer cannot have dora, lora_bias or out_rows"
             )
-        if spec.rank > min(spec.in_features, spec.b_rows):
-            problems.append(
-                f"layers/{path}: rank {spec.rank} exceeds the layer's smaller dimension "
-                f"{min(spec.in_features, spec.b_rows)}"
-            )
+        bound = spec.max_rank if rule_1_1 else spec.max_rank_1_0
+        if spec.rank > bound:
+            if rule_1_1:
+                problems.append(
+                    f"layers/{path}: rank {spec.rank} exceeds min(parts × in_features, rows) = "
+                    f"{bound}"
+                )
+            else:
+                problems.append(
+                    f"layers/{path}: rank {spec.rank} exceeds the layer's smaller dimension "
+                    f"{bound} (format 1.0; 1.1 allows min(parts × in_features, rows) = "
+                    f"{spec.max_rank} for fused layers)"
+                )
         specs[path] = spec
     for name in manifest.get("replacements", []):
-        if name.endswith(".weight") and name[: -len(".weight")] in specs:
+        layer, _, member = name.rpartition(".")
+        if member == "weight" and layer in specs:
             problems.append(
                 f"replacements: {name!r} is the weight of adapted layer "
-                f"{name[: -len('.weight')]!r}; a tensor is either replaced or adapted"
+                f"{layer!r}; a tensor is either replaced or adapted"
+            )
+        if member == "bias" and layer in specs and specs[layer].lora_bias:
+            problems.append(
+                f"replacements: {name!r} is the bias of layer {layer!r}, which has a lora_bias; "
+                "a tensor is either replaced or adapted"
             )
     return specs, problems
 
@@ -524,8 +561,12 @@ def structural_problems(manifest: dict[str, Any], store: TensorStore) -> list[st
                 f"tensor {key!r}: shape {list(actual)} does not match the manifest, "
                 f"expected {list(shape)}"
             )
+    newer_minor = mf.is_newer_minor(manifest)
     for key in store:
         if key not in expected:
+            layer, _, role = key.rpartition(".")
+            if newer_minor and layer in specs and role not in mf.LAYER_ROLES:
+                continue  # §8: a newer minor version's optional tensor role, ignored
             problems.append(f"tensor {key!r}: not declared by the manifest")
     return problems
 
@@ -574,7 +615,18 @@ def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
         for member in (manifest_path, tensors_path):
             _refuse_escape(path, member)
         try:
-            manifest = strict_json(manifest_path.read_text(encoding="utf-8"))
+            size = manifest_path.stat().st_size
+            if size > mf.MAX_MANIFEST_BYTES:
+                raise LoraformatError(
+                    manifest_path,
+                    f"manifest is {size} bytes, over the {mf.MAX_MANIFEST_BYTES}-byte limit",
+                )
+            data = manifest_path.read_bytes()
+            if data.startswith(b"\xef\xbb\xbf"):
+                raise LoraformatError(
+                    manifest_path, "manifest starts with a UTF-8 byte order mark; save it without"
+                )
+            manifest = strict_json(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise LoraformatError(manifest_path, f"manifest is not valid UTF-8 ({exc})") from None
         except ValueError as exc:

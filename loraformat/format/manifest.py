@@ -13,8 +13,13 @@ from importlib import resources
 from typing import Any
 
 FORMAT_NAME = "loraformat"
-FORMAT_VERSION = "1.0"
-SUPPORTED_MAJOR, SUPPORTED_MINOR = 1, 0
+#: The newest version this reader implements; a writer writes the lowest version that can express
+#: its file (:func:`lowest_version`), so most adapters stay readable by 1.0 readers.
+FORMAT_VERSION = "1.1"
+BASE_VERSION = "1.0"
+SUPPORTED_MAJOR, SUPPORTED_MINOR = 1, 1
+#: Largest adapter.json accepted: the same bound as a safetensors header (spec §9).
+MAX_MANIFEST_BYTES = 104_857_600
 
 MANIFEST_FILE = "adapter.json"
 TENSORS_FILE = "adapter.safetensors"
@@ -31,7 +36,9 @@ LAYER_ROLES = (ROLE_A, ROLE_B, ROLE_MAGNITUDE, ROLE_BIAS)
 
 SCALING_RULES = ("alpha/r", "alpha/sqrt(r)")
 
-_VERSION_RE = re.compile(r"^(\d+)\.(\d+)$")
+# Decimal, no leading zeros; matched against the whole string (re.fullmatch: "$" alone would
+# also match before a final newline).
+_VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 
 def tensor_key(path: str, role: str) -> str:
@@ -56,14 +63,44 @@ def schema() -> dict[str, Any]:
 def _validator() -> Any:
     import jsonschema
 
-    return jsonschema.Draft202012Validator(schema())
+    base = jsonschema.Draft202012Validator
+    # Two places where Python's jsonschema departs from the format's reading of the schema
+    # (spec §2): "integer" is an integer *token* (4.0 and 4e0 are refused, as in strictly typed
+    # readers), and a pattern's "$" means the end of the string, as in ECMA-262 (Python's re.search
+    # would also accept a final newline).
+    types = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool)
+    )
+
+    def pattern(validator: Any, regex: str, instance: Any, _schema: Any) -> Any:
+        if isinstance(instance, str) and not re.search(_ecma_end(regex), instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {regex!r}")
+
+    cls = jsonschema.validators.extend(base, {"pattern": pattern}, type_checker=types)
+    return cls(schema())
+
+
+def _ecma_end(regex: str) -> str:
+    """ECMA-262 ``$`` (end of input) in Python spelling: ``\\Z``."""
+    return regex[:-1] + r"\Z" if regex.endswith("$") and not regex.endswith(r"\$") else regex
 
 
 def parse_version(version: object) -> tuple[int, int] | None:
     if not isinstance(version, str):
         return None
-    match = _VERSION_RE.match(version)
+    match = _VERSION_RE.fullmatch(version)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def is_newer_minor(manifest: dict[str, Any]) -> bool:
+    """True for 1.n with n > the minor version this reader implements (spec §8)."""
+    version = parse_version(manifest.get("format_version"))
+    return version is not None and version[0] == SUPPORTED_MAJOR and version[1] > SUPPORTED_MINOR
+
+
+def version_at_least(manifest: dict[str, Any], minor: int) -> bool:
+    version = parse_version(manifest.get("format_version")) or (SUPPORTED_MAJOR, 0)
+    return version[1] >= minor
 
 
 def check_version(manifest: object) -> str | None:
@@ -95,7 +132,7 @@ _PATH_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _SCHEMA_VERSION_RE = re.compile(r"^1\.(0|[1-9][0-9]*)$")
 _FINGERPRINT_RE = re.compile(r"^lfp1:[0-9a-f]{64}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_ANY_RE = re.compile("")
+_ANY_RE = re.compile(r"[\s\S]*")
 _TOP = frozenset(
     {"format", "format_version", "base_model", "scaling", "rank", "alpha", "layers",
      "replacements", "tensors_sha256", "provenance"}
@@ -108,10 +145,8 @@ _LAYER = frozenset({"rank", "alpha", "in_features", "out_features", "kind", "out
 
 
 def _is_int(v: object) -> bool:
-    # JSON Schema 2020-12: an integer is any number with a zero fractional part.
-    if isinstance(v, bool):
-        return False
-    return isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    # spec §2: an integer is written as an integer token; the JSON parser gives int only for those.
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: object) -> bool:
@@ -127,7 +162,7 @@ def _str_match(v: object, pattern: re.Pattern[str], lo: int = 0, hi: int | None 
         isinstance(v, str)
         and lo <= len(v)
         and (hi is None or len(v) <= hi)
-        and pattern.search(v) is not None
+        and pattern.fullmatch(v) is not None
     )
 
 
@@ -217,6 +252,8 @@ def schema_problems(manifest: dict[str, Any]) -> list[str]:
 def jsonschema_problems(manifest: dict[str, Any], *, newer_minor: bool = False) -> list[str]:
     """The schema check by jsonschema itself: slow, but its messages say what is wrong."""
     problems = []
+    version = manifest.get("format_version")
+    version = version if parse_version(version) else FORMAT_VERSION
     for error in sorted(_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path)):
         if newer_minor and error.validator == "additionalProperties":
             continue
@@ -226,7 +263,7 @@ def jsonschema_problems(manifest: dict[str, Any], *, newer_minor: bool = False) 
             known = set(error.schema.get("properties", {}))
             unknown = sorted(k for k in error.instance if k not in known and not k.startswith("x-"))
             message = (
-                f"unknown member {', '.join(map(repr, unknown))} (format {FORMAT_VERSION} allows "
+                f"unknown member {', '.join(map(repr, unknown))} (format {version} allows "
                 "only the members of spec/FORMAT.md, and 'x-' extensions)"
             )
         if len(message) > 200:

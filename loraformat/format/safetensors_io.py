@@ -161,6 +161,12 @@ class SafetensorsFile:
             raise self._fail(f"safetensors header is not valid UTF-8 JSON ({exc})") from None
         if not isinstance(header, dict):
             raise self._fail("safetensors header is not a JSON object")
+        # spec §1.1: the header is the JSON object from its first byte, padded only with spaces
+        # (readers that skip other whitespace or leading bytes would disagree on hostile files).
+        if not raw.startswith(b"{") or not raw.rstrip(b" ").endswith(b"}"):
+            raise self._fail(
+                "safetensors header must start with '{' and end with '}' followed only by spaces"
+            )
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()

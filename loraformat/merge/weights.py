@@ -99,7 +99,9 @@ def _dora(acc: np.ndarray, layout: str, magnitude: np.ndarray) -> None:
     """W' = (m / ‖V‖_row)·V in place, rows being output rows (math orientation)."""
     math_view = acc if layout == "out_in" else acc.T
     norms = np.sqrt(np.einsum("ij,ij->i", math_view, math_view, dtype=np.float64))
-    factor = (magnitude.astype(np.float64) / norms).astype(acc.dtype)
+    # spec §4.5: a zero row of V stays zero (m/0·0 would be NaN)
+    factor = np.divide(magnitude.astype(np.float64), norms, out=np.zeros_like(norms),
+                       where=norms > 0).astype(acc.dtype)
     math_view *= factor[:, None]
 
 
