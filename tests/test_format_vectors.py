@@ -1,117 +1,85 @@
-"""spec/vectors: an independent reader (json + safetensors + numpy only) reproduces the expected
-ΔW, checksum and fingerprint of every vector, and loraformat reads the vectors identically.
-
-The reader below is written from spec/FORMAT.md alone; it must not import loraformat.
-"""
+"""spec/vectors: an independent reader (tests/independent_reader.py: written from spec/FORMAT.md
+and the schema, importing neither loraformat nor the safetensors package) reproduces the expected
+ΔW, bias, replacement, DoRA merge, checksum and fingerprint of every valid vector and refuses every
+invalid one; loraformat reads the valid vectors identically and refuses every invalid one with the
+refusal recorded beside it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import independent_reader as ir
 import numpy as np
 import pytest
-from safetensors import deserialize, safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
 EXPECTED = VECTORS / "expected"
-NAMES = ["basic", "rslora.safetensors", "fused", "embedding.safetensors", "dora"]
-
-_NP = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
-
-
-# -- the independent reader -------------------------------------------------------------------
-
-
-def _array(dtype: str, shape: list[int], data: bytes) -> np.ndarray:
-    if dtype == "BF16":  # the top 16 bits of an IEEE float32
-        bits = np.frombuffer(bytes(data), dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).astype(np.float64).reshape(shape)
-    return np.frombuffer(bytes(data), dtype=_NP[dtype]).astype(np.float64).reshape(shape)
+INVALID = VECTORS / "invalid"
+VALID = ["basic", "rslora.safetensors", "fused", "embedding.safetensors", "dora", "fused-wide",
+         "lora-bias-fused", "wide-dtypes", "newer-minor.safetensors", "header-extras.safetensors"]
+INVALID_NAMES = sorted(
+    p.name.removesuffix(".expected.json") for p in INVALID.glob("*.expected.json")
+)
 
 
-def read(path: Path) -> tuple[dict, dict[str, tuple[str, list[int], bytes]]]:
-    """(manifest, name → (dtype, shape, raw bytes)) per spec/FORMAT.md §On-disk forms."""
-    if path.is_dir():
-        manifest = json.loads((path / "adapter.json").read_text(encoding="utf-8"))
-        file = path / "adapter.safetensors"
-    else:
-        with safe_open(str(path), framework="numpy") as f:
-            manifest = json.loads(f.metadata()["loraformat"])
-        file = path
-    tensors = {
-        name: (info["dtype"], info["shape"], bytes(info["data"]))
-        for name, info in deserialize(file.read_bytes())
-    }
-    return manifest, tensors
+def _invalid_path(stem: str) -> Path:
+    return INVALID / stem if (INVALID / stem).exists() else INVALID / f"{stem}.safetensors"
 
 
-def delta(manifest: dict, tensors: dict, layer: str) -> np.ndarray:
-    entry = manifest["layers"][layer]
-    rank = entry.get("rank", manifest.get("rank"))
-    alpha = entry.get("alpha", manifest.get("alpha"))
-    scale = alpha / rank if manifest["scaling"] == "alpha/r" else alpha / math.sqrt(rank)
-    a = _array(*tensors[layer + ".lora_A"])
-    b = _array(*tensors[layer + ".lora_B"])
-    full = np.zeros((entry["out_features"], entry["in_features"]))
-    ranges = entry.get("out_rows", [[0, entry["out_features"]]])
-    rows = [i for lo, hi in ranges for i in range(lo, hi)]
-    full[rows] = scale * (b @ a)
-    return full
-
-
-def checksum(tensors: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
-        dtype, shape, data = tensors[name]
-        digest.update(name.encode("utf-8") + b"\0" + dtype.encode("ascii") + b"\0")
-        digest.update(",".join(map(str, shape)).encode("ascii") + b"\0")
-        digest.update(struct.pack("<Q", len(data)) + data)
-    return digest.hexdigest()
-
-
-def fingerprint(files: list[Path]) -> str:
-    lines = []
-    for file in files:
-        for name, info in deserialize(file.read_bytes()):
-            data = bytes(info["data"])
-            sample = data if len(data) <= 8192 else data[:4096] + data[-4096:]
-            shape = ",".join(map(str, info["shape"]))
-            lines.append((name, f"{name}\t{info['dtype']}\t{shape}\t"
-                          f"{hashlib.sha256(sample).hexdigest()}\n"))
-    lines.sort(key=lambda item: item[0].encode("utf-8"))
-    return "lfp1:" + hashlib.sha256("".join(l for _, l in lines).encode("utf-8")).hexdigest()
-
-
-# -- tests ----------------------------------------------------------------------------------------
+def _close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """spec/vectors/README.md: relative Frobenius error ≤ 1e-6."""
+    assert actual.shape == expected.shape
+    assert np.linalg.norm(actual - expected) <= 1e-6 * np.linalg.norm(expected)
 
 
 def test_reader_is_independent():
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-        "import test_format_vectors as t, pathlib;"
-        f"m, ts = t.read(pathlib.Path({str(VECTORS / 'basic')!r}));"
-        "assert 'loraformat' not in sys.modules, 'independent reader imported loraformat'"
+        "import independent_reader as r;"
+        f"r.read({str(VECTORS / 'basic')!r});"
+        "assert not {'loraformat', 'safetensors'} & set(sys.modules), 'not independent'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_every_vector_is_listed():
+    on_disk = {p.name for p in VECTORS.iterdir()} - {"README.md", "expected", "invalid",
+                                                     "dora.base.safetensors"}
+    assert on_disk == set(VALID)
+    assert len(INVALID_NAMES) >= 40 and all(_invalid_path(n).exists() for n in INVALID_NAMES)
+
+
+@pytest.mark.parametrize("name", VALID)
 def test_independent_reader_reproduces_expected(name: str):
-    manifest, tensors = read(VECTORS / name)
-    assert manifest["format"] == "loraformat" and manifest["format_version"] == "1.0"
-    assert checksum(tensors) == manifest["tensors_sha256"]
+    manifest, tensors = ir.read(VECTORS / name)
+    assert ir.checksum(tensors) == manifest["tensors_sha256"]
     stem = name.removesuffix(".safetensors")
     assert manifest["layers"]
-    for layer in manifest["layers"]:
-        expected = np.load(EXPECTED / f"{stem}.{layer}.npy")
-        np.testing.assert_allclose(delta(manifest, tensors, layer), expected, rtol=1e-6, atol=1e-9)
+    for layer, entry in manifest["layers"].items():
+        _close(ir.delta(manifest, tensors, layer), np.load(EXPECTED / f"{stem}.{layer}.npy"))
+        if entry.get("lora_bias"):
+            _close(ir.bias_delta(manifest, tensors, layer),
+                   np.load(EXPECTED / f"{stem}.{layer}.bias.npy"))
+    for replaced in manifest.get("replacements", []):
+        _close(ir.array(*tensors[f"{replaced}.replacement"]),
+               np.load(EXPECTED / f"{stem}.{replaced}.replacement.npy"))
+
+
+@pytest.mark.parametrize("stem", INVALID_NAMES)
+def test_invalid_vectors_refused_by_both(stem: str):
+    from loraformat.format.adapter import validate
+
+    path = _invalid_path(stem)
+    with pytest.raises(ir.Invalid):
+        ir.read(path)
+    expected = json.loads((INVALID / f"{stem}.expected.json").read_text(encoding="utf-8"))
+    assert expected["rule"].startswith("§")
+    problems = [str(p) for p in validate(path)]
+    assert any(expected["refusal"] in p for p in problems), problems
 
 
 def test_expected_deltas_are_not_trivial():
@@ -120,21 +88,38 @@ def test_expected_deltas_are_not_trivial():
         assert np.abs(np.load(file)).max() > 0.1, file
 
 
-def test_bias_and_rows_of_basic_and_fused():
-    manifest, tensors = read(VECTORS / "basic")
-    layer = "model.layers.0.self_attn.v_proj"
-    assert manifest["layers"][layer]["rank"] == 2  # the override
-    bias = (manifest["alpha"] / 2) * _array(*tensors[layer + ".lora_bias"])
-    np.testing.assert_allclose(bias, np.load(EXPECTED / f"basic.{layer}.bias.npy"))
-    manifest, tensors = read(VECTORS / "fused")
-    d = delta(manifest, tensors, "transformer.h.0.attn.c_attn")
-    assert np.all(d[8:16] == 0) and np.abs(d[:8]).max() > 0 and np.abs(d[16:]).max() > 0
+def test_vectors_cover_the_gaps():
+    """F16/F64, x- members, ignored directory metadata, a 1.1 file, a newer minor with unknown
+    members and roles, lora_bias with out_rows, extra tensor-entry members."""
+    manifest, tensors = ir.read(VECTORS / "wide-dtypes")
+    assert {t[0] for t in tensors.values()} == {"F16", "F64"}
+    assert "x-vendor" in manifest and "x-revision" in manifest["base_model"]
+    decoy = ir.read_container((VECTORS / "wide-dtypes" / "adapter.safetensors").read_bytes())[0]
+    assert json.loads(decoy["loraformat"])["alpha"] != manifest["alpha"]  # and it is ignored
+    manifest, _ = ir.read(VECTORS / "fused-wide")
+    entry = manifest["layers"]["transformer.h.0.attn.c_attn"]
+    assert manifest["format_version"] == "1.1" and manifest["rank"] > entry["in_features"]
+    raw = json.loads(ir.read_container((VECTORS / "newer-minor.safetensors").read_bytes())[0][
+        "loraformat"])
+    assert raw["format_version"] == "1.9" and "future_member" in raw
+    _, tensors = ir.read(VECTORS / "newer-minor.safetensors")
+    assert any(k.endswith(".future_role") for k in tensors)
+    manifest, _ = ir.read(VECTORS / "lora-bias-fused")
+    entry = manifest["layers"]["transformer.h.0.attn.c_attn"]
+    assert entry["lora_bias"] and entry["out_rows"]
+    d = ir.delta(manifest, *ir.read(VECTORS / "lora-bias-fused")[1:], "transformer.h.0.attn.c_attn")
+    assert np.all(d[8:16] == 0)  # out_rows restricts ΔW ...
+    bias = np.load(EXPECTED / "lora-bias-fused.transformer.h.0.attn.c_attn.bias.npy")
+    assert np.all(bias[8:16] != 0)  # ... but not the bias
+    data = (VECTORS / "header-extras.safetensors").read_bytes()
+    assert b'"x-note"' in data[: 8 + int.from_bytes(data[:8], "little")]
 
 
 def test_fused_matches_loralib_merged_linear():
     """loralib MergedLinear(enable_lora=[T,F,T], r=2, lora_alpha=4): group g's update B_g·A_g,
     zero-padded into the enabled rows, times lora_alpha/r."""
-    lora = {n: _array(*v) for n, v in read_raw(EXPECTED / "fused.loralib.safetensors").items()}
+    _, raw = ir.read_container((EXPECTED / "fused.loralib.safetensors").read_bytes())
+    lora = {n.rpartition(".")[2]: ir.array(*v) for n, v in raw.items()}
     r, part, k = 2, 8, 2
     update = np.zeros((3 * part, 8))
     enabled = [0, 2]
@@ -142,45 +127,64 @@ def test_fused_matches_loralib_merged_linear():
         bg = lora["lora_B"][g * part : (g + 1) * part]
         ag = lora["lora_A"][g * r : (g + 1) * r]
         update[enabled[g] * part : (enabled[g] + 1) * part] = bg @ ag
-    manifest, tensors = read(VECTORS / "fused")
-    np.testing.assert_allclose(
-        delta(manifest, tensors, "transformer.h.0.attn.c_attn"), (4 / r) * update, rtol=1e-6
-    )
+    manifest, tensors = ir.read(VECTORS / "fused")
+    _close(ir.delta(manifest, tensors, "transformer.h.0.attn.c_attn"), (4 / r) * update)
 
 
-def read_raw(file: Path) -> dict[str, tuple[str, list[int], bytes]]:
-    items = deserialize(file.read_bytes())
-    return {n: (i["dtype"], i["shape"], bytes(i["data"])) for n, i in items}
+def test_convert_from_loralib_reads_the_fused_vector(tmp_path: Path):
+    from loraformat.cli import main
+
+    out = tmp_path / "converted"
+    main(["convert", str(EXPECTED / "fused.loralib.safetensors"), "--from", "loralib",
+          "--alpha", "4", "--rank", "2", "--enable-lora", "true,false,true",
+          "--architecture", "gpt2", "-o", str(out)])
+    manifest, tensors = ir.read(out)
+    expected, expected_tensors = ir.read(VECTORS / "fused")
+    layer = "transformer.h.0.attn.c_attn"
+    _close(ir.delta(manifest, tensors, layer), ir.delta(expected, expected_tensors, layer))
 
 
 def test_dora_merge_and_fingerprint():
-    manifest, tensors = read(VECTORS / "dora")
+    manifest, tensors = ir.read(VECTORS / "dora")
     base = VECTORS / "dora.base.safetensors"
-    assert fingerprint([base]) == manifest["base_model"]["fingerprint"]
+    assert ir.fingerprint(base) == manifest["base_model"]["fingerprint"]
     layer = "model.layers.0.self_attn.q_proj"
-    weight = _array(*read_raw(base)[layer + ".weight"])
-    v = weight + delta(manifest, tensors, layer)
-    m = _array(*tensors[layer + ".magnitude"])
-    merged = (m / np.linalg.norm(v, axis=1))[:, None] * v
-    np.testing.assert_allclose(merged, np.load(EXPECTED / f"dora.{layer}.merged.npy"), rtol=1e-9)
+    _, base_tensors = ir.read_container(base.read_bytes())
+    weight = ir.array(*base_tensors[layer + ".weight"])
+    merged = ir.dora_merged(manifest, tensors, layer, weight)
+    _close(merged, np.load(EXPECTED / f"dora.{layer}.merged.npy"))
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_dora_zero_row_stays_zero():
+    """§4.5: n_i = 0 gives a zero row, in the independent reader and in loraformat's merge."""
+    from loraformat.format.adapter import LoraLayer
+    from loraformat.merge.weights import Contribution, merge_weight
+
+    weight = np.zeros((2, 3))
+    weight[1] = [1.0, 2.0, 2.0]
+    layer = LoraLayer(A=np.zeros((1, 3), np.float32), B=np.zeros((2, 1), np.float32), alpha=1,
+                      in_features=3, out_features=2, magnitude=np.array([5.0, 6.0], np.float32))
+    merged = merge_weight(weight.astype(np.float32), "out_in", [Contribution(layer, 1.0)])
+    assert np.all(np.isfinite(merged)) and np.all(merged[0] == 0)
+    np.testing.assert_allclose(merged[1], [2.0, 4.0, 4.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", VALID)
 def test_loraformat_reads_vectors_identically(name: str):
     from loraformat.format.adapter import load, validate
 
     assert validate(VECTORS / name) == []
-    manifest, tensors = read(VECTORS / name)
+    manifest, tensors = ir.read(VECTORS / name)
     with load(VECTORS / name) as adapter:
-        assert adapter.manifest == manifest
-        assert set(adapter.tensors) == set(tensors)
-        for key, (dtype, shape, data) in tensors.items():
-            assert adapter.tensors.dtype(key) == dtype
-            assert list(adapter.tensors.shape(key)) == shape
-            assert bytes(adapter.tensors.raw(key)) == data
+        assert set(adapter.layer_paths) == set(manifest["layers"])
+        if manifest["format_version"] in ("1.0", "1.1"):
+            assert adapter.manifest == manifest
         for layer in manifest["layers"]:
+            key = f"{layer}.lora_A"
+            assert adapter.tensors.dtype(key) == tensors[key][0]
+            assert bytes(adapter.tensors.raw(key)) == tensors[key][2]
             np.testing.assert_allclose(
-                adapter.delta(layer, np.float64), delta(manifest, tensors, layer), rtol=1e-12
+                adapter.delta(layer, np.float64), ir.delta(manifest, tensors, layer), rtol=1e-12
             )
 
 
@@ -189,7 +193,7 @@ def test_loraformat_fingerprint_matches_independent():
 
     base = VECTORS / "dora.base.safetensors"
     with Checkpoint(base) as ckpt:
-        assert ckpt.fingerprint() == fingerprint([base])
+        assert ckpt.fingerprint() == ir.fingerprint(base)
 
 
 def test_vectors_are_up_to_date():

@@ -14,9 +14,8 @@ import argparse
 import filecmp
 import json
 import math
-import os
-import struct
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -176,7 +175,8 @@ def wide_dtypes(out: Path) -> None:
     manifest["layers"] = {k: dict(v) for k, v in manifest["layers"].items()}
     manifest["layers"]["model.layers.0.mlp.up_proj"]["x-trained-steps"] = 100
     decoy = {**manifest, "alpha": 1000, "layers": {}}
-    _write_dir(out / "wide-dtypes", manifest, adapter.tensors, {"loraformat": dumps(decoy, compact=True)})
+    _write_dir(out / "wide-dtypes", manifest, adapter.tensors,
+               {"loraformat": dumps(decoy, compact=True)})
 
 
 def newer_minor(out: Path) -> None:
@@ -352,7 +352,8 @@ INVALID = {
     "truncated.safetensors": ("§1.1 item 3: the tensors tile the buffer (file cut short)",
         "truncated", _file_case(raw=lambda b: b[:-4])),
     "tensor-hole.safetensors": ("§1.1 item 3: no holes", "leaves a hole",
-        _file_case(_entry("m.q.lora_B", data_offsets=[36, 68]), data_change=lambda d: d + bytes(4))),
+        _file_case(_entry("m.q.lora_B", data_offsets=[36, 68]),
+                   data_change=lambda d: d + bytes(4))),
     "tensor-overlap.safetensors": ("§1.1 item 3: no overlap", "overlaps another tensor",
         _file_case(_entry("m.q.lora_B", data_offsets=[28, 60]), data_change=lambda d: d[:-4])),
     "trailing-bytes.safetensors": ("§1.1 item 3: no trailing bytes", "unexpected trailing bytes",
