@@ -116,6 +116,45 @@ def test_converted_and_merged_equals_peft(variant, llama):
             assert rank == min(_exact_rank(name, deltas[path].shape), *deltas[path].shape)
 
 
+@pytest.mark.slow
+def test_adalora_pruned_by_its_rank_allocator(llama, tmp_path):
+    """Real AdaLoRA training: the allocator prunes ranks (some to 0, which PEFT saves as empty
+    tensors); ranknum stays init_r. The conversion skips rank-0 layers and still equals PEFT."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_models.load_transformers(llama, "llama"), AdaLoraConfig(
+        init_r=6, target_r=2, lora_alpha=8, target_modules=TARGETS, total_step=20, tinit=2,
+        tfinal=4, deltaT=1))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    inputs = tiny_models.example_inputs("llama")
+    for step in range(20):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    with torch.no_grad():  # a larger update than 20 tiny steps give, so the check has teeth
+        for param in model.parameters():
+            if param.requires_grad:  # pruned entries of lora_E are dropped on save anyway
+                param.add_(0.3 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "peft")
+    ranks = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["rank_pattern"]
+    assert any(sum(mask) == 0 for mask in ranks.values())  # the allocator did prune
+    expected, deltas = _peft_reference(llama, tmp_path / "peft", inputs)
+    with open_base(llama) as base:
+        ctx = Context(base=base)
+        read_peft(tmp_path / "peft", context=ctx).save(tmp_path / "converted")
+        merge_checkpoint(base, [tmp_path / "converted"], tmp_path / "merged")
+    with torch.no_grad():
+        base_out = tiny_models.load_transformers(llama, "llama")(**inputs).logits
+        got = tiny_models.load_transformers(tmp_path / "merged", "llama")(**inputs).logits
+    assert (expected - base_out).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    written = set(load(tmp_path / "converted").layer_paths)
+    assert written == {p for p, d in deltas.items() if np.abs(d).max() > 0}
+    assert any("rank 0 (pruned by AdaLoRA)" in n for n in ctx.report.notes)
+
+
 def _exact_rank(name, shape):
     return {"loha": 36, "loha-small": 4, "adalora": 6, "vera": 8}.get(name) or (
         # LoKr r=2: w2 factored (rank 2); w1 factored (rank 2) only on down_proj (64 inputs)

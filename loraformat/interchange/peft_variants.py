@@ -308,7 +308,7 @@ def read_variant(
     for row in report:
         text = f"{row.path}: {peft_type} exact rank {row.exact_rank} → rank {row.rank}"
         if rank is not None or energy is not None:
-            text += f" (relative error {row.relative_error:.3g})"
+            text += f" (relative error {row.relative_error:.3e})"
         ctx.note(text)
     ctx.report.layers = len(layers)
     provenance = {
