@@ -120,7 +120,7 @@ def read_container(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, li
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise Invalid(f"{name}: not a tensor entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SIZES:
+        if not isinstance(dtype, str) or dtype not in SIZES:
             raise Invalid(f"{name}: dtype {dtype!r} not in the table")
         if not isinstance(shape, list) or len(shape) > 8 or not all(
             _int(d) and d >= 0 for d in shape

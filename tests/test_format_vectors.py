@@ -188,6 +188,40 @@ def test_loraformat_reads_vectors_identically(name: str):
             )
 
 
+@pytest.mark.parametrize("form", ["dir", "single.safetensors"])
+def test_independent_reader_agrees_on_what_loraformat_writes(tmp_path: Path, form: str):
+    """Every feature at once, in both forms, as the library (and so the CLI) writes it."""
+    import ml_dtypes
+
+    from loraformat.format.adapter import Adapter, LoraLayer, load
+
+    rng = np.random.default_rng(5)
+
+    def layer(r, i, o, dtype=np.float32, **kw):
+        rows = kw.pop("b_rows", o)
+        return LoraLayer(A=rng.standard_normal((r, i)).astype(dtype),
+                         B=rng.standard_normal((rows, r)).astype(dtype), alpha=r + 1.5,
+                         in_features=i, out_features=o, **kw)
+
+    layers = {
+        "m.q": layer(2, 8, 6, lora_bias=rng.standard_normal(6).astype(np.float32)),
+        "m.bf": layer(3, 8, 6, ml_dtypes.bfloat16),
+        "m.h": layer(2, 8, 6, np.float16, magnitude=np.ones(6, np.float16)),
+        "m.fused": layer(6, 4, 12, b_rows=8, out_rows=[(0, 4), (8, 12)]),  # needs 1.1
+        "m.emb": layer(2, 10, 4, kind="embedding"),
+    }
+    adapter = Adapter.from_layers("llama", layers, scaling="alpha/sqrt(r)",
+                                  replacements={"head.weight": np.ones((3, 4), np.float64)})
+    adapter.save(tmp_path / form)
+    manifest, tensors = ir.read(tmp_path / form)
+    assert manifest["format_version"] == "1.1"
+    with load(tmp_path / form) as written:
+        assert written.manifest == manifest
+        for path in layers:
+            np.testing.assert_allclose(written.delta(path, np.float64),
+                                       ir.delta(manifest, tensors, path), rtol=1e-12)
+
+
 def test_loraformat_fingerprint_matches_independent():
     from loraformat.checkpoint import Checkpoint
 

@@ -21,6 +21,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import independent_reader as ir
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -114,7 +115,27 @@ def exercise(path: Path, outcomes: Counter) -> None:
         _clean(str(problem), path)
     if not loaded:
         assert problems, "load refused what validate accepts"
+    _agree_with_independent_reader(path, problems)
     outcomes["valid" if not problems else "loaded" if loaded else "refused"] += 1
+
+
+def _agree_with_independent_reader(path: Path, problems: list) -> None:
+    """tests/independent_reader.py (written from the spec alone) accepts exactly what validate
+    accepts, and computes the same ΔW."""
+    try:
+        manifest, tensors = ir.read(path)
+    except ir.Invalid as exc:
+        assert problems, f"independent reader refuses what validate accepts: {exc}"
+        return
+    except (OSError, RecursionError):
+        return  # e.g. a dangling path: both refuse, by different routes
+    assert not problems, f"validate refuses what the independent reader accepts: {problems}"
+    with load(path) as adapter:
+        for layer in manifest["layers"]:
+            spec = adapter.specs[layer]
+            if spec.out_features * spec.in_features <= 100_000:
+                np.testing.assert_allclose(adapter.delta(layer, np.float64),
+                                           ir.delta(manifest, tensors, layer), rtol=1e-12)
 
 
 JSON_LEAVES = st.one_of(
