@@ -295,7 +295,9 @@ def check_layers(manifest: dict, minor: int) -> None:
             raise Invalid(f"{path}: embedding with dora/lora_bias/out_rows")
         b_rows = len(row_list(entry))
         parts = len(entry.get("out_rows", [None]))
-        bound = min(entry["in_features"], b_rows) if minor == 0 else min(
+        # the file's rules, or this reader's if it is older (§8)
+        rule = min(minor, KNOWN_MINOR)
+        bound = min(entry["in_features"], b_rows) if rule == 0 else min(
             parts * entry["in_features"], b_rows)
         if rank > bound:
             raise Invalid(f"{path}: rank {rank} over the rank rule ({bound})")

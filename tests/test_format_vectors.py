@@ -69,6 +69,21 @@ def test_independent_reader_reproduces_expected(name: str):
                np.load(EXPECTED / f"{stem}.{replaced}.replacement.npy"))
 
 
+@pytest.mark.parametrize("name", VALID)
+def test_a_1_0_reader_reads_all_it_can(name: str, monkeypatch):
+    """§8 applied to ourselves: the independent reader as a 1.0 reader reads every vector except
+    the one that needs 1.1's rank rule, which it refuses by its own rule."""
+    monkeypatch.setattr(ir, "KNOWN_MINOR", 0)
+    if name == "fused-wide":
+        with pytest.raises(ir.Invalid, match="rank rule"):
+            ir.read(VECTORS / name)
+        return
+    manifest, tensors = ir.read(VECTORS / name)
+    stem = name.removesuffix(".safetensors")
+    for layer in manifest["layers"]:
+        _close(ir.delta(manifest, tensors, layer), np.load(EXPECTED / f"{stem}.{layer}.npy"))
+
+
 @pytest.mark.parametrize("stem", INVALID_NAMES)
 def test_invalid_vectors_refused_by_both(stem: str):
     from loraformat.format.adapter import validate
