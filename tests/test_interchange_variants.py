@@ -37,10 +37,14 @@ def _configs():
     return {
         # r=6: r² = 36 > min(in, out) of every target: the lossless refactoring path
         "loha": LoHaConfig(r=6, alpha=3, target_modules=TARGETS, init_weights=False),
-        "loha-small": LoHaConfig(r=2, alpha=4, target_modules=TARGETS, init_weights=False),
+        # rank/alpha patterns resolved per module as PEFT does
+        "loha-small": LoHaConfig(r=2, alpha=4, target_modules=TARGETS, init_weights=False,
+                                 rank_pattern={"v_proj": 3}, alpha_pattern={"down_proj": 7}),
         # decompose_both: w1 = w1_a·w1_b on down_proj, full w1 elsewhere, w2 always factored
         "lokr": LoKrConfig(r=2, alpha=4, target_modules=TARGETS, decompose_both=True,
                            init_weights=False),
+        # r=8: w2 (and w1) full matrices, written W·I or I·W
+        "lokr-full": LoKrConfig(r=8, alpha=3, target_modules=TARGETS, init_weights=False),
         "adalora": AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, target_modules=TARGETS,
                                  total_step=10),
         "vera": VeraConfig(r=8, target_modules=TARGETS, save_projection=True),
@@ -81,7 +85,8 @@ def llama(tiny_checkpoint):
     return tiny_checkpoint("llama")
 
 
-@pytest.fixture(scope="module", params=["loha", "loha-small", "lokr", "adalora", "vera"])
+@pytest.fixture(scope="module",
+                params=["loha", "loha-small", "lokr", "lokr-full", "adalora", "vera"])
 def variant(request, llama, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     adapter_dir = _make(llama, request.param, root / "peft")
@@ -156,7 +161,11 @@ def test_adalora_pruned_by_its_rank_allocator(llama, tmp_path):
 
 
 def _exact_rank(name, shape):
-    return {"loha": 36, "loha-small": 4, "adalora": 6, "vera": 8}.get(name) or (
+    if name == "loha-small":
+        return 9 if shape == (16, 32) else 4  # v_proj has rank 3 by the pattern
+    if name == "lokr-full":  # full w1 (4×4 or 4×8) and full w2: rank(W1)·rank(W2) = min dims
+        return min(shape)
+    return {"loha": 36, "adalora": 6, "vera": 8}.get(name) or (
         # LoKr r=2: w2 factored (rank 2); w1 factored (rank 2) only on down_proj (64 inputs)
         4 if shape[1] == 64 else 2 * min(4, 4))
 
