@@ -61,10 +61,15 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 def _merge_quantized(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
     qtype: str | None, requantize: bool, force: bool, allow_nonfinite: bool, overwrite: bool,
+    onnx_options: bool,
 ) -> Any:
     """Merge into a GGUF or bitsandbytes 4-bit base; None when BASE is neither."""
     from ..merge.bnb import is_bnb4
     from ..merge.gguf import is_gguf
+
+    if onnx_options and (is_gguf(base) or is_bnb4(base)):
+        raise click.UsageError("--dtype, --opset, --verify, --with-past and --unshare apply to "
+                               "checkpoint and ONNX bases, not GGUF or bitsandbytes ones")
 
     common = dict(weights=list(weights), force=force, allow_nonfinite=allow_nonfinite,
                   overwrite=overwrite)
@@ -140,7 +145,8 @@ def merge_command(
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
     quantized = _merge_quantized(base, adapters, out, weights, qtype, requantize, force,
-                                 allow_nonfinite, overwrite)
+                                 allow_nonfinite, overwrite,
+                                 bool(dtype or opset or verify or with_past or unshare))
     if quantized is not None:
         _report("merged", quantized, adapters, as_json)
         return
