@@ -201,6 +201,30 @@ def test_requantize(qlora, tmp_path, kind):
     assert 0 <= result.survival.share <= 1.2
 
 
+def test_sharded_float_merge(qlora, tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(qlora.base, quantization_config=config,
+                                                 device_map="cpu")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    result = merge_bnb(tmp_path / "sharded", [qlora.adapter], tmp_path / "merged")
+    assert result.shards == len(set(index["weight_map"].values()))
+    out_index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert not any("absmax" in n or "quant" in n for n in out_index["weight_map"])
+    single = merge_bnb(qlora.nf4, [qlora.adapter], tmp_path / "single")
+    assert single.shards == 1
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 def test_survival_small_adapter_warns(qlora, tmp_path):
     small = tiny_models.peft_adapter(qlora.base, "llama", tmp_path / "small", seed=3,
                                      target_modules=["q_proj"], lora_alpha=0.02)
@@ -226,6 +250,8 @@ def test_cli_and_refusals(qlora, tmp_path):
     assert code == 2 and "--type is for GGUF" in err
     code, _, err = run("merge", qlora.base, qlora.adapter, "-o", tmp_path / "r", "--requantize")
     assert code == 2
+    code, _, err = run("unmerge", qlora.nf4, qlora.adapter, "-o", tmp_path / "u")
+    assert code == 2 and "not supported" in err
     eight = tmp_path / "eight"
     eight.mkdir()
     config = json.loads((qlora.nf4 / "config.json").read_text())

@@ -225,6 +225,14 @@ def unmerge_command(
     Exact up to float rounding. BASE is a *merged* model, so the adapter's base fingerprint is
     not checked. DoRA layers and replaced tensors cannot be unmerged and are refused.
     """
+    from ..merge.bnb import is_bnb4
+    from ..merge.gguf import is_gguf
+
+    if is_gguf(base) or is_bnb4(base):
+        raise click.UsageError(
+            "unmerge from a quantized model (GGUF, bitsandbytes) is not supported: the merge "
+            "requantized the weights, so subtracting the adapter does not give the base back"
+        )
     if _is_onnx(base):
         from ..merge.onnx_surgery import merge_onnx
 

@@ -174,18 +174,21 @@ def merge_bnb(
         total, done = len(plan.ops), 0
         if progress is not None:
             progress(0, total)
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
         weight_map: dict[str, str] = {}
         with atomic_dir(target) as tmp:
             for shard in ckpt.shards:
                 st = ckpt.shard_file(shard)
                 entries: list[TensorEntry] = []
                 for name in st:
-                    made = _entries(ckpt, quantized, plan, name, requantize, report, where)
-                    if name in plan.ops:
-                        done += 1
-                        if progress is not None:
-                            progress(done, total)
-                    entries.extend(made)
+                    entries.extend(_entries(ckpt, quantized, plan, name, requantize, report,
+                                            where, step))
                 for entry in entries:
                     weight_map[entry.name] = shard
                 write_safetensors(tmp / shard, entries, metadata=st.metadata or None)
@@ -200,9 +203,12 @@ def _raw(ckpt: Checkpoint, name: str) -> TensorEntry:
 
 
 def _entries(ckpt: Checkpoint, quantized: _Quantized, plan: MergePlan, name: str,
-             requantize: bool, report: SurvivalReport | None, where: Path) -> list[TensorEntry]:
+             requantize: bool, report: SurvivalReport | None, where: Path,
+             step: Callable[[], None]) -> list[TensorEntry]:
     """The output tensors for input tensor ``name`` (none for an auxiliary one: its weight's
-    entry writes it)."""
+    entry writes it). Float outputs are computed when the writer reaches them, so one merged
+    tensor is in memory at a time; a requantized weight is computed here (its state blob's
+    length is needed for the header), and kept only in its 4-bit form."""
     op = plan.ops.get(name)
     if name in quantized.aux_of:
         weight = quantized.aux_of[name]
@@ -210,18 +216,30 @@ def _entries(ckpt: Checkpoint, quantized: _Quantized, plan: MergePlan, name: str
             return [_raw(ckpt, name)]
         return []  # dropped (float output) or rewritten with its weight
     state = quantized.states.get(name)
-    if state is None:
-        if op is None:
-            return [_raw(ckpt, name)]
-        return [TensorEntry.of(name, np.ascontiguousarray(op.apply(ckpt.numpy(name))))]
-    names = set(ckpt.names())
-    if requantize and op is None:
+    if op is None and (state is None or requantize):
         return [_raw(ckpt, name)]
-    w = bnb4.dequantize(ckpt.numpy(name), state)
+    if state is None:
+        assert op is not None
+        info = ckpt.info(name)
+
+        def merged_plain() -> np.ndarray:
+            step()
+            return np.ascontiguousarray(op.apply(ckpt.numpy(name)))
+
+        return [TensorEntry(name, info.dtype, tuple(info.shape), merged_plain)]
     if not requantize:
         dtype = _float_dtype(state.dtype, where, name)
-        return [TensorEntry.of(name, _cast(op.apply(w) if op else w, dtype))]
+
+        def dequantized() -> np.ndarray:
+            w = bnb4.dequantize(ckpt.numpy(name), state)
+            if op is None:
+                return _cast(w, dtype)
+            step()
+            return _cast(op.apply(w, inplace=True), dtype)
+
+        return [TensorEntry(name, dtype, tuple(state.shape), dequantized)]
     assert op is not None and report is not None
+    w = bnb4.dequantize(ckpt.numpy(name), state)
     merged = np.asarray(op.apply(w), dtype=np.float32)
     figures, (packed, aux) = measure(
         name, w, merged,
@@ -230,8 +248,9 @@ def _entries(ckpt: Checkpoint, quantized: _Quantized, plan: MergePlan, name: str
         qtype=state.quant_type.upper(), stored=w,
     )
     report.add(figures)
+    step()
     out = [TensorEntry.of(name, packed.reshape(ckpt.info(name).shape))]
-    for aux_name in bnb4.aux_names(name, names):
+    for aux_name in bnb4.aux_names(name, set(ckpt.names())):
         suffix = "quant_state" if bnb4.STATE_SUFFIX in aux_name else aux_name[len(name):]
         value = aux[suffix]
         info = ckpt.info(aux_name)

@@ -165,24 +165,28 @@ def _merge_tensor(
     return w, np.ascontiguousarray(np.take(merged, perm, axis=axis))
 
 
-def _write_same_layout(base: Path, out: Path, changes: dict[int, bytes | np.ndarray]) -> None:
-    """Copy ``base`` to ``out`` (atomically) and overwrite the changed tensors' byte ranges."""
+def _write_same_layout(base: Path, out: Path, changed: Mapping[str, object],
+                       tensors: Mapping[str, Any], produce: Callable[[str], np.ndarray]) -> None:
+    """Copy ``base`` to ``out`` (atomically), then overwrite each changed tensor's bytes in
+    place, one tensor at a time."""
     with atomic_file(out) as handle:
         with open(base, "rb") as src:
             shutil.copyfileobj(src, handle, _COPY_CHUNK)
         handle.flush()
-        for offset, data in sorted(changes.items()):
-            os.pwrite(handle.fileno(), memoryview(np.ascontiguousarray(data)).cast("B"), offset)
+        for name in changed:
+            data = produce(name)
+            assert data.nbytes == tensors[name].n_bytes
+            os.pwrite(handle.fileno(), memoryview(data), tensors[name].data_offset)
 
 
 def _pad(n: int, alignment: int) -> int:
     return -n % alignment
 
 
-def _write_relayout(
-    reader: Any, base: Path, out: Path, new: dict[str, tuple[Any, np.ndarray]]
-) -> None:
-    """Write the KV section verbatim, a new tensor-info table, and the data with new offsets."""
+def _write_relayout(reader: Any, base: Path, out: Path, types: Mapping[str, Any],
+                    produce: Callable[[str], np.ndarray]) -> None:
+    """Write the KV section verbatim, a new tensor-info table (sizes follow from the types), and
+    the data at the new offsets, producing each changed tensor when its turn comes."""
     import gguf
 
     if reader.endianess != gguf.GGUFEndian.LITTLE:
@@ -191,13 +195,12 @@ def _write_relayout(
     tensors = list(reader.tensors)
     kv_end = tensors[0].field.offset if tensors else reader.data_offset
     infos = bytearray()
-    offsets, offset = [], 0
+    offset = 0
     for t in tensors:
-        kind, data = new.get(t.name, (t.tensor_type, None))
-        size = t.n_bytes if data is None else data.nbytes
-        offsets.append(offset)
-        encoded = t.name.encode("utf-8")
+        kind = types.get(t.name, t.tensor_type)
         dims = [int(d) for d in t.shape.tolist()]
+        size = ggml.nbytes(kind, list(reversed(dims))) if t.name in types else t.n_bytes
+        encoded = t.name.encode("utf-8")
         infos += struct.pack("<Q", len(encoded)) + encoded + struct.pack("<I", len(dims))
         infos += struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", int(kind), offset)
         offset += size + _pad(size, alignment)
@@ -206,20 +209,19 @@ def _write_relayout(
         handle.write(bytes(infos))
         handle.write(b"\0" * _pad(kv_end + len(infos), alignment))
         for t in tensors:
-            data = new.get(t.name, (None, None))[1]
-            if data is None:
+            if t.name in types:
+                data = produce(t.name)
+                handle.write(memoryview(data))
+                size = data.nbytes
+            else:
                 src.seek(t.data_offset)
-                left = t.n_bytes
+                left = size = t.n_bytes
                 while left:
                     chunk = src.read(min(left, _COPY_CHUNK))
                     if not chunk:
                         raise LoraformatError(base, "file ended early while copying a tensor")
                     handle.write(chunk)
                     left -= len(chunk)
-                size = t.n_bytes
-            else:
-                handle.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-                size = data.nbytes
             handle.write(b"\0" * _pad(size, alignment))
 
 
@@ -289,35 +291,36 @@ def merge_gguf(
         report = SurvivalReport(
             threshold=DEFAULT_THRESHOLD if threshold is None else threshold, advice=ADVICE
         )
-        new: dict[str, tuple[Any, np.ndarray]] = {}
-        total = len(plan.ops)
+        changed: dict[str, TensorOp] = {by_weight[w][1]: op for w, op in plan.ops.items()}
+        types = {name: out_type or by_name[name].tensor_type for name in changed}
+        total, done = len(changed), 0
         if progress is not None:
             progress(0, total)
-        for done, op in enumerate(plan.ops.values(), 1):
-            dense, name, perm = by_weight[op.name]
-            tensor = by_name[name]
-            kind = out_type or tensor.tensor_type
-            w, merged = _merge_tensor(op, tensor, perm, dense.layout, base_path)
+
+        def produce(name: str) -> np.ndarray:
+            """The new bytes of one changed tensor (merged, requantized, measured)."""
+            nonlocal done
+            dense, _, perm = by_weight[changed[name].name]
+            tensor, kind = by_name[name], types[name]
+            w, merged = _merge_tensor(changed[name], tensor, perm, dense.layout, base_path)
             figures, data = measure(
                 name, w, merged,
-                lambda x, k=kind: ggml.quantize(x, k, base_path),
-                lambda q, k=kind, s=w.shape: ggml.dequantize(q, k, s, base_path),
+                lambda x: ggml.quantize(x, kind, base_path),
+                lambda q: ggml.dequantize(q, kind, w.shape, base_path),
                 qtype=kind.name, stored=w if kind == tensor.tensor_type else None,
             )
             report.add(figures)
-            new[name] = (kind, data)
+            done += 1
             if progress is not None:
                 progress(done, total)
-        if all(data.nbytes == by_name[n].n_bytes for n, (_, data) in new.items()) and all(
-            kind == by_name[n].tensor_type for n, (kind, _) in new.items()
-        ):
-            _write_same_layout(
-                base_path, target, {by_name[n].data_offset: d for n, (_, d) in new.items()}
-            )
+            return data
+
+        if all(kind == by_name[name].tensor_type for name, kind in types.items()):
+            _write_same_layout(base_path, target, changed, by_name, produce)
         else:
-            _write_relayout(reader, base_path, target, new)
+            _write_relayout(reader, base_path, target, types, produce)
     return GgufMergeResult(
-        target, plan.layer_count, len(new), {n: k.name for n, (k, _) in new.items()}, report
+        target, plan.layer_count, len(changed), {n: k.name for n, k in types.items()}, report
     )
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 #: Layers keeping less than this share of their ΔW are named in the warning.
 DEFAULT_THRESHOLD = 0.5
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -127,20 +128,20 @@ def measure(
     exactly what was measured.
     """
     quantized = quantize(merged)
-    back = np.asarray(dequantize(quantized), dtype=np.float64)
+    back = np.asarray(dequantize(quantized))
     if stored is None:
         stored = np.asarray(dequantize(quantize(weight)))
-    w = np.asarray(weight, dtype=np.float64)
-    m = np.asarray(merged, dtype=np.float64)
-    delta = m - w
-    change = back - np.asarray(stored, dtype=np.float64)
-    figures = LayerSurvival(
-        name=name,
-        qtype=qtype,
-        delta_norm=float(np.linalg.norm(delta)),
-        error_norm=float(np.linalg.norm(back - m)),
-        carried=float(np.vdot(change, delta)),
-    )
+    delta_sq = error_sq = carried = 0.0
+    # float64 sums over chunks: exact enough, and a few MB of temporaries whatever the size
+    flat = [np.asarray(a).reshape(-1) for a in (weight, merged, back, stored)]
+    for start in range(0, flat[0].size, _CHUNK):
+        w, m, b, s = (a[start : start + _CHUNK].astype(np.float64) for a in flat)
+        delta = m - w
+        delta_sq += float(np.dot(delta, delta))
+        error = b - m
+        error_sq += float(np.dot(error, error))
+        carried += float(np.dot(b - s, delta))
+    figures = LayerSurvival(name, qtype, delta_sq**0.5, error_sq**0.5, carried)
     return figures, quantized
 
 
