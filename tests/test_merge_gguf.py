@@ -296,3 +296,30 @@ def test_ggml_codec_matches_gguf_py():
     with pytest.raises(LoraformatError, match="unknown GGUF type 'Q9'"):
         ggml.qtype("Q9")
     assert torch is not None
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_embedding_and_head(lm, tmp_path, kind):
+    """token_embd (an embedding: ΔW is added transposed) and output (lm_head) merge like PEFT."""
+    from peft import PeftModel
+
+    adapter = tiny_models.peft_adapter(lm.base, "llama", tmp_path / "emb", seed=5,
+                                       target_modules=["embed_tokens", "lm_head", "k_proj"])
+    model = PeftModel.from_pretrained(tiny_models.load_transformers(lm.base, "llama"), adapter)
+    merged = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
+    base = write_model(lm.tensors, lm.config, tmp_path / "base.gguf", kind)
+    result = merge_gguf(base, [adapter], tmp_path / "m.gguf")
+    assert result.tensors_changed == 4
+    got, before = read_model(tmp_path / "m.gguf"), read_model(base)
+    for hf in ("model.embed_tokens.weight", "lm_head.weight",
+               "model.layers.1.self_attn.k_proj.weight"):
+        name = gguf_name(hf)
+        target = before[name][1] + llama_cpp_order(hf, merged[hf] - lm.tensors[hf], lm.config)
+        if kind == "F32":
+            np.testing.assert_allclose(got[name][1], target, atol=2e-6, err_msg=name)
+        else:
+            expected = gguf.quants.quantize(target.astype(np.float32),
+                                            gguf.GGMLQuantizationType.Q8_0)
+            mismatched = np.count_nonzero(np.frombuffer(got[name][2], np.uint8) !=
+                                          np.ascontiguousarray(expected).reshape(-1))
+            assert mismatched <= 2, (name, mismatched)
