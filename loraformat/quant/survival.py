@@ -26,7 +26,7 @@ import numpy as np
 
 #: Layers keeping less than this share of their ΔW are named in the warning.
 DEFAULT_THRESHOLD = 0.5
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -132,13 +132,14 @@ def measure(
     if stored is None:
         stored = np.asarray(dequantize(quantize(weight)))
     delta_sq = error_sq = carried = 0.0
-    # float64 sums over chunks: exact enough, and a few MB of temporaries whatever the size
-    flat = [np.asarray(a).reshape(-1) for a in (weight, merged, back, stored)]
+    # Differences in float32 (exact enough: they are what the file stores), each chunk's dot
+    # product summed in float64: few passes over memory, and small temporaries at any size.
+    flat = [np.asarray(a, dtype=np.float32).reshape(-1) for a in (weight, merged, back, stored)]
     for start in range(0, flat[0].size, _CHUNK):
-        w, m, b, s = (a[start : start + _CHUNK].astype(np.float64) for a in flat)
+        w, m, b, s = (a[start : start + _CHUNK] for a in flat)
         delta = m - w
-        delta_sq += float(np.dot(delta, delta))
         error = b - m
+        delta_sq += float(np.dot(delta, delta))
         error_sq += float(np.dot(error, error))
         carried += float(np.dot(b - s, delta))
     figures = LayerSurvival(name, qtype, delta_sq**0.5, error_sq**0.5, carried)
