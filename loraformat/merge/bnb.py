@@ -249,7 +249,8 @@ def _entries(ckpt: Checkpoint, quantized: _Quantized, plan: MergePlan, name: str
     )
     report.add(figures)
     step()
-    out = [TensorEntry.of(name, packed.reshape(ckpt.info(name).shape))]
+    info = ckpt.info(name)  # packed codes keep the stored dtype (bnb_4bit_quant_storage)
+    out = [TensorEntry.of(name, packed.reshape(-1).view(DTYPES[info.dtype]).reshape(info.shape))]
     for aux_name in bnb4.aux_names(name, set(ckpt.names())):
         suffix = "quant_state" if bnb4.STATE_SUFFIX in aux_name else aux_name[len(name):]
         value = aux[suffix]
