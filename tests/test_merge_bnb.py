@@ -26,7 +26,7 @@ from loraformat.merge.bnb import is_bnb4, merge_bnb
 from loraformat.quant import bnb4
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]  # transformers, peft
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -16,13 +16,13 @@ import gguf
 import numpy as np
 import pytest
 import tiny_models
-import torch
 from loraformat_plugins.llama import gguf_permutation
 from test_cli_errors import assert_one_line_error, run
 
 from loraformat.errors import LoraformatError
 from loraformat.merge.gguf import merge_gguf
-from loraformat.quant import ggml
+
+pytestmark = pytest.mark.slow  # PEFT references
 
 BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -276,26 +276,6 @@ def test_wrong_architecture_and_shape_refused(lm, tiny_checkpoint, tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(LoraformatError, match="not a readable GGUF file"):
         merge_gguf(tmp_path / "bad.gguf", [other], tmp_path / "m.gguf")
-
-
-def test_ggml_codec_matches_gguf_py():
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal((4, 64)).astype(np.float32)
-    for kind in ggml.QUANTIZABLE:
-        raw = ggml.quantize(values, kind)
-        assert raw.nbytes == ggml.nbytes(kind, values.shape)
-        ref = gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind])
-        assert bytes(raw) == np.ascontiguousarray(ref).tobytes()
-        back = ggml.dequantize(raw, kind, values.shape)
-        assert back.dtype == np.float32 and back.shape == values.shape
-    # k-quants dequantize (gguf-py's codec) but are not writable
-    with pytest.raises(LoraformatError, match="Q6_K"):
-        ggml.check_writable("Q6_K", (4, 256), "x.gguf", "t")
-    with pytest.raises(LoraformatError, match="not a whole number of Q4_0 blocks"):
-        ggml.check_writable("Q4_0", (4, 48), "x.gguf", "t")
-    with pytest.raises(LoraformatError, match="unknown GGUF type 'Q9'"):
-        ggml.qtype("Q9")
-    assert torch is not None
 
 
 @pytest.mark.parametrize("kind", ["F32", "Q8_0"])
