@@ -38,8 +38,6 @@ from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
 from .plan import TensorOp, open_adapters, plan_merge
 
 Progress = Callable[[int, int], None]
-#: llama.cpp ``general.architecture`` → loraformat architecture id, where they differ.
-ARCHITECTURES: dict[str, str] = {}
 ADVICE = (
     "keep the adapter separate (llama.cpp --lora adapter.gguf, from `loraformat convert ADAPTER "
     "-o adapter.gguf --base BASE`) or merge into a finer type (--type Q8_0 or F16)"
@@ -135,6 +133,15 @@ def gguf_layers(
                 )
         layers[path] = (dense, name, perm)
     return layers
+
+
+def _architecture(arch_name: str) -> str:
+    """loraformat's architecture id for llama.cpp's ``general.architecture`` (one mapping, kept
+    with the GGUF adapter codec)."""
+    from ..interchange.gguf import LLAMA_CPP_ARCH
+
+    inverse = {cpp: ours for ours, cpp in LLAMA_CPP_ARCH.items()}
+    return inverse.get(arch_name, arch_name)
 
 
 def _open_reader(path: Path) -> Any:
@@ -255,7 +262,7 @@ def merge_gguf(
         raise LoraformatError(base_path, "GGUF file has no general.architecture")
     if _field(reader, "general.type") == "adapter":
         raise LoraformatError(base_path, "is a GGUF adapter, not a model; merge needs a model")
-    architecture = ARCHITECTURES.get(arch_name, arch_name)
+    architecture = _architecture(arch_name)
     config = gguf_config(reader, arch_name)
     by_name = {t.name: t for t in reader.tensors}
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
@@ -324,5 +331,5 @@ def merge_gguf(
     )
 
 
-__all__ = ["ARCHITECTURES", "GgufMergeResult", "gguf_config", "gguf_layers", "is_gguf",
+__all__ = ["GgufMergeResult", "gguf_config", "gguf_layers", "is_gguf",
            "merge_gguf"]
