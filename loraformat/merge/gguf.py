@@ -153,12 +153,25 @@ def _open_reader(path: Path) -> Any:
         raise LoraformatError(path, f"not a readable GGUF file ({exc})") from None
 
 
+def _read(fd: int, tensor: Any, where: Path) -> np.ndarray:
+    """A tensor's bytes, read (not mapped): the reader's memory map would leave every merged
+    tensor's pages resident, so peak RSS would grow with the model."""
+    data = bytearray(tensor.n_bytes)
+    view, got = memoryview(data), 0
+    while got < len(data):
+        n = os.preadv(fd, [view[got:]], tensor.data_offset + got)
+        if n <= 0:
+            raise LoraformatError(where, "file ended early while reading a tensor")
+        got += n
+    return np.frombuffer(data, dtype=np.uint8)
+
+
 def _merge_tensor(
-    op: TensorOp, tensor: Any, perm: np.ndarray | None, layout: str, where: Path
+    op: TensorOp, tensor: Any, perm: np.ndarray | None, layout: str, where: Path, fd: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(W, W') as float32 in llama.cpp's row order."""
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    w = ggml.dequantize(tensor.data, tensor.tensor_type, shape, where)
+    w = ggml.dequantize(_read(fd, tensor, where), tensor.tensor_type, shape, where)
     axis = 0 if layout == "out_in" else 1
     if perm is None:
         return w, op.apply(w)
@@ -303,13 +316,15 @@ def merge_gguf(
         total, done = len(changed), 0
         if progress is not None:
             progress(0, total)
+        fd = os.open(base_path, os.O_RDONLY)
+        stack.callback(os.close, fd)
 
         def produce(name: str) -> np.ndarray:
             """The new bytes of one changed tensor (merged, requantized, measured)."""
             nonlocal done
             dense, _, perm = by_weight[changed[name].name]
             tensor, kind = by_name[name], types[name]
-            w, merged = _merge_tensor(changed[name], tensor, perm, dense.layout, base_path)
+            w, merged = _merge_tensor(changed[name], tensor, perm, dense.layout, base_path, fd)
             figures, data = measure(
                 name, w, merged,
                 lambda x: ggml.quantize(x, kind, base_path),
