@@ -189,6 +189,9 @@ def test_type_option_relayouts_and_round_trips(lm, tmp_path):
     src = gguf.GGUFReader(str(model))
     assert {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")} == \
         {k: v.contents() for k, v in src.fields.items() if not k.startswith("GGUF.")}
+    kv_end = src.tensors[0].field.offset  # header and every KV entry: the same bytes
+    assert reader.tensors[0].field.offset == kv_end
+    assert (tmp_path / "merged.gguf").read_bytes()[:kv_end] == model.read_bytes()[:kv_end]
     for hf in tensors:
         name = gguf_name(hf)
         if "proj" in hf:
