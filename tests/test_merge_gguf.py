@@ -147,7 +147,7 @@ def _expected_quantized(hf: str, before: np.ndarray, delta_hf: np.ndarray, confi
     return bytes(gguf.quants.quantize(target.astype(np.float32), gguf.GGMLQuantizationType[kind]))
 
 
-@pytest.mark.parametrize("kind", ["F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("kind", ["F16", "BF16", "Q8_0", "Q5_1", "Q4_0"])
 def test_quantized_merge_keeps_types_and_requantizes(lm, tmp_path, kind):
     config, adapter, tensors, merged = lm.config, lm.adapter, lm.tensors, lm.merged
     model = write_model(tensors, config, tmp_path / "base.gguf", kind)
