@@ -53,7 +53,7 @@ class GgufMergeResult:
     layers: int
     tensors_changed: int
     types: dict[str, str]  # changed tensor → the type written
-    survival: SurvivalReport
+    survival: SurvivalReport | None  # None when every changed tensor was written as F32
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
@@ -325,13 +325,16 @@ def merge_gguf(
             dense, _, perm = by_weight[changed[name].name]
             tensor, kind = by_name[name], types[name]
             w, merged = _merge_tensor(changed[name], tensor, perm, dense.layout, base_path, fd)
-            figures, data = measure(
-                name, w, merged,
-                lambda x: ggml.quantize(x, kind, base_path),
-                lambda q: ggml.dequantize(q, kind, w.shape, base_path),
-                qtype=kind.name, stored=w if kind == tensor.tensor_type else None,
-            )
-            report.add(figures)
+            if kind.name == "F32":  # stored exactly: nothing to measure
+                data = ggml.quantize(merged, kind, base_path)
+            else:
+                figures, data = measure(
+                    name, w, merged,
+                    lambda x: ggml.quantize(x, kind, base_path),
+                    lambda q: ggml.dequantize(q, kind, w.shape, base_path),
+                    qtype=kind.name, stored=w if kind == tensor.tensor_type else None,
+                )
+                report.add(figures)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -342,7 +345,8 @@ def merge_gguf(
         else:
             _write_relayout(reader, base_path, target, types, produce)
     return GgufMergeResult(
-        target, plan.layer_count, len(changed), {n: k.name for n, k in types.items()}, report
+        target, plan.layer_count, len(changed), {n: k.name for n, k in types.items()},
+        report if report.layers else None,
     )
 
 
