@@ -305,3 +305,58 @@ def test_embedding_and_head(lm, tmp_path, kind):
             mismatched = np.count_nonzero(np.frombuffer(got[name][2], np.uint8) !=
                                           np.ascontiguousarray(expected).reshape(-1))
             assert mismatched <= 2, (name, mismatched)
+
+
+GPT2_NAMES = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
+GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+              "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def gpt2_gguf_name(hf: str) -> str:
+    _, rest = hf.split(".", 1)
+    module, suffix = rest.rsplit(".", 1)
+    if module in GPT2_NAMES:
+        return f"{GPT2_NAMES[module]}.{suffix}"
+    _, n, sub = module.split(".", 2)
+    return f"blk.{n}.{GPT2_BLOCK[sub]}.{suffix}"
+
+
+def test_gpt2_conv1d_fused_qkv(tiny_checkpoint, tmp_path):
+    """GPT-2 as llama.cpp stores it: Conv1D weights transposed to [out, in], fused attn_qkv."""
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+
+    base = tiny_checkpoint("gpt2")
+    config = json.loads((base / "config.json").read_text())
+    tensors = {k: v for k, v in load_file(str(base / "model.safetensors")).items()
+               if not k.endswith(".attn.bias") and not k.endswith("masked_bias")}
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    writer.add_block_count(config["n_layer"])
+    writer.add_context_length(config["n_positions"])
+    writer.add_embedding_length(config["n_embd"])
+    writer.add_feed_forward_length(4 * config["n_embd"])
+    writer.add_head_count(config["n_head"])
+    writer.add_layer_norm_eps(1e-5)
+    for hf, array in tensors.items():
+        array = array.T if hf.endswith(conv1d) else array
+        writer.add_tensor(gpt2_gguf_name(hf), np.ascontiguousarray(array, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    adapter = tiny_models.peft_adapter(base, "gpt2", tmp_path / "peft",
+                                       target_modules=["c_attn", "c_proj", "c_fc"])
+    model = PeftModel.from_pretrained(tiny_models.load_transformers(base, "gpt2"), adapter)
+    merged = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
+    result = merge_gguf(tmp_path / "gpt2.gguf", [adapter], tmp_path / "m.gguf")
+    assert result.tensors_changed == 8
+    got, before = read_model(tmp_path / "m.gguf"), read_model(tmp_path / "gpt2.gguf")
+    for hf in tensors:
+        name = gpt2_gguf_name(hf)
+        if (hf.endswith(conv1d) and "c_proj" not in hf.split(".")[-3:-1]) or hf.endswith(
+                ("attn.c_proj.weight", "mlp.c_proj.weight")):
+            np.testing.assert_allclose(got[name][1], merged[hf].T, atol=2e-6, err_msg=name)
+            assert not np.array_equal(got[name][1], before[name][1])
+        else:
+            assert got[name][2] == before[name][2], name

@@ -107,12 +107,14 @@ def gguf_layers(
         path = registry.layer_path(architecture, config, name.removesuffix(".weight"), "gguf")
         if path is not None:
             found[path] = (name, shape)
-    kinds = {
-        d.path: d
-        for d in registry.dense_layers(
-            architecture, config, {p + ".weight": s for p, (_, s) in found.items()}
-        )
-    }
+    # The plugin reads shapes in its checkpoint's layout; a linear layer it stores [in, out]
+    # (GPT-2's Conv1D) is [out, in] in GGUF, so ask again with those shapes turned back, so that
+    # fused parts (rows of the output) come out right.
+    shapes_hf = {p + ".weight": s for p, (_, s) in found.items()}
+    for d in registry.dense_layers(architecture, config, shapes_hf):
+        if d.layout == "in_out" and d.kind == "linear":
+            shapes_hf[d.weight] = tuple(reversed(shapes_hf[d.weight]))
+    kinds = {d.path: d for d in registry.dense_layers(architecture, config, shapes_hf)}
     layers = {}
     for path, (name, shape) in found.items():
         plugin = kinds.get(path)
