@@ -97,7 +97,7 @@ def _merge_quantized(
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (merged checkpoint), a .safetensors file (single-file base), "
-                   "or a .onnx file (ONNX model).")
+                   "a .onnx file (ONNX model), or a .gguf file (GGUF base).")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=_DTYPES, default=None,
