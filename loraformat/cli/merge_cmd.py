@@ -17,6 +17,7 @@ def _is_onnx(path: str) -> bool:
 
 
 def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) -> None:
+    survival = getattr(result, "survival", None)  # quantized merges: what the adapter kept
     data = {
         "output": str(result.path),
         "adapters": list(adapters),
@@ -27,6 +28,8 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
         if hasattr(result, key):
             value = getattr(result, key)
             data[key] = str(value) if isinstance(value, Path) else value
+    if survival is not None:
+        data["survival"] = survival.to_json()
     if as_json:
         echo_json(data)
         return
@@ -48,6 +51,45 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
             f"({result.verify_provider}) and torch on random inputs (tolerance "
             f"{result.tolerance:.3g}): ok"
         )
+    if survival is not None:
+        for line in survival.table():
+            click.echo(line)
+    if survival is not None and survival.warning():
+        click.echo(f"warning: {survival.warning()}", err=True)
+
+
+def _merge_quantized(
+    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
+    qtype: str | None, requantize: bool, force: bool, allow_nonfinite: bool, overwrite: bool,
+    onnx_options: bool,
+) -> Any:
+    """Merge into a GGUF or bitsandbytes 4-bit base; None when BASE is neither."""
+    from ..merge.bnb import is_bnb4
+    from ..merge.gguf import is_gguf
+
+    if onnx_options and (is_gguf(base) or is_bnb4(base)):
+        raise click.UsageError("--dtype, --opset, --verify, --with-past and --unshare apply to "
+                               "checkpoint and ONNX bases, not GGUF or bitsandbytes ones")
+
+    common = dict(weights=list(weights), force=force, allow_nonfinite=allow_nonfinite,
+                  overwrite=overwrite)
+    if is_gguf(base):
+        from ..merge.gguf import merge_gguf
+
+        if requantize:
+            raise click.UsageError("--requantize is for bitsandbytes bases; a GGUF base is "
+                                   "always requantized (choose the type with --type)")
+        with progress("merging") as bar:
+            return merge_gguf(base, list(adapters), out, qtype=qtype, progress=bar, **common)
+    if is_bnb4(base):
+        from ..merge.bnb import merge_bnb
+
+        if qtype:
+            raise click.UsageError("--type is for GGUF bases; use --requantize for 4-bit output")
+        with progress("merging") as bar:
+            return merge_bnb(base, list(adapters), out, requantize=requantize, progress=bar,
+                             **common)
+    return None
 
 
 @click.command("merge")
@@ -55,7 +97,7 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (merged checkpoint), a .safetensors file (single-file base), "
-                   "or a .onnx file (ONNX model).")
+                   "a .onnx file (ONNX model), or a .gguf file (GGUF base).")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=_DTYPES, default=None,
@@ -76,23 +118,41 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @click.option("--optimize", is_flag=True,
               help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
               "FastGelu, RMSNorm).")
+@click.option("--type", "qtype", default=None, metavar="TYPE",
+              help="GGUF base: the type adapted tensors are written in (default: their own; "
+                   "F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0).")
+@click.option("--requantize", is_flag=True,
+              help="bitsandbytes 4-bit base: write the same 4-bit layout (default: a float "
+                   "checkpoint, the QLoRA recipe).")
 @overwrite_option
 @json_option
 def merge_command(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], dtype: str,
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
+    qtype: str | None = None, requantize: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
-    BASE is a Hugging Face checkpoint directory (single or sharded safetensors) or an ONNX model
-    (.onnx, merged by initializer surgery, no torch). Each ADAPTER is a loraformat adapter or a
-    PEFT adapter directory. OUT decides the product: a directory gets a merged checkpoint (same
-    shards and names, config copied), a .onnx file an ONNX model with the same graph as the base
-    and merged weights.
+    BASE is a Hugging Face checkpoint directory (single or sharded safetensors), an ONNX model
+    (.onnx, merged by initializer surgery, no torch), a llama.cpp GGUF model (-o x.gguf; adapted
+    tensors requantized to their type) or a bitsandbytes 4-bit checkpoint (float output, or
+    --requantize); quantized merges report how much of the adapter survived. Each ADAPTER is a
+    loraformat adapter or a PEFT adapter directory. OUT decides the product: a directory gets a
+    merged checkpoint (same shards and names, config copied), a .onnx file an ONNX model with the
+    same graph as the base and merged weights.
     """
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
+    quantized = _merge_quantized(base, adapters, out, weights, qtype, requantize, force,
+                                 allow_nonfinite, overwrite,
+                                 bool(dtype or opset or verify or with_past or unshare))
+    if quantized is not None:
+        _report("merged", quantized, adapters, as_json)
+        return
+    if qtype or requantize:
+        raise click.UsageError("--type applies to a GGUF base, --requantize to a bitsandbytes "
+                               "4-bit base")
     if with_past:
         if _is_onnx(base) or not _is_onnx(out):
             raise click.UsageError("--with-past exports a checkpoint BASE to -o ....onnx")
@@ -165,6 +225,14 @@ def unmerge_command(
     Exact up to float rounding. BASE is a *merged* model, so the adapter's base fingerprint is
     not checked. DoRA layers and replaced tensors cannot be unmerged and are refused.
     """
+    from ..merge.bnb import is_bnb4
+    from ..merge.gguf import is_gguf
+
+    if is_gguf(base) or is_bnb4(base):
+        raise click.UsageError(
+            "unmerge from a quantized model (GGUF, bitsandbytes) is not supported: the merge "
+            "requantized the weights, so subtracting the adapter does not give the base back"
+        )
     if _is_onnx(base):
         from ..merge.onnx_surgery import merge_onnx
 
