@@ -10,6 +10,7 @@ from pathlib import Path
 from . import architecture as arch
 from .checkpoint import Checkpoint
 from .errors import LoraformatError
+from .sniff import require_base
 
 
 @dataclass
@@ -59,6 +60,7 @@ class BaseModel:
 
 def open_base(path: str | os.PathLike[str], architecture: str | None = None) -> BaseModel:
     """Open a checkpoint and detect its architecture (or use the one given)."""
+    require_base(path)  # another kind of file is refused saying what it is, not how it fails
     checkpoint = Checkpoint(path)
     try:
         if architecture is None:

@@ -105,10 +105,18 @@ def require_base(path: str | os.PathLike[str], accepted: tuple[str, ...] = (
     CHECKPOINT, SAFETENSORS_MODEL)) -> FileKind:
     """``path`` identified as a base of one of the ``accepted`` kinds, else one line naming what
     it is instead ("is an ONNX Runtime adapter (.onnx_adapter), not a model")."""
+    path = Path(path)
+    onnx = path.suffix == ".onnx" and ONNX_MODEL in accepted
+    if not path.exists():
+        raise LoraformatError(path, "ONNX model not found" if onnx else "base checkpoint not found")
     kind = identify(path)
     if kind.is_base and kind.format in accepted:
         return kind
-    wanted = " or ".join(BASE_KIND_NAMES[k] for k in accepted)
+    if kind.role == UNKNOWN and onnx and path.is_file():
+        # content unrecognised but named .onnx: the ONNX reader says what is wrong with it
+        return FileKind(BASE, ONNX_MODEL, "an ONNX model (.onnx)", path)
+    names = [BASE_KIND_NAMES[k] for k in accepted]
+    wanted = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     if kind.is_base:
         raise LoraformatError(path, f"is {kind.what}; a base here must be {wanted}")
     hint = " (adapters go after BASE)" if kind.is_adapter else ""

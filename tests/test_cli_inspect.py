@@ -112,7 +112,8 @@ def test_bad_input_one_line(tmp_path: Path, what: str):
         (path / "adapter.json").write_text("{not json")
         text = "manifest is not valid JSON"
     else:
-        path, text = tmp_path / "plain.safetensors", "not a loraformat adapter"
+        path = tmp_path / "plain.safetensors"
+        text = "is a model checkpoint (single .safetensors), not a LoRA adapter"
         write_safetensors(path, {"w": np.zeros(2, np.float32)})
     for command in ("inspect", "validate"):
         _one_error_line(run_cli(command, str(path)), path, text)

@@ -7,13 +7,48 @@ from typing import Any
 
 import click
 
-from ._common import echo_json, json_option, overwrite_option, progress
+from .. import sniff
+from ..errors import LoraformatError
+from ..format.adapter import Adapter
+from ._common import (
+    echo_json,
+    from_option,
+    json_option,
+    opened_adapters,
+    overwrite_option,
+    progress,
+)
 
 _DTYPES = click.Choice(["float32", "float16"])
 
 
 def _is_onnx(path: str) -> bool:
+    """For outputs, whose kind their suffix chooses (BASE is told by content: _onnx_base)."""
     return Path(path).suffix == ".onnx"
+
+
+def _onnx_base(base: str) -> bool:
+    """Whether BASE is an ONNX model (else a checkpoint directory or single .safetensors), by
+    content; anything else is refused in one line saying what it is."""
+    kind = sniff.require_base(
+        base, (sniff.CHECKPOINT, sniff.SAFETENSORS_MODEL, sniff.ONNX_MODEL, sniff.GGUF_MODEL)
+    )
+    if kind.format == sniff.GGUF_MODEL:
+        # The one place a GGUF-model merge plugs in (quantized bases); until then, refused.
+        raise LoraformatError(
+            base, f"is {kind.what}: merging into a GGUF base is not supported yet; merge into "
+            "the safetensors checkpoint it was converted from"
+        )
+    return kind.format == sniff.ONNX_MODEL
+
+
+def _open(
+    adapters: tuple[str, ...], from_: str | None, base: str, onnx_base: bool
+) -> list[Adapter]:
+    """ADAPTERS in any format, read through BASE where the format needs it (an ONNX graph has
+    no config to read names or row order through); closed when the command ends."""
+    cm = opened_adapters(adapters, from_, None if onnx_base else base)
+    return click.get_current_context().with_resource(cm)
 
 
 def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) -> None:
@@ -76,39 +111,44 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @click.option("--optimize", is_flag=True,
               help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
               "FastGelu, RMSNorm).")
+@from_option
 @overwrite_option
 @json_option
 def merge_command(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], dtype: str,
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
+    from_: str | None = None,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
     BASE is a Hugging Face checkpoint directory (single or sharded safetensors) or an ONNX model
-    (.onnx, merged by initializer surgery, no torch). Each ADAPTER is a loraformat adapter or a
-    PEFT adapter directory. OUT decides the product: a directory gets a merged checkpoint (same
-    shards and names, config copied), a .onnx file an ONNX model with the same graph as the base
-    and merged weights.
+    (.onnx, merged by initializer surgery, no torch), told apart by content. Each ADAPTER is in
+    any format `convert` reads (loraformat, PEFT, loralib, .onnx_adapter, GGUF, MLX; detected
+    from its content, or --from), read through BASE where the format needs it. OUT decides the
+    product: a directory gets a merged checkpoint (same shards and names, config copied), a .onnx
+    file an ONNX model with the same graph as the base and merged weights.
     """
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
+    onnx_base = _onnx_base(base)
+    opened = _open(adapters, from_, base, onnx_base)
     if with_past:
-        if _is_onnx(base) or not _is_onnx(out):
+        if onnx_base or not _is_onnx(out):
             raise click.UsageError("--with-past exports a checkpoint BASE to -o ....onnx")
         from ..export.decoder import export_decoder
         from ..export.onnx import DEFAULT_OPSET
 
         with progress("merging") as bar:
             result = export_decoder(
-                base, out, adapters=list(adapters), weights=list(weights),
+                base, out, adapters=opened, weights=list(weights),
                 dtype=dtype or "float32", opset=opset or DEFAULT_OPSET, optimize=optimize,
                 verify_output=verify, force=force, allow_nonfinite=allow_nonfinite,
                 overwrite=overwrite, progress=bar,
             )
         _report("merged", result, adapters, as_json)
         return
-    if _is_onnx(base):
+    if onnx_base:
         from ..merge.onnx_surgery import merge_onnx
 
         if not _is_onnx(out):
@@ -120,7 +160,7 @@ def merge_command(
             )
         with progress("merging") as bar:
             result = merge_onnx(
-                base, list(adapters), out, weights=list(weights), force=force,
+                base, opened, out, weights=list(weights), force=force,
                 allow_nonfinite=allow_nonfinite, unshare=unshare, overwrite=overwrite,
                 progress=bar,
             )
@@ -129,7 +169,7 @@ def merge_command(
 
         with progress("merging") as bar:
             result = export_onnx(
-                base, out, adapters=list(adapters), weights=list(weights), dtype=dtype or "float32",
+                base, out, adapters=opened, weights=list(weights), dtype=dtype or "float32",
                 opset=opset or DEFAULT_OPSET, verify_output=verify, force=force,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
@@ -140,7 +180,7 @@ def merge_command(
 
         with progress("merging") as bar:
             result = merge_checkpoint(
-                base, list(adapters), out, weights=list(weights), force=force,
+                base, opened, out, weights=list(weights), force=force,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     _report("merged", result, adapters, as_json)
@@ -154,25 +194,29 @@ def merge_command(
 @click.option("--weight", "weights", multiple=True, type=float,
               help="The weights the adapters were merged with (default 1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Proceed even if an adapter holds NaN/Inf.")
+@from_option
 @overwrite_option
 @json_option
 def unmerge_command(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
-    allow_nonfinite: bool, overwrite: bool, as_json: bool,
+    allow_nonfinite: bool, overwrite: bool, as_json: bool, from_: str | None = None,
 ) -> None:
     """Subtract ADAPTERS from BASE, a model they were merged into: W = W' − Σ wᵢ·scaleᵢ·BᵢAᵢ.
 
     Exact up to float rounding. BASE is a *merged* model, so the adapter's base fingerprint is
-    not checked. DoRA layers and replaced tensors cannot be unmerged and are refused.
+    not checked. DoRA layers and replaced tensors cannot be unmerged and are refused. ADAPTERS
+    are read as for `merge`.
     """
-    if _is_onnx(base):
+    onnx_base = _onnx_base(base)
+    opened = _open(adapters, from_, base, onnx_base)
+    if onnx_base:
         from ..merge.onnx_surgery import merge_onnx
 
         if not _is_onnx(out):
             raise click.UsageError("an ONNX base unmerges into an ONNX output (-o ....onnx)")
         with progress("unmerging") as bar:
             result = merge_onnx(
-                base, list(adapters), out, weights=list(weights), subtract=True,
+                base, opened, out, weights=list(weights), subtract=True,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     else:
@@ -184,7 +228,7 @@ def unmerge_command(
 
         with progress("unmerging") as bar:
             result = unmerge_checkpoint(
-                base, list(adapters), out, weights=list(weights),
+                base, opened, out, weights=list(weights),
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     _report("unmerged", result, adapters, as_json)

@@ -44,6 +44,10 @@ FORMAT_WHAT = {
     "loralib": "a loralib (microsoft/LoRA) checkpoint",
 }
 
+#: for a file whose content matches no format: the reader its suffix names explains what is wrong
+#: (a truncated .safetensors gets "truncated safetensors file", not "unknown format").
+SUFFIX_OWNERS = {".safetensors": "loraformat", ".onnx_adapter": "onnx_adapter"}
+
 #: formats whose reader cannot work without the base checkpoint, and why.
 NEEDS_BASE = {"gguf": "llama.cpp's tensor names and q/k row order depend on the model"}
 
@@ -84,6 +88,9 @@ def identify_adapter(path: str | os.PathLike[str], from_: str | None = None) -> 
         )
     if forced is not None:
         return forced, path
+    owner = SUFFIX_OWNERS.get(path.suffix.lower()) if path.is_file() else None
+    if owner is not None and kind.format != sniff.PICKLE:
+        return owner, path  # unrecognised content under its suffix: its reader says what is wrong
     raise LoraformatError(
         path, f"is {kind.what}; not a LoRA adapter in any known format ({', '.join(CODECS)})"
     )
@@ -161,15 +168,18 @@ def check_adapter(
     """(format, problems) of an adapter checked against its own format's rules: the loraformat
     spec (:func:`~loraformat.format.adapter.validate`) for a loraformat adapter; for a foreign one,
     everything its reader enforces (config, tensor names and pairs, ranks, shapes) plus finite
-    values. What converting would drop is not a problem of the file: ``inspect`` shows it."""
-    fmt, read_path = identify_adapter(path, from_)
+    values. What converting would drop is not a problem of the file: ``inspect`` shows it.
+    Never raises for bad input: a path that is no adapter (format ``""``), or one whose reader
+    needs the base, is a problem line too."""
+    try:
+        fmt, read_path = identify_adapter(path, from_)
+    except LoraformatError as exc:
+        return "", [str(exc)]
     if fmt == "loraformat":
         return fmt, [str(problem) for problem in validate(read_path)]
     try:
         adapter, _ = read_adapter(path, from_=fmt, base=base, lossy=True, **options)
     except LoraformatError as exc:
-        if fmt in NEEDS_BASE and base is None:
-            raise
         return fmt, [str(exc)]
     with adapter:
         problems = []
