@@ -119,8 +119,7 @@ def require_base(path: str | os.PathLike[str], accepted: tuple[str, ...] = (
     wanted = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     if kind.is_base:
         raise LoraformatError(path, f"is {kind.what}; a base here must be {wanted}")
-    hint = " (adapters go after BASE)" if kind.is_adapter else ""
-    raise LoraformatError(path, f"is {kind.what}, not a model{hint}; a base is {wanted}")
+    raise LoraformatError(path, f"is {kind.what}, not a model; a base is {wanted}")
 
 
 BASE_KIND_NAMES = {
@@ -184,7 +183,7 @@ def _identify_file(path: Path, handle: BinaryIO, head: bytes) -> FileKind:
     if path.name == PEFT_CONFIG or path.name == HF_CONFIG:
         return FileKind(UNKNOWN, "", f"a {path.name} file (give the directory that holds it)",
                         None)
-    return FileKind(UNKNOWN, "", "not a file format loraformat knows (first bytes "
+    return FileKind(UNKNOWN, "", "a file of no format loraformat knows (first bytes "
                     f"{head[:8].hex(' ') or 'none: empty file'})", None)
 
 
@@ -225,6 +224,8 @@ def _weights_without_config(path: Path, fmt: str, what: str) -> FileKind:
 
 def _identify_gguf(path: Path, handle: BinaryIO) -> FileKind:
     general_type = _gguf_general_type(handle)
+    if general_type == "":
+        return FileKind(UNKNOWN, "", "a GGUF file whose header cannot be read", None)
     if general_type == "adapter":
         return FileKind(ADAPTER, "gguf", "a llama.cpp GGUF LoRA adapter", path)
     if general_type is None or general_type == "model":
@@ -263,12 +264,13 @@ class _Budget:
 
 def _gguf_general_type(handle: BinaryIO) -> str | None:
     """``general.type`` of a GGUF (v2+) file, walking the key/values without loading tensors;
-    ``None`` when absent or unreadable (llama.cpp's own default is a model)."""
+    ``None`` when absent (llama.cpp's own default: a model), ``""`` when the header is
+    unreadable or exceeds the walk's budget."""
     handle.seek(4)
     reader = _Budget(handle, _GGUF_BUDGET)
     try:
         if reader.u32() < 2:
-            return None
+            return ""  # GGUF v1 (32-bit lengths) predates LoRA adapters in GGUF
         reader.u64()  # tensor count
         for _ in range(reader.u64()):
             key = reader.string()
@@ -277,7 +279,7 @@ def _gguf_general_type(handle: BinaryIO) -> str | None:
                 return reader.string().decode("utf-8", "replace")
             _gguf_skip(reader, kind)
     except (ValueError, struct.error, OSError):
-        return None
+        return ""
     return None
 
 

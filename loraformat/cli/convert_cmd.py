@@ -55,9 +55,10 @@ def convert_command(
     torch.load(weights_only=True), which cannot run code from the file.
     """
     from ..interchange import convert
-    from ..interchange.front_door import identify_adapter
+    from ..interchange.front_door import check_base_given, identify_adapter
 
     from_, source = identify_adapter(input_path, from_)  # by content; one line if not an adapter
+    check_base_given(input_path, from_, base, architecture=architecture)
     options = {"alpha": alpha, "rank": rank, "enable_lora": enable_lora,
                "architecture": architecture, "dtype": dtype}
     with progress("converting") as callback:

@@ -47,8 +47,16 @@ def _open(
 ) -> list[Adapter]:
     """ADAPTERS in any format, read through BASE where the format needs it (an ONNX graph has
     no config to read names or row order through); closed when the command ends."""
+    from ..interchange.front_door import NeedsBase
+
     cm = opened_adapters(adapters, from_, None if onnx_base else base)
-    return click.get_current_context().with_resource(cm)
+    try:
+        return click.get_current_context().with_resource(cm)
+    except NeedsBase as exc:
+        raise NeedsBase(
+            exc.path, exc.needs, "an ONNX BASE has no checkpoint to read it through: convert it "
+            "first (loraformat convert ADAPTER -o DIR --base CHECKPOINT)"
+        ) from None
 
 
 def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) -> None:

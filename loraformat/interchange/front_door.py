@@ -48,8 +48,21 @@ FORMAT_WHAT = {
 #: (a truncated .safetensors gets "truncated safetensors file", not "unknown format").
 SUFFIX_OWNERS = {".safetensors": "loraformat", ".onnx_adapter": "onnx_adapter"}
 
-#: formats whose reader cannot work without the base checkpoint, and why.
-NEEDS_BASE = {"gguf": "llama.cpp's tensor names and q/k row order depend on the model"}
+#: formats whose reader cannot work without the base checkpoint: why, and the codec option that
+#: can stand in for it (None: nothing can).
+NEEDS_BASE: dict[str, tuple[str, str | None]] = {
+    "gguf": ("llama.cpp's tensor names and q/k row order depend on the model", None),
+    "onnx_adapter": ("it does not name its model", "architecture"),
+}
+
+
+class NeedsBase(LoraformatError):
+    """An adapter whose format is read only through its base checkpoint, given without one.
+    ``needs``: what it is and why it needs the base, for a caller to say how to give it."""
+
+    def __init__(self, path: str | os.PathLike[str], needs: str, how: str = "pass --base BASE"):
+        self.needs = needs
+        super().__init__(path, f"{needs}: {how}")
 
 
 def _format_name(name: str) -> str:
@@ -96,6 +109,16 @@ def identify_adapter(path: str | os.PathLike[str], from_: str | None = None) -> 
     )
 
 
+def check_base_given(
+    path: str | os.PathLike[str], fmt: str, base: Any, **options: Any
+) -> None:
+    """Refuse (:class:`NeedsBase`) a format read only through its base when none is given."""
+    if base is None and fmt in NEEDS_BASE and not options.get(NEEDS_BASE[fmt][1] or ""):
+        raise NeedsBase(
+            path, f"is {FORMAT_WHAT[fmt]}, read through its base model ({NEEDS_BASE[fmt][0]})"
+        )
+
+
 def _base_model(base: Any) -> Any:
     if base is None or hasattr(base, "layers"):
         return base
@@ -126,11 +149,7 @@ def read_adapter(
         adapter = load(read_path)
         report.layers = len(adapter.specs)
         return adapter, report
-    if base is None and fmt in NEEDS_BASE:
-        raise LoraformatError(
-            path, f"is {FORMAT_WHAT[fmt]} and needs the base model to be read "
-            f"({NEEDS_BASE[fmt]}): pass --base BASE"
-        )
+    check_base_given(path, fmt, base, **options)
     reader = codec(fmt)
     known = {"architecture", *getattr(reader, "options", ())}
     opened = _base_model(base)
@@ -196,7 +215,9 @@ def check_adapter(
 __all__ = [
     "FORMAT_WHAT",
     "NEEDS_BASE",
+    "NeedsBase",
     "check_adapter",
+    "check_base_given",
     "identify_adapter",
     "open_adapter",
     "read_adapter",
