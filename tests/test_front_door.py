@@ -25,6 +25,7 @@ import tiny_models
 from loraformat import sniff
 from loraformat.checkpoint import Checkpoint
 from loraformat.cli import main
+from loraformat.errors import LoraformatError
 from loraformat.format.adapter import load
 from loraformat.interchange import convert
 from loraformat.interchange.front_door import FORMAT_WHAT, identify_adapter, read_adapter
@@ -291,6 +292,29 @@ def test_peft_weights_file_reads_through_its_directory(fx):
     with adapter:
         assert report.source_format == "peft" and adapter.layer_paths == load(
             fx["ref"]["peft"]).layer_paths
+
+
+@pytest.mark.slow
+def test_session_loads_every_format_like_the_converted_adapter(fx, tmp_path):
+    """The runtime Session opens adapters through the same door: each foreign file gives the
+    outputs of its loraformat conversion on a LoRA-slot graph (an .onnx_adapter is mapped by ORT
+    as is, the others converted in memory)."""
+    from loraformat.export.slots import export_with_slots
+    from loraformat.runtime import Session
+
+    result = export_with_slots(fx["base"], tmp_path / "slots.onnx")
+    ids = np.random.default_rng(0).integers(0, 96, (2, 5)).astype(np.int64)
+    with Session(result.path) as session:
+        base_out = session.run({"input_ids": ids})[0]
+        for fmt in FOREIGN:
+            session.load(f"{fmt}-file", fx["files"][fmt], base=fx["base"])
+            session.load(f"{fmt}-ref", fx["ref"][fmt])
+            got = session.run({"input_ids": ids}, adapter=f"{fmt}-file")[0]
+            want = session.run({"input_ids": ids}, adapter=f"{fmt}-ref")[0]
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+            assert np.abs(got - base_out).max() > 1e-3  # the adapter acts
+        with pytest.raises(LoraformatError, match="is a model checkpoint directory, not a LoRA"):
+            session.load("base", fx["base"])
 
 
 # -- the X-where-Y matrix -----------------------------------------------------------------------
