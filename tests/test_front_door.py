@@ -191,6 +191,22 @@ def test_merge_and_unmerge_equal_the_converted_adapter(fx, cli, fmt):
     _same_checkpoint(back_got, back_want)
 
 
+def test_merging_a_peft_directory_equals_peft_merge_and_unload(fx, cli):
+    """Against the independent reference: PEFT's own merge of the directory PEFT wrote."""
+    from peft import PeftModel
+
+    out = _out(fx)
+    assert cli("merge", fx["base"], fx["files"]["peft"], "-o", out).code == 0
+    model = PeftModel.from_pretrained(
+        tiny_models.load_transformers(fx["base"], "llama"), fx["files"]["peft"]
+    ).merge_and_unload()
+    want = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    with Checkpoint(out) as merged:
+        for name in merged.names():
+            np.testing.assert_allclose(merged.numpy(name), want[name], atol=1e-6, rtol=0,
+                                       err_msg=name)
+
+
 @pytest.mark.parametrize("fmt", FOREIGN)
 def test_inspect_shows_the_format_read_and_what_converting_changes(fx, cli, fmt):
     r = cli("inspect", fx["files"][fmt], "--base", fx["base"], "--json")
