@@ -12,14 +12,12 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..architecture import DenseLayer
 from ..errors import LoraformatError
-from ..format import manifest as mf
-from ..format.adapter import Adapter, load
+from ..format.adapter import Adapter
 from ..format.safetensors_io import FLOAT_DTYPES
 from .weights import Contribution, merge_bias, merge_weight
 
@@ -67,20 +65,14 @@ class MergePlan:
 
 
 def open_adapter(path: str | os.PathLike[str] | Adapter, base: object | None = None) -> Adapter:
-    """A loraformat adapter, or a PEFT adapter directory converted through the interchange layer."""
+    """An adapter in any format, through the interchange front door (loraformat lazily; PEFT,
+    GGUF, MLX, loralib, .onnx_adapter converted in memory, read through ``base`` where needed).
+    The import is lazy: only a foreign input needs the interchange layer."""
     if isinstance(path, Adapter):
         return path
-    p = Path(path)
-    if p.is_dir() and (p / PEFT_CONFIG).is_file() and not (p / mf.MANIFEST_FILE).is_file():
-        try:
-            from ..interchange.peft import read_peft
-        except ImportError:
-            raise LoraformatError(
-                p, "is a PEFT adapter, and this installation cannot read PEFT adapters "
-                "(loraformat.interchange.peft is missing); convert it to loraformat first",
-            ) from None
-        return read_peft(p, base=base)
-    return load(p)
+    from ..interchange.front_door import open_adapter as front_door
+
+    return front_door(path, base=base)
 
 
 def open_adapters(
