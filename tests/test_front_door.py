@@ -284,7 +284,7 @@ def test_formats_read_through_the_base_refuse_without_it(fx, cli, fmt, command):
     out = _out(fx)
     r = cli(*NO_BASE[command](file, fx["other"], out))
     why = {"gguf": "llama.cpp's tensor names and q/k row order depend on the model",
-           "onnx_adapter": "it does not name its model"}[fmt]
+           "onnx_adapter": "it does not say its model"}[fmt]
     line = f"{file}: is {FORMAT_WHAT[fmt]}, read through its base model ({why}): pass --base BASE"
     if command == "validate":  # validate prints problems, one per line, without "error: "
         assert r.code == 1 and r.err.strip() == line

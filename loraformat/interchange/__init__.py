@@ -124,19 +124,11 @@ def to_adapter(
     progress: Progress = None,
     **options: Any,
 ) -> Adapter:
-    """Read an adapter in any format (detected unless ``fmt``) as a loraformat :class:`Adapter`."""
-    adapter, _ = _read(Path(path), fmt, _context(base, lossy, progress, options))
-    return adapter
+    """Read an adapter in any format (detected unless ``fmt``) as a loraformat :class:`Adapter`:
+    :func:`~loraformat.interchange.front_door.read_adapter` without its report."""
+    from .front_door import read_adapter
 
-
-def _read(path: Path, fmt: str | None, ctx: Context) -> tuple[Adapter, Any]:
-    if not path.exists():
-        raise LoraformatError(path, "no such file or directory")
-    source = codec(fmt or detect_format(path))
-    _check_options([source], ctx.options)
-    ctx.report.source_format = source.name
-    ctx.report.source = str(path)
-    return source.read(path, ctx), source
+    return read_adapter(path, from_=fmt, base=base, lossy=lossy, progress=progress, **options)[0]
 
 
 def from_adapter(

@@ -52,7 +52,7 @@ SUFFIX_OWNERS = {".safetensors": "loraformat", ".onnx_adapter": "onnx_adapter"}
 #: can stand in for it (None: nothing can).
 NEEDS_BASE: dict[str, tuple[str, str | None]] = {
     "gguf": ("llama.cpp's tensor names and q/k row order depend on the model", None),
-    "onnx_adapter": ("it does not name its model", "architecture"),
+    "onnx_adapter": ("it does not say its model", "architecture"),
 }
 
 
@@ -152,10 +152,13 @@ def read_adapter(
     check_base_given(path, fmt, base, **options)
     reader = codec(fmt)
     known = {"architecture", *getattr(reader, "options", ())}
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given.keys() - known:
+        raise LoraformatError(None, f"option {key!r} does not apply to {fmt}")
     opened = _base_model(base)
     try:
         ctx = Context(base=opened, allow_lossy=lossy, report=report, progress=progress,
-                      options={k: v for k, v in options.items() if v is not None and k in known})
+                      options=given)
         adapter = reader.read(read_path, ctx)
     finally:
         if opened is not None and opened is not base:
