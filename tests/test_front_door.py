@@ -384,6 +384,34 @@ def test_identify_names_every_kind(zoo, kind):
     assert sniff.identify(path).what.startswith(what)
 
 
+def test_content_decides_not_the_extension(zoo, tmp_path):
+    """Every file kind renamed to a neutral name (or another format's suffix) is still
+    recognised as what it is."""
+    for kind in KINDS:
+        path, what = zoo[kind]
+        if path.is_dir() or kind == "peft weights alone":  # these are placed by their directory
+            continue
+        for name in ("blob", "blob.safetensors", "blob.onnx_adapter"):
+            renamed = tmp_path / name
+            shutil.copy(path, renamed)
+            assert sniff.identify(renamed).what.startswith(what), (kind, name)
+
+
+def test_gguf_without_general_type_is_a_model(tmp_path):
+    """llama.cpp's own default: a GGUF file that does not say its type is a model."""
+    import gguf
+
+    path = tmp_path / "untyped.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    kind = sniff.identify(path)
+    assert (kind.role, kind.format, kind.what) == ("base", "gguf", "a llama.cpp GGUF model")
+
+
 @pytest.mark.parametrize("kind", [k for k in KINDS if k not in ADAPTERS])
 def test_not_an_adapter_where_an_adapter_is_expected(zoo, cli, fx, kind):
     path, what = zoo[kind]

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..format.adapter import Adapter
+from ..interchange import CODECS
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 overwrite_option = click.option(
@@ -48,10 +49,8 @@ def progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
 
 # -- adapter inputs: every command opens them through the interchange front door ----------------
 
-ADAPTER_FORMATS = ["loraformat", "peft", "loralib", "onnx_adapter", "gguf", "mlx"]
-
 from_option = click.option(
-    "--from", "from_", type=click.Choice(ADAPTER_FORMATS),
+    "--from", "from_", type=click.Choice(list(CODECS)),
     help="Format of the adapter input(s) (default: detected from the content).",
 )
 adapter_base_option = click.option(
