@@ -263,7 +263,7 @@ def test_validate_checks_a_foreign_file_by_its_own_rules(tmp_path, fx, cli, fmt)
 
 
 def test_peft_and_mlx_read_without_base(fx, cli):
-    """Both name their modules: no base needed (the architecture is detected)."""
+    """Both say their model (PEFT's auto_mapping, loraformat's MLX extra): no base needed."""
     for fmt in ("peft", "mlx"):
         got = json.loads(cli("inspect", fx["files"][fmt], "--json").out)
         want = json.loads(cli("inspect", fx["ref"][fmt], "--json").out)
@@ -277,15 +277,24 @@ NO_BASE = {  # commands that take --base, run without it
 }
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx_adapter"])
+NEEDS = {
+    "gguf": "is a llama.cpp GGUF LoRA adapter, read through its base model (llama.cpp's tensor "
+            "names and q/k row order depend on the model): pass --base BASE",
+    # q/v-only LLaMA names are shared by LLaMA relatives: the names alone cannot say which
+    "onnx_adapter": "an .onnx_adapter does not say its model, and its layer names do not tell "
+                    "which installed architecture it is for: give --base BASE (or architecture)",
+}
+
+
+@pytest.mark.parametrize("fmt", list(NEEDS))
 @pytest.mark.parametrize("command", list(NO_BASE))
-def test_formats_read_through_the_base_refuse_without_it(fx, cli, fmt, command):
+def test_refused_without_base_naming_it(fx, cli, fmt, command):
+    """The issue's first example, `inspect x.onnx_adapter` on a file `convert` wrote, now reads
+    it with --base (above) and without one says it needs it, in the adapter's terms."""
     file = fx["files"][fmt]
     out = _out(fx)
     r = cli(*NO_BASE[command](file, fx["other"], out))
-    why = {"gguf": "llama.cpp's tensor names and q/k row order depend on the model",
-           "onnx_adapter": "it does not say its model"}[fmt]
-    line = f"{file}: is {FORMAT_WHAT[fmt]}, read through its base model ({why}): pass --base BASE"
+    line = f"{file}: {NEEDS[fmt]}"
     if command == "validate":  # validate prints problems, one per line, without "error: "
         assert r.code == 1 and r.err.strip() == line
     else:
@@ -293,12 +302,33 @@ def test_formats_read_through_the_base_refuse_without_it(fx, cli, fmt, command):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "onnx_adapter"])
-def test_onnx_base_cannot_read_them_and_says_convert_first(tmp_path, fx, cli, fmt):
+def test_onnx_base_cannot_read_gguf_and_says_convert_first(tmp_path, fx, cli):
     model = _onnx_model(tmp_path / "m.onnx")
-    r = cli("merge", model, fx["files"][fmt], "-o", tmp_path / "x.onnx")
-    _one_line(r, fx["files"][fmt], FORMAT_WHAT[fmt], "an ONNX BASE has no checkpoint",
+    r = cli("merge", model, fx["files"]["gguf"], "-o", tmp_path / "x.onnx")
+    _one_line(r, fx["files"]["gguf"], FORMAT_WHAT["gguf"], "an ONNX BASE has no checkpoint",
               "loraformat convert ADAPTER -o DIR --base CHECKPOINT")
+
+
+def test_onnx_adapter_read_without_base_when_its_names_tell(fx, cli, tmp_path):
+    """Layer names that only LLaMA has (an MLP gate_proj) are enough to read an .onnx_adapter
+    without the base: the same layers as read with it."""
+    from loraformat.base import open_base
+    from loraformat.format.adapter import Adapter, LoraLayer
+
+    rng = np.random.default_rng(0)
+    with open_base(fx["base"]) as base:
+        layers = {
+            p: LoraLayer(rng.standard_normal((2, d.in_features)).astype(np.float32),
+                         rng.standard_normal((d.out_features, 2)).astype(np.float32), 2.0,
+                         d.in_features, d.out_features)
+            for p, d in base.layers.items() if p.endswith(("gate_proj", "q_proj"))
+        }
+    Adapter.from_layers("llama", layers).save(tmp_path / "native")
+    out = tmp_path / "g.onnx_adapter"
+    convert(tmp_path / "native", out, base=fx["base"])
+    got = json.loads(cli("inspect", out, "--json").out)
+    want = json.loads(cli("inspect", out, "--json", "--base", fx["base"]).out)
+    assert got["architecture"] == "llama" and got["layers"] == want["layers"]
 
 
 def test_peft_weights_file_reads_through_its_directory(fx):

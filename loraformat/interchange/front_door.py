@@ -52,7 +52,6 @@ SUFFIX_OWNERS = {".safetensors": "loraformat", ".onnx_adapter": "onnx_adapter"}
 #: can stand in for it (None: nothing can).
 NEEDS_BASE: dict[str, tuple[str, str | None]] = {
     "gguf": ("llama.cpp's tensor names and q/k row order depend on the model", None),
-    "onnx_adapter": ("it does not say its model", "architecture"),
 }
 
 
