@@ -446,7 +446,7 @@ def test_gguf_without_general_type_is_a_model(tmp_path):
 def test_not_an_adapter_where_an_adapter_is_expected(zoo, cli, fx, kind):
     path, what = zoo[kind]
     expected = {
-        "peft weights alone": f"is {what}: its rank and alpha are in that config file; give the "
+        "peft weights alone": f"is {what}: its rank and scale are in that config file; give the "
                               "directory that holds both",
         "pickle": f"is {what} without '<module>.lora_A' tensors: not a LoRA adapter",
         "junk": f"is {what} (first bytes",

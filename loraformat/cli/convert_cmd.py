@@ -58,7 +58,7 @@ def convert_command(
     from ..interchange.front_door import check_base_given, identify_adapter
 
     from_, source = identify_adapter(input_path, from_)  # by content; one line if not an adapter
-    check_base_given(input_path, from_, base, architecture=architecture)
+    check_base_given(input_path, from_, base)
     options = {"alpha": alpha, "rank": rank, "enable_lora": enable_lora,
                "architecture": architecture, "dtype": dtype}
     with progress("converting") as callback:

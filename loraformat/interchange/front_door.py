@@ -48,10 +48,10 @@ FORMAT_WHAT = {
 #: (a truncated .safetensors gets "truncated safetensors file", not "unknown format").
 SUFFIX_OWNERS = {".safetensors": "loraformat", ".onnx_adapter": "onnx_adapter"}
 
-#: formats whose reader cannot work without the base checkpoint: why, and the codec option that
-#: can stand in for it (None: nothing can).
-NEEDS_BASE: dict[str, tuple[str, str | None]] = {
-    "gguf": ("llama.cpp's tensor names and q/k row order depend on the model", None),
+#: formats whose reader cannot work without the base checkpoint, and why. (Others need it only
+#: when their content does not say their model; their readers say so.)
+NEEDS_BASE: dict[str, str] = {
+    "gguf": "llama.cpp's tensor names and q/k row order depend on the model",
 }
 
 
@@ -86,7 +86,7 @@ def identify_adapter(path: str | os.PathLike[str], from_: str | None = None) -> 
                                         f"{forced}); drop --from or pass --from {kind.format}")
         if kind.read_path is None:
             raise LoraformatError(
-                path, f"is {kind.what}: its rank and alpha are in that config file; give the "
+                path, f"is {kind.what}: its rank and scale are in that config file; give the "
                 "directory that holds both"
             )
         return kind.format, kind.read_path
@@ -101,29 +101,25 @@ def identify_adapter(path: str | os.PathLike[str], from_: str | None = None) -> 
     if forced is not None:
         return forced, path
     owner = SUFFIX_OWNERS.get(path.suffix.lower()) if path.is_file() else None
-    if owner is not None and kind.format != sniff.PICKLE:
+    if owner is not None:
         return owner, path  # unrecognised content under its suffix: its reader says what is wrong
     raise LoraformatError(
         path, f"is {kind.what}; not a LoRA adapter in any known format ({', '.join(CODECS)})"
     )
 
 
-def check_base_given(
-    path: str | os.PathLike[str], fmt: str, base: Any, **options: Any
-) -> None:
+def check_base_given(path: str | os.PathLike[str], fmt: str, base: Any) -> None:
     """Refuse (:class:`NeedsBase`) a format read only through its base when none is given."""
-    if base is None and fmt in NEEDS_BASE and not options.get(NEEDS_BASE[fmt][1] or ""):
-        raise NeedsBase(
-            path, f"is {FORMAT_WHAT[fmt]}, read through its base model ({NEEDS_BASE[fmt][0]})"
-        )
+    if base is None and fmt in NEEDS_BASE:
+        raise NeedsBase(path, f"is {FORMAT_WHAT[fmt]}, read through its base model "
+                              f"({NEEDS_BASE[fmt]})")
 
 
 def _base_model(base: Any) -> Any:
     if base is None or hasattr(base, "layers"):
         return base
-    from ..base import open_base
+    from ..base import open_base  # refuses another kind of file saying what it is
 
-    sniff.require_base(base)
     return open_base(base)
 
 
@@ -148,7 +144,7 @@ def read_adapter(
         adapter = load(read_path)
         report.layers = len(adapter.specs)
         return adapter, report
-    check_base_given(path, fmt, base, **options)
+    check_base_given(path, fmt, base)
     reader = codec(fmt)
     known = {"architecture", *getattr(reader, "options", ())}
     given = {k: v for k, v in options.items() if v is not None}
