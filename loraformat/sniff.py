@@ -37,6 +37,10 @@ GGUF_MODEL = "gguf"
 #: a pickled torch file: an adapter only if its tensors say so (loralib, PEFT's .bin)
 PICKLE = "pickle"
 
+#: the adapter formats :func:`identify` recognises itself (interchange format names); a codec
+#: added to the interchange under another name is asked through its own ``sniff``.
+ADAPTER_FORMATS = ("loraformat", "peft", "mlx", "gguf", "onnx_adapter", "loralib")
+
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MLX_WEIGHTS = "adapters.safetensors"
@@ -344,6 +348,7 @@ def _looks_like_onnx(handle: BinaryIO) -> bool:
 
 __all__ = [
     "ADAPTER",
+    "ADAPTER_FORMATS",
     "BASE",
     "BASE_KIND_NAMES",
     "CHECKPOINT",

@@ -363,6 +363,36 @@ def test_session_loads_every_format_like_the_converted_adapter(fx, tmp_path):
             session.load("base", fx["base"])
 
 
+def test_a_codec_added_to_the_interchange_is_asked_by_its_own_sniff(fx, tmp_path, monkeypatch):
+    """A new foreign format is one module in the interchange: the front door asks its sniff
+    (before its own identification), and reads through it."""
+    import sys
+    import types
+
+    from loraformat import interchange
+
+    class ToyCodec:
+        name, description, options = "toy", "toy adapter", ()
+
+        def sniff(self, path):
+            return path.name.endswith(".toy")
+
+        def read(self, path, ctx):
+            ctx.note("read by the toy codec")
+            return load(fx["ref"]["peft"])
+
+    module = types.ModuleType("toy_codec")
+    module.CODEC = ToyCodec()
+    monkeypatch.setitem(sys.modules, "toy_codec", module)
+    monkeypatch.setitem(interchange.CODECS, "toy", "toy_codec")
+    path = tmp_path / "a.toy"
+    path.write_bytes(b"toy")
+    adapter, report = read_adapter(path)
+    with adapter:
+        assert report.source_format == "toy" and report.notes == ["read by the toy codec"]
+    assert identify_adapter(fx["files"]["peft"]) == ("peft", fx["files"]["peft"])
+
+
 # -- the X-where-Y matrix -----------------------------------------------------------------------
 
 

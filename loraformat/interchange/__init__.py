@@ -70,26 +70,12 @@ def codec(name: str) -> Any:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format name of an existing adapter file or directory, by content."""
-    path = Path(path)
-    if not path.exists():
-        raise LoraformatError(path, "no such file or directory")
-    refused = None
-    for name in CODECS:
-        try:
-            if codec(name).sniff(path):
-                return name
-        except LoraformatError as exc:
-            if "refused to unpickle" in exc.message:  # a pickle we will not open: say so
-                refused = refused or exc
-            continue
-    if refused is not None:
-        raise refused
-    raise LoraformatError(
-        path,
-        "not a LoRA adapter in any known format (" + ", ".join(CODECS) + "); pass --from FMT "
-        "if it is one",
-    )
+    """The format name of an existing adapter file or directory, by content: the front door's
+    identification (:func:`~loraformat.interchange.front_door.identify_adapter`), which refuses
+    anything else in one line saying what it is."""
+    from .front_door import identify_adapter
+
+    return identify_adapter(path)[0]
 
 
 def target_format(path: str | os.PathLike[str]) -> str:
@@ -198,7 +184,11 @@ def convert(
     if src_path.exists() and dst_path.exists() and src_path.resolve() == dst_path.resolve():
         raise LoraformatError(dst_path, "output is the input; choose another output path")
     ctx = _context(base, lossy, progress, options)
-    source = codec(from_ or detect_format(src_path))
+    if from_ is None:  # by content; a PEFT/MLX weights file is read through its directory
+        from .front_door import identify_adapter
+
+        from_, src_path = identify_adapter(src_path)
+    source = codec(from_)
     target = codec(to or target_format(dst_path))
     _check_options([source, target], ctx.options)
     ctx.report.source_format, ctx.report.source = source.name, str(src_path)

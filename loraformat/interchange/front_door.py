@@ -80,6 +80,12 @@ def identify_adapter(path: str | os.PathLike[str], from_: str | None = None) -> 
     path = Path(path)
     kind = sniff.identify(path)
     forced = _format_name(from_) if from_ else None
+    if forced is None:  # a codec added to the interchange that sniff does not know: ask it
+        for name in CODECS:
+            if name not in sniff.ADAPTER_FORMATS and codec(name).sniff(path):
+                return name, path
+    elif forced not in sniff.ADAPTER_FORMATS:
+        return forced, path
     if kind.is_adapter:
         if forced is not None and forced != kind.format:
             raise LoraformatError(path, f"is {kind.what}, not {FORMAT_WHAT[forced]} (--from "
@@ -104,7 +110,8 @@ def identify_adapter(path: str | os.PathLike[str], from_: str | None = None) -> 
     if owner is not None:
         return owner, path  # unrecognised content under its suffix: its reader says what is wrong
     raise LoraformatError(
-        path, f"is {kind.what}; not a LoRA adapter in any known format ({', '.join(CODECS)})"
+        path, f"is {kind.what}; not a LoRA adapter in any known format ({', '.join(CODECS)}); "
+        "pass --from FMT if it is one"
     )
 
 
