@@ -3,7 +3,9 @@
 Every command that takes an adapter (and the runtime :class:`~loraformat.runtime.Session`) opens
 it here. :func:`identify_adapter` asks :func:`loraformat.sniff.identify` what the path is — magic
 bytes, headers, config files, not the extension — and refuses anything that is not an adapter in
-one line naming what it is instead ("is a llama.cpp GGUF model, not a LoRA adapter").
+one line naming what it is instead ("is a llama.cpp GGUF model, not a LoRA adapter"). A codec
+added to :data:`~loraformat.interchange.CODECS` under a name ``sniff`` does not know is asked
+through its own ``sniff(path)`` first, so a new format stays one module.
 :func:`read_adapter` then hands the path to the codec that owns the format (this package's
 ``native``, ``peft``, ``mlx``, ``gguf``, ``onnx_adapter``, ``loralib`` modules) and returns the
 adapter with the conversion :class:`Report`: which format was read, and what reading it into the
