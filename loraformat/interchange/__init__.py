@@ -99,9 +99,9 @@ def target_format(path: str | os.PathLike[str]) -> str:
 
 
 def _context(base: Any, lossy: bool, progress: Progress, options: dict[str, Any]) -> Context:
-    from .peft import _open_base
+    from ..base import as_base
 
-    return Context(base=_open_base(base), allow_lossy=lossy, options=dict(options),
+    return Context(base=as_base(base), allow_lossy=lossy, options=dict(options),
                    progress=progress)
 
 
@@ -163,16 +163,17 @@ def from_adapter(
 def _write(adapter: Adapter, path: Path, fmt: str | None, ctx: Context, overwrite: bool) -> Report:
     target = codec(fmt or target_format(path))
     check_output(path, overwrite)
-    if ctx.base is not None and ctx.base.architecture != adapter.architecture:
+    required = ctx.base.required_architecture if ctx.base is not None else None
+    if required is not None and required != adapter.architecture:
         raise LoraformatError(
             ctx.base.path,
             f"base is {ctx.base.architecture!r} but the adapter is for {adapter.architecture!r}",
         )
     if ctx.base is not None:  # every target: never write a layer the base cannot take
-        from .native import _check_against_base
+        from .native import check_against_base
 
         try:
-            _check_against_base(adapter, ctx)
+            check_against_base(adapter, ctx)
         except LoraformatError as exc:
             raise LoraformatError(exc.path or ctx.report.source or None, exc.message) from None
     ctx.report.target_format = target.name
