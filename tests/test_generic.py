@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_harness import run_cli
 from safetensors.numpy import load_file
 
 from loraformat import load
 from loraformat.architecture import registry
 from loraformat.base import open_base
-from loraformat.cli import cli
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +90,8 @@ def case(request, tmp_path_factory):
 
 
 def cli_run(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.output
+    result = run_cli(*args)
+    return result.code, result.out + result.err
 
 
 def peft_merged_logits(arch: str, base: Path, peft_dir: Path) -> torch.Tensor:

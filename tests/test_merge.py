@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cli_harness
 import ml_dtypes
 import numpy as np
 import pytest
 import tiny_models
 import torch
-from click.testing import CliRunner
 
 from loraformat import LoraLayer
 from loraformat.checkpoint import Checkpoint
-from loraformat.cli import cli
 from loraformat.errors import LoraformatError
 from loraformat.format.adapter import Adapter
 from loraformat.format.adapter import load as load_adapter
@@ -112,13 +111,12 @@ def case(tiny_checkpoint, tmp_path_factory):
     return build
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        if isinstance(result.exception, LoraformatError):
-            return 1, str(result.exception)
-        raise result.exception
-    return result.exit_code or 0, result.output
+def run_cli(*args: object) -> tuple[int, str]:
+    """(exit status, the error line without ``error: ``, or stdout when it succeeded)."""
+    result = cli_harness.run_cli(*args)
+    if result.code:
+        return result.code, result.error.removeprefix("error: ")
+    return 0, result.out
 
 
 # -- the math of one weight, against numpy -----------------------------------------------------
