@@ -642,10 +642,11 @@ def validate(path: str | os.PathLike[str]) -> list[Problem]:
         st.close()
 
 
-def convert(
+def repack(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
-    """Rewrite an adapter in the other form (or the same); the content is unchanged."""
+    """Rewrite an adapter in the other form — directory ↔ single file — or the same; the content
+    is unchanged. (Converting between formats is :func:`loraformat.interchange.convert`.)"""
     with load(src) as adapter:
         return adapter.save(dst, overwrite=overwrite)
 
@@ -657,8 +658,8 @@ __all__ = [
     "LoraLayer",
     "Problem",
     "TensorStore",
-    "convert",
     "load",
+    "repack",
     "scale_of",
     "tensors_sha256",
     "validate",
