@@ -23,6 +23,7 @@ from loraformat.errors import LoraformatError
 from loraformat.format.adapter import Adapter
 from loraformat.format.adapter import load as load_adapter
 from loraformat.format.safetensors_io import SafetensorsFile
+from loraformat.interchange import open_adapter
 from loraformat.interchange.peft import read_peft
 from loraformat.merge import Contribution, merge_checkpoint, merge_weight, unmerge_checkpoint
 
@@ -234,7 +235,11 @@ def test_sharded_base_gives_sharded_output(case, tiny_checkpoint, tmp_path):
     assert (base / "model.safetensors.index.json").is_file()
     _, peft_dir, _, _ = case("llama")
     expected = peft_merged_logits(base, "llama", peft_dir)
-    merge_checkpoint(base, [peft_dir], tmp_path / "m")
+    # merge takes loraformat adapters; PEFT is converted at the boundary
+    with pytest.raises(LoraformatError, match="is a PEFT adapter; merges take loraformat adapters"):
+        merge_checkpoint(base, [peft_dir], tmp_path / "m")
+    with open_adapter(peft_dir, base=base) as adapter:
+        merge_checkpoint(base, [adapter], tmp_path / "m")
     shards = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(shards) > 1
     assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == shards

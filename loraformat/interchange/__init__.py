@@ -38,6 +38,8 @@ from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ._common import Context, Progress, Report
 
+#: The loraformat format's own name.
+NATIVE = "loraformat"
 #: format name → module holding its ``CODEC``; detection tries them in this order.
 CODECS: dict[str, str] = {
     "loraformat": "loraformat.interchange.native",
@@ -127,6 +129,27 @@ def to_adapter(
     """Read an adapter in any format (detected unless ``fmt``) as a loraformat :class:`Adapter`."""
     adapter, _ = _read(Path(path), fmt, _context(base, lossy, progress, options))
     return adapter
+
+
+def open_adapter(
+    path: str | os.PathLike[str] | Adapter, base: Any = None, *, lossy: bool = False
+) -> Adapter:
+    """An adapter in any format as a loraformat :class:`Adapter`, for the functions that take
+    adapters (merge, export): a loraformat adapter is loaded lazily as it is; one another codec
+    recognises (a PEFT directory, a GGUF file, ...) is converted, with ``base`` for its names and
+    checks. The caller closes it."""
+    from ..format.adapter import load
+
+    if isinstance(path, Adapter):
+        return path
+    path = Path(path)
+    if path.exists():
+        for name in CODECS:  # detection order: a loraformat adapter is one first
+            if codec(name).sniff(path):
+                if name == NATIVE:
+                    break
+                return to_adapter(path, name, base=base, lossy=lossy)
+    return load(path)  # also the precise error for a broken or missing adapter
 
 
 def _read(path: Path, fmt: str | None, ctx: Context) -> tuple[Adapter, Any]:
@@ -230,6 +253,7 @@ __all__ = [
     "detect_format",
     "formats",
     "from_adapter",
+    "open_adapter",
     "target_format",
     "to_adapter",
 ]

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,14 @@ class MergeResult:
     layers: int  # adapted layers
     tensors_changed: int
     shards: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path),
+            "tensors_changed": self.tensors_changed,
+            "layers": self.layers,
+            "shards": self.shards,
+        }
 
 
 def plan_for_base(
@@ -376,7 +385,7 @@ def merge_checkpoint(
     """
     with contextlib.ExitStack() as stack:
         model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
-        opened = open_adapters(stack, adapters, model)
+        opened = open_adapters(stack, adapters)
         plan = plan_for_base(
             model, opened, weights=weights, subtract=subtract, force=force,
             allow_nonfinite=allow_nonfinite,
