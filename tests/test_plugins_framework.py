@@ -8,13 +8,12 @@ import sys
 import types
 from importlib import metadata
 
+import cli_harness
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from loraformat.architecture import ArchitectureBase, CheckpointInfo, Registry, hookimpl, registry
 from loraformat.base import open_base
-from loraformat.cli import cli
 from loraformat.errors import LoraformatError
 from loraformat.format.adapter import Adapter, LoraLayer
 
@@ -29,8 +28,8 @@ BUILTIN = {"gpt2", "bert", "llama", "vit"}
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
+    result = cli_harness.run_cli(*args)
+    return result.code, result.out + result.err
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ def progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
 # -- adapter inputs: every command opens them through the interchange front door ----------------
 
 from_option = click.option(
-    "--from", "from_", type=click.Choice(list(CODECS)),
+    # eager: argument callbacks that open adapters (merge's ADAPTERS) run after it wherever it is
+    "--from", "from_", type=click.Choice(list(CODECS)), is_eager=True,
     help="Format of the adapter input(s) (default: detected from the content).",
 )
 adapter_base_option = click.option(

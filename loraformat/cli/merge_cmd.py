@@ -10,14 +10,7 @@ import click
 from .. import sniff
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from ._common import (
-    echo_json,
-    from_option,
-    json_option,
-    opened_adapters,
-    overwrite_option,
-    progress,
-)
+from ._common import echo_json, from_option, json_option, overwrite_option, progress
 
 _DTYPES = click.Choice(["float32", "float16"])
 
@@ -42,60 +35,69 @@ def _onnx_base(base: str) -> bool:
     return kind.format == sniff.ONNX_MODEL
 
 
-def _open(
-    adapters: tuple[str, ...], from_: str | None, base: str, onnx_base: bool
-) -> list[Adapter]:
-    """ADAPTERS in any format, read through BASE where the format needs it (an ONNX graph has
-    no config to read names or row order through); closed when the command ends."""
+def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple:
+    """The ADAPTER arguments as loraformat adapters, converted here at the boundary (a PEFT
+    directory or any other format, named through BASE unless BASE is an ONNX graph), closed when
+    the command ends."""
+    from ..interchange import open_adapter
     from ..interchange.front_door import NeedsBase
 
-    cm = opened_adapters(adapters, from_, None if onnx_base else base)
-    try:
-        return click.get_current_context().with_resource(cm)
-    except NeedsBase as exc:
-        raise NeedsBase(
-            exc.path, exc.needs, "an ONNX BASE has no checkpoint to read it through: convert it "
-            "first (loraformat convert ADAPTER -o DIR --base CHECKPOINT)"
-        ) from None
+    ctx.meta["adapter_arguments"] = values  # as the user wrote them, for the report
+    base = ctx.params.get("base")
+    ctx.meta["onnx_base"] = onnx = base is not None and _onnx_base(base)
+    names_from = None if base is None or onnx else base
+    opened = []
+    for value in values:
+        try:
+            adapter = open_adapter(value, base=names_from, from_=ctx.params.get("from_"))
+        except NeedsBase as exc:  # say how to give it here: merge has no --base
+            if not onnx:
+                raise
+            raise NeedsBase(
+                exc.path, exc.needs, "an ONNX BASE has no checkpoint to read it through: convert "
+                "it first (loraformat convert ADAPTER -o DIR --base CHECKPOINT)"
+            ) from None
+        ctx.call_on_close(adapter.close)
+        opened.append(adapter)
+    return tuple(opened)
 
 
-def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) -> None:
-    data = {
-        "output": str(result.path),
-        "adapters": list(adapters),
-        "tensors_changed": result.tensors_changed,
-    }
-    for key in ("layers", "shards", "external_data", "opset", "dtype", "nodes", "initializers",
-                "max_abs_diff", "verify_provider", "tolerance", "unshared"):
-        if hasattr(result, key):
-            value = getattr(result, key)
-            data[key] = str(value) if isinstance(value, Path) else value
+def _base_is_onnx() -> bool:
+    """What the ADAPTERS callback found BASE to be."""
+    return bool(click.get_current_context().meta.get("onnx_base"))
+
+
+def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool) -> None:
+    """Print what ``result`` (every merge/export result gives its own ``to_json()``) says."""
+    given = click.get_current_context().meta.get("adapter_arguments", ())
+    data = {"adapters": list(given), **result.to_json()}
     if as_json:
         echo_json(data)
         return
     click.echo(
-        f"{kind} {len(adapters)} adapter(s) into {result.path}: {result.tensors_changed} tensor(s) "
-        "changed"
-        + (f", {result.layers} layer(s)" if hasattr(result, "layers") else "")
-        + (f", {result.shards} shard(s)" if hasattr(result, "shards") else "")
+        f"{kind} {len(adapters)} adapter(s) into {data['output']}: {data['tensors_changed']} "
+        "tensor(s) changed"
+        + (f", {data['layers']} layer(s)" if "layers" in data else "")
+        + (f", {data['shards']} shard(s)" if "shards" in data else "")
     )
-    if hasattr(result, "opset"):
+    if "opset" in data:
         click.echo(
-            f"onnx: opset {result.opset}, {result.dtype}, {result.nodes} nodes, "
-            f"{result.initializers} initializers"
-            + (f", weights in {result.external_data}" if result.external_data else "")
+            f"onnx: opset {data['opset']}, {data['dtype']}, {data['nodes']} nodes"
+            + (f", {data['initializers']} initializers" if "initializers" in data else "")
+            + (f", weights in {data['external_data']}" if data.get("external_data") else "")
         )
-    if getattr(result, "max_abs_diff", None) is not None:
+    if data.get("max_abs_diff") is not None:
         click.echo(
-            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
-            f"({result.verify_provider}) and torch on random inputs (tolerance "
-            f"{result.tolerance:.3g}): ok"
+            f"verify: max abs diff {data['max_abs_diff']:.3g} between ONNX Runtime "
+            f"({data['verify_provider']}) and torch on random inputs (tolerance "
+            f"{data['tolerance']:.3g}): ok"
         )
 
 
 @click.command("merge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(),
+                callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (merged checkpoint), a .safetensors file (single-file base), "
                    "or a .onnx file (ONNX model).")
@@ -123,7 +125,7 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @overwrite_option
 @json_option
 def merge_command(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], dtype: str,
+    base: str, adapters: tuple[Adapter, ...], out: str, weights: tuple[float, ...], dtype: str,
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
     from_: str | None = None,
@@ -139,24 +141,22 @@ def merge_command(
     """
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
-    onnx_base = _onnx_base(base)
-    opened = _open(adapters, from_, base, onnx_base)
     if with_past:
-        if onnx_base or not _is_onnx(out):
+        if _base_is_onnx() or not _is_onnx(out):
             raise click.UsageError("--with-past exports a checkpoint BASE to -o ....onnx")
         from ..export.decoder import export_decoder
         from ..export.onnx import DEFAULT_OPSET
 
         with progress("merging") as bar:
             result = export_decoder(
-                base, out, adapters=opened, weights=list(weights),
+                base, out, adapters=list(adapters), weights=list(weights),
                 dtype=dtype or "float32", opset=opset or DEFAULT_OPSET, optimize=optimize,
                 verify_output=verify, force=force, allow_nonfinite=allow_nonfinite,
                 overwrite=overwrite, progress=bar,
             )
         _report("merged", result, adapters, as_json)
         return
-    if onnx_base:
+    if _base_is_onnx():
         from ..merge.onnx_surgery import merge_onnx
 
         if not _is_onnx(out):
@@ -168,7 +168,7 @@ def merge_command(
             )
         with progress("merging") as bar:
             result = merge_onnx(
-                base, opened, out, weights=list(weights), force=force,
+                base, list(adapters), out, weights=list(weights), force=force,
                 allow_nonfinite=allow_nonfinite, unshare=unshare, overwrite=overwrite,
                 progress=bar,
             )
@@ -177,7 +177,7 @@ def merge_command(
 
         with progress("merging") as bar:
             result = export_onnx(
-                base, out, adapters=opened, weights=list(weights), dtype=dtype or "float32",
+                base, out, adapters=list(adapters), weights=list(weights), dtype=dtype or "float32",
                 opset=opset or DEFAULT_OPSET, verify_output=verify, force=force,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
@@ -188,7 +188,7 @@ def merge_command(
 
         with progress("merging") as bar:
             result = merge_checkpoint(
-                base, opened, out, weights=list(weights), force=force,
+                base, list(adapters), out, weights=list(weights), force=force,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     _report("merged", result, adapters, as_json)
@@ -196,7 +196,8 @@ def merge_command(
 
 @click.command("unmerge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(),
+                callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (checkpoint), .safetensors file, or .onnx file (ONNX base).")
 @click.option("--weight", "weights", multiple=True, type=float,
@@ -206,25 +207,22 @@ def merge_command(
 @overwrite_option
 @json_option
 def unmerge_command(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
+    base: str, adapters: tuple[Adapter, ...], out: str, weights: tuple[float, ...],
     allow_nonfinite: bool, overwrite: bool, as_json: bool, from_: str | None = None,
 ) -> None:
     """Subtract ADAPTERS from BASE, a model they were merged into: W = W' − Σ wᵢ·scaleᵢ·BᵢAᵢ.
 
     Exact up to float rounding. BASE is a *merged* model, so the adapter's base fingerprint is
-    not checked. DoRA layers and replaced tensors cannot be unmerged and are refused. ADAPTERS
-    are read as for `merge`.
+    not checked. DoRA layers and replaced tensors cannot be unmerged and are refused.
     """
-    onnx_base = _onnx_base(base)
-    opened = _open(adapters, from_, base, onnx_base)
-    if onnx_base:
+    if _base_is_onnx():
         from ..merge.onnx_surgery import merge_onnx
 
         if not _is_onnx(out):
             raise click.UsageError("an ONNX base unmerges into an ONNX output (-o ....onnx)")
         with progress("unmerging") as bar:
             result = merge_onnx(
-                base, opened, out, weights=list(weights), subtract=True,
+                base, list(adapters), out, weights=list(weights), subtract=True,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     else:
@@ -236,7 +234,7 @@ def unmerge_command(
 
         with progress("unmerging") as bar:
             result = unmerge_checkpoint(
-                base, opened, out, weights=list(weights),
+                base, list(adapters), out, weights=list(weights),
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     _report("unmerged", result, adapters, as_json)

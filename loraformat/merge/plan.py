@@ -12,12 +12,14 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from ..architecture import DenseLayer
 from ..errors import LoraformatError
-from ..format.adapter import Adapter
+from ..format import manifest as mf
+from ..format.adapter import Adapter, load
 from ..format.safetensors_io import FLOAT_DTYPES
 from .weights import Contribution, merge_bias, merge_weight
 
@@ -64,27 +66,31 @@ class MergePlan:
         return len(self.ops)
 
 
-def open_adapter(path: str | os.PathLike[str] | Adapter, base: object | None = None) -> Adapter:
-    """An adapter in any format, through the interchange front door (loraformat lazily; PEFT,
-    GGUF, MLX, loralib, .onnx_adapter converted in memory, read through ``base`` where needed).
-    The import is lazy: only a foreign input needs the interchange layer."""
+def open_adapter(path: str | os.PathLike[str] | Adapter) -> Adapter:
+    """A loraformat adapter (an object as it is, a path loaded lazily).
+
+    Merges take loraformat adapters; another format (a PEFT directory) is converted at the
+    boundary — :func:`loraformat.interchange.open_adapter`, as the CLI does — not here.
+    """
     if isinstance(path, Adapter):
         return path
-    from ..interchange.front_door import open_adapter as front_door
-
-    return front_door(path, base=base)
+    p = Path(path)
+    if p.is_dir() and (p / PEFT_CONFIG).is_file() and not (p / mf.MANIFEST_FILE).is_file():
+        raise LoraformatError(
+            p, "is a PEFT adapter; merges take loraformat adapters: convert it first "
+            "(loraformat.interchange.open_adapter(path, base=...), which the CLI does)",
+        )
+    return load(p)
 
 
 def open_adapters(
-    stack: contextlib.ExitStack,
-    items: Sequence[str | os.PathLike[str] | Adapter],
-    base: object | None = None,
+    stack: contextlib.ExitStack, items: Sequence[str | os.PathLike[str] | Adapter]
 ) -> list[Adapter]:
     """:func:`open_adapter` for each item; those opened here are closed when ``stack`` unwinds
     (adapters passed in as objects belong to the caller)."""
     opened = []
     for item in items:
-        adapter = open_adapter(item, base)
+        adapter = open_adapter(item)
         if not isinstance(item, Adapter):
             stack.callback(adapter.close)
         opened.append(adapter)
