@@ -22,6 +22,7 @@ from test_cli_errors import assert_one_line_error, run
 
 from loraformat.errors import LoraformatError
 from loraformat.format.safetensors_io import SafetensorsFile
+from loraformat.interchange import open_adapter
 from loraformat.merge.bnb import is_bnb4, merge_bnb
 from loraformat.quant import bnb4
 
@@ -137,7 +138,7 @@ def test_quantize_equals_bitsandbytes(qlora, kind):
 
 
 def test_float_merge(qlora, tmp_path):
-    result = merge_bnb(qlora.nf4, [qlora.adapter], tmp_path / "merged")
+    result = merge_bnb(qlora.nf4, [open_adapter(qlora.adapter)], tmp_path / "merged")
     assert result.tensors_changed == 14 and not result.requantized and result.survival is None
     before, after = _tensors(qlora.nf4), _tensors(tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -173,7 +174,7 @@ def test_float_merge(qlora, tmp_path):
 @pytest.mark.parametrize("kind", ["nf4", "fp4"])
 def test_requantize(qlora, tmp_path, kind):
     base = getattr(qlora, kind)
-    result = merge_bnb(base, [qlora.adapter], tmp_path / "merged", requantize=True)
+    result = merge_bnb(base, [open_adapter(qlora.adapter)], tmp_path / "merged", requantize=True)
     assert result.requantized and len(result.survival.layers) == 14
     before, after = _tensors(base), _tensors(tmp_path / "merged")
     assert set(before) == set(after)
@@ -212,11 +213,11 @@ def test_sharded_float_merge(qlora, tmp_path):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    result = merge_bnb(tmp_path / "sharded", [qlora.adapter], tmp_path / "merged")
+    result = merge_bnb(tmp_path / "sharded", [open_adapter(qlora.adapter)], tmp_path / "merged")
     assert result.shards == len(set(index["weight_map"].values()))
     out_index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     assert not any("absmax" in n or "quant" in n for n in out_index["weight_map"])
-    single = merge_bnb(qlora.nf4, [qlora.adapter], tmp_path / "single")
+    single = merge_bnb(qlora.nf4, [open_adapter(qlora.adapter)], tmp_path / "single")
     assert single.shards == 1
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
@@ -228,12 +229,12 @@ def test_sharded_float_merge(qlora, tmp_path):
 def test_survival_small_adapter_warns(qlora, tmp_path):
     small = tiny_models.peft_adapter(qlora.base, "llama", tmp_path / "small", seed=3,
                                      target_modules=["q_proj"], lora_alpha=0.02)
-    result = merge_bnb(qlora.nf4, [small], tmp_path / "merged", requantize=True)
+    result = merge_bnb(qlora.nf4, [open_adapter(small)], tmp_path / "merged", requantize=True)
     assert result.survival.share < 0.2
     warning = result.survival.warning()
     assert warning and "model.layers.0.self_attn.q_proj.weight" in warning
     assert "omit --requantize" in warning
-    big = merge_bnb(qlora.nf4, [qlora.adapter], tmp_path / "big", requantize=True)
+    big = merge_bnb(qlora.nf4, [open_adapter(qlora.adapter)], tmp_path / "big", requantize=True)
     assert big.survival.share > result.survival.share
 
 

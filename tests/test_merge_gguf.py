@@ -20,6 +20,7 @@ from loraformat_plugins.llama import gguf_permutation
 from test_cli_errors import assert_one_line_error, run
 
 from loraformat.errors import LoraformatError
+from loraformat.interchange import open_adapter
 from loraformat.merge.gguf import merge_gguf
 
 pytestmark = pytest.mark.slow  # PEFT references
@@ -120,7 +121,7 @@ def _header_end(path: Path) -> int:
 def test_f32_merge_equals_peft(lm, tmp_path):
     config, adapter, tensors, merged = lm.config, lm.adapter, lm.tensors, lm.merged
     model = write_model(tensors, config, tmp_path / "base.gguf", "F32")
-    result = merge_gguf(model, [adapter], tmp_path / "merged.gguf")
+    result = merge_gguf(model, [open_adapter(adapter)], tmp_path / "merged.gguf")
     assert result.tensors_changed == 14 and result.layers == 14
     got = read_model(tmp_path / "merged.gguf")
     before = read_model(model)
@@ -150,7 +151,7 @@ def _expected_quantized(hf: str, before: np.ndarray, delta_hf: np.ndarray, confi
 def test_quantized_merge_keeps_types_and_requantizes(lm, tmp_path, kind):
     config, adapter, tensors, merged = lm.config, lm.adapter, lm.tensors, lm.merged
     model = write_model(tensors, config, tmp_path / "base.gguf", kind)
-    result = merge_gguf(model, [adapter], tmp_path / "merged.gguf")
+    result = merge_gguf(model, [open_adapter(adapter)], tmp_path / "merged.gguf")
     got, before = read_model(tmp_path / "merged.gguf"), read_model(model)
     assert set(got) == set(before)
     mismatched = 0
@@ -181,7 +182,7 @@ def test_quantized_merge_keeps_types_and_requantizes(lm, tmp_path, kind):
 def test_type_option_relayouts_and_round_trips(lm, tmp_path):
     config, adapter, tensors, merged = lm.config, lm.adapter, lm.tensors, lm.merged
     model = write_model(tensors, config, tmp_path / "base.gguf", "Q4_0")
-    result = merge_gguf(model, [adapter], tmp_path / "merged.gguf", qtype="q8_0")
+    result = merge_gguf(model, [open_adapter(adapter)], tmp_path / "merged.gguf", qtype="q8_0")
     assert set(result.types.values()) == {"Q8_0"}
     got, before = read_model(tmp_path / "merged.gguf"), read_model(model)
     reader = gguf.GGUFReader(str(tmp_path / "merged.gguf"))
@@ -210,7 +211,7 @@ def test_survival_small_adapter_q4_vs_q8(lm, tmp_path):
     shares = {}
     for kind in ("Q4_0", "Q8_0"):
         model = write_model(tensors, config, tmp_path / f"{kind}.gguf", kind)
-        result = merge_gguf(model, [small], tmp_path / f"m-{kind}.gguf")
+        result = merge_gguf(model, [open_adapter(small)], tmp_path / f"m-{kind}.gguf")
         shares[kind] = result.survival
     q4, q8 = shares["Q4_0"], shares["Q8_0"]
     assert q4.share < 0.2, q4.table()
@@ -261,7 +262,7 @@ def test_k_quant_output_refused(lm, tmp_path):
     config, adapter, tensors = lm.config, lm.adapter, lm.tensors
     model = write_model(tensors, config, tmp_path / "base.gguf", "F32")
     with pytest.raises(LoraformatError, match=r"cannot write GGUF type Q4_K .*--type Q8_0"):
-        merge_gguf(model, [adapter], tmp_path / "m.gguf", qtype="Q4_K")
+        merge_gguf(model, [open_adapter(adapter)], tmp_path / "m.gguf", qtype="Q4_K")
     assert not (tmp_path / "m.gguf").exists()
     assert_one_line_error(
         run("merge", model, adapter, "-o", tmp_path / "m.gguf", "--type", "Q4_K"), model, "Q4_K"
@@ -274,10 +275,10 @@ def test_wrong_architecture_and_shape_refused(lm, tiny_checkpoint, tmp_path):
     gpt2 = tiny_checkpoint("gpt2")
     other = tiny_models.peft_adapter(gpt2, "gpt2", tmp_path / "g")
     with pytest.raises(LoraformatError, match="architecture 'gpt2'"):
-        merge_gguf(model, [other], tmp_path / "m.gguf")
+        merge_gguf(model, [open_adapter(other)], tmp_path / "m.gguf")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(LoraformatError, match="not a readable GGUF file"):
-        merge_gguf(tmp_path / "bad.gguf", [other], tmp_path / "m.gguf")
+        merge_gguf(tmp_path / "bad.gguf", [open_adapter(other)], tmp_path / "m.gguf")
 
 
 @pytest.mark.parametrize("kind", ["F32", "Q8_0"])
@@ -290,7 +291,7 @@ def test_embedding_and_head(lm, tmp_path, kind):
     model = PeftModel.from_pretrained(tiny_models.load_transformers(lm.base, "llama"), adapter)
     merged = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
     base = write_model(lm.tensors, lm.config, tmp_path / "base.gguf", kind)
-    result = merge_gguf(base, [adapter], tmp_path / "m.gguf")
+    result = merge_gguf(base, [open_adapter(adapter)], tmp_path / "m.gguf")
     assert result.tensors_changed == 4
     got, before = read_model(tmp_path / "m.gguf"), read_model(base)
     for hf in ("model.embed_tokens.weight", "lm_head.weight",
@@ -349,7 +350,7 @@ def test_gpt2_conv1d_fused_qkv(tiny_checkpoint, tmp_path):
                                        target_modules=["c_attn", "c_proj", "c_fc"])
     model = PeftModel.from_pretrained(tiny_models.load_transformers(base, "gpt2"), adapter)
     merged = {k: v.detach().numpy() for k, v in model.merge_and_unload().state_dict().items()}
-    result = merge_gguf(tmp_path / "gpt2.gguf", [adapter], tmp_path / "m.gguf")
+    result = merge_gguf(tmp_path / "gpt2.gguf", [open_adapter(adapter)], tmp_path / "m.gguf")
     assert result.tensors_changed == 8
     got, before = read_model(tmp_path / "m.gguf"), read_model(tmp_path / "gpt2.gguf")
     for hf in tensors:

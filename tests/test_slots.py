@@ -13,13 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_harness import run_cli
 from safetensors.numpy import save_file
 from torch import nn
 
 import loraformat
 from loraformat import LoraformatError, LoraLayer
 from loraformat.architecture import (
-    ArchitectureInfo,
+    ArchitectureBase,
     DenseLayer,
     ExportModel,
     hookimpl,
@@ -52,32 +53,21 @@ class ToyNet(nn.Module):
         return self.net.down(torch.relu(self.net.up(x))) * self.net.norm
 
 
-class ToyPlugin:
-    @hookimpl
-    def loraformat_architectures(self):
-        return [ArchitectureInfo(ARCH, "two dense layers, for slot tests")]
+class ToySlots(ArchitectureBase):
+    id = ARCH
+    description = "two dense layers, for slot tests"
+    targets = ("up",)
 
-    @hookimpl
-    def loraformat_detect(self, config, tensor_names):
-        return ARCH if config.get("model_type") == ARCH else None
+    def detect(self, checkpoint):
+        return checkpoint.config.get("model_type") == ARCH
 
-    @hookimpl
-    def loraformat_dense_layers(self, architecture, config, tensor_shapes):
-        if architecture != ARCH:
-            return None
+    def dense_layers(self, checkpoint):
         return [
             DenseLayer("net.up", 8, 12, "out_in", bias="net.up.bias"),
             DenseLayer("net.down", 12, 6, "in_out"),
         ]
 
-    @hookimpl
-    def loraformat_default_targets(self, architecture, config):
-        return ["up"] if architecture == ARCH else None
-
-    @hookimpl
-    def loraformat_export_model(self, architecture, config, tensors, options):
-        if architecture != ARCH:
-            return None
+    def export_model(self, checkpoint, tensors, options):
         module = ToyNet()
         module.load_state_dict(dict(tensors))
         return ExportModel(
@@ -89,6 +79,14 @@ class ToyPlugin:
         )
 
 
+class ToyPlugin:
+    LORAFORMAT_PLUGIN_API = 2
+
+    @hookimpl
+    def loraformat_architectures(self):
+        return [ToySlots()]
+
+
 @pytest.fixture(scope="module")
 def toy_base(tmp_path_factory):
     reg = registry()
@@ -97,8 +95,7 @@ def toy_base(tmp_path_factory):
     save_file(WEIGHTS, str(root / "model.safetensors"))
     (root / "config.json").write_text(json.dumps({"model_type": ARCH}))
     yield root
-    reg.pm.unregister(name="toyslots-test")
-    reg.records.pop("toyslots-test", None)
+    reg.unregister("toyslots-test")
 
 
 @pytest.fixture(scope="module")
@@ -256,20 +253,11 @@ def test_verify_and_same_nodes_as_plain_export(toy_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_export_lora_slots(toy_base, tmp_path, capsys):
-    from loraformat.cli import main
-
+def test_cli_export_lora_slots(toy_base, tmp_path):
     out = tmp_path / "cli.onnx"
-
-    def run(*args: str) -> int:
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
-
-    assert run("export", toy_base, "--lora-slots", "--targets", "down", "-o", out, "--json") == 0
-    report = json.loads(capsys.readouterr().out)
+    result = run_cli("export", toy_base, "--lora-slots", "--targets", "down", "-o", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
     assert report["slots"] == ["net.down"] and report["output"] == str(out)
     assert {i.name for i in onnx.load(out).graph.input} == {
         "x",
@@ -277,16 +265,16 @@ def test_cli_export_lora_slots(toy_base, tmp_path, capsys):
         "net.down.lora_B",
     }
 
-    assert run("export", toy_base, "--targets", "down", "-o", tmp_path / "b.onnx") == 2
-    assert "--targets applies only with --lora-slots" in capsys.readouterr().err
+    result = run_cli("export", toy_base, "--targets", "down", "-o", tmp_path / "b.onnx")
+    assert result.code == 2 and "--targets applies only with --lora-slots" in result.err
     args = ("--lora-slots", "--with-past", "--optimize", "-o", tmp_path / "b.onnx")
-    assert run("export", toy_base, *args) == 2
-    assert "--optimize cannot be combined with --lora-slots" in capsys.readouterr().err
-    assert (
-        run("export", toy_base, "--lora-slots", "--targets", "up,nope", "-o", tmp_path / "c.onnx")
-        == 1
+    result = run_cli("export", toy_base, *args)
+    assert result.code == 2 and "--optimize cannot be combined with --lora-slots" in result.err
+    result = run_cli(
+        "export", toy_base, "--lora-slots", "--targets", "up,nope", "-o", tmp_path / "c.onnx"
     )
-    assert capsys.readouterr().err.strip() == (
+    assert result.code == 1
+    assert result.error == (
         f"error: {toy_base}: target 'nope' matches no linear layer (module names: down, up)"
     )
     assert not (tmp_path / "c.onnx").exists()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import click
+
+from ..format.adapter import Adapter
+from ..interchange import CODECS
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 overwrite_option = click.option(
@@ -42,3 +45,34 @@ def progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
     finally:
         if "bar" in state:
             state["bar"].__exit__(None, None, None)
+
+
+# -- adapter inputs: every command opens them through the interchange front door ----------------
+
+from_option = click.option(
+    # eager: argument callbacks that open adapters (merge's ADAPTERS) run after it wherever it is
+    "--from", "from_", type=click.Choice(list(CODECS)), is_eager=True,
+    help="Format of the adapter input(s) (default: detected from the content).",
+)
+adapter_base_option = click.option(
+    "--base", "base", type=click.Path(),
+    help="Base checkpoint, for adapter formats read through it (GGUF: llama.cpp names and row "
+         "order; MLX/ONNX Runtime/loralib: layer names and architecture).",
+)
+
+
+@contextmanager
+def opened_adapters(
+    paths: Sequence[str], from_: str | None = None, base: Any = None
+) -> Iterator[list[Adapter]]:
+    """Each path opened as a loraformat adapter, whatever its format; closed on exit."""
+    from ..interchange.front_door import open_adapter
+
+    adapters: list[Adapter] = []
+    try:
+        for path in paths:
+            adapters.append(open_adapter(path, from_=from_, base=base))
+        yield adapters
+    finally:
+        for adapter in adapters:
+            adapter.close()

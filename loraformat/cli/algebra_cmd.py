@@ -6,14 +6,11 @@ atomically (refusing to replace it without ``--overwrite``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
 
-from ..algebra import ops
-from ..algebra._common import DTYPE_CHOICES
+from ..algebra import DTYPE_CHOICES, ops
 from ..algebra.combine import METHODS, combine
 from ..algebra.combine import report_json as combine_report
 from ..algebra.extract import extract
@@ -22,8 +19,16 @@ from ..algebra.reduce import parse_rank_pattern, reduce
 from ..algebra.reduce import report_json as reduce_report
 from ..atomic import check_output
 from ..errors import LoraformatError
-from ..format.adapter import Adapter, load
-from ._common import echo_json, json_option, overwrite_option, progress
+from ..format.adapter import Adapter
+from ._common import (
+    adapter_base_option,
+    echo_json,
+    from_option,
+    json_option,
+    opened_adapters,
+    overwrite_option,
+    progress,
+)
 
 output_option = click.option(
     "-o",
@@ -47,18 +52,6 @@ dtype_option = click.option(
     default=None,
     help="Dtype of the output's A/B tensors (default: the inputs').",
 )
-
-
-@contextlib.contextmanager
-def _loaded(paths: Sequence[str]) -> Iterator[list[Adapter]]:
-    adapters: list[Adapter] = []
-    try:
-        for path in paths:
-            adapters.append(load(path))
-        yield adapters
-    finally:
-        for adapter in adapters:
-            adapter.close()
 
 
 def _save(adapter: Adapter, out: str, overwrite: bool) -> None:
@@ -106,6 +99,8 @@ def _report_layers(
 @weights_option
 @output_option
 @dtype_option
+@from_option
+@adapter_base_option
 @overwrite_option
 def stack_command(
     adapters: tuple[str, ...],
@@ -113,13 +108,15 @@ def stack_command(
     out: str,
     dtype: str | None,
     overwrite: bool,
+    from_: str | None,
+    base: str | None,
 ) -> None:
     """Stack ADAPTERS into one whose ΔW is exactly Σ wᵢ·ΔWᵢ (ranks are concatenated).
 
     Layers present in only some inputs are kept. The output has scale 1 on every layer.
     """
     check_output(out, overwrite)
-    with _loaded(adapters) as loaded, progress("stack") as update:
+    with opened_adapters(adapters, from_, base) as loaded, progress("stack") as update:
         result = ops.stack(loaded, list(weights) or None, dtype=dtype, progress=update)
         _save(result, out, overwrite)
     _wrote(out, result)
@@ -130,11 +127,16 @@ def stack_command(
 @click.argument("b", type=click.Path())
 @output_option
 @dtype_option
+@from_option
+@adapter_base_option
 @overwrite_option
-def subtract_command(a: str, b: str, out: str, dtype: str | None, overwrite: bool) -> None:
+def subtract_command(
+    a: str, b: str, out: str, dtype: str | None, overwrite: bool, from_: str | None,
+    base: str | None,
+) -> None:
     """An adapter whose ΔW is exactly ΔW_A − ΔW_B."""
     check_output(out, overwrite)
-    with _loaded([a, b]) as (first, second):
+    with opened_adapters([a, b], from_, base) as (first, second):
         result = ops.subtract(first, second, dtype=dtype)
         _save(result, out, overwrite)
     _wrote(out, result)
@@ -145,13 +147,16 @@ def subtract_command(a: str, b: str, out: str, dtype: str | None, overwrite: boo
 @click.argument("weight", type=float)
 @output_option
 @dtype_option
+@from_option
+@adapter_base_option
 @overwrite_option
 def scale_command(
-    adapter: str, weight: float, out: str, dtype: str | None, overwrite: bool
+    adapter: str, weight: float, out: str, dtype: str | None, overwrite: bool, from_: str | None,
+    base: str | None,
 ) -> None:
     """An adapter whose ΔW is WEIGHT·ΔW of ADAPTER (WEIGHT may be negative)."""
     check_output(out, overwrite)
-    with _loaded([adapter]) as (loaded,):
+    with opened_adapters([adapter], from_, base) as (loaded,):
         result = ops.scale(loaded, weight, dtype=dtype)
         _save(result, out, overwrite)
     _wrote(out, result)
@@ -180,6 +185,8 @@ def scale_command(
 )
 @output_option
 @dtype_option
+@from_option
+@adapter_base_option
 @overwrite_option
 @json_option
 def reduce_command(
@@ -190,6 +197,8 @@ def reduce_command(
     out: str,
     dtype: str | None,
     overwrite: bool,
+    from_: str | None,
+    base: str | None,
     as_json: bool,
 ) -> None:
     """Reduce each layer's rank by a factored SVD (the dense ΔW is never built).
@@ -202,7 +211,7 @@ def reduce_command(
         raise click.UsageError("give --rank, --energy or --rank-pattern")
     pattern = parse_rank_pattern(rank_pattern) if rank_pattern else None
     check_output(out, overwrite)
-    with _loaded([adapter]) as (loaded,), progress("reduce") as update:
+    with opened_adapters([adapter], from_, base) as (loaded,), progress("reduce") as update:
         result, report = reduce(
             loaded, rank, energy=energy, rank_pattern=pattern, dtype=dtype, progress=update
         )
@@ -252,6 +261,8 @@ def reduce_command(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random masks.")
 @output_option
 @dtype_option
+@from_option
+@adapter_base_option
 @overwrite_option
 @json_option
 def combine_command(
@@ -265,6 +276,8 @@ def combine_command(
     out: str,
     dtype: str | None,
     overwrite: bool,
+    from_: str | None,
+    base: str | None,
     as_json: bool,
 ) -> None:
     """Combine ADAPTERS like PEFT's add_weighted_adapter.
@@ -274,7 +287,7 @@ def combine_command(
     gives each layer's relative deviation from the exact Σ wᵢ·ΔWᵢ.
     """
     check_output(out, overwrite)
-    with _loaded(adapters) as loaded, progress("combine") as update:
+    with opened_adapters(adapters, from_, base) as loaded, progress("combine") as update:
         result, report = combine(
             loaded,
             list(weights) or None,

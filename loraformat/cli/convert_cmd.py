@@ -59,12 +59,15 @@ def convert_command(
     torch.load(weights_only=True), which cannot run code from the file.
     """
     from ..interchange import convert
+    from ..interchange.front_door import check_base_given, identify_adapter
 
+    from_, source = identify_adapter(input_path, from_)  # by content; one line if not an adapter
+    check_base_given(input_path, from_, base)
     options = {"alpha": alpha, "rank": rank, "energy": energy, "enable_lora": enable_lora,
                "architecture": architecture, "dtype": dtype}
     with progress("converting") as callback:
         report = convert(
-            input_path, output, from_, to, base=base, lossy=lossy, overwrite=overwrite,
+            source, output, from_, to, base=base, lossy=lossy, overwrite=overwrite,
             progress=callback, **{k: v for k, v in options.items() if v is not None},
         )
     if as_json:

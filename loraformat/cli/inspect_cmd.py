@@ -4,28 +4,49 @@ from __future__ import annotations
 
 import click
 
-from ..format.adapter import load, validate
 from ..format.summary import summarize
-from ._common import echo_json, json_option
+from ..interchange.front_door import check_adapter, read_adapter
+from ._common import adapter_base_option, echo_json, from_option, json_option
 
 
 @click.command("inspect")
 @click.argument("adapter", type=click.Path())
 @click.option("--no-norms", is_flag=True, help="Skip per-layer ‖ΔW‖ (reads the header only).")
+@from_option
+@adapter_base_option
 @json_option
-def inspect_command(adapter: str, no_norms: bool, as_json: bool) -> None:
+def inspect_command(
+    adapter: str, no_norms: bool, from_: str | None, base: str | None, as_json: bool
+) -> None:
     """Show an adapter's architecture, layers, ranks, alphas, dtypes, size and per-layer ‖ΔW‖.
 
-    ADAPTER is an adapter directory (adapter.json + adapter.safetensors) or a single
-    .safetensors file.
+    ADAPTER is a loraformat adapter (directory or single .safetensors) or any format `convert`
+    reads (PEFT, loralib, .onnx_adapter, GGUF, MLX), detected from its content; a foreign one is
+    shown as it converts, with what converting changes.
     """
-    with load(adapter) as loaded:
+    # lossy: show a foreign adapter even where converting would drop something, and say what
+    loaded, report = read_adapter(adapter, from_=from_, base=base, lossy=True)
+    with loaded:
         info = summarize(loaded, norms=not no_norms)
+    info["path"] = info["path"] or adapter
+    info["read_format"] = report.source_format
+    if report.source_format != "loraformat":
+        info["conversion"] = {"notes": report.notes, "lossy": report.lossy}
     if as_json:
         echo_json(info)
         return
     click.echo(f"adapter       {info['path']}")
-    click.echo(f"format        loraformat {info['format_version']}")
+    if report.source_format == "loraformat":
+        click.echo(f"format        loraformat {info['format_version']}")
+    else:
+        click.echo(f"format        {report.source_format} (shown as loraformat "
+                   f"{info['format_version']} after converting)")
+        for note in report.notes:
+            click.echo(f"converting    {note}")
+        for change in report.lossy:
+            click.echo(f"converting    would lose: {change}")
+        if not report.notes and not report.lossy:
+            click.echo("converting    exact: nothing changes")
     base = info["architecture"] + (f" ({info['base_name']})" if info["base_name"] else "")
     click.echo(f"base          {base}")
     if info["base_fingerprint"]:
@@ -59,18 +80,22 @@ def inspect_command(adapter: str, no_norms: bool, as_json: bool) -> None:
 
 @click.command("validate")
 @click.argument("adapter", type=click.Path())
+@from_option
+@adapter_base_option
 @json_option
-def validate_command(adapter: str, as_json: bool) -> None:
+def validate_command(adapter: str, from_: str | None, base: str | None, as_json: bool) -> None:
     """Check an adapter against the spec: schema, version, tensors, shapes, checksum, NaN/Inf.
 
-    Exit 0 when valid; otherwise print one line per problem (file: field or tensor: problem)
-    and exit 1.
+    A foreign adapter (PEFT, loralib, .onnx_adapter, GGUF, MLX) is checked against its own
+    format's rules: everything its reader enforces, plus finite values. Exit 0 when valid;
+    otherwise print one line per problem (file: field or tensor: problem) and exit 1.
     """
-    problems = validate(adapter)
+    fmt, problems = check_adapter(adapter, from_=from_, base=base)
     if as_json:
-        echo_json({"path": adapter, "valid": not problems, "problems": [str(p) for p in problems]})
+        echo_json({"path": adapter, "format": fmt, "valid": not problems,
+                   "problems": [str(p) for p in problems]})
     elif not problems:
-        click.echo(f"{adapter}: valid")
+        click.echo(f"{adapter}: valid" + ("" if fmt == "loraformat" else f" ({fmt})"))
     else:
         for problem in problems:
             click.echo(str(problem), err=True)

@@ -7,49 +7,93 @@ from typing import Any
 
 import click
 
-from ._common import echo_json, json_option, overwrite_option, progress
+from .. import sniff
+from ..format.adapter import Adapter
+from ._common import echo_json, from_option, json_option, overwrite_option, progress
 
 _DTYPES = click.Choice(["float32", "float16"])
 
 
 def _is_onnx(path: str) -> bool:
+    """For outputs, whose kind their suffix chooses (BASE is told by content: _onnx_base)."""
     return Path(path).suffix == ".onnx"
 
 
-def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) -> None:
+def _base_kind(base: str) -> str:
+    """What BASE is, by content: a checkpoint directory, a single .safetensors, an ONNX model or a
+    GGUF model; anything else is refused in one line saying what it is."""
+    return sniff.require_base(
+        base, (sniff.CHECKPOINT, sniff.SAFETENSORS_MODEL, sniff.ONNX_MODEL, sniff.GGUF_MODEL)
+    ).format
+
+
+def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple:
+    """The ADAPTER arguments as loraformat adapters, converted here at the boundary (a PEFT
+    directory or any other format, named through BASE unless BASE is an ONNX graph), closed when
+    the command ends."""
+    from ..interchange import open_adapter
+    from ..interchange.front_door import NeedsBase
+
+    ctx.meta["adapter_arguments"] = values  # as the user wrote them, for the report
+    base = ctx.params.get("base")
+    kind = _base_kind(base) if base is not None else None
+    ctx.meta["onnx_base"] = onnx = kind == sniff.ONNX_MODEL
+    # Foreign adapters are read through a float checkpoint BASE (names, row order); a quantized
+    # base (GGUF model, bitsandbytes 4-bit) has no such checkpoint to read them through.
+    quantized = kind == sniff.GGUF_MODEL or (base is not None and _is_bnb4(base))
+    names_from = None if base is None or onnx or quantized else base
+    opened = []
+    for value in values:
+        try:
+            adapter = open_adapter(value, base=names_from, from_=ctx.params.get("from_"))
+        except NeedsBase as exc:  # say how to give it here: merge has no --base
+            if not onnx:
+                raise
+            raise NeedsBase(
+                exc.path, exc.needs, "an ONNX BASE has no checkpoint to read it through: convert "
+                "it first (loraformat convert ADAPTER -o DIR --base CHECKPOINT)"
+            ) from None
+        ctx.call_on_close(adapter.close)
+        opened.append(adapter)
+    return tuple(opened)
+
+
+def _is_bnb4(base: str) -> bool:
+    from ..merge.bnb import is_bnb4
+
+    return is_bnb4(base)
+
+
+def _base_is_onnx() -> bool:
+    """What the ADAPTERS callback found BASE to be."""
+    return bool(click.get_current_context().meta.get("onnx_base"))
+
+
+def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool) -> None:
+    """Print what ``result`` (every merge/export result gives its own ``to_json()``) says."""
+    given = click.get_current_context().meta.get("adapter_arguments", ())
+    data = {"adapters": list(given), **result.to_json()}
     survival = getattr(result, "survival", None)  # quantized merges: what the adapter kept
-    data = {
-        "output": str(result.path),
-        "adapters": list(adapters),
-        "tensors_changed": result.tensors_changed,
-    }
-    for key in ("layers", "shards", "external_data", "opset", "dtype", "nodes", "initializers",
-                "max_abs_diff", "verify_provider", "tolerance", "unshared"):
-        if hasattr(result, key):
-            value = getattr(result, key)
-            data[key] = str(value) if isinstance(value, Path) else value
-    if survival is not None:
-        data["survival"] = survival.to_json()
     if as_json:
         echo_json(data)
         return
     click.echo(
-        f"{kind} {len(adapters)} adapter(s) into {result.path}: {result.tensors_changed} tensor(s) "
-        "changed"
-        + (f", {result.layers} layer(s)" if hasattr(result, "layers") else "")
-        + (f", {result.shards} shard(s)" if hasattr(result, "shards") else "")
+        f"{kind} {len(adapters)} adapter(s) into {data['output']}: {data['tensors_changed']} "
+        "tensor(s) changed"
+        + (f", {data['layers']} layer(s)" if "layers" in data else "")
+        + (f", {data['shards']} shard(s)" if "shards" in data else "")
     )
-    if hasattr(result, "opset"):
+    if "opset" in data:
         click.echo(
-            f"onnx: opset {result.opset}, {result.dtype}, {result.nodes} nodes, "
-            f"{result.initializers} initializers"
-            + (f", weights in {result.external_data}" if result.external_data else "")
+            f"onnx: opset {data['opset']}, {data['dtype']}, {data['nodes']} nodes"
+            + (f", {data['initializers']} initializers" if "initializers" in data else "")
+            + (f", weights in {data['external_data']}" if data.get("external_data") else "")
         )
-    if getattr(result, "max_abs_diff", None) is not None:
+    if data.get("max_abs_diff") is not None:
         click.echo(
-            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
-            f"({result.verify_provider}) and torch on random inputs (tolerance "
-            f"{result.tolerance:.3g}): ok"
+            f"verify: max abs diff {data['max_abs_diff']:.3g} between ONNX Runtime "
+            f"({data['verify_provider']}) and torch on random inputs (tolerance "
+            f"{data['tolerance']:.3g}): ok"
         )
     if survival is not None:
         for line in survival.table():
@@ -59,7 +103,7 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 
 
 def _merge_quantized(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
+    base: str, adapters: tuple[Adapter, ...], out: str, weights: tuple[float, ...],
     qtype: str | None, requantize: bool, force: bool, allow_nonfinite: bool, overwrite: bool,
     onnx_options: bool,
 ) -> Any:
@@ -94,7 +138,8 @@ def _merge_quantized(
 
 @click.command("merge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(),
+                callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (merged checkpoint), a .safetensors file (single-file base), "
                    "a .onnx file (ONNX model), or a .gguf file (GGUF base).")
@@ -124,23 +169,26 @@ def _merge_quantized(
 @click.option("--requantize", is_flag=True,
               help="bitsandbytes 4-bit base: write the same 4-bit layout (default: a float "
                    "checkpoint, the QLoRA recipe).")
+@from_option
 @overwrite_option
 @json_option
 def merge_command(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], dtype: str,
+    base: str, adapters: tuple[Adapter, ...], out: str, weights: tuple[float, ...], dtype: str,
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
-    qtype: str | None = None, requantize: bool = False,
+    qtype: str | None = None, requantize: bool = False, from_: str | None = None,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
     BASE is a Hugging Face checkpoint directory (single or sharded safetensors), an ONNX model
     (.onnx, merged by initializer surgery, no torch), a llama.cpp GGUF model (-o x.gguf; adapted
     tensors requantized to their type) or a bitsandbytes 4-bit checkpoint (float output, or
-    --requantize); quantized merges report how much of the adapter survived. Each ADAPTER is a
-    loraformat adapter or a PEFT adapter directory. OUT decides the product: a directory gets a
-    merged checkpoint (same shards and names, config copied), a .onnx file an ONNX model with the
-    same graph as the base and merged weights.
+    --requantize), told apart by content; quantized merges report how much of the adapter
+    survived. Each ADAPTER is in
+    any format `convert` reads (loraformat, PEFT, loralib, .onnx_adapter, GGUF, MLX; detected
+    from its content, or --from), read through BASE where the format needs it. OUT decides the
+    product: a directory gets a merged checkpoint (same shards and names, config copied), a .onnx
+    file an ONNX model with the same graph as the base and merged weights.
     """
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
@@ -154,7 +202,7 @@ def merge_command(
         raise click.UsageError("--type applies to a GGUF base, --requantize to a bitsandbytes "
                                "4-bit base")
     if with_past:
-        if _is_onnx(base) or not _is_onnx(out):
+        if _base_is_onnx() or not _is_onnx(out):
             raise click.UsageError("--with-past exports a checkpoint BASE to -o ....onnx")
         from ..export.decoder import export_decoder
         from ..export.onnx import DEFAULT_OPSET
@@ -168,7 +216,7 @@ def merge_command(
             )
         _report("merged", result, adapters, as_json)
         return
-    if _is_onnx(base):
+    if _base_is_onnx():
         from ..merge.onnx_surgery import merge_onnx
 
         if not _is_onnx(out):
@@ -208,17 +256,19 @@ def merge_command(
 
 @click.command("unmerge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(),
+                callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (checkpoint), .safetensors file, or .onnx file (ONNX base).")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="The weights the adapters were merged with (default 1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Proceed even if an adapter holds NaN/Inf.")
+@from_option
 @overwrite_option
 @json_option
 def unmerge_command(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
-    allow_nonfinite: bool, overwrite: bool, as_json: bool,
+    base: str, adapters: tuple[Adapter, ...], out: str, weights: tuple[float, ...],
+    allow_nonfinite: bool, overwrite: bool, as_json: bool, from_: str | None = None,
 ) -> None:
     """Subtract ADAPTERS from BASE, a model they were merged into: W = W' − Σ wᵢ·scaleᵢ·BᵢAᵢ.
 
@@ -233,7 +283,7 @@ def unmerge_command(
             "unmerge from a quantized model (GGUF, bitsandbytes) is not supported: the merge "
             "requantized the weights, so subtracting the adapter does not give the base back"
         )
-    if _is_onnx(base):
+    if _base_is_onnx():
         from ..merge.onnx_surgery import merge_onnx
 
         if not _is_onnx(out):

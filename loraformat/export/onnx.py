@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import ExportModel, ExportOptions, export_model
+from ..architecture import ExportModel, ExportOptions
 from ..atomic import TMP_MARKER, check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
@@ -69,6 +69,20 @@ class ExportResult:
     tolerance: float | None = None
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path),
+            "external_data": str(self.external_data) if self.external_data else None,
+            "opset": self.opset,
+            "dtype": self.dtype,
+            "nodes": self.nodes,
+            "initializers": self.initializers,
+            "tensors_changed": self.tensors_changed,
+            "max_abs_diff": self.max_abs_diff,
+            "verify_provider": self.verify_provider,
+            "tolerance": self.tolerance,
+        }
 
 
 # -- tensors ------------------------------------------------------------------------------------
@@ -415,7 +429,7 @@ def export_onnx(
         model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
         plan = None
         if adapters:
-            opened = open_adapters(stack, adapters, model)
+            opened = open_adapters(stack, adapters)
             plan = plan_for_base(
                 model, opened, weights=weights, force=force, allow_nonfinite=allow_nonfinite
             )
@@ -423,7 +437,7 @@ def export_onnx(
         if build is not None:
             exported = build(model, tensors, options)
         else:
-            exported = export_model(model.architecture, model.config, tensors, options)
+            exported = model.arch.export_model(model.info, tensors, options)
         torch_dtype = _torch_dtype(dtype)
         exported.example_inputs = {
             k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)

@@ -38,6 +38,8 @@ from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ._common import Context, Progress, Report
 
+#: The loraformat format's own name.
+NATIVE = "loraformat"
 #: format name → module holding its ``CODEC``; detection tries them in this order.
 CODECS: dict[str, str] = {
     "loraformat": "loraformat.interchange.native",
@@ -70,26 +72,12 @@ def codec(name: str) -> Any:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format name of an existing adapter file or directory, by content."""
-    path = Path(path)
-    if not path.exists():
-        raise LoraformatError(path, "no such file or directory")
-    refused = None
-    for name in CODECS:
-        try:
-            if codec(name).sniff(path):
-                return name
-        except LoraformatError as exc:
-            if "refused to unpickle" in exc.message:  # a pickle we will not open: say so
-                refused = refused or exc
-            continue
-    if refused is not None:
-        raise refused
-    raise LoraformatError(
-        path,
-        "not a LoRA adapter in any known format (" + ", ".join(CODECS) + "); pass --from FMT "
-        "if it is one",
-    )
+    """The format name of an existing adapter file or directory, by content: the front door's
+    identification (:func:`~loraformat.interchange.front_door.identify_adapter`), which refuses
+    anything else in one line saying what it is."""
+    from .front_door import identify_adapter
+
+    return identify_adapter(path)[0]
 
 
 def target_format(path: str | os.PathLike[str]) -> str:
@@ -99,9 +87,9 @@ def target_format(path: str | os.PathLike[str]) -> str:
 
 
 def _context(base: Any, lossy: bool, progress: Progress, options: dict[str, Any]) -> Context:
-    from .peft import _open_base
+    from ..base import as_base
 
-    return Context(base=_open_base(base), allow_lossy=lossy, options=dict(options),
+    return Context(base=as_base(base), allow_lossy=lossy, options=dict(options),
                    progress=progress)
 
 
@@ -124,19 +112,25 @@ def to_adapter(
     progress: Progress = None,
     **options: Any,
 ) -> Adapter:
-    """Read an adapter in any format (detected unless ``fmt``) as a loraformat :class:`Adapter`."""
-    adapter, _ = _read(Path(path), fmt, _context(base, lossy, progress, options))
-    return adapter
+    """Read an adapter in any format (detected unless ``fmt``) as a loraformat :class:`Adapter`:
+    :func:`~loraformat.interchange.front_door.read_adapter` without its report."""
+    from .front_door import read_adapter
+
+    return read_adapter(path, from_=fmt, base=base, lossy=lossy, progress=progress, **options)[0]
 
 
-def _read(path: Path, fmt: str | None, ctx: Context) -> tuple[Adapter, Any]:
-    if not path.exists():
-        raise LoraformatError(path, "no such file or directory")
-    source = codec(fmt or detect_format(path))
-    _check_options([source], ctx.options)
-    ctx.report.source_format = source.name
-    ctx.report.source = str(path)
-    return source.read(path, ctx), source
+def open_adapter(
+    path: str | os.PathLike[str] | Adapter, base: Any = None, *, lossy: bool = False,
+    from_: str | None = None, **options: Any,
+) -> Adapter:
+    """An adapter in any format as a loraformat :class:`Adapter`, for the functions that take
+    adapters (merge, export): the front door
+    (:func:`~loraformat.interchange.front_door.open_adapter`). A loraformat adapter is loaded
+    lazily as it is; another format (identified by content, or ``from_``) is converted, with
+    ``base`` for its names and checks. The caller closes it."""
+    from .front_door import open_adapter as front_door
+
+    return front_door(path, from_=from_, base=base, lossy=lossy, **options)
 
 
 def from_adapter(
@@ -163,16 +157,17 @@ def from_adapter(
 def _write(adapter: Adapter, path: Path, fmt: str | None, ctx: Context, overwrite: bool) -> Report:
     target = codec(fmt or target_format(path))
     check_output(path, overwrite)
-    if ctx.base is not None and ctx.base.architecture != adapter.architecture:
+    required = ctx.base.required_architecture if ctx.base is not None else None
+    if required is not None and required != adapter.architecture:
         raise LoraformatError(
             ctx.base.path,
             f"base is {ctx.base.architecture!r} but the adapter is for {adapter.architecture!r}",
         )
     if ctx.base is not None:  # every target: never write a layer the base cannot take
-        from .native import _check_against_base
+        from .native import check_against_base
 
         try:
-            _check_against_base(adapter, ctx)
+            check_against_base(adapter, ctx)
         except LoraformatError as exc:
             raise LoraformatError(exc.path or ctx.report.source or None, exc.message) from None
     ctx.report.target_format = target.name
@@ -206,7 +201,11 @@ def convert(
     if src_path.exists() and dst_path.exists() and src_path.resolve() == dst_path.resolve():
         raise LoraformatError(dst_path, "output is the input; choose another output path")
     ctx = _context(base, lossy, progress, options)
-    source = codec(from_ or detect_format(src_path))
+    if from_ is None:  # by content; a PEFT/MLX weights file is read through its directory
+        from .front_door import identify_adapter
+
+        from_, src_path = identify_adapter(src_path)
+    source = codec(from_)
     target = codec(to or target_format(dst_path))
     _check_options([source, target], ctx.options)
     ctx.report.source_format, ctx.report.source = source.name, str(src_path)
@@ -229,6 +228,7 @@ __all__ = [
     "detect_format",
     "formats",
     "from_adapter",
+    "open_adapter",
     "target_format",
     "to_adapter",
 ]

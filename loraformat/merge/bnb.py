@@ -62,6 +62,18 @@ class BnbMergeResult:
     requantized: bool
     survival: SurvivalReport | None
 
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "output": str(self.path),
+            "tensors_changed": self.tensors_changed,
+            "layers": self.layers,
+            "shards": self.shards,
+            "requantized": self.requantized,
+        }
+        if self.survival is not None:
+            data["survival"] = self.survival.to_json()
+        return data
+
 
 def _quant_config(path: Path) -> dict[str, Any] | None:
     config_path = path / CONFIG_FILE

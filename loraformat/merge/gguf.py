@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import DenseLayer
+from ..architecture import CheckpointInfo, DenseLayer, PluginArchitecture, registry
 from ..atomic import atomic_file, check_output
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
@@ -54,6 +54,17 @@ class GgufMergeResult:
     tensors_changed: int
     types: dict[str, str]  # changed tensor → the type written
     survival: SurvivalReport | None  # None when every changed tensor was written as F32
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "output": str(self.path),
+            "tensors_changed": self.tensors_changed,
+            "layers": self.layers,
+            "types": dict(self.types),
+        }
+        if self.survival is not None:
+            data["survival"] = self.survival.to_json()
+        return data
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:
@@ -90,7 +101,8 @@ def gguf_config(reader: Any, arch_name: str) -> dict[str, Any]:
 
 
 def gguf_layers(
-    architecture: str, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+    architecture: PluginArchitecture, config: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
 ) -> dict[str, tuple[DenseLayer, str, np.ndarray | None]]:
     """Layer path → (layer, llama.cpp tensor name, row permutation llama.cpp applied or None)
     for every tensor of ``shapes`` (llama.cpp names, numpy shapes) the plugin names.
@@ -98,23 +110,22 @@ def gguf_layers(
     GGUF stores every linear weight as ne [in, out], i.e. (out, in) here, and embedding tables as
     (vocab, dim), whatever the Hugging Face layout was.
     """
-    from .. import architecture as registry
-
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, shape in shapes.items():
         if not name.endswith(".weight") or len(shape) != 2:
             continue
-        path = registry.layer_path(architecture, config, name.removesuffix(".weight"), "gguf")
+        path = architecture.names.layer_path(name.removesuffix(".weight"), "gguf")
         if path is not None:
             found[path] = (name, shape)
     # The plugin reads shapes in its checkpoint's layout; a linear layer it stores [in, out]
     # (GPT-2's Conv1D) is [out, in] in GGUF, so ask again with those shapes turned back, so that
     # fused parts (rows of the output) come out right.
     shapes_hf = {p + ".weight": s for p, (_, s) in found.items()}
-    for d in registry.dense_layers(architecture, config, shapes_hf):
+    for d in architecture.dense_layers(CheckpointInfo(None, config, shapes_hf)):
         if d.layout == "in_out" and d.kind == "linear":
             shapes_hf[d.weight] = tuple(reversed(shapes_hf[d.weight]))
-    kinds = {d.path: d for d in registry.dense_layers(architecture, config, shapes_hf)}
+    checkpoint = CheckpointInfo(None, config, shapes_hf)
+    kinds = {d.path: d for d in architecture.dense_layers(checkpoint)}
     layers = {}
     for path, (name, shape) in found.items():
         plugin = kinds.get(path)
@@ -124,7 +135,7 @@ def gguf_layers(
             dense = DenseLayer(path, shape[0], shape[1], "in_out", "embedding")
         else:
             dense = DenseLayer(path, shape[1], shape[0], "out_in", "linear", plugin.parts)
-        perm = registry.row_permutation(architecture, config, path, "gguf")
+        perm = architecture.row_permutation(checkpoint, path, "gguf")
         if perm is not None:
             perm = np.asarray(perm, dtype=np.int64)
             if perm.shape != (dense.out_features,) or not np.array_equal(
@@ -137,13 +148,17 @@ def gguf_layers(
     return layers
 
 
-def _architecture(arch_name: str) -> str:
-    """loraformat's architecture id for llama.cpp's ``general.architecture`` (one mapping, kept
-    with the GGUF adapter codec)."""
-    from ..interchange.gguf import LLAMA_CPP_ARCH
-
-    inverse = {cpp: ours for ours, cpp in LLAMA_CPP_ARCH.items()}
-    return inverse.get(arch_name, arch_name)
+def gguf_architecture(arch_name: str, where: Path) -> PluginArchitecture:
+    """The installed architecture whose llama.cpp name (``gguf_architecture``) is ``arch_name``:
+    the one with that id when several share it (llama.cpp converts Mistral as ``llama``, with the
+    same names and row order), else the first."""
+    found = [a for a in registry().architectures().values() if a.gguf_architecture == arch_name]
+    if not found:
+        raise LoraformatError(
+            where, f"no installed plugin names the tensors of llama.cpp architecture "
+            f"{arch_name!r}; cannot locate adapted layers",
+        )
+    return next((a for a in found if a.id == arch_name), found[0])
 
 
 def _open_reader(path: Path) -> Any:
@@ -277,7 +292,7 @@ def merge_gguf(
         raise LoraformatError(base_path, "GGUF file has no general.architecture")
     if _field(reader, "general.type") == "adapter":
         raise LoraformatError(base_path, "is a GGUF adapter, not a model; merge needs a model")
-    architecture = _architecture(arch_name)
+    architecture = gguf_architecture(arch_name, base_path)
     config = gguf_config(reader, arch_name)
     by_name = {t.name: t for t in reader.tensors}
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
@@ -297,7 +312,7 @@ def merge_gguf(
         plan = plan_merge(
             {p: d for p, (d, _, _) in layers.items()},
             {d.weight: d.stored_shape() for d, _, _ in layers.values()},
-            opened, architecture=architecture, base_path=base_path, weights=weights,
+            opened, architecture=architecture.id, base_path=base_path, weights=weights,
             fingerprint=None, force=force, allow_nonfinite=allow_nonfinite,
         )
         by_weight = {d.weight: (d, name, perm) for d, name, perm in layers.values()}

@@ -178,21 +178,20 @@ class Session:
             source = str(adapter.path) if adapter.path else f"<adapter {name}>"
             loaded = self._load_converted(name, source, adapter, lossy)
         else:
-            from ..interchange import to_adapter
-            from ..interchange.onnx_adapter import sniff
+            from ..interchange.front_door import identify_adapter, open_adapter
 
             path = Path(adapter)
             source = str(path)
             if not path.exists():
                 raise LoraformatError(path, "adapter not found")
-            if format in (None, "onnx_adapter") and path.is_file() and sniff(path):
+            if identify_adapter(path, format)[0] == "onnx_adapter":
                 layers = self._check_onnx_adapter(path)
                 ort_adapter = _ort().LoraAdapter()
                 ort_adapter.Load(str(path))
                 loaded = LoadedAdapter(name, source, ort_adapter, layers)
             else:
                 options = {"architecture": self.architecture} if base is None else {}
-                read = to_adapter(path, format, base=base, **options)
+                read = open_adapter(path, from_=format, base=base, **options)
                 try:
                     loaded = self._load_converted(name, source, read, lossy)
                 finally:

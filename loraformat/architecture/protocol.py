@@ -1,0 +1,176 @@
+"""The plugin contract, version 2: an architecture is an object the core asks questions.
+
+A plugin module declares ``LORAFORMAT_PLUGIN_API = 2`` and implements one pluggy hook,
+``loraformat_architectures()``, returning :class:`Architecture` objects. The core detects a
+checkpoint's architecture once and then calls that object directly: no hook sees an architecture
+it does not provide. Every method receives the :class:`CheckpointInfo` it is about, so a plugin's
+error names the real file. The full contract, with a worked example, is spec/PLUGINS.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from ..errors import LoraformatError
+from .layers import DenseLayer, ExportModel, ExportOptions
+from .names import NameTable
+
+#: The major version of the plugin contract this loraformat speaks. A plugin declares the version
+#: it was written for as the module attribute ``LORAFORMAT_PLUGIN_API``; any other major version is
+#: reported by name and skipped.
+PLUGIN_API_VERSION = 2
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a plugin may know about a checkpoint: headers and config, never tensor data.
+
+    ``path`` is the checkpoint (directory or file) as the user gave it, ``None`` when there is no
+    file (a PEFT adapter's partial config, a test). ``config`` is its ``config.json`` (``{}`` when
+    absent); ``shapes`` every tensor's shape, read from the safetensors headers.
+    """
+
+    path: Path | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def error(self, message: str) -> LoraformatError:
+        """A :class:`LoraformatError` naming this checkpoint (raise it)."""
+        return LoraformatError(self.path, message)
+
+    def config_error(self, message: str) -> LoraformatError:
+        """A :class:`LoraformatError` naming this checkpoint's ``config.json``."""
+        where: str | os.PathLike[str] | None = CONFIG_FILE
+        if self.path is not None:
+            where = self.path / CONFIG_FILE if self.path.is_dir() else self.path
+        return LoraformatError(where, message)
+
+    def config_value(self, *keys: str, default: Any = None, what: str = "") -> Any:
+        """The first of ``keys`` present (and not None) in the config, else ``default``.
+
+        With ``default=None`` and ``what`` given, a missing value is an error naming the keys and
+        the config file, since ``what`` cannot be done without it.
+        """
+        for key in keys:
+            if self.config.get(key) is not None:
+                return self.config[key]
+        if default is None and what:
+            raise self.config_error(
+                f"{what} needs {' or '.join(repr(k) for k in keys)}, which is missing"
+            )
+        return default
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes generation, KV caches and graph fusions need (decoders; encoders may omit
+    the KV fields by setting them equal to the attention ones)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+@runtime_checkable
+class Architecture(Protocol):
+    """One architecture a plugin provides. See :class:`ArchitectureBase` for the defaults."""
+
+    #: Lowercase, unique across installed plugins (``"llama"``, ``"qwen2"``).
+    id: str
+    description: str
+    #: Checkpoint layer paths ↔ foreign names (``peft``, ``gguf``, ``mlx``, …).
+    names: NameTable
+    #: llama.cpp's ``general.architecture`` for this family, ``None`` where llama.cpp has none.
+    gguf_architecture: str | None
+    #: ONNX Runtime transformer optimizer ``model_type`` for ``--optimize``; ``None``: no fusions.
+    ort_model_type: str | None
+
+    def detect(self, checkpoint: CheckpointInfo) -> bool:
+        """Whether the checkpoint is this architecture. MUST be exact: a relative with another
+        attention (Qwen2 for LLaMA, Mistral for LLaMA) is not this architecture. MUST return
+        ``False``, not raise, for an empty checkpoint."""
+        ...
+
+    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
+        """Every layer that can carry an adapter, in checkpoint order; each ``stored_shape()``
+        MUST equal its weight tensor's shape."""
+        ...
+
+    def default_targets(self, checkpoint: CheckpointInfo) -> list[str]:
+        """Module-name suffixes targeted by default, as PEFT does (``["q_proj", "v_proj"]``)."""
+        ...
+
+    def row_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        """The output-row order ``convention`` stores the layer's weight in, or ``None``.
+
+        Entry ``i`` is the checkpoint row that lands at row ``i`` in the foreign weight (llama.cpp
+        permutes q/k rows for its rotary layout). Code, because it cannot be a table."""
+        ...
+
+    def export_model(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
+    ) -> ExportModel:
+        """An export-ready ``torch.nn.Module`` built from ``tensors`` (name → torch.Tensor) whose
+        state-dict keys equal the checkpoint's tensor names. Raise a :class:`LoraformatError`
+        (``checkpoint.error(...)``) for what cannot be exported."""
+        ...
+
+    def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
+        """Layer count, heads, KV heads, head size, hidden size and vocabulary, or ``None``."""
+        ...
+
+
+class ArchitectureBase:
+    """Defaults for every optional part of :class:`Architecture`; subclass and override.
+
+    Class attributes carry the data (``id``, ``description``, ``names``, ``targets``,
+    ``gguf_architecture``, ``ort_model_type``); methods only what is a computation.
+    """
+
+    id: ClassVar[str]
+    description: ClassVar[str]
+    names: ClassVar[NameTable] = NameTable.empty()
+    gguf_architecture: ClassVar[str | None] = None
+    ort_model_type: ClassVar[str | None] = None
+    #: PEFT's default ``target_modules`` for this family.
+    targets: ClassVar[tuple[str, ...]] = ()
+
+    def detect(self, checkpoint: CheckpointInfo) -> bool:
+        raise NotImplementedError
+
+    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
+        raise NotImplementedError
+
+    def default_targets(self, checkpoint: CheckpointInfo) -> list[str]:
+        return list(self.targets)
+
+    def row_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        return None
+
+    def export_model(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
+    ) -> ExportModel:
+        raise checkpoint.error(f"the {self.id!r} architecture has no ONNX export module")
+
+    def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<architecture {self.id}>"
