@@ -271,3 +271,16 @@ def test_no_hook_but_the_architectures_one():
 
     specs = [name for name in dir(hookspecs) if name.startswith("loraformat_")]
     assert specs == ["loraformat_architectures"]
+
+
+def test_the_hook_is_called_through_pluggy():
+    """Hook-call monitoring (what pluggy's tracing hangs on) sees the registry's call."""
+    reg = Registry(load_entry_points=False)
+    seen = []
+    undo = reg.pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: seen.append((name, [i.plugin_name for i in impls])),
+        lambda outcome, name, impls, kwargs: None,
+    )
+    reg.register(plugin_module("traced", RaisingDetect()), name="traced")
+    undo()
+    assert seen == [("loraformat_architectures", ["traced"])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..architecture import registry
 from ..format.summary import summarize
 from ..interchange.front_door import check_adapter, read_adapter
 from ._common import adapter_base_option, echo_json, from_option, json_option
@@ -32,6 +33,9 @@ def inspect_command(
     info["read_format"] = report.source_format
     if report.source_format != "loraformat":
         info["conversion"] = {"notes": report.notes, "lossy": report.lossy}
+    # Which installed plugin reads bases of this architecture; None: handled generically.
+    provider = registry().architectures().get(info["architecture"])
+    info["architecture_plugin"] = provider.plugin if provider is not None else None
     if as_json:
         echo_json(info)
         return
@@ -48,6 +52,8 @@ def inspect_command(
         if not report.notes and not report.lossy:
             click.echo("converting    exact: nothing changes")
     base = info["architecture"] + (f" ({info['base_name']})" if info["base_name"] else "")
+    if provider is None:
+        base += " — no installed plugin: bases are handled generically"
     click.echo(f"base          {base}")
     if info["base_fingerprint"]:
         click.echo(f"fingerprint   {info['base_fingerprint']}")

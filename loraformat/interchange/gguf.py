@@ -5,11 +5,11 @@ What llama.cpp's loader (``src/llama-adapter.cpp``) requires, and this module wr
 - KV ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha`` (f32),
   ``general.architecture`` = llama.cpp's architecture name (must equal the model's);
 - tensors ``<llama.cpp weight name>.lora_a`` / ``.lora_b`` (e.g. ``blk.0.attn_q.weight.lora_a``),
-  names from the plugin (``foreign_name(..., "gguf")``). numpy A is (r, in) and B (out, r) —
+  names from the architecture's name table (column ``"gguf"``). numpy A is (r, in) and B (out, r) —
   GGUF lists them as ne [in, r] / [r, out], and the loader checks model.ne[0] == a.ne[0],
   model.ne[1] == b.ne[1], a.ne[1] == b.ne[0]. ``token_embd`` is the exception: A is stored
   transposed, (num_embeddings, r), as llama.cpp's converter does;
-- B's rows in llama.cpp's order: the plugin's ``row_permutation(..., "gguf")`` (LLaMA q/k are
+- B's rows in llama.cpp's order: the architecture's ``row_permutation(..., "gguf")`` (LLaMA q/k are
   permuted for llama.cpp's rotary layout); A is untouched.
 
 The scale llama.cpp applies is ``user_scale·alpha/rank`` with one alpha per file and the rank read
@@ -48,8 +48,6 @@ from ._common import Context, Names, atomic_path, scaled
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
 KV_ALPHA = "loraformat.alpha"
-#: loraformat architecture id → llama.cpp ``general.architecture``, where they differ.
-LLAMA_CPP_ARCH: dict[str, str] = {}
 _EMBEDDING_NAMES = ("token_embd",)
 
 
@@ -67,6 +65,19 @@ def _need_base(ctx: Context, path: Path) -> Any:
             "row order depend on its config",
         )
     return ctx.base
+
+
+def _llama_cpp_architecture(base: Any) -> str:
+    """llama.cpp's ``general.architecture`` for the base: what its architecture says."""
+    name = base.arch.gguf_architecture
+    if name is None and base.generic:
+        raise base.arch.missing_plugin(base.info, "llama.cpp (gguf) conversion")
+    if name is None:
+        raise base.info.error(
+            f"llama.cpp (gguf) needs the {base.architecture!r} architecture's llama.cpp name, "
+            "and its plugin gives none"
+        )
+    return str(name)
 
 
 def _permutation(base: Any, path: str, rows: int) -> np.ndarray | None:
@@ -130,7 +141,7 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     if folds:
         ctx.note(f"GGUF has one alpha per file: scale ratios folded into B for {len(folds)} "
                  f"layer(s) (e.g. {next(iter(folds))}); alpha = {alpha:g}")
-    arch_name = LLAMA_CPP_ARCH.get(adapter.architecture, adapter.architecture)
+    arch_name = _llama_cpp_architecture(ctx.base)
     tensors: list[tuple[str, np.ndarray]] = []
     total = len(specs)
     for done, (path, layer) in enumerate(adapter.layers(), 1):
@@ -213,7 +224,7 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
     if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
         raise LoraformatError(path, "not a GGUF LoRA adapter (general.type/adapter.type)")
     arch_name = _field(reader, "general.architecture")
-    expected = LLAMA_CPP_ARCH.get(base.architecture, base.architecture)
+    expected = _llama_cpp_architecture(base)
     if arch_name != expected:
         raise LoraformatError(
             path, f"adapter is for llama.cpp architecture {arch_name!r}, the base is {expected!r}"
