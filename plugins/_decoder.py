@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from loraformat.architecture import DenseLayer, ExportModel, ExportOptions, FusedPart
 from loraformat.architecture.names import SAME, NameTable
 from loraformat.architecture.protocol import ArchitectureBase, CheckpointInfo, ModelShape
+from loraformat.errors import LoraformatError
 
 from ._common import (
     causal_lm,
@@ -534,7 +535,10 @@ def build(
     else:
         lm_head = CappedDense(d, vocab, spec.final_softcap, bias="lm_head.bias" in tensors)
     module = causal_lm(body, prefix, lm_head, options.with_past, spec.n_layer)
-    load_tensors(module, tensors, f"{family} checkpoint")
+    try:
+        load_tensors(module, tensors, f"{family} checkpoint")
+    except LoraformatError as e:
+        raise checkpoint.error(e.message) from None  # name the checkpoint file
     dtype = next(module.parameters()).dtype
     return decoder_export_model(
         module, spec.n_layer, n_kv, head_dim, options.with_past, vocab, dtype

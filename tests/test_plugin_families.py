@@ -1,0 +1,265 @@
+"""The decoder families of issue 13 (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3) against
+transformers and gguf-py's tables, through the plugin objects directly (no registry)."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import tiny_families
+import torch
+
+from loraformat.architecture import ExportOptions
+from loraformat.architecture.protocol import Architecture, CheckpointInfo
+from loraformat.checkpoint import Checkpoint
+from loraformat.errors import LoraformatError
+
+FAMILIES = tiny_families.FAMILIES
+
+
+def plugin(family: str):
+    return importlib.import_module(f"loraformat_plugins.{family}")
+
+
+def arch(family: str) -> Architecture:
+    (found,) = plugin(family).loraformat_architectures()
+    return found
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``built(family, **kwargs)`` → (CheckpointInfo, tensors) of a tiny checkpoint (cached)."""
+    cache: dict[tuple, tuple[CheckpointInfo, dict]] = {}
+
+    def get(family: str, **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            path = tiny_families.BUILDERS[family](tmp_path_factory.mktemp(family), **kwargs)
+            with Checkpoint(path) as c:
+                tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
+                cache[key] = (CheckpointInfo(path, c.config, c.shapes()), tensors)
+        return cache[key]
+
+    return get
+
+
+def test_plugin_modules_declare_the_v2_contract():
+    ids = set()
+    for family in FAMILIES:
+        assert plugin(family).LORAFORMAT_PLUGIN_API == 2
+        a = arch(family)
+        assert isinstance(a, Architecture) and a.id == family
+        assert a.names.problems() == []
+        ids.add(a.id)
+    assert len(ids) == len(FAMILIES)
+
+
+@pytest.mark.slow
+def test_detection_matrix(built, tiny_checkpoint):
+    """Every family's checkpoint is detected as itself and only itself (LLaMA included), from
+    its config; and from tensor names alone wherever they differ from LLaMA's."""
+    from loraformat_plugins import llama
+
+    def llama_detects(info: CheckpointInfo) -> bool:
+        return llama.loraformat_detect(dict(info.config), info.names) == "llama"
+
+    checkpoints = {f: built(f)[0] for f in FAMILIES}
+    with Checkpoint(tiny_checkpoint("llama")) as c:
+        checkpoints["llama"] = CheckpointInfo(c.path, c.config, c.shapes())
+    for name, info in checkpoints.items():
+        found = [f for f in FAMILIES if arch(f).detect(info)]
+        found += ["llama"] if llama_detects(info) else []
+        assert found == [name], name
+        bare = CheckpointInfo(None, {}, info.shapes)
+        found = [f for f in FAMILIES if arch(f).detect(bare)]
+        # Mistral's tensors are LLaMA's: only its config tells them apart.
+        assert found == ([] if name in ("mistral", "llama") else [name]), name
+    for family in FAMILIES:
+        assert not arch(family).detect(CheckpointInfo())
+    # architectures alone (a partial config, as PEFT's adapter_config carries)
+    assert arch("gemma3").detect(CheckpointInfo(config={"architectures": ["Gemma3ForCausalLM"]}))
+    assert not arch("gemma3").detect(CheckpointInfo(config={"model_type": "gemma3"}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_layers_names_and_shape(built, family):
+    """Dense layers agree with the stored shapes; each gets llama.cpp's name for that family
+    exactly as gguf-py's own tensor map gives it; model_shape matches the config."""
+    import gguf
+    from gguf.tensor_mapping import get_tensor_name_map
+
+    info, _ = built(family)
+    a = arch(family)
+    layers = a.dense_layers(info)
+    n = info.config["num_hidden_layers"]
+    per_block = len(tiny_families.PROJECTIONS[family])
+    tied = "lm_head.weight" not in info.shapes
+    assert len(layers) == per_block * n + 1 + (0 if tied else 1)
+    for layer in layers:
+        assert layer.stored_shape() == info.shapes[layer.weight]
+        assert (layer.bias is not None) == (family == "qwen2" and layer.path.endswith(("q_proj",
+                                            "k_proj", "v_proj")))
+    assert a.gguf_architecture in gguf.MODEL_ARCH_NAMES.values()
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == a.gguf_architecture)
+    reference = get_tensor_name_map(model_arch, n)
+    for layer in layers:
+        ours = a.names.foreign(layer.path, "gguf")
+        assert ours == reference.get_name(layer.path), layer.path
+        if ours is not None:
+            assert a.names.layer_path(ours, "gguf") == layer.path
+        for convention in ("peft", "mlx"):
+            assert a.names.foreign(layer.path, convention) == layer.path
+    shape = a.model_shape(info)
+    c = info.config
+    assert (shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.vocab_size) == (
+        n, c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"]
+    )
+    assert shape.head_dim == (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    assert a.default_targets(info) == ([] if family == "phi3" else ["q_proj", "v_proj"])
+
+
+def test_peft_default_targets_are_peft_own():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft
+
+    for family, model_type in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mistral", "mistral"),
+                               ("gemma2", "gemma2"), ("gemma3", "gemma3_text"), ("phi3", "phi3")]:
+        assert list(arch(family).targets) == list(peft.get(model_type, [])), family
+
+
+@pytest.mark.slow
+def test_phi3_fused_parts(built):
+    info, _ = built("phi3")
+    by_path = {layer.path: layer for layer in arch("phi3").dense_layers(info)}
+    qkv = by_path["model.layers.0.self_attn.qkv_proj"]
+    # 4 query heads and 2 KV heads of 8: q 32 rows, k 16, v 16
+    assert [(p.name, p.start, p.stop) for p in qkv.parts] == [
+        ("q", 0, 32), ("k", 32, 48), ("v", 48, 64)
+    ]
+    gate_up = by_path["model.layers.1.mlp.gate_up_proj"]
+    assert [(p.name, p.start, p.stop) for p in gate_up.parts] == [("gate", 0, 64), ("up", 64, 128)]
+    assert by_path["model.layers.0.mlp.down_proj"].parts == ()
+
+
+@pytest.mark.slow
+def test_row_permutation_only_for_families_llama_cpp_permutes(built, tiny_checkpoint):
+    """llama.cpp permutes q/k rows only for what LlamaModel converts (Mistral among them)."""
+    from loraformat_plugins import llama
+
+    info, _ = built("mistral")
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
+        ours = arch("mistral").row_permutation(info, path, "gguf")
+        assert ours == llama.loraformat_foreign_row_permutation("llama", info.config, path, "gguf")
+        assert sorted(ours) == list(range(len(ours))) and ours != sorted(ours)
+    assert arch("mistral").row_permutation(info, "model.layers.0.self_attn.v_proj", "gguf") is None
+    assert arch("mistral").row_permutation(info, "model.layers.0.self_attn.q_proj", "mlx") is None
+    for family in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
+        info, _ = built(family)
+        for layer in arch(family).dense_layers(info):
+            assert arch(family).row_permutation(info, layer.path, "gguf") is None
+
+
+def _logits(family, built, seq=13, **kwargs):
+    info, tensors = built(family, **kwargs)
+    em = arch(family).export_model(info, tensors, ExportOptions())
+    ids = torch.randint(0, 96, (2, seq), generator=torch.Generator().manual_seed(0))
+    reference = tiny_families.load_transformers(info.path)
+    with torch.no_grad():
+        return em.module(input_ids=ids), reference(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, kwargs",
+    [
+        ("qwen2", {}),
+        ("qwen2", {"tie_word_embeddings": False}),
+        ("qwen3", {}),
+        ("mistral", {}),  # window 4 < 13 tokens
+        ("mistral", {"sliding_window": 32}),  # window > sequence
+        ("gemma2", {}),  # sliding then global layer, window 4
+        ("gemma3", {}),  # sliding (local rope) then global (scaled rope) layer
+        ("phi3", {}),  # 13 tokens > 8: LongRoPE's long factors
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_export_module_logits_equal_transformers(built, family, kwargs):
+    ours, expected = _logits(family, built, **kwargs)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_phi3_short_rope_below_threshold(built):
+    ours, expected = _logits("phi3", built, seq=6)  # 6 ≤ 8: short factors
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def _decode_against_transformers_cache(em, reference, prompt, steps):
+    """Prefill then greedy decode through the export module and through transformers with its
+    own cache, step by step: logits equal at every step (1e-4)."""
+    past_args = [k for k in em.example_inputs if k.startswith("past_key_values_")]
+    batch, (_, kv_heads, _, head_dim) = prompt.shape[0], em.example_inputs[past_args[0]].shape
+    past = {k: torch.zeros(batch, kv_heads, 0, head_dim) for k in past_args}
+    new, start, cache = prompt, 0, None
+    for _ in range(steps + 1):
+        total = start + new.shape[1]
+        with torch.no_grad():
+            out = em.module(
+                input_ids=new,
+                attention_mask=torch.ones(batch, total, dtype=torch.int64),
+                position_ids=torch.arange(start, total).expand(batch, -1),
+                **past,
+            )
+            ref = reference(input_ids=new, cache=cache, use_cache=True)
+        torch.testing.assert_close(out[0], ref.logits, atol=1e-4, rtol=0)
+        for present in out[1:]:
+            assert present.shape == (batch, kv_heads, total, head_dim)
+        cache = ref.past_key_values
+        past = dict(zip(past_args, out[1:], strict=True))
+        new, start = out[0][:, -1:].argmax(-1), total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_past_prefill_and_decode_equal_transformers_cache(built, family):
+    """Prefill 5 tokens, decode 6: crosses Mistral's and Gemma's 4-token window and Phi-3's
+    8-token long-rope threshold inside the decode."""
+    info, tensors = built(family)
+    em = arch(family).export_model(info, tensors, ExportOptions(with_past=True))
+    n = info.config["num_hidden_layers"]
+    assert em.input_names == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")
+    ]
+    assert em.output_names == ["logits"] + [
+        f"present.{i}.{k}" for i in range(n) for k in ("key", "value")
+    ]
+    prompt = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    _decode_against_transformers_cache(em, tiny_families.load_transformers(info.path), prompt, 6)
+
+
+@pytest.mark.slow
+def test_state_dict_keys_are_checkpoint_names(built):
+    for family in FAMILIES:
+        info, tensors = built(family)
+        em = arch(family).export_model(info, tensors, ExportOptions())
+        assert set(em.module.state_dict()) == set(tensors), family
+
+
+@pytest.mark.slow
+def test_export_errors_name_the_checkpoint(built):
+    info, tensors = built("qwen3")
+    partial = {k: v for k, v in tensors.items() if "layers.1.self_attn.q_norm" not in k}
+    missing = r"lacks 1 tensor.*layers\.1\.self_attn\.q_norm\.weight"
+    with pytest.raises(LoraformatError, match=missing) as e:
+        arch("qwen3").export_model(info, partial, ExportOptions())
+    assert e.value.path == str(info.path)
+    info, tensors = built("phi3")
+    config = {**info.config, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
+    broken = CheckpointInfo(info.path, config, info.shapes)
+    with pytest.raises(LoraformatError, match="rope type 'yarn' is not supported") as e:
+        arch("phi3").export_model(broken, tensors, ExportOptions())
+    assert e.value.path == str(info.path / "config.json")
+    no_heads = CheckpointInfo(info.path, {"model_type": "phi3"}, info.shapes)
+    with pytest.raises(LoraformatError, match="needs 'num_hidden_layers'"):
+        arch("phi3").export_model(no_heads, tensors, ExportOptions())
