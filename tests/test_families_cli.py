@@ -1,0 +1,157 @@
+"""Issue 13's end-to-end checks for Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 and Phi-3, through the
+CLI as a user runs it, against PEFT's merge in transformers and gguf-py's tensor tables.
+
+One tiny checkpoint and one PEFT adapter on every projection per family (module-scoped): `merge
+-o model.onnx` logits equal PEFT's merge; `merge --with-past` + `generate` gives transformers'
+32 greedy tokens; `export --lora-slots` + the adapter as `.onnx_adapter` equals the merged
+model; `convert --to gguf --base` writes llama.cpp's names for the family (and its q/k row order).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tiny_families
+import torch
+from click.testing import CliRunner
+
+from loraformat.cli import cli
+
+pytestmark = pytest.mark.slow
+
+PROMPT = [5, 17, 33, 3, 71, 40, 9]
+N_NEW = 32
+IDS = np.random.default_rng(3).integers(3, 96, (2, 11)).astype(np.int64)
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module", params=tiny_families.FAMILIES)
+def family(request, tmp_path_factory):
+    """(family, base dir, PEFT adapter dir, PEFT-merged transformers model, work dir)."""
+    from peft import PeftModel
+
+    name = request.param
+    root = tmp_path_factory.mktemp(f"e2e-{name}")
+    base = tiny_families.BUILDERS[name](root / "base")
+    # lora_alpha large enough that the adapter visibly moves the tiny model's tokens.
+    adapter = tiny_families.peft_adapter(base, name, root / "adapter", lora_alpha=16)
+    merged = PeftModel.from_pretrained(tiny_families.load_transformers(base), adapter)
+    return name, base, adapter, merged.merge_and_unload().eval(), root
+
+
+def merged_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+
+def test_merge_to_onnx_equals_peft_merge(family):
+    name, base, adapter, merged, root = family
+    out = root / "merged.onnx"
+    run("merge", base, adapter, "-o", out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": IDS})
+    expected = merged_logits(merged, IDS)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    base_logits = merged_logits(tiny_families.load_transformers(base), IDS)
+    assert np.abs(expected - base_logits).max() > 1e-2  # the adapter really changes the model
+
+
+def test_with_past_generate_equals_transformers_greedy(family):
+    name, base, adapter, merged, root = family
+    out = root / "past.onnx"
+    run("merge", base, adapter, "-o", out, "--with-past")
+    report = json.loads(
+        run("generate", out, "--prompt-ids", ",".join(map(str, PROMPT)), "--json")
+    )
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        expected = merged.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N_NEW,
+            eos_token_id=None, pad_token_id=0,
+        )[0, len(PROMPT):].tolist()
+    assert len(set(expected)) >= 6, expected  # varied: a stuck model would hide a broken cache
+    assert report["new_ids"] == expected
+
+    # --optimize: ONNX Runtime's fusions fire (attention everywhere but Gemma 2, whose score
+    # soft-cap is outside MultiHeadAttention's pattern) and the tokens stay the same.
+    from loraformat.export.optimize import optimize_file
+    from loraformat.generate import greedy_generate
+
+    fused = root / "fused.onnx"
+    fusions = optimize_file(out, fused, base).fusions
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    assert fusions.get("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert fusions.get("MultiHeadAttention", 0) == (0 if name == "gemma2" else layers)
+    assert greedy_generate(fused, PROMPT, N_NEW).new_ids == [expected]
+
+
+def test_lora_slots_with_onnx_adapter_equal_peft_merge(family):
+    from loraformat.runtime import Session
+
+    name, base, adapter, merged, root = family
+    slots = root / "slots.onnx"
+    run("export", base, "-o", slots, "--lora-slots")
+    converted = root / "adapter.onnx_adapter"
+    run("convert", adapter, "-o", converted, "--to", "onnx_adapter", "--base", base)
+    session = Session(slots)
+    try:
+        session.load("a", converted)
+        got = session.run({"input_ids": IDS}, adapter="a")[0]
+        plain = session.run({"input_ids": IDS})[0]
+    finally:
+        session.close()
+    np.testing.assert_allclose(got, merged_logits(merged, IDS), atol=1e-4, rtol=0)
+    base_logits = merged_logits(tiny_families.load_transformers(base), IDS)
+    np.testing.assert_allclose(plain, base_logits, atol=1e-4, rtol=0)
+
+
+def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py ``LlamaModel.permute``, transcribed for numpy."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def test_convert_to_gguf_uses_llama_cpp_names(family):
+    import gguf
+    from gguf.tensor_mapping import get_tensor_name_map
+    from safetensors.numpy import load_file
+
+    name, base, adapter, merged, root = family
+    out = root / "adapter.gguf"
+    run("convert", adapter, "-o", out, "--to", "gguf", "--base", base)
+    reader = gguf.GGUFReader(str(out))
+    field = reader.fields["general.architecture"]
+    arch_name = bytes(field.parts[field.data[0]]).decode()
+    expected_arch = {"mistral": "llama"}.get(name, name)
+    assert arch_name == expected_arch
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
+    config = json.loads((base / "config.json").read_text())
+    names = get_tensor_name_map(model_arch, config["num_hidden_layers"])
+    peft = load_file(adapter / "adapter_model.safetensors")
+    expected = set()
+    for key in peft:
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        kind = "lora_a" if ".lora_A." in key else "lora_b"
+        expected.add(f"{names.get_name(module)}.weight.{kind}")
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == expected
+    # Row order: llama.cpp permutes q/k only for families converted through LlamaModel.
+    q_b = peft["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] if name != (
+        "phi3") else peft["base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"]
+    stored = np.asarray(tensors[f"blk.0.attn_{'qkv' if name == 'phi3' else 'q'}.weight.lora_b"]
+                        .data).reshape(q_b.shape)
+    if name == "mistral":
+        q_b = _llama_cpp_permute(q_b, config["num_attention_heads"])
+    np.testing.assert_array_equal(stored, q_b)
