@@ -10,7 +10,6 @@ model; `convert --to gguf --base` writes llama.cpp's names for the family (and i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -54,7 +53,7 @@ def merged_logits(model, ids: np.ndarray) -> np.ndarray:
 
 
 def test_merge_to_onnx_equals_peft_merge(family):
-    name, base, adapter, merged, root = family
+    _name, base, adapter, merged, root = family
     out = root / "merged.onnx"
     run("merge", base, adapter, "-o", out)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -97,7 +96,7 @@ def test_with_past_generate_equals_transformers_greedy(family):
 def test_lora_slots_with_onnx_adapter_equal_peft_merge(family):
     from loraformat.runtime import Session
 
-    name, base, adapter, merged, root = family
+    _name, base, adapter, merged, root = family
     slots = root / "slots.onnx"
     run("export", base, "-o", slots, "--lora-slots")
     converted = root / "adapter.onnx_adapter"
@@ -128,7 +127,7 @@ def test_convert_to_gguf_uses_llama_cpp_names(family):
     from gguf.tensor_mapping import get_tensor_name_map
     from safetensors.numpy import load_file
 
-    name, base, adapter, merged, root = family
+    name, base, adapter, _merged, root = family
     out = root / "adapter.gguf"
     run("convert", adapter, "-o", out, "--to", "gguf", "--base", base)
     reader = gguf.GGUFReader(str(out))
