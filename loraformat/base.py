@@ -1,13 +1,16 @@
-"""A base model: a checkpoint plus what its architecture plugin says about it."""
+"""A base model: a checkpoint plus the architecture that reads it (a plugin's, or generic)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from . import architecture as arch
+from .architecture import CheckpointInfo, DenseLayer, detect, get_architecture, registry
+from .architecture.generic import GenericArchitecture, generic_id
 from .checkpoint import Checkpoint
 from .errors import LoraformatError
 
@@ -15,7 +18,10 @@ from .errors import LoraformatError
 @dataclass
 class BaseModel:
     checkpoint: Checkpoint
-    architecture: str
+    #: The architecture object (:class:`~loraformat.architecture.registry.PluginArchitecture`,
+    #: or :class:`~loraformat.architecture.generic.GenericArchitecture` when no plugin
+    #: recognises the checkpoint).
+    arch: Any
 
     @property
     def path(self) -> Path:
@@ -25,12 +31,26 @@ class BaseModel:
     def config(self) -> dict:
         return self.checkpoint.config
 
+    @property
+    def architecture(self) -> str:
+        """The architecture id adapters for this base carry."""
+        return str(self.arch.id)
+
+    @property
+    def generic(self) -> bool:
+        """Whether no plugin recognised the checkpoint (see loraformat.architecture.generic)."""
+        return bool(getattr(self.arch, "generic", False))
+
     @cached_property
-    def layers(self) -> dict[str, arch.DenseLayer]:
+    def info(self) -> CheckpointInfo:
+        """What the architecture may know: path, config and every tensor's shape."""
+        return CheckpointInfo(self.path, self.config, self.checkpoint.shapes())
+
+    @cached_property
+    def layers(self) -> dict[str, DenseLayer]:
         """Every adaptable layer, by layer path, with its checked stored shape."""
-        found = arch.dense_layers(self.architecture, self.config, self.checkpoint.shapes())
         layers = {}
-        for layer in found:
+        for layer in self.arch.dense_layers(self.info):
             stored = layer.weight in self.checkpoint
             actual = self.checkpoint.info(layer.weight).shape if stored else None
             if actual != layer.stored_shape():
@@ -43,8 +63,21 @@ class BaseModel:
             layers[layer.path] = layer
         return layers
 
+    def layers_for(self, specs: Mapping[str, Any]) -> dict[str, DenseLayer]:
+        """:attr:`layers` as adapter layers ``specs`` (path → anything with ``kind``,
+        ``in_features``, ``out_features``) see them: a plugin's layers as they are; a generic
+        checkpoint's re-read by :meth:`GenericArchitecture.fit` (embeddings, Conv1D)."""
+        layers = dict(self.layers)
+        if self.generic:
+            for path, spec in specs.items():
+                if path in layers:
+                    layers[path] = GenericArchitecture.fit(
+                        layers[path], spec.kind, spec.in_features, spec.out_features
+                    )
+        return layers
+
     def default_target_paths(self) -> list[str]:
-        suffixes = arch.default_targets(self.architecture, self.config)
+        suffixes = self.arch.default_targets(self.info)
         return [p for p, layer in self.layers.items() if layer.module_name in suffixes]
 
     def close(self) -> None:
@@ -58,17 +91,30 @@ class BaseModel:
 
 
 def open_base(path: str | os.PathLike[str], architecture: str | None = None) -> BaseModel:
-    """Open a checkpoint and detect its architecture (or use the one given)."""
+    """Open a checkpoint and detect its architecture (or use the one given).
+
+    A checkpoint no installed plugin recognises is handled generically (its architecture id is
+    its ``model_type``), as long as it has a 2-D weight to adapt.
+    """
     checkpoint = Checkpoint(path)
     try:
+        info = CheckpointInfo(checkpoint.path, checkpoint.config, checkpoint.shapes())
+        found = None
         if architecture is None:
-            architecture = arch.detect(checkpoint.config, checkpoint.names())
-            if architecture is None:
-                known = ", ".join(sorted(arch.registry().architectures())) or "none"
+            found = detect(info)
+        elif architecture in registry().architectures() or architecture != generic_id(
+            checkpoint.config
+        ):
+            return BaseModel(checkpoint, get_architecture(architecture, path))
+        if found is None:
+            generic = GenericArchitecture.for_checkpoint(info)
+            if not generic.detect(info):
                 raise LoraformatError(
-                    path, f"no installed plugin recognises this checkpoint (installed: {known})"
+                    path, "no installed plugin recognises this checkpoint, and it has no 2-D "
+                    "weight to handle generically",
                 )
-        return BaseModel(checkpoint, architecture)
+            return BaseModel(checkpoint, generic)
+        return BaseModel(checkpoint, found)
     except BaseException:
         checkpoint.close()
         raise

@@ -1,8 +1,8 @@
 """The conformance kit for architecture-plugin authors.
 
-:func:`check_plugin` runs every hook of the plugin that provides a checkpoint's architecture and
-checks the contracts in spec/PLUGINS.md; a broken contract is an ``AssertionError`` listing every
-problem found at that stage. Use it from pytest::
+:func:`check_plugin` asks the architecture that a checkpoint is detected as every question of the
+plugin contract (spec/PLUGINS.md) and checks the answers; a broken contract is an
+``AssertionError`` listing every problem found at that stage. Use it from pytest::
 
     from loraformat.testing import check_plugin
 
@@ -10,9 +10,8 @@ problem found at that stage. Use it from pytest::
         ckpt = write_tiny_checkpoint(tmp_path)          # config.json + model.safetensors
         check_plugin(ckpt, "myarch", reference=my_reference_model)
 
-Hooks are called on the plugin directly (not through the registry's failure capture), so an
-exception inside a hook propagates with its traceback. Torch is imported only by the export
-checks.
+The architecture object is called directly (not through the registry's failure capture), so an
+exception inside it propagates with its traceback. Torch is imported only by the export checks.
 """
 
 from __future__ import annotations
@@ -23,26 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .architecture import hookspecs
-from .architecture.layers import ArchitectureInfo, DenseLayer, ExportModel, ExportOptions
+from .architecture.layers import DenseLayer, ExportModel, ExportOptions
+from .architecture.names import NameTable
+from .architecture.protocol import Architecture, CheckpointInfo
 from .architecture.registry import Registry, registry
 from .checkpoint import Checkpoint
 
-#: An architecture id no plugin provides: every first-result hook must answer it with ``None``.
-UNKNOWN_ARCHITECTURE = "loraformat-conformance-unknown"
-
-REQUIRED_HOOKS = (
-    "loraformat_architectures",
-    "loraformat_detect",
-    "loraformat_dense_layers",
-    "loraformat_default_targets",
-    "loraformat_export_model",
-)
-OPTIONAL_HOOKS = (
-    "loraformat_foreign_name",
-    "loraformat_layer_path",
-    "loraformat_foreign_row_permutation",
-)
+#: Conventions every plugin is asked about, besides the columns its name table has.
+CONVENTIONS = ("peft", "gguf", "mlx")
 
 
 @dataclass
@@ -57,7 +44,6 @@ class ConformanceReport:
     foreign_names: dict[str, dict[str, str]] = field(default_factory=dict)
     #: convention → layer paths with a row permutation.
     permuted: dict[str, list[str]] = field(default_factory=dict)
-    skipped_hooks: list[str] = field(default_factory=list)
     #: dense layers whose weight the export module does not use (allowed, but worth a look).
     unused_layers: list[str] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
@@ -87,24 +73,6 @@ class _Problems:
             raise AssertionError(f"plugin conformance, {self.stage}:\n{lines}")
 
 
-class _Hooks:
-    """The hook functions of one plugin, called with keyword arguments by spec name."""
-
-    def __init__(self, reg: Registry, plugin_name: str) -> None:
-        self.impls = {}
-        for hook in REQUIRED_HOOKS + OPTIONAL_HOOKS:
-            for impl in getattr(reg.pm.hook, hook).get_hookimpls():
-                if impl.plugin_name == plugin_name:
-                    self.impls[hook] = impl
-
-    def has(self, hook: str) -> bool:
-        return hook in self.impls
-
-    def __call__(self, hook: str, **kwargs: Any) -> Any:
-        impl = self.impls[hook]
-        return impl.function(*[kwargs[name] for name in impl.argnames])
-
-
 def check_plugin(
     checkpoint_dir: str | os.PathLike[str],
     architecture: str | None = None,
@@ -114,7 +82,7 @@ def check_plugin(
     atol: float = 1e-4,
     export: bool = True,
 ) -> ConformanceReport:
-    """Run every hook of the plugin for this checkpoint and check its contracts.
+    """Ask the checkpoint's architecture every question of the contract and check the answers.
 
     ``architecture``: the id the checkpoint must be detected as (default: whatever is detected).
     ``reference``: called as ``reference(**example_inputs)`` with the export module's example
@@ -127,16 +95,14 @@ def check_plugin(
     """
     reg = reg or registry()
     with Checkpoint(checkpoint_dir) as checkpoint:
-        config = dict(checkpoint.config)
-        names = checkpoint.names()
-        shapes = checkpoint.shapes()
-        arch, plugin_name, hooks, skipped = _check_architecture(reg, config, names, architecture)
-        layers = _check_dense_layers(hooks, arch, config, shapes)
-        targets = _check_default_targets(hooks, arch, config, layers)
-        report = ConformanceReport(arch, plugin_name, layers, targets, skipped_hooks=skipped)
-        _check_names(hooks, arch, config, layers, report)
+        info = CheckpointInfo(checkpoint.path, dict(checkpoint.config), checkpoint.shapes())
+        arch, plugin_name = _check_architecture(reg, info, architecture)
+        layers = _check_dense_layers(arch, info)
+        targets = _check_default_targets(arch, info, layers)
+        report = ConformanceReport(arch.id, plugin_name, layers, targets)
+        _check_names(arch, info, layers, report)
         if export:
-            _check_export(hooks, arch, config, checkpoint, layers, reference, atol, report)
+            _check_export(arch, info, checkpoint, layers, reference, atol, report)
     return report
 
 
@@ -144,87 +110,55 @@ def check_plugin(
 
 
 def _check_architecture(
-    reg: Registry, config: dict[str, Any], names: list[str], architecture: str | None
-) -> tuple[str, str, _Hooks, list[str]]:
+    reg: Registry, info: CheckpointInfo, architecture: str | None
+) -> tuple[Any, str]:
     p = _Problems("architecture and detection")
-    known: Mapping[str, ArchitectureInfo] = reg.architectures()
-    detected = reg.call_first("loraformat_detect", config=config, tensor_names=names)
+    known = reg.architectures()
+    detected = reg.detect(info)
+    detected_id = detected.id if detected is not None else None
     if architecture is None:
         p.check(detected is not None, "no plugin detects this checkpoint")
         p.done()
-        architecture = detected
+        architecture = detected_id
     assert architecture is not None
     if architecture not in known:
         failed = {n: r.errors for n, r in reg.records.items() if r.errors}
         p.add(
-            f"architecture {architecture!r} is not listed by any plugin "
-            f"(listed: {sorted(known)}; failed plugins: {failed or 'none'})"
+            f"architecture {architecture!r} is not provided by any plugin "
+            f"(provided: {sorted(known)}; failed plugins: {failed or 'none'})"
         )
         p.done()
     plugin_name = known[architecture].plugin
-    hooks = _Hooks(reg, plugin_name)
-    for hook in REQUIRED_HOOKS:
-        p.check(hooks.has(hook), f"plugin {plugin_name!r} does not implement {hook}")
+    arch = known[architecture].impl
+    p.check(isinstance(arch, Architecture), f"{arch!r} does not implement Architecture")
+    p.check(
+        arch.id == arch.id.lower() and arch.id.strip() == arch.id and arch.id,
+        f"architecture id {arch.id!r} must be lowercase, non-empty, without spaces",
+    )
+    p.check(isinstance(arch.names, NameTable), f"{arch.id}.names must be a NameTable")
     p.done()
-    infos = hooks("loraformat_architectures")
+    own = arch.detect(info)
+    p.check(own is True, f"{arch.id}.detect answers {own!r} for this checkpoint, expected True")
     p.check(
-        isinstance(infos, list) and all(isinstance(i, ArchitectureInfo) for i in infos),
-        "loraformat_architectures must return a list of ArchitectureInfo",
+        detected_id == architecture,
+        f"the registry detects this checkpoint as {detected_id!r} (another architecture's detect "
+        f"is not exact?), expected {architecture!r}",
     )
-    p.check(
-        architecture in [getattr(i, "id", None) for i in infos or []],
-        f"plugin {plugin_name!r} provides {architecture!r} but its loraformat_architectures "
-        "does not list it",
-    )
-    for info in infos or []:
-        p.check(
-            info.id == info.id.lower() and info.id.strip() == info.id and info.id,
-            f"architecture id {info.id!r} must be lowercase, non-empty, without spaces",
-        )
-    own = hooks("loraformat_detect", config=config, tensor_names=names)
-    p.check(
-        own == architecture,
-        f"plugin {plugin_name!r} detects this checkpoint as {own!r}, expected {architecture!r}",
-    )
-    p.check(
-        detected == architecture,
-        f"the registry detects this checkpoint as {detected!r} (an earlier plugin answered "
-        f"first?), expected {architecture!r}",
-    )
-    empty = hooks("loraformat_detect", config={}, tensor_names=[])
-    p.check(empty is None, f"detecting an empty checkpoint must give None, got {empty!r}")
-    # First-result hooks MUST answer None for an architecture the plugin does not provide.
-    probes = {
-        "loraformat_dense_layers": {"tensor_shapes": {}},
-        "loraformat_default_targets": {},
-        "loraformat_foreign_name": {"layer_path": "x", "convention": "peft"},
-        "loraformat_layer_path": {"foreign_name": "x", "convention": "peft"},
-        "loraformat_foreign_row_permutation": {"layer_path": "x", "convention": "gguf"},
-        "loraformat_export_model": {"tensors": {}, "options": ExportOptions()},
-    }
-    for hook, extra in probes.items():
-        if not hooks.has(hook):
-            continue
-        try:
-            got = hooks(hook, architecture=UNKNOWN_ARCHITECTURE, config={}, **extra)
-        except Exception as exc:
-            p.add(f"{hook} raised {type(exc).__name__} for another architecture: {exc}")
-            continue
-        p.check(got is None, f"{hook} must return None for another architecture, got {got!r}")
+    try:
+        empty = arch.detect(CheckpointInfo())
+    except Exception as exc:
+        empty = f"{type(exc).__name__}: {exc}"
+    p.check(empty is False, f"detecting an empty checkpoint must give False, got {empty!r}")
     p.done()
-    skipped = [hook for hook in OPTIONAL_HOOKS if not hooks.has(hook)]
-    return architecture, plugin_name, hooks, skipped
+    return arch, plugin_name
 
 
-def _check_dense_layers(
-    hooks: _Hooks, arch: str, config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]
-) -> list[DenseLayer]:
+def _check_dense_layers(arch: Any, info: CheckpointInfo) -> list[DenseLayer]:
     p = _Problems("dense layers")
-    layers = hooks(
-        "loraformat_dense_layers", architecture=arch, config=config, tensor_shapes=shapes
-    )
+    shapes = info.shapes
+    layers = arch.dense_layers(info)
     if not isinstance(layers, list) or not layers:
-        p.add(f"loraformat_dense_layers must return a non-empty list, got {layers!r}")
+        p.add(f"{arch.id}.dense_layers must return a non-empty list, got {layers!r}")
         p.done()
     seen: set[str] = set()
     for layer in layers:
@@ -278,13 +212,13 @@ def _check_dense_layers(
 
 
 def _check_default_targets(
-    hooks: _Hooks, arch: str, config: dict[str, Any], layers: list[DenseLayer]
+    arch: Any, info: CheckpointInfo, layers: list[DenseLayer]
 ) -> list[str]:
     p = _Problems("default targets")
-    targets = hooks("loraformat_default_targets", architecture=arch, config=config)
+    targets = arch.default_targets(info)
     if not p.check(
         isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets),
-        f"loraformat_default_targets must return a non-empty list of str, got {targets!r}",
+        f"{arch.id}.default_targets must return a non-empty list of str, got {targets!r}",
     ):
         p.done()
     module_names = {layer.module_name for layer in layers}
@@ -299,67 +233,42 @@ def _check_default_targets(
 
 
 def _check_names(
-    hooks: _Hooks,
-    arch: str,
-    config: dict[str, Any],
-    layers: list[DenseLayer],
-    report: ConformanceReport,
+    arch: Any, info: CheckpointInfo, layers: list[DenseLayer], report: ConformanceReport
 ) -> None:
-    p = _Problems("foreign names")
-    has_forward = hooks.has("loraformat_foreign_name")
-    has_back = hooks.has("loraformat_layer_path")
-    if has_forward != has_back:
-        p.add("implement both loraformat_foreign_name and loraformat_layer_path, or neither")
-        p.done()
-    for convention in hookspecs.CONVENTIONS:
+    """The name table round-trips (every row, and every dense layer of this checkpoint), no two
+    layers share a foreign name, and every row permutation is a permutation."""
+    p = _Problems("names")
+    table: NameTable = arch.names
+    for problem in table.problems():
+        p.add(f"name table: {problem}")
+    for convention in dict.fromkeys([*table.conventions, *CONVENTIONS]):
         names: dict[str, str] = {}
         for layer in layers:
-            if has_forward:
-                foreign = hooks(
-                    "loraformat_foreign_name",
-                    architecture=arch, config=config, layer_path=layer.path, convention=convention,
+            foreign = table.foreign(layer.path, convention)
+            if foreign is not None:
+                back = table.layer_path(foreign, convention, present=info.shapes)
+                p.check(
+                    back == layer.path,
+                    f"{convention}: {layer.path} → {foreign!r} → {back!r} does not round-trip",
                 )
-                if foreign is not None:
-                    if not p.check(
-                        isinstance(foreign, str) and foreign,
-                        f"{convention}: {layer.path} → {foreign!r} is not a non-empty string",
-                    ):
-                        continue
-                    back = hooks(
-                        "loraformat_layer_path",
-                        architecture=arch, config=config, foreign_name=foreign,
-                        convention=convention,
-                    )
-                    p.check(
-                        back == layer.path,
-                        f"{convention}: {layer.path} → {foreign!r} → {back!r} does not round-trip",
-                    )
-                    other = next((k for k, v in names.items() if v == foreign), None)
-                    p.check(
-                        other is None,
-                        f"{convention}: {layer.path} and {other} share the name {foreign!r}",
-                    )
-                    names[layer.path] = foreign
-            if hooks.has("loraformat_foreign_row_permutation"):
-                perm = hooks(
-                    "loraformat_foreign_row_permutation",
-                    architecture=arch, config=config, layer_path=layer.path, convention=convention,
+                other = next((k for k, v in names.items() if v == foreign), None)
+                p.check(
+                    other is None,
+                    f"{convention}: {layer.path} and {other} share the name {foreign!r}",
                 )
-                if perm is not None:
-                    p.check(
-                        sorted(int(i) for i in perm) == list(range(layer.out_features)),
-                        f"{convention}: row permutation of {layer.path} is not a permutation of "
-                        f"its {layer.out_features} out rows",
-                    )
-                    report.permuted.setdefault(convention, []).append(layer.path)
+                names[layer.path] = foreign
+            perm = arch.row_permutation(info, layer.path, convention)
+            if perm is not None:
+                p.check(
+                    sorted(int(i) for i in perm) == list(range(layer.out_features)),
+                    f"{convention}: row permutation of {layer.path} is not a permutation of "
+                    f"its {layer.out_features} out rows",
+                )
+                report.permuted.setdefault(convention, []).append(layer.path)
         if names:
             report.foreign_names[convention] = names
-        if has_back:
-            junk = hooks(
-                "loraformat_layer_path", architecture=arch, config=config,
-                foreign_name="no.such.module.anywhere", convention=convention,
-            )
-            p.check(junk is None, f"{convention}: an unknown foreign name maps to {junk!r}")
+        junk = table.layer_path("no.such.module.anywhere", convention)
+        p.check(junk is None, f"{convention}: an unknown foreign name maps to {junk!r}")
     p.done()
 
 
@@ -391,9 +300,8 @@ def _as_outputs(value: Any, names: Sequence[str], what: str) -> list[Any]:
 
 
 def _check_export(
-    hooks: _Hooks,
-    arch: str,
-    config: dict[str, Any],
+    arch: Any,
+    info: CheckpointInfo,
     checkpoint: Checkpoint,
     layers: list[DenseLayer],
     reference: Callable[..., Any] | None,
@@ -406,14 +314,9 @@ def _check_export(
 
     p = _Problems("export module")
     tensors = _load_tensors(checkpoint)
-    built = hooks(
-        "loraformat_export_model",
-        architecture=arch, config=config, tensors=tensors, options=ExportOptions(),
-    )
+    built = arch.export_model(info, tensors, ExportOptions())
     if not isinstance(built, ExportModel) or not isinstance(built.module, torch.nn.Module):
-        p.add(
-            f"loraformat_export_model must return an ExportModel with an nn.Module, got {built!r}"
-        )
+        p.add(f"{arch.id}.export_model must return an ExportModel with an nn.Module, got {built!r}")
         p.done()
     module = built.module
     state = module.state_dict()

@@ -10,22 +10,6 @@ from loraformat.architecture import DenseLayer, ExportModel, FusedPart
 from loraformat.errors import LoraformatError
 
 
-def config_value(config: Mapping[str, Any], *keys: str, default: Any = None, what: str = "") -> Any:
-    """The first of ``keys`` present (and not None) in ``config``; ``default`` if none is.
-
-    With ``default=None`` and ``what`` given, a missing value is a :class:`LoraformatError` that
-    names the key, since an export module cannot be built without it.
-    """
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    if default is None and what:
-        raise LoraformatError(
-            "config.json", f"{what} needs {' or '.join(repr(k) for k in keys)}, which is missing"
-        )
-    return default
-
-
 def model_type_is(config: Mapping[str, Any], model_type: str, class_prefix: str) -> bool | None:
     """True/False when ``config`` says which model it is; None when it says nothing."""
     if config.get("model_type"):

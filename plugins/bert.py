@@ -11,22 +11,24 @@ Names: transformers 5 keeps BERT's checkpoint names in memory (checked against 5
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loraformat.architecture import (
-    ArchitectureInfo,
+    SAME,
+    ArchitectureBase,
+    CheckpointInfo,
     DenseLayer,
     ExportModel,
     ExportOptions,
+    NameTable,
     hookimpl,
 )
-from loraformat.errors import LoraformatError
 
 from ._common import encoder_activation, encoder_linears
 
-ARCH = "bert"
+LORAFORMAT_PLUGIN_API = 2
+
 _PREFIX = "bert."
 # Per encoder layer, in checkpoint order.
 _LAYER_LINEARS = (
@@ -37,106 +39,76 @@ _LAYER_LINEARS = (
     "intermediate.dense",
     "output.dense",
 )
-_PATH_RE = re.compile(
-    r"^(?:bert\.)?(?:embeddings\.word_embeddings|pooler\.dense|encoder\.layer\.\d+\."
-    r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense"
-    r"|output\.dense))$|^classifier$"
-)
 
 
 def _prefix(names: Sequence[str] | Mapping[str, Any]) -> str:
     return _PREFIX if f"{_PREFIX}embeddings.word_embeddings.weight" in names else ""
 
 
-@hookimpl
-def loraformat_architectures() -> list[ArchitectureInfo]:
-    return [ArchitectureInfo(ARCH, "BERT encoder (BertModel, sequence/token classification)")]
+class Bert(ArchitectureBase):
+    id = "bert"
+    description = "BERT encoder (BertModel, sequence/token classification)"
+    # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["bert"].
+    targets = ("query", "value")
+    ort_model_type = "bert"
+    # transformers does not rename BERT modules on load: PEFT names are the paths. No GGUF/MLX.
+    names = NameTable(
+        ("checkpoint", "peft"),
+        [
+            ("bert.embeddings.word_embeddings", SAME),
+            *((f"bert.encoder.layer.{{bid}}.{sub}", SAME) for sub in _LAYER_LINEARS),
+            ("bert.pooler.dense", SAME),
+            ("classifier", SAME),
+        ],
+        optional_prefix=_PREFIX,
+    )
 
-
-@hookimpl
-def loraformat_detect(config: Mapping[str, Any], tensor_names: Sequence[str]) -> str | None:
-    model_type = config.get("model_type")
-    if model_type is not None:
-        # RoBERTa & co. share BERT's names but not its position ids: trust model_type when given.
-        return ARCH if model_type == ARCH else None
-    names = set(tensor_names)
-    for prefix in (_PREFIX, ""):
-        if (
+    def detect(self, checkpoint: CheckpointInfo) -> bool:
+        model_type = checkpoint.config.get("model_type")
+        if model_type is not None:
+            # RoBERTa & co. share BERT's names but not its position ids: trust model_type.
+            return bool(model_type == self.id)
+        names = checkpoint.shapes
+        return any(
             f"{prefix}embeddings.word_embeddings.weight" in names
             and f"{prefix}encoder.layer.0.attention.self.query.weight" in names
-        ):
-            return ARCH
-    return None
-
-
-@hookimpl
-def loraformat_dense_layers(
-    architecture: str, config: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
-) -> list[DenseLayer] | None:
-    if architecture != ARCH:
-        return None
-    p = _prefix(tensor_shapes)
-
-    layers: list[DenseLayer] = []
-    word = tensor_shapes.get(f"{p}embeddings.word_embeddings.weight")
-    if word is not None and len(word) == 2:
-        layers.append(
-            DenseLayer(
-                f"{p}embeddings.word_embeddings", in_features=word[0], out_features=word[1],
-                layout="in_out", kind="embedding",
-            )
+            for prefix in (_PREFIX, "")
         )
-    heads = (f"{p}pooler.dense", "classifier")
-    return layers + encoder_linears(tensor_shapes, f"{p}encoder.layer", _LAYER_LINEARS, heads)
+
+    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
+        shapes = checkpoint.shapes
+        p = _prefix(shapes)
+        layers: list[DenseLayer] = []
+        word = shapes.get(f"{p}embeddings.word_embeddings.weight")
+        if word is not None and len(word) == 2:
+            layers.append(
+                DenseLayer(
+                    f"{p}embeddings.word_embeddings", in_features=word[0], out_features=word[1],
+                    layout="in_out", kind="embedding",
+                )
+            )
+        heads = (f"{p}pooler.dense", "classifier")
+        return layers + encoder_linears(shapes, f"{p}encoder.layer", _LAYER_LINEARS, heads)
+
+    def export_model(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
+    ) -> ExportModel:
+        return build_export_model(checkpoint, tensors, options)
 
 
 @hookimpl
-def loraformat_default_targets(architecture: str, config: Mapping[str, Any]) -> list[str] | None:
-    # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["bert"].
-    return ["query", "value"] if architecture == ARCH else None
-
-
-@hookimpl
-def loraformat_foreign_name(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> str | None:
-    if architecture != ARCH or convention != "peft" or not _PATH_RE.match(layer_path):
-        return None
-    return layer_path  # transformers does not rename BERT modules on load
-
-
-@hookimpl
-def loraformat_layer_path(
-    architecture: str, config: Mapping[str, Any], foreign_name: str, convention: str
-) -> str | None:
-    if architecture != ARCH or convention != "peft" or not _PATH_RE.match(foreign_name):
-        return None
-    return foreign_name
-
-
-@hookimpl
-def loraformat_foreign_row_permutation(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> Sequence[int] | None:
-    return None  # no convention BERT answers stores rows permuted
-
-
-@hookimpl
-def loraformat_export_model(
-    architecture: str, config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions
-) -> ExportModel | None:
-    if architecture != ARCH:
-        return None
-    return build_export_model(config, tensors, options)
+def loraformat_architectures() -> list[ArchitectureBase]:
+    return [Bert()]
 
 
 # -- the export module --------------------------------------------------------------------------
 
 
 def build_export_model(
-    config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions | None = None
+    checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions | None = None
 ) -> ExportModel:
     """The plain-torch BERT for ``tensors`` (name → torch.Tensor), state-dict keys = names."""
+    config = checkpoint.config
     import torch
     from torch import nn
 
@@ -144,16 +116,16 @@ def build_export_model(
 
     options = options or ExportOptions()
     if options.with_past:
-        raise LoraformatError(None, "bert is an encoder: it has no KV cache to export")
+        raise checkpoint.error("bert is an encoder: it has no KV cache to export")
     p = _prefix(tensors)
     if f"{p}embeddings.word_embeddings.weight" not in tensors:
-        raise LoraformatError(None, "bert: checkpoint has no embeddings.word_embeddings.weight")
+        raise checkpoint.error("bert: checkpoint has no embeddings.word_embeddings.weight")
     for key in ("num_attention_heads", "layer_norm_eps"):
         if key not in config:
-            raise LoraformatError(None, f"bert: config.json lacks {key!r}, needed for export")
+            raise checkpoint.config_error(f"bert: lacks {key!r}, needed for export")
     if config.get("position_embedding_type", "absolute") != "absolute":
-        raise LoraformatError(
-            None, f"bert: position_embedding_type {config['position_embedding_type']!r} is not "
+        raise checkpoint.config_error(
+            f"bert: position_embedding_type {config['position_embedding_type']!r} is not "
             "supported (only 'absolute')"
         )
     heads = int(config["num_attention_heads"])
@@ -163,7 +135,7 @@ def build_export_model(
 
     def shape(name: str) -> tuple[int, ...]:
         if name not in tensors:
-            raise LoraformatError(None, f"bert: checkpoint lacks {name}")
+            raise checkpoint.error(f"bert: checkpoint lacks {name}")
         return tuple(tensors[name].shape)
 
     def dense(path: str) -> Dense:
@@ -299,11 +271,10 @@ def build_export_model(
     wanted = module.state_dict()
     missing = [k for k in wanted if k not in tensors]
     if missing:
-        raise LoraformatError(None, f"bert: checkpoint lacks {', '.join(missing[:5])}")
+        raise checkpoint.error(f"bert: checkpoint lacks {', '.join(missing[:5])}")
     for key, value in wanted.items():
         if tuple(tensors[key].shape) != tuple(value.shape):
-            raise LoraformatError(
-                None,
+            raise checkpoint.error(
                 f"bert: {key} has shape {list(tensors[key].shape)}, expected {list(value.shape)}",
             )
     module.load_state_dict({k: tensors[k] for k in wanted}, strict=True, assign=True)

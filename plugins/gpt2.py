@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from loraformat.architecture import (
-    ArchitectureInfo,
+    SAME,
+    ArchitectureBase,
+    CheckpointInfo,
     DenseLayer,
     ExportModel,
     ExportOptions,
     FusedPart,
+    ModelShape,
+    NameTable,
     hookimpl,
 )
 
 from ._common import (
     causal_lm,
-    config_value,
     decoder_export_model,
     dense_from_shape,
     find_prefix,
@@ -30,159 +33,93 @@ from ._common import (
     model_type_is,
 )
 
-ARCH = "gpt2"
-_BLOCK = re.compile(
-    r"^(?P<prefix>.*?)h\.(?P<n>\d+)\.(?P<rest>attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$"
-)
-_TOP = re.compile(r"^(?P<prefix>.*?)(?P<rest>wte|wpe)$")
-_GGUF_BLOCK = {
-    "attn.c_attn": "attn_qkv",
-    "attn.c_proj": "attn_output",
-    "mlp.c_fc": "ffn_up",
-    "mlp.c_proj": "ffn_down",
-}
-_GGUF_TOP = {"wte": "token_embd", "wpe": "position_embd"}
-# The prefix ``transformers`` uses in memory and on save (PEFT names carry it too).
-_CANONICAL_PREFIX = "transformer."
+LORAFORMAT_PLUGIN_API = 2
+
+_BLOCK = re.compile(r"^(?:.*\.)?h\.\d+\.(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)$")
+_TOP = re.compile(r"^(?:transformer\.)?(?:wte|wpe)$")
 
 
-@hookimpl
-def loraformat_architectures() -> list[ArchitectureInfo]:
-    return [ArchitectureInfo(ARCH, "GPT-2 decoder (Hugging Face layout, Conv1D weights)")]
-
-
-@hookimpl
-def loraformat_detect(config: Mapping[str, Any], tensor_names: Sequence[str]) -> str | None:
-    said = model_type_is(config, "gpt2", "GPT2")
-    if said is not None:
-        return ARCH if said else None
-    return (
-        ARCH
-        if any(_BLOCK.match(n[: -len(".weight")]) for n in tensor_names if n.endswith(".weight"))
-        else None
+class GPT2(ArchitectureBase):
+    id = "gpt2"
+    description = "GPT-2 decoder (Hugging Face layout, Conv1D weights)"
+    targets = ("c_attn",)
+    gguf_architecture = "gpt2"
+    ort_model_type = "gpt2"
+    # mlx_lm's gpt2 keeps HF names under ``model.`` (its sanitize adds it); llama.cpp stores
+    # GPT-2's weights without reordering rows.
+    names = NameTable(
+        ("checkpoint", "peft", "gguf", "mlx"),
+        [
+            ("transformer.h.{bid}.attn.c_attn", SAME, "blk.{bid}.attn_qkv",
+             "model.h.{bid}.attn.c_attn"),
+            ("transformer.h.{bid}.attn.c_proj", SAME, "blk.{bid}.attn_output",
+             "model.h.{bid}.attn.c_proj"),
+            ("transformer.h.{bid}.mlp.c_fc", SAME, "blk.{bid}.ffn_up", "model.h.{bid}.mlp.c_fc"),
+            ("transformer.h.{bid}.mlp.c_proj", SAME, "blk.{bid}.ffn_down",
+             "model.h.{bid}.mlp.c_proj"),
+            ("transformer.wte", SAME, "token_embd", "model.wte"),
+            ("transformer.wpe", SAME, "position_embd", "model.wpe"),
+            ("lm_head", SAME, "output", None),
+        ],
+        optional_prefix="transformer.",
     )
 
+    def detect(self, checkpoint: CheckpointInfo) -> bool:
+        said = model_type_is(checkpoint.config, "gpt2", "GPT2")
+        if said is not None:
+            return said
+        return any(_BLOCK.match(n.removesuffix(".weight")) for n in checkpoint.shapes
+                   if n.endswith(".weight"))
 
-def _n_embd(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], prefix: str) -> int:
-    if config.get("n_embd"):
-        return int(config["n_embd"])
-    return int(shapes[prefix + "h.0.attn.c_attn.weight"][0])
-
-
-@hookimpl
-def loraformat_dense_layers(
-    architecture: str, config: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
-) -> list[DenseLayer] | None:
-    if architecture != ARCH:
-        return None
-    layers = []
-    for name, shape in tensor_shapes.items():
-        if not name.endswith(".weight"):
-            continue
-        path = name[: -len(".weight")]
-        bias = path + ".bias" if path + ".bias" in tensor_shapes else None
-        m = _BLOCK.match(path)
-        if m:
-            parts: tuple[FusedPart, ...] = ()
-            if m["rest"] == "attn.c_attn":
-                d = int(shape[1]) // 3
-                parts = (
-                    FusedPart("q", 0, d),
-                    FusedPart("k", d, 2 * d),
-                    FusedPart("v", 2 * d, 3 * d),
+    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
+        shapes = checkpoint.shapes
+        layers = []
+        for name, shape in shapes.items():
+            if not name.endswith(".weight"):
+                continue
+            path = name.removesuffix(".weight")
+            bias = path + ".bias" if path + ".bias" in shapes else None
+            if _BLOCK.match(path):
+                parts: tuple[FusedPart, ...] = ()
+                if path.endswith("attn.c_attn"):
+                    d = int(shape[1]) // 3
+                    parts = (FusedPart("q", 0, d), FusedPart("k", d, 2 * d),
+                             FusedPart("v", 2 * d, 3 * d))
+                layers.append(
+                    dense_from_shape(path, shape, layout="in_out", parts=parts, bias=bias)
                 )
-            layers.append(dense_from_shape(path, shape, layout="in_out", parts=parts, bias=bias))
-        elif _TOP.match(path):
-            layers.append(dense_from_shape(path, shape, layout="in_out", kind="embedding"))
-        elif path == "lm_head" and config.get("tie_word_embeddings") is False:
-            layers.append(dense_from_shape(path, shape, bias=bias))
-    return layers
+            elif _TOP.match(path):
+                layers.append(dense_from_shape(path, shape, layout="in_out", kind="embedding"))
+            elif path == "lm_head" and checkpoint.config.get("tie_word_embeddings") is False:
+                layers.append(dense_from_shape(path, shape, bias=bias))
+        return layers
+
+    def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
+        what = "the GPT-2 model shape"
+        d = int(checkpoint.config_value("n_embd", "hidden_size", what=what))
+        heads = int(checkpoint.config_value("n_head", "num_attention_heads", what=what))
+        return ModelShape(
+            num_layers=int(checkpoint.config_value("n_layer", "num_hidden_layers", what=what)),
+            num_heads=heads, num_kv_heads=heads, head_dim=d // heads, hidden_size=d,
+            vocab_size=int(checkpoint.config_value("vocab_size", default=0)),
+        )
+
+    def export_model(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
+    ) -> ExportModel:
+        return _build(checkpoint, tensors, options)
 
 
 @hookimpl
-def loraformat_default_targets(architecture: str, config: Mapping[str, Any]) -> list[str] | None:
-    return ["c_attn"] if architecture == ARCH else None
-
-
-def _split(path: str) -> tuple[str, str] | None:
-    """(prefix, canonical suffix) of a layer path: ("transformer.", "h.0.attn.c_attn")."""
-    m = _BLOCK.match(path)
-    if m:
-        return m["prefix"], path[len(m["prefix"]) :]
-    m = _TOP.match(path)
-    if m and m["prefix"] in ("", _CANONICAL_PREFIX):
-        return m["prefix"], m["rest"]
-    return None
-
-
-@hookimpl
-def loraformat_foreign_name(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> str | None:
-    if architecture != ARCH:
-        return None
-    if layer_path == "lm_head":
-        return {"peft": "lm_head", "gguf": "output", "mlx": None}.get(convention)
-    split = _split(layer_path)
-    if split is None:
-        return None
-    _, rest = split
-    if convention == "peft":
-        return _CANONICAL_PREFIX + rest
-    if convention == "mlx":  # mlx_lm's gpt2 keeps HF names under ``model.`` (its sanitize adds it)
-        return "model." + rest
-    if convention == "gguf":
-        if rest in _GGUF_TOP:
-            return _GGUF_TOP[rest]
-        n, sub = rest.split(".", 2)[1], rest.split(".", 2)[2]
-        return f"blk.{n}.{_GGUF_BLOCK[sub]}"
-    return None
-
-
-@hookimpl
-def loraformat_layer_path(
-    architecture: str, config: Mapping[str, Any], foreign_name: str, convention: str
-) -> str | None:
-    """Layer paths are returned with the ``transformer.`` prefix transformers saves with."""
-    if architecture != ARCH:
-        return None
-    name = foreign_name
-    if convention == "peft":
-        name = name.removeprefix("base_model.model.")
-        if name == "lm_head":
-            return name
-        split = _split(name)
-        return _CANONICAL_PREFIX + split[1] if split else None
-    if convention == "mlx":
-        split = _split(name.removeprefix("model.")) if name.startswith("model.") else None
-        return _CANONICAL_PREFIX + split[1] if split and split[0] == "" else None
-    if convention == "gguf":
-        name = name.removesuffix(".weight")
-        if name == "output":
-            return "lm_head"
-        for rest, g in _GGUF_TOP.items():
-            if name == g:
-                return _CANONICAL_PREFIX + rest
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)", name)
-        if m:
-            for rest, g in _GGUF_BLOCK.items():
-                if m[2] == g:
-                    return f"{_CANONICAL_PREFIX}h.{m[1]}.{rest}"
-    return None
-
-
-@hookimpl
-def loraformat_foreign_row_permutation(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> Sequence[int] | None:
-    return None  # llama.cpp stores GPT-2's weights without reordering rows
+def loraformat_architectures() -> list[ArchitectureBase]:
+    return [GPT2()]
 
 
 # -- export module -------------------------------------------------------------------------------
 
 
 def _build(
-    config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions
+    checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
 ) -> ExportModel:
     import torch
     from torch import nn
@@ -194,15 +131,16 @@ def _build(
     if prefix is None:
         prefix = find_prefix(names, r"wte\.weight$") or ""
     what = "building the GPT-2 export module"
-    n_layer = int(config_value(config, "n_layer", "num_hidden_layers", what=what))
-    n_head = int(config_value(config, "n_head", "num_attention_heads", what=what))
+    value = checkpoint.config_value
+    n_layer = int(value("n_layer", "num_hidden_layers", what=what))
+    n_head = int(value("n_head", "num_attention_heads", what=what))
     d = int(tensors[prefix + "wte.weight"].shape[1])
     vocab = int(tensors[prefix + "wte.weight"].shape[0])
     n_pos = int(tensors[prefix + "wpe.weight"].shape[0])
     inner = int(tensors[prefix + "h.0.mlp.c_fc.weight"].shape[1])
-    eps = float(config_value(config, "layer_norm_epsilon", default=1e-5))
+    eps = float(value("layer_norm_epsilon", default=1e-5))
     head_dim = d // n_head
-    act_name = config_value(config, "activation_function", default="gelu_new")
+    act_name = value("activation_function", default="gelu_new")
     acts = {
         "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
         "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
@@ -210,14 +148,10 @@ def _build(
         "relu": nn.functional.relu,
     }
     if act_name not in acts:
-        from loraformat.errors import LoraformatError
-
-        raise LoraformatError(
-            "config.json", f"GPT-2 activation_function {act_name!r} is not supported"
-        )
+        raise checkpoint.config_error(f"GPT-2 activation_function {act_name!r} is not supported")
     act = acts[act_name]
-    scale_weights = bool(config_value(config, "scale_attn_weights", default=True))
-    by_layer = bool(config_value(config, "scale_attn_by_inverse_layer_idx", default=False))
+    scale_weights = bool(value("scale_attn_weights", default=True))
+    by_layer = bool(value("scale_attn_by_inverse_layer_idx", default=False))
 
     class Attention(nn.Module):
         def __init__(self, index: int) -> None:
@@ -290,12 +224,3 @@ def _build(
     load_tensors(module, tensors, "GPT-2 checkpoint")
     dtype = next(module.parameters()).dtype
     return decoder_export_model(module, n_layer, n_head, head_dim, options.with_past, vocab, dtype)
-
-
-@hookimpl
-def loraformat_export_model(
-    architecture: str, config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions
-) -> ExportModel | None:
-    if architecture != ARCH:
-        return None
-    return _build(config, tensors, options)

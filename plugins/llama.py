@@ -12,17 +12,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loraformat.architecture import (
-    ArchitectureInfo,
+    SAME,
+    ArchitectureBase,
+    CheckpointInfo,
     DenseLayer,
     ExportModel,
     ExportOptions,
+    ModelShape,
+    NameTable,
     hookimpl,
 )
-from loraformat.errors import LoraformatError
 
 from ._common import (
     causal_lm,
-    config_value,
     decoder_export_model,
     dense_from_shape,
     find_prefix,
@@ -30,124 +32,103 @@ from ._common import (
     model_type_is,
 )
 
-ARCH = "llama"
+LORAFORMAT_PLUGIN_API = 2
+
 _PROJ = r"self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj"
-_BLOCK = re.compile(rf"^(?P<prefix>.*?)layers\.(?P<n>\d+)\.(?P<rest>{_PROJ})$")
-_EMBED = re.compile(r"^(?P<prefix>.*?)embed_tokens$")
-_GGUF_BLOCK = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-# The prefix transformers uses in memory and on save (PEFT and MLX-LM names carry it too).
-_CANONICAL_PREFIX = "model."
+_BLOCK = re.compile(rf"^(?:.*\.)?layers\.\d+\.(?:{_PROJ})$")
+_EMBED = re.compile(r"^(?:.*\.)?embed_tokens$")
+_ROTARY = ("self_attn.q_proj", "self_attn.k_proj")
 
 
-@hookimpl
-def loraformat_architectures() -> list[ArchitectureInfo]:
-    return [ArchitectureInfo(ARCH, "LLaMA decoder (GQA, RoPE incl. llama3 scaling, SwiGLU)")]
+def _block_row(sub: str, gguf: str) -> tuple[str, str, str, str]:
+    return (f"model.layers.{{bid}}.{sub}", SAME, f"blk.{{bid}}.{gguf}", SAME)
 
 
-@hookimpl
-def loraformat_detect(config: Mapping[str, Any], tensor_names: Sequence[str]) -> str | None:
-    said = model_type_is(config, "llama", "Llama")
-    if said is not None:
-        return ARCH if said else None
-    names = set(tensor_names)
-    has_blocks = any(
-        _BLOCK.match(n.removesuffix(".weight")) and n.endswith("mlp.gate_proj.weight")
-        for n in names
+class Llama(ArchitectureBase):
+    id = "llama"
+    description = "LLaMA decoder (GQA, RoPE incl. llama3 scaling, SwiGLU)"
+    targets = ("q_proj", "v_proj")
+    gguf_architecture = "llama"
+    ort_model_type = "bert"  # ONNX Runtime's optimizer has no llama type; its bert passes apply
+    names = NameTable(
+        ("checkpoint", "peft", "gguf", "mlx"),
+        [
+            _block_row("self_attn.q_proj", "attn_q"),
+            _block_row("self_attn.k_proj", "attn_k"),
+            _block_row("self_attn.v_proj", "attn_v"),
+            _block_row("self_attn.o_proj", "attn_output"),
+            _block_row("mlp.gate_proj", "ffn_gate"),
+            _block_row("mlp.up_proj", "ffn_up"),
+            _block_row("mlp.down_proj", "ffn_down"),
+            ("model.embed_tokens", SAME, "token_embd", SAME),
+            ("lm_head", SAME, "output", SAME),
+        ],
+        optional_prefix="model.",
     )
-    # LLaMA-named relatives (Qwen2: q/k/v biases; Qwen3/OLMo2: q/k norms) are not LLaMA.
-    relatives = any(n.endswith(("q_proj.bias", "q_norm.weight", "k_norm.weight")) for n in names)
-    return ARCH if has_blocks and not relatives else None
 
+    def detect(self, checkpoint: CheckpointInfo) -> bool:
+        said = model_type_is(checkpoint.config, "llama", "Llama")
+        if said is not None:
+            return said
+        names = set(checkpoint.shapes)
+        has_blocks = any(
+            n.endswith("mlp.gate_proj.weight") and _BLOCK.match(n.removesuffix(".weight"))
+            for n in names
+        )
+        # LLaMA-named relatives (Qwen2: q/k/v biases; Qwen3/OLMo2: q/k norms) are not LLaMA.
+        relatives = any(
+            n.endswith(("q_proj.bias", "q_norm.weight", "k_norm.weight")) for n in names
+        )
+        return has_blocks and not relatives
 
-@hookimpl
-def loraformat_dense_layers(
-    architecture: str, config: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
-) -> list[DenseLayer] | None:
-    if architecture != ARCH:
-        return None
-    layers = []
-    for name, shape in tensor_shapes.items():
-        if not name.endswith(".weight"):
-            continue
-        path = name.removesuffix(".weight")
-        bias = path + ".bias" if path + ".bias" in tensor_shapes else None
-        if _BLOCK.match(path) or path == "lm_head":
-            layers.append(dense_from_shape(path, shape, bias=bias))
-        elif _EMBED.match(path):
-            layers.append(dense_from_shape(path, shape, layout="in_out", kind="embedding"))
-    return layers
+    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
+        shapes = checkpoint.shapes
+        layers = []
+        for name, shape in shapes.items():
+            if not name.endswith(".weight"):
+                continue
+            path = name.removesuffix(".weight")
+            bias = path + ".bias" if path + ".bias" in shapes else None
+            if _BLOCK.match(path) or path == "lm_head":
+                layers.append(dense_from_shape(path, shape, bias=bias))
+            elif _EMBED.match(path):
+                layers.append(dense_from_shape(path, shape, layout="in_out", kind="embedding"))
+        return layers
 
-
-@hookimpl
-def loraformat_default_targets(architecture: str, config: Mapping[str, Any]) -> list[str] | None:
-    return ["q_proj", "v_proj"] if architecture == ARCH else None
-
-
-def _canonical(path: str) -> str | None:
-    """The layer path without its prefix: ``layers.0.self_attn.q_proj``, ``embed_tokens``."""
-    m = _BLOCK.match(path)
-    if m:
-        return path[len(m["prefix"]) :]
-    m = _EMBED.match(path)
-    if m:
-        return "embed_tokens"
-    return None
-
-
-@hookimpl
-def loraformat_foreign_name(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> str | None:
-    if architecture != ARCH or convention not in ("peft", "gguf", "mlx"):
-        return None
-    if layer_path == "lm_head":
-        return "output" if convention == "gguf" else "lm_head"
-    rest = _canonical(layer_path)
-    if rest is None:
-        return None
-    if convention in ("peft", "mlx"):
-        return _CANONICAL_PREFIX + rest
-    if rest == "embed_tokens":
-        return "token_embd"
-    _, n, sub = rest.split(".", 2)
-    return f"blk.{n}.{_GGUF_BLOCK[sub]}"
-
-
-@hookimpl
-def loraformat_layer_path(
-    architecture: str, config: Mapping[str, Any], foreign_name: str, convention: str
-) -> str | None:
-    """Layer paths are returned with the ``model.`` prefix transformers saves with."""
-    if architecture != ARCH:
-        return None
-    if convention in ("peft", "mlx"):
-        name = foreign_name.removeprefix("base_model.model.")
-        if name == "lm_head":
-            return name
-        if not name.startswith(_CANONICAL_PREFIX):
+    def row_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        if convention != "gguf" or not layer_path.endswith(_ROTARY):
             return None
-        rest = _canonical(name)
-        return _CANONICAL_PREFIX + rest if rest and name == _CANONICAL_PREFIX + rest else None
-    if convention == "gguf":
-        name = foreign_name.removesuffix(".weight")
-        if name == "output":
-            return "lm_head"
-        if name == "token_embd":
-            return _CANONICAL_PREFIX + "embed_tokens"
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)", name)
-        if m:
-            for rest, g in _GGUF_BLOCK.items():
-                if m[2] == g:
-                    return f"{_CANONICAL_PREFIX}layers.{m[1]}.{rest}"
-    return None
+        shape = self.model_shape(checkpoint, what="llama.cpp's q/k row permutation")
+        # The converter passes n_head_kv for k, which replaces n_head whenever it differs (GQA).
+        heads = shape.num_heads if layer_path.endswith("q_proj") else shape.num_kv_heads
+        return gguf_permutation(heads * shape.head_dim, heads)
+
+    def model_shape(
+        self, checkpoint: CheckpointInfo, what: str = "the LLaMA model shape"
+    ) -> ModelShape:
+        value = checkpoint.config_value
+        heads = int(value("num_attention_heads", what=what))
+        hidden = int(value("hidden_size", what=what))
+        return ModelShape(
+            num_layers=int(value("num_hidden_layers", default=0)),
+            num_heads=heads,
+            num_kv_heads=int(value("num_key_value_heads", default=heads)),
+            head_dim=int(value("head_dim", default=hidden // heads)),
+            hidden_size=hidden,
+            vocab_size=int(value("vocab_size", default=0)),
+        )
+
+    def export_model(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
+    ) -> ExportModel:
+        return _build(checkpoint, tensors, options)
+
+
+@hookimpl
+def loraformat_architectures() -> list[ArchitectureBase]:
+    return [Llama()]
 
 
 def gguf_permutation(rows: int, n_head: int) -> list[int]:
@@ -163,33 +144,15 @@ def gguf_permutation(rows: int, n_head: int) -> list[int]:
     ]
 
 
-@hookimpl
-def loraformat_foreign_row_permutation(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> Sequence[int] | None:
-    if architecture != ARCH or convention != "gguf":
-        return None
-    rest = _canonical(layer_path) or ""
-    if not rest.endswith(("self_attn.q_proj", "self_attn.k_proj")):
-        return None
-    what = "llama.cpp's q/k row permutation"
-    n_head = int(config_value(config, "num_attention_heads", what=what))
-    hidden = int(config_value(config, "hidden_size", what=what))
-    head_dim = int(config_value(config, "head_dim", default=hidden // n_head))
-    if rest.endswith("k_proj"):
-        # The converter passes n_head_kv, which replaces n_head whenever it differs (GQA).
-        n_head = int(config_value(config, "num_key_value_heads", default=n_head))
-    return gguf_permutation(n_head * head_dim, n_head)
-
-
 # -- export module -------------------------------------------------------------------------------
 
 
-def rope_inv_freq(config: Mapping[str, Any], head_dim: int) -> tuple[Any, float]:
+def rope_inv_freq(checkpoint: CheckpointInfo, head_dim: int) -> tuple[Any, float]:
     """(inverse frequencies, attention scaling) as transformers computes them for the config's
     ``rope_parameters`` (transformers 5) or ``rope_scaling`` + ``rope_theta`` (older)."""
     import torch
 
+    config = checkpoint.config
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
@@ -209,15 +172,14 @@ def rope_inv_freq(config: Mapping[str, Any], head_dim: int) -> tuple[Any, float]
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
-    raise LoraformatError(
-        "config.json",
+    raise checkpoint.config_error(
         f"rope type {kind!r} is not supported by the llama export module "
-        "(supported: default, linear, llama3)",
+        "(supported: default, linear, llama3)"
     )
 
 
 def _build(
-    config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions
+    checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
 ) -> ExportModel:
     import torch
     from torch import nn
@@ -236,24 +198,26 @@ def _build(
     if prefix is None:
         prefix = find_prefix(names, r"embed_tokens\.weight$") or ""
     what = "building the LLaMA export module"
-    n_layer = int(config_value(config, "num_hidden_layers", what=what))
-    n_head = int(config_value(config, "num_attention_heads", what=what))
-    n_kv = int(config_value(config, "num_key_value_heads", default=n_head))
+    config = checkpoint.config
+    value = checkpoint.config_value
+    n_layer = int(value("num_hidden_layers", what=what))
+    n_head = int(value("num_attention_heads", what=what))
+    n_kv = int(value("num_key_value_heads", default=n_head))
     embed = tensors[prefix + "embed_tokens.weight"]
     vocab, d = int(embed.shape[0]), int(embed.shape[1])
-    head_dim = int(config_value(config, "head_dim", default=d // n_head))
+    head_dim = int(value("head_dim", default=d // n_head))
     inner = int(tensors[prefix + "layers.0.mlp.gate_proj.weight"].shape[0])
-    eps = float(config_value(config, "rms_norm_eps", default=1e-6))
+    eps = float(value("rms_norm_eps", default=1e-6))
     attn_bias = prefix + "layers.0.self_attn.q_proj.bias" in tensors
     mlp_bias = prefix + "layers.0.mlp.gate_proj.bias" in tensors
-    act_name = config_value(config, "hidden_act", default="silu")
+    act_name = value("hidden_act", default="silu")
     if act_name != "silu":
-        raise LoraformatError("config.json", f"LLaMA hidden_act {act_name!r} is not supported")
-    inv_freq, rope_scale = rope_inv_freq(config, head_dim)
+        raise checkpoint.config_error(f"LLaMA hidden_act {act_name!r} is not supported")
+    inv_freq, rope_scale = rope_inv_freq(checkpoint, head_dim)
     tied = "lm_head.weight" not in tensors or config.get("tie_word_embeddings") is True
     if "lm_head.weight" not in tensors and config.get("tie_word_embeddings") is False:
-        raise LoraformatError(
-            None, "LLaMA checkpoint has no lm_head.weight and tie_word_embeddings is false"
+        raise checkpoint.error(
+            "LLaMA checkpoint has no lm_head.weight and tie_word_embeddings is false"
         )
 
     class Rotary(nn.Module):
@@ -340,12 +304,3 @@ def _build(
     load_tensors(module, tensors, "LLaMA checkpoint")
     dtype = next(module.parameters()).dtype
     return decoder_export_model(module, n_layer, n_kv, head_dim, options.with_past, vocab, dtype)
-
-
-@hookimpl
-def loraformat_export_model(
-    architecture: str, config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions
-) -> ExportModel | None:
-    if architecture != ARCH:
-        return None
-    return _build(config, tensors, options)

@@ -21,29 +21,31 @@ checkpoint layer path (``vit.`` prefix optional)        in memory, transformers 
 ``vit.pooler.dense``, ``classifier``                    unchanged
 =====================================================  ==================================
 
-``foreign_name(..., "peft")`` answers the transformers-5 name; ``layer_path(..., "peft")`` accepts
-both (adapters made with transformers 4 carry the checkpoint names).
+The name table's ``peft`` column is the transformers-5 name; adapters made with transformers 4
+carry the checkpoint names, which PEFT conversion accepts as they are.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loraformat.architecture import (
-    ArchitectureInfo,
+    SAME,
+    ArchitectureBase,
+    CheckpointInfo,
     DenseLayer,
     ExportModel,
     ExportOptions,
+    NameTable,
     hookimpl,
 )
-from loraformat.errors import LoraformatError
 
 from ._common import encoder_activation, encoder_linears
 
-ARCH = "vit"
+LORAFORMAT_PLUGIN_API = 2
+
 _PREFIX = "vit."
 # Per encoder layer, in checkpoint order: checkpoint suffix → transformers-5 in-memory suffix.
 _LAYER_LINEARS = {
@@ -54,108 +56,64 @@ _LAYER_LINEARS = {
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
 }
-_TO_MEMORY = {v: k for k, v in _LAYER_LINEARS.items()}
-_ON_DISK_RE = re.compile(r"^((?:vit\.)?)encoder\.layer\.(\d+)\.(.+)$")
-_IN_MEMORY_RE = re.compile(r"^((?:vit\.)?)layers\.(\d+)\.(.+)$")
-_FIXED_RE = re.compile(r"^(?:(?:vit\.)?pooler\.dense|classifier)$")
 
 
 def _prefix(names: Sequence[str] | Mapping[str, Any]) -> str:
     return _PREFIX if f"{_PREFIX}embeddings.cls_token" in names else ""
 
 
-@hookimpl
-def loraformat_architectures() -> list[ArchitectureInfo]:
-    return [ArchitectureInfo(ARCH, "Vision Transformer (ViTModel, image classification)")]
+class ViT(ArchitectureBase):
+    id = "vit"
+    description = "Vision Transformer (ViTModel, image classification)"
+    # PEFT has no default for ViT; its examples target query/value (q_proj/v_proj in memory
+    # under transformers 5 — see the table).
+    targets = ("query", "value")
+    ort_model_type = "vit"
+    names = NameTable(
+        ("checkpoint", "peft"),
+        [
+            *((f"vit.encoder.layer.{{bid}}.{disk}", f"vit.layers.{{bid}}.{memory}")
+              for disk, memory in _LAYER_LINEARS.items()),
+            ("vit.pooler.dense", SAME),
+            ("classifier", SAME),
+        ],
+        optional_prefix=_PREFIX,
+    )
 
-
-@hookimpl
-def loraformat_detect(config: Mapping[str, Any], tensor_names: Sequence[str]) -> str | None:
-    model_type = config.get("model_type")
-    if model_type is not None:
-        # DeiT, BEiT & co. share ViT's names with other embeddings: trust model_type when given.
-        return ARCH if model_type == ARCH else None
-    names = set(tensor_names)
-    for prefix in (_PREFIX, ""):
-        if (
+    def detect(self, checkpoint: CheckpointInfo) -> bool:
+        model_type = checkpoint.config.get("model_type")
+        if model_type is not None:
+            # DeiT, BEiT & co. share ViT's names with other embeddings: trust model_type.
+            return bool(model_type == self.id)
+        names = checkpoint.shapes
+        return any(
             f"{prefix}embeddings.patch_embeddings.projection.weight" in names
             and f"{prefix}encoder.layer.0.attention.attention.query.weight" in names
-        ):
-            return ARCH
-    return None
+            for prefix in (_PREFIX, "")
+        )
+
+    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
+        shapes = checkpoint.shapes
+        p = _prefix(shapes)
+        heads = (f"{p}pooler.dense", "classifier")
+        return encoder_linears(shapes, f"{p}encoder.layer", _LAYER_LINEARS, heads)
+
+    def export_model(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
+    ) -> ExportModel:
+        return build_export_model(checkpoint, tensors, options)
 
 
 @hookimpl
-def loraformat_dense_layers(
-    architecture: str, config: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
-) -> list[DenseLayer] | None:
-    if architecture != ARCH:
-        return None
-    p = _prefix(tensor_shapes)
-
-    heads = (f"{p}pooler.dense", "classifier")
-    return encoder_linears(tensor_shapes, f"{p}encoder.layer", _LAYER_LINEARS, heads)
-
-
-@hookimpl
-def loraformat_default_targets(architecture: str, config: Mapping[str, Any]) -> list[str] | None:
-    # PEFT has no default for ViT; its examples target query/value (q_proj/v_proj in memory
-    # under transformers 5 — see foreign_name).
-    return ["query", "value"] if architecture == ARCH else None
-
-
-@hookimpl
-def loraformat_foreign_name(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> str | None:
-    if architecture != ARCH or convention != "peft":
-        return None
-    if _FIXED_RE.match(layer_path):
-        return layer_path
-    m = _ON_DISK_RE.match(layer_path)
-    if m and m.group(3) in _LAYER_LINEARS:
-        return f"{m.group(1)}layers.{m.group(2)}.{_LAYER_LINEARS[m.group(3)]}"
-    return None
-
-
-@hookimpl
-def loraformat_layer_path(
-    architecture: str, config: Mapping[str, Any], foreign_name: str, convention: str
-) -> str | None:
-    if architecture != ARCH or convention != "peft":
-        return None
-    if _FIXED_RE.match(foreign_name):
-        return foreign_name
-    m = _IN_MEMORY_RE.match(foreign_name)
-    if m and m.group(3) in _TO_MEMORY:
-        return f"{m.group(1)}encoder.layer.{m.group(2)}.{_TO_MEMORY[m.group(3)]}"
-    m = _ON_DISK_RE.match(foreign_name)  # transformers 4 kept the checkpoint names in memory
-    if m and m.group(3) in _LAYER_LINEARS:
-        return foreign_name
-    return None
-
-
-@hookimpl
-def loraformat_foreign_row_permutation(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> Sequence[int] | None:
-    return None  # no convention ViT answers stores rows permuted
-
-
-@hookimpl
-def loraformat_export_model(
-    architecture: str, config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions
-) -> ExportModel | None:
-    if architecture != ARCH:
-        return None
-    return build_export_model(config, tensors, options)
+def loraformat_architectures() -> list[ArchitectureBase]:
+    return [ViT()]
 
 
 # -- the export module --------------------------------------------------------------------------
 
 
 def build_export_model(
-    config: Mapping[str, Any], tensors: Mapping[str, Any], options: ExportOptions | None = None
+    checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions | None = None
 ) -> ExportModel:
     """The plain-torch ViT for ``tensors`` (name → torch.Tensor), state-dict keys = names.
 
@@ -168,13 +126,14 @@ def build_export_model(
 
     from loraformat.architecture.modules import Dense, EncoderSelfAttention
 
+    config = checkpoint.config
     options = options or ExportOptions()
     if options.with_past:
-        raise LoraformatError(None, "vit is an encoder: it has no KV cache to export")
+        raise checkpoint.error("vit is an encoder: it has no KV cache to export")
     p = _prefix(tensors)
     for key in ("num_attention_heads", "layer_norm_eps"):
         if key not in config:
-            raise LoraformatError(None, f"vit: config.json lacks {key!r}, needed for export")
+            raise checkpoint.config_error(f"vit: lacks {key!r}, needed for export")
     heads = int(config["num_attention_heads"])
     eps = float(config["layer_norm_eps"])
     unknown = "vit: unsupported activation"  # encoder_activation's error adds the name and choices
@@ -183,7 +142,7 @@ def build_export_model(
 
     def shape(name: str) -> tuple[int, ...]:
         if name not in tensors:
-            raise LoraformatError(None, f"vit: checkpoint lacks {name}")
+            raise checkpoint.error(f"vit: checkpoint lacks {name}")
         return tuple(tensors[name].shape)
 
     def dense(path: str) -> Dense:
@@ -296,8 +255,7 @@ def build_export_model(
     wanted = module.state_dict()
     for key, value in wanted.items():
         if tuple(shape(key)) != tuple(value.shape):
-            raise LoraformatError(
-                None,
+            raise checkpoint.error(
                 f"vit: {key} has shape {list(tensors[key].shape)}, expected {list(value.shape)}",
             )
     module.load_state_dict({k: tensors[k] for k in wanted}, strict=True, assign=True)
@@ -307,7 +265,7 @@ def build_export_model(
     patches = shape(f"{p}embeddings.position_embeddings")[1] - 1
     side = math.isqrt(patches)
     if side * side != patches:
-        raise LoraformatError(None, f"vit: {patches} patches do not form a square image")
+        raise checkpoint.error(f"vit: {patches} patches do not form a square image")
     dtype = tensors[f"{p}embeddings.patch_embeddings.projection.weight"].dtype
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(2, channels, side * kh, side * kw, generator=generator).to(dtype)

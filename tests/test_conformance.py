@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import types
-from pathlib import Path
-
 import pytest
 import tiny_models
 import torch
 
-from loraformat.architecture import DenseLayer, FusedPart, Registry, hookimpl
+from loraformat.architecture import SAME, DenseLayer, FusedPart, NameTable, Registry, hookimpl
 from loraformat.testing import check_plugin
 
 toyarch = pytest.importorskip(
@@ -17,14 +14,10 @@ toyarch = pytest.importorskip(
 )
 from loraformat_toyarch import plugin as toy  # noqa: E402
 
-PLUGINS_DIR = Path(__file__).parent.parent / "plugins"
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["gpt2", "bert", "llama", "vit"])
 def test_builtin_plugins_conform(architecture, tiny_checkpoint):
-    if not (PLUGINS_DIR / f"{architecture}.py").exists():
-        pytest.skip(f"plugins/{architecture}.py is not written yet")
     path = tiny_checkpoint(architecture)
     reference = tiny_models.load_transformers(path, architecture)
     report = check_plugin(path, architecture, reference=reference)
@@ -56,93 +49,107 @@ def test_third_party_plugin_conforms(toy_dir):
 
 # -- the kit must catch broken plugins ------------------------------------------------------------
 
-HOOKS = [name for name in dir(toy) if name.startswith("loraformat_")]
+
+def plugin_of(*architectures, api=2):
+    """A plugin object answering the hook with ``architectures`` (a module works the same)."""
+
+    class Plugin:
+        LORAFORMAT_PLUGIN_API = api
+
+        @hookimpl
+        def loraformat_architectures(self):
+            return list(architectures)
+
+    return Plugin()
 
 
 def registry_with(**overrides) -> Registry:
-    """A registry holding only the toy plugin, with some hooks replaced."""
-    namespace = {name: getattr(toy, name) for name in HOOKS}
-    namespace.update({name: hookimpl(fn) for name, fn in overrides.items()})
+    """A registry holding only the toy architecture, with some attributes or methods replaced."""
+    broken = type("BrokenToy", (toy.ToyMLP,), overrides)()
     reg = Registry(load_entry_points=False)
-    reg.register(types.SimpleNamespace(**namespace), name="toymlp")
+    reg.register(plugin_of(broken), name="toymlp")
     assert not reg.records["toymlp"].errors
     return reg
 
 
-def wrong_shape(architecture, config, tensor_shapes):
-    layers = toy.loraformat_dense_layers(architecture, config, tensor_shapes)
-    if layers is None:
-        return None
+def wrong_shape(self, checkpoint):
     # blocks.0.down is [out, in]; claiming [in, out] makes its stored shape wrong.
     return [
         DenseLayer(x.path, x.in_features, x.out_features, "in_out", bias=x.bias)
         if x.path == "blocks.0.down" else x
-        for x in layers
+        for x in toy.ToyMLP.dense_layers(self, checkpoint)
     ]
 
 
-def gappy_parts(architecture, config, tensor_shapes):
-    layers = toy.loraformat_dense_layers(architecture, config, tensor_shapes)
-    if layers is None:
-        return None
+def gappy_parts(self, checkpoint):
     return [
         DenseLayer(x.path, x.in_features, x.out_features, x.layout,
                    parts=(FusedPart("gate", 0, 20), FusedPart("up", 24, 48)), bias=x.bias)
         if x.parts else x
-        for x in layers
+        for x in toy.ToyMLP.dense_layers(self, checkpoint)
     ]
 
 
-def lossy_layer_path(architecture, config, foreign_name, convention):
-    if convention == "gguf" and foreign_name == "output":
-        return "embed"  # maps the head's GGUF name back to the wrong layer
-    return toy.loraformat_layer_path(architecture, config, foreign_name, convention)
+# Two rows claiming one GGUF name: the head's name maps back to the embedding.
+clashing_names = NameTable(
+    ("checkpoint", "peft", "gguf"),
+    [("embed", SAME, "token_embd"), ("blocks.{bid}.up", SAME, "blk.{bid}.ffn_gate_up"),
+     ("blocks.{bid}.down", SAME, "blk.{bid}.ffn_down"), ("head", SAME, "token_embd")],
+)
 
 
-def altered_export(architecture, config, tensors, options):
-    built = toy.loraformat_export_model(architecture, config, tensors, options)
-    if built is not None:
-        built.module.head.bias = torch.nn.Parameter(built.module.head.bias + 1)
+def altered_export(self, checkpoint, tensors, options):
+    built = toy.ToyMLP.export_model(self, checkpoint, tensors, options)
+    built.module.head.bias = torch.nn.Parameter(built.module.head.bias + 1)
     return built
 
 
-def greedy_targets(architecture, config):
-    return ["up"]  # answers for every architecture: breaks first-result for other plugins
-
-
-def bad_permutation(architecture, config, layer_path, convention):
-    if architecture == "toymlp" and convention == "mlx" and layer_path == "head":
+def bad_permutation(self, checkpoint, layer_path, convention):
+    if convention == "mlx" and layer_path == "head":
         return [0, 0, 1]
     return None
+
+
+def greedy_detect(self, checkpoint):
+    return True
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"loraformat_dense_layers": wrong_shape},
+        ({"dense_layers": wrong_shape},
          r"blocks\.0\.down: stored_shape\(\) \[24, 16\] \(in_out, in=24, out=16\) != "
          r"checkpoint \[16, 24\]"),
-        ({"loraformat_dense_layers": gappy_parts},
+        ({"dense_layers": gappy_parts},
          r"blocks\.0\.up: fused parts \[\(0, 20\), \(24, 48\)\] must tile the out rows"),
-        ({"loraformat_layer_path": lossy_layer_path},
-         r"gguf: head → 'output' → 'embed' does not round-trip"),
-        ({"loraformat_export_model": altered_export},
+        ({"names": clashing_names},
+         r"gguf name 'token_embd' is given to both embed and head"),
+        ({"export_model": altered_export},
          r"head\.bias: the module's value .* differs from the checkpoint's"),
-        ({"loraformat_default_targets": greedy_targets},
-         r"loraformat_default_targets must return None for another architecture"),
-        ({"loraformat_default_targets": lambda architecture, config: ["nope"] if architecture
-          == "toymlp" else None},
+        ({"targets": ("nope",)},
          r"default target 'nope' names no dense layer"),
-        ({"loraformat_foreign_row_permutation": bad_permutation},
+        ({"row_permutation": bad_permutation},
          r"mlx: row permutation of head is not a permutation of its 3 out rows"),
-        ({"loraformat_detect": lambda config, tensor_names: "toymlp"},
-         r"detecting an empty checkpoint must give None, got 'toymlp'"),
+        ({"detect": greedy_detect},
+         r"detecting an empty checkpoint must give False, got True"),
     ],
-    ids=["shape", "parts", "round-trip", "state-dict", "first-result", "targets", "perm", "detect"],
+    ids=["shape", "parts", "names", "state-dict", "targets", "perm", "detect"],
 )
 def test_kit_catches_broken_plugins(toy_dir, overrides, message):
     with pytest.raises(AssertionError, match=message):
         check_plugin(toy_dir, "toymlp", reg=registry_with(**overrides))
+
+
+def test_kit_checks_that_the_table_round_trips_on_the_checkpoint(toy_dir):
+    # A table whose PEFT name for the head is another layer's path: each row is fine on its own,
+    # but the head's name maps back to blocks.0.down.
+    table = NameTable(
+        ("checkpoint", "peft"),
+        [("blocks.{bid}.down", SAME), ("head", "blocks.0.down")],
+    )
+    shared = r"peft: head and blocks\.0\.down share the name 'blocks\.0\.down'"
+    with pytest.raises(AssertionError, match=shared):
+        check_plugin(toy_dir, "toymlp", reg=registry_with(names=table), export=False)
 
 
 def test_kit_compares_with_the_reference(toy_dir):
@@ -156,14 +163,9 @@ def test_kit_compares_with_the_reference(toy_dir):
         check_plugin(toy_dir, reg=registry_with(), reference=lambda input_ids: {"scores": 0})
 
 
-def test_kit_reports_missing_hooks_and_unknown_architectures(toy_dir):
-    reg = Registry(load_entry_points=False)
-    namespace = {n: getattr(toy, n) for n in HOOKS if n != "loraformat_export_model"}
-    reg.register(types.SimpleNamespace(**namespace), name="partial")
-    missing = "'partial' does not implement loraformat_export_model"
-    with pytest.raises(AssertionError, match=missing):
-        check_plugin(toy_dir, reg=reg)
-    with pytest.raises(AssertionError, match=r"architecture 'gpt2' is not listed by any plugin"):
+def test_kit_reports_unknown_architectures(toy_dir):
+    reg = registry_with()
+    with pytest.raises(AssertionError, match=r"architecture 'gpt2' is not provided by any plugin"):
         check_plugin(toy_dir, "gpt2", reg=reg)
     with pytest.raises(AssertionError, match="no plugin detects this checkpoint"):
         check_plugin(toy_dir, reg=Registry(load_entry_points=False))
@@ -171,8 +173,6 @@ def test_kit_reports_missing_hooks_and_unknown_architectures(toy_dir):
 
 @pytest.mark.slow
 def test_kit_reads_sharded_checkpoints(tiny_checkpoint):
-    if not (PLUGINS_DIR / "llama.py").exists():
-        pytest.skip("plugins/llama.py is not written yet")
     path = tiny_checkpoint("llama", max_shard_size="20KB")
     assert (path / "model.safetensors.index.json").exists()
     report = check_plugin(path, reference=tiny_models.load_transformers(path, "llama"))

@@ -334,7 +334,7 @@ def _model_ne(dense, gguf_name):
 def test_gguf_round_trip_and_llama_cpp_loader_checks(bases, tmp_path, arch, scaling):
     from gguf import GGUFReader
 
-    from loraformat.architecture import foreign_name
+    from loraformat.architecture import get_architecture
 
     base = bases[arch]
     paths = linear_paths(base)
@@ -356,7 +356,7 @@ def test_gguf_round_trip_and_llama_cpp_loader_checks(bases, tmp_path, arch, scal
     config = base.config
     for path in paths:
         dense, spec = base.layers[path], adapter.specs[path]
-        name = foreign_name(arch, config, path, "gguf") + ".weight"
+        name = get_architecture(arch).names.foreign(path, "gguf") + ".weight"
         a, b = tensors[name + ".lora_a"], tensors[name + ".lora_b"]
         model_ne = _model_ne(dense, name)
         if name.startswith("token_embd"):  # llama.cpp's flipped check for embeddings
@@ -426,13 +426,13 @@ def test_mlx_round_trip_bitwise_with_mixed_ranks_and_dora(bases, tmp_path, arch)
     assert config["fine_tune_type"] == ("dora" if arch == "llama" else "lora")
     assert config["lora_parameters"]["rank"] == 4 and config["lora_parameters"]["scale"] == 2.0
     assert config["num_layers"] == 2  # every block of the tiny model, counted from the last
-    from loraformat.architecture import foreign_name
+    from loraformat.architecture import get_architecture
     from loraformat.format.safetensors_io import SafetensorsFile
 
     with SafetensorsFile(out / "adapters.safetensors") as st:
         names = st.keys()
         for path in paths:
-            module = foreign_name(arch, base.config, path, "mlx")
+            module = get_architecture(arch).names.foreign(path, "mlx")
             assert module + ".lora_a" in names
             a, b = st.numpy(module + ".lora_a"), st.numpy(module + ".lora_b")
             dense = base.layers[path]

@@ -5,11 +5,22 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
+from loraformat_plugins import bert as plugin
 from safetensors.torch import load_file
 
-from loraformat import architecture as arch
+from loraformat.architecture import CheckpointInfo, ExportOptions
 from loraformat.base import open_base
 from loraformat.errors import LoraformatError
+
+ARCH = plugin.Bert()
+
+def info(config=None, shapes=()) -> CheckpointInfo:
+    """What the architecture is told about a checkpoint: its config and tensor shapes (a list of
+    names is enough for detection)."""
+    if not isinstance(shapes, dict):
+        shapes = dict.fromkeys(shapes, ())
+    return CheckpointInfo(config=dict(config or {}), shapes=shapes)
+
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +37,17 @@ def reference(bert_dir):
 def export(bert_dir):
     with open_base(bert_dir) as base:
         config = base.config
-    return arch.export_model("bert", config, load_file(bert_dir / "model.safetensors"))
+    tensors = load_file(bert_dir / "model.safetensors")
+    return ARCH.export_model(info(config), tensors, ExportOptions())
 
 
 def test_detected_with_and_without_config(bert_dir):
     with open_base(bert_dir) as base:
         assert base.architecture == "bert"
         names = base.checkpoint.names()
-    assert arch.detect({}, names) == "bert"
+    assert ARCH.detect(info({}, names))
     # Same tensor names, another model_type: not ours (RoBERTa's positions differ).
-    assert arch.detect({"model_type": "roberta"}, names) is None
+    assert not ARCH.detect(info({"model_type": "roberta"}, names))
 
 
 def test_dense_layers_are_the_modules_transformers_builds(bert_dir, reference):
@@ -59,7 +71,7 @@ def test_default_targets_are_peft_defaults(bert_dir):
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
 
     with open_base(bert_dir) as base:
-        assert arch.default_targets("bert", base.config) == peft_map["bert"]
+        assert ARCH.default_targets(info(base.config)) == peft_map["bert"]
         paths = base.default_target_paths()
     assert len(paths) == 4 and all(p.endswith((".query", ".value")) for p in paths)
 
@@ -76,14 +88,14 @@ def test_peft_names_match_a_real_peft_adapter(bert_dir, tmp_path):
         keys = list(f.keys())
     modules = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in keys}
     with open_base(bert_dir) as base:
-        config, layers = base.config, base.layers
+        layers = base.layers
     assert len(modules) == 14 and {"classifier", "bert.pooler.dense"} <= modules
     for name in modules:
-        path = arch.layer_path("bert", config, name, "peft")
+        path = ARCH.names.layer_path(name, "peft")
         assert path in layers, name
-        assert arch.foreign_name("bert", config, path, "peft") == name
-    assert arch.foreign_name("bert", config, "bert.embeddings.LayerNorm", "peft") is None
-    assert arch.foreign_name("bert", config, "bert.pooler.dense", "gguf") is None
+        assert ARCH.names.foreign(path, "peft") == name
+    assert ARCH.names.foreign("bert.embeddings.LayerNorm", "peft") is None
+    assert ARCH.names.foreign("bert.pooler.dense", "gguf") is None
 
 
 @pytest.mark.slow
@@ -133,7 +145,7 @@ def test_other_heads_match_transformers(tmp_path, variant):
     tensors = load_file(tmp_path / "model.safetensors")
     config_dict = config.to_dict()
     config_dict["architectures"] = [variant]
-    export = arch.export_model("bert", config_dict, tensors)
+    export = ARCH.export_model(info(config_dict), tensors, ExportOptions())
     ids = torch.randint(0, 50, (2, 6))
     with torch.no_grad():
         got = export.module(ids)
@@ -151,11 +163,11 @@ def test_other_heads_match_transformers(tmp_path, variant):
 def test_export_refuses_what_it_cannot_build(bert_dir):
     tensors = load_file(bert_dir / "model.safetensors")
     with pytest.raises(LoraformatError, match="lacks 'num_attention_heads'"):
-        arch.export_model("bert", {"layer_norm_eps": 1e-12}, tensors)
+        ARCH.export_model(info({"layer_norm_eps": 1e-12}), tensors, ExportOptions())
     with open_base(bert_dir) as base:
         config = base.config
     with pytest.raises(LoraformatError, match="no KV cache"):
-        arch.export_model("bert", config, tensors, arch.ExportOptions(with_past=True))
+        ARCH.export_model(info(config), tensors, ExportOptions(with_past=True))
     del tensors["bert.encoder.layer.1.output.LayerNorm.weight"]
     with pytest.raises(LoraformatError, match=r"bert: checkpoint lacks .*1\.output\.LayerNorm"):
-        arch.export_model("bert", config, tensors)
+        ARCH.export_model(info(config), tensors, ExportOptions())

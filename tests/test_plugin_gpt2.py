@@ -8,9 +8,19 @@ import tiny_models
 import torch
 from loraformat_plugins import gpt2 as plugin
 
-from loraformat.architecture import ExportOptions, FusedPart
+from loraformat.architecture import CheckpointInfo, ExportOptions, FusedPart
 from loraformat.checkpoint import Checkpoint
 from loraformat.errors import LoraformatError
+
+ARCH = plugin.GPT2()
+
+def info(config=None, shapes=()) -> CheckpointInfo:
+    """What the architecture is told about a checkpoint: its config and tensor shapes (a list of
+    names is enough for detection)."""
+    if not isinstance(shapes, dict):
+        shapes = dict.fromkeys(shapes, ())
+    return CheckpointInfo(config=dict(config or {}), shapes=shapes)
+
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +53,16 @@ def test_registered_through_entry_point_without_errors():
 
 def test_detect(ckpt):
     names = ckpt.names()
-    assert plugin.loraformat_detect(ckpt.config, names) == "gpt2"
-    assert plugin.loraformat_detect({}, names) == "gpt2"
-    assert plugin.loraformat_detect({}, [n.removeprefix("transformer.") for n in names]) == "gpt2"
-    assert plugin.loraformat_detect({"model_type": "bert"}, names) is None
-    assert plugin.loraformat_detect({}, ["model.layers.0.self_attn.q_proj.weight"]) is None
+    assert ARCH.detect(info(ckpt.config, names))
+    assert ARCH.detect(info({}, names))
+    assert ARCH.detect(info({}, [n.removeprefix("transformer.") for n in names]))
+    assert not ARCH.detect(info({"model_type": "bert"}, names))
+    assert not ARCH.detect(info({}, ["model.layers.0.self_attn.q_proj.weight"]))
 
 
 def test_dense_layers_match_checkpoint(ckpt):
     shapes = ckpt.shapes()
-    layers = plugin.loraformat_dense_layers("gpt2", ckpt.config, shapes)
-    assert plugin.loraformat_dense_layers("llama", ckpt.config, shapes) is None
+    layers = ARCH.dense_layers(info(ckpt.config, shapes))
     by_path = {layer.path: layer for layer in layers}
     n = ckpt.config["n_layer"]
     assert len(layers) == 4 * n + 2
@@ -75,7 +84,7 @@ def test_dense_layers_match_checkpoint(ckpt):
     assert "lm_head" not in by_path  # tied: not stored
     # without the ``transformer.`` prefix (the original hub layout) and without a config
     bare = {k.removeprefix("transformer."): v for k, v in shapes.items()}
-    assert [x.path for x in plugin.loraformat_dense_layers("gpt2", {}, bare)] == [
+    assert [x.path for x in ARCH.dense_layers(info({}, bare))] == [
         x.path.removeprefix("transformer.") for x in layers
     ]
 
@@ -84,39 +93,38 @@ def test_sharded_checkpoint_gives_same_layers(tiny_checkpoint, ckpt):
     sharded = tiny_checkpoint("gpt2", max_shard_size="20KB")
     with Checkpoint(sharded) as c:
         assert len(c.shards) > 1
-        layers = plugin.loraformat_dense_layers("gpt2", c.config, c.shapes())
+        layers = ARCH.dense_layers(info(c.config, c.shapes()))
     assert sorted(layers, key=lambda x: x.path) == sorted(
-        plugin.loraformat_dense_layers("gpt2", ckpt.config, ckpt.shapes()), key=lambda x: x.path
+        ARCH.dense_layers(info(ckpt.config, ckpt.shapes())), key=lambda x: x.path
     )
 
 
 def test_default_targets_match_peft():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
 
-    assert plugin.loraformat_default_targets("gpt2", {}) == list(peft_map["gpt2"])
-    assert plugin.loraformat_default_targets("llama", {}) is None
+    assert ARCH.default_targets(info({})) == list(peft_map["gpt2"])
 
 
 @pytest.mark.parametrize("convention", ["peft", "gguf", "mlx"])
 def test_names_round_trip(ckpt, convention):
-    for layer in plugin.loraformat_dense_layers("gpt2", ckpt.config, ckpt.shapes()):
-        foreign = plugin.loraformat_foreign_name("gpt2", ckpt.config, layer.path, convention)
+    for layer in ARCH.dense_layers(info(ckpt.config, ckpt.shapes())):
+        foreign = ARCH.names.foreign(layer.path, convention)
         assert foreign is not None
-        assert plugin.loraformat_layer_path("gpt2", ckpt.config, foreign, convention) == layer.path
-    assert plugin.loraformat_layer_path("gpt2", {}, "blk.0.attn_q", "gguf") is None
-    assert plugin.loraformat_foreign_name("gpt2", {}, "transformer.ln_f", convention) is None
+        assert ARCH.names.layer_path(foreign, convention) == layer.path
+    assert ARCH.names.layer_path("blk.0.attn_q", "gguf") is None
+    assert ARCH.names.foreign("transformer.ln_f", convention) is None
 
 
 def test_gguf_names_match_gguf_tensor_mapping(ckpt):
     import gguf
 
     mapping = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, ckpt.config["n_layer"])
-    for layer in plugin.loraformat_dense_layers("gpt2", ckpt.config, ckpt.shapes()):
-        ours = plugin.loraformat_foreign_name("gpt2", {}, layer.path, "gguf")
+    for layer in ARCH.dense_layers(info(ckpt.config, ckpt.shapes())):
+        ours = ARCH.names.foreign(layer.path, "gguf")
         assert ours == mapping.get_name(layer.path)
         assert ours == mapping.get_name(layer.path.removeprefix("transformer."))
     assert (
-        plugin.loraformat_foreign_row_permutation("gpt2", {}, "transformer.h.0.attn.c_attn", "gguf")
+        ARCH.row_permutation(info({}), "transformer.h.0.attn.c_attn", "gguf")
         is None
     )
 
@@ -131,8 +139,8 @@ def test_peft_names_are_peft_module_names(base, tmp_path, ckpt):
         keys = list(f.keys())
     modules = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in keys}
     ours = {
-        plugin.loraformat_foreign_name("gpt2", {}, layer.path, "peft")
-        for layer in plugin.loraformat_dense_layers("gpt2", ckpt.config, ckpt.shapes())
+        ARCH.names.foreign(layer.path, "peft")
+        for layer in ARCH.dense_layers(info(ckpt.config, ckpt.shapes()))
         if layer.kind == "linear"
     }
     assert modules == ours
@@ -140,7 +148,7 @@ def test_peft_names_are_peft_module_names(base, tmp_path, ckpt):
 
 @pytest.mark.slow
 def test_logits_match_transformers(ckpt, tensors, reference):
-    em = plugin.loraformat_export_model("gpt2", ckpt.config, tensors, ExportOptions())
+    em = ARCH.export_model(info(ckpt.config), tensors, ExportOptions())
     assert set(em.module.state_dict()) <= set(tensors)
     assert set(em.module.state_dict()) == set(tensors)  # every GPT-2 tensor is used
     x = tiny_models.example_inputs("gpt2")
@@ -151,7 +159,7 @@ def test_logits_match_transformers(ckpt, tensors, reference):
     # every dense layer is a Dense reachable under its layer path (LoRA slots use this)
     from loraformat.architecture.modules import Dense
 
-    for layer in plugin.loraformat_dense_layers("gpt2", ckpt.config, ckpt.shapes()):
+    for layer in ARCH.dense_layers(info(ckpt.config, ckpt.shapes())):
         if layer.kind == "linear":
             assert isinstance(em.module.get_submodule(layer.path), Dense)
 
@@ -187,7 +195,7 @@ def check_prefill_and_decode(em, reference, prompt, steps=2):
 
 @pytest.mark.slow
 def test_with_past_prefill_and_decode_match_transformers(ckpt, tensors, reference):
-    em = plugin.loraformat_export_model("gpt2", ckpt.config, tensors, ExportOptions(with_past=True))
+    em = ARCH.export_model(info(ckpt.config), tensors, ExportOptions(with_past=True))
     n = ckpt.config["n_layer"]
     assert em.input_names == ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")
@@ -205,7 +213,7 @@ def test_onnx_export_runs_in_onnxruntime(ckpt, tensors, tmp_path):
     sizes other than the traced ones: prefill with an empty past, then a decode step."""
     import onnxruntime as ort
 
-    em = plugin.loraformat_export_model("gpt2", ckpt.config, tensors, ExportOptions(with_past=True))
+    em = ARCH.export_model(info(ckpt.config), tensors, ExportOptions(with_past=True))
     program = torch.onnx.export(
         em.module,
         (),
@@ -241,11 +249,10 @@ def test_onnx_export_runs_in_onnxruntime(ckpt, tensors, tmp_path):
 def test_export_errors_name_the_problem(ckpt, tensors):
     config = {k: v for k, v in ckpt.config.items() if k != "n_head"}
     with pytest.raises(LoraformatError, match="n_head"):
-        plugin.loraformat_export_model("gpt2", config, tensors, ExportOptions())
+        ARCH.export_model(info(config), tensors, ExportOptions())
     partial = {k: v for k, v in tensors.items() if k != "transformer.h.1.mlp.c_fc.bias"}
     with pytest.raises(LoraformatError, match=r"lacks 1 tensor.*h\.1\.mlp\.c_fc\.bias"):
-        plugin.loraformat_export_model("gpt2", ckpt.config, partial, ExportOptions())
-    assert plugin.loraformat_export_model("llama", ckpt.config, tensors, ExportOptions()) is None
+        ARCH.export_model(info(ckpt.config), partial, ExportOptions())
 
 
 @pytest.mark.slow
@@ -255,7 +262,7 @@ def test_bare_hub_layout_exports_under_its_own_names(ckpt, tensors, reference):
     from loraformat.architecture.modules import Dense
 
     bare = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    em = plugin.loraformat_export_model("gpt2", ckpt.config, bare, ExportOptions())
+    em = ARCH.export_model(info(ckpt.config), bare, ExportOptions())
     assert set(em.module.state_dict()) == set(bare)
     assert isinstance(em.module.get_submodule("h.1.mlp.c_proj"), Dense)
     x = tiny_models.example_inputs("gpt2")

@@ -9,9 +9,19 @@ import torch
 from loraformat_plugins import llama as plugin
 from test_plugin_gpt2 import check_prefill_and_decode
 
-from loraformat.architecture import ExportOptions
+from loraformat.architecture import CheckpointInfo, ExportOptions
 from loraformat.checkpoint import Checkpoint
 from loraformat.errors import LoraformatError
+
+ARCH = plugin.Llama()
+
+def info(config=None, shapes=()) -> CheckpointInfo:
+    """What the architecture is told about a checkpoint: its config and tensor shapes (a list of
+    names is enough for detection)."""
+    if not isinstance(shapes, dict):
+        shapes = dict.fromkeys(shapes, ())
+    return CheckpointInfo(config=dict(config or {}), shapes=shapes)
+
 
 
 def _load(path):
@@ -43,20 +53,19 @@ def test_registered_through_entry_point_without_errors():
 def test_detect(untied):
     config, shapes, _ = untied
     names = list(shapes)
-    assert plugin.loraformat_detect(config, names) == "llama"
-    assert plugin.loraformat_detect({}, names) == "llama"
-    assert plugin.loraformat_detect({}, [n.removeprefix("model.") for n in names]) == "llama"
-    assert plugin.loraformat_detect({"model_type": "mistral"}, names) is None
-    assert plugin.loraformat_detect({"architectures": ["LlamaForCausalLM"]}, []) == "llama"
+    assert ARCH.detect(info(config, names))
+    assert ARCH.detect(info({}, names))
+    assert ARCH.detect(info({}, [n.removeprefix("model.") for n in names]))
+    assert not ARCH.detect(info({"model_type": "mistral"}, names))
+    assert ARCH.detect(info({"architectures": ["LlamaForCausalLM"]}, []))
     qwen2 = [*names, "model.layers.0.self_attn.q_proj.bias"]
-    assert plugin.loraformat_detect({}, qwen2) is None
-    assert plugin.loraformat_detect({}, ["transformer.h.0.attn.c_attn.weight"]) is None
+    assert not ARCH.detect(info({}, qwen2))
+    assert not ARCH.detect(info({}, ["transformer.h.0.attn.c_attn.weight"]))
 
 
 def test_dense_layers_match_checkpoint(model):
     _, config, shapes, _, _ = model
-    layers = plugin.loraformat_dense_layers("llama", config, shapes)
-    assert plugin.loraformat_dense_layers("gpt2", config, shapes) is None
+    layers = ARCH.dense_layers(info(config, shapes))
     by_path = {layer.path: layer for layer in layers}
     n = config["num_hidden_layers"]
     tied = config["tie_word_embeddings"]
@@ -80,7 +89,7 @@ def test_dense_layers_match_checkpoint(model):
     if not tied:
         assert (by_path["lm_head"].in_features, by_path["lm_head"].out_features) == (32, 96)
     bare = {k.removeprefix("model."): v for k, v in shapes.items()}
-    assert [x.path for x in plugin.loraformat_dense_layers("llama", {}, bare)] == [
+    assert [x.path for x in ARCH.dense_layers(info({}, bare))] == [
         x.path.removeprefix("model.") for x in layers
     ]
 
@@ -89,30 +98,29 @@ def test_sharded_checkpoint_gives_same_layers(tiny_checkpoint, untied):
     sharded = tiny_checkpoint("llama", max_shard_size="20KB")
     with Checkpoint(sharded) as c:
         assert len(c.shards) > 1
-        layers = plugin.loraformat_dense_layers("llama", c.config, c.shapes())
+        layers = ARCH.dense_layers(info(c.config, c.shapes()))
     config, shapes, _ = untied
-    expected = plugin.loraformat_dense_layers("llama", config, shapes)
+    expected = ARCH.dense_layers(info(config, shapes))
     assert sorted(layers, key=lambda x: x.path) == sorted(expected, key=lambda x: x.path)
 
 
 def test_default_targets_match_peft():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
 
-    assert plugin.loraformat_default_targets("llama", {}) == list(peft_map["llama"])
-    assert plugin.loraformat_default_targets("gpt2", {}) is None
+    assert ARCH.default_targets(info({})) == list(peft_map["llama"])
 
 
 @pytest.mark.parametrize("convention", ["peft", "gguf", "mlx"])
 def test_names_round_trip(untied, convention):
     config, shapes, _ = untied
     seen = set()
-    for layer in plugin.loraformat_dense_layers("llama", config, shapes):
-        foreign = plugin.loraformat_foreign_name("llama", config, layer.path, convention)
+    for layer in ARCH.dense_layers(info(config, shapes)):
+        foreign = ARCH.names.foreign(layer.path, convention)
         assert foreign is not None and foreign not in seen
         seen.add(foreign)
-        assert plugin.loraformat_layer_path("llama", config, foreign, convention) == layer.path
-    assert plugin.loraformat_foreign_name("llama", config, "model.norm", convention) is None
-    assert plugin.loraformat_layer_path("llama", config, "blk.0.attn_qkv", convention) is None
+        assert ARCH.names.layer_path(foreign, convention) == layer.path
+    assert ARCH.names.foreign("model.norm", convention) is None
+    assert ARCH.names.layer_path("blk.0.attn_qkv", convention) is None
 
 
 def test_gguf_names_match_gguf_tensor_mapping(untied):
@@ -120,10 +128,10 @@ def test_gguf_names_match_gguf_tensor_mapping(untied):
 
     config, shapes, _ = untied
     mapping = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    for layer in plugin.loraformat_dense_layers("llama", config, shapes):
-        ours = plugin.loraformat_foreign_name("llama", config, layer.path, "gguf")
+    for layer in ARCH.dense_layers(info(config, shapes)):
+        ours = ARCH.names.foreign(layer.path, "gguf")
         assert ours == mapping.get_name(layer.path)
-        assert plugin.loraformat_layer_path("llama", config, ours + ".weight", "gguf") == layer.path
+        assert ARCH.names.layer_path(ours, "gguf") == layer.path
 
 
 def test_peft_and_mlx_names(untied, tiny_checkpoint, tmp_path):
@@ -137,15 +145,15 @@ def test_peft_and_mlx_names(untied, tiny_checkpoint, tmp_path):
     with safe_open(str(out / "adapter_model.safetensors"), "np") as f:
         keys = list(f.keys())
     modules = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in keys}
-    linear = [x for x in plugin.loraformat_dense_layers("llama", config, shapes)]
+    linear = [x for x in ARCH.dense_layers(info(config, shapes))]
     ours = {
-        plugin.loraformat_foreign_name("llama", config, x.path, "peft")
+        ARCH.names.foreign(x.path, "peft")
         for x in linear
         if x.module_name in targets
     }
     assert modules == ours
     # MLX-LM's llama keeps transformers' module tree (model.layers.N..., lm_head)
-    assert plugin.loraformat_foreign_name("llama", config, "model.layers.1.mlp.up_proj", "mlx") == (
+    assert ARCH.names.foreign("model.layers.1.mlp.up_proj", "mlx") == (
         "model.layers.1.mlp.up_proj"
     )
 
@@ -169,15 +177,15 @@ def test_gguf_row_permutation_equals_converter(untied):
         ("model.layers.1.self_attn.k_proj", n_kv),
     ):
         w = tensors[path + ".weight"].numpy()
-        perm = plugin.loraformat_foreign_row_permutation("llama", config, path, "gguf")
+        perm = ARCH.row_permutation(info(config), path, "gguf")
         assert sorted(perm) == list(range(w.shape[0])) and list(perm) != list(range(w.shape[0]))
         np.testing.assert_array_equal(w[list(perm)], _converter_permute(w, n_head, kv))
     for path in ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj", "lm_head"):
-        assert plugin.loraformat_foreign_row_permutation("llama", config, path, "gguf") is None
+        assert ARCH.row_permutation(info(config), path, "gguf") is None
     q = "model.layers.0.self_attn.q_proj"
-    assert plugin.loraformat_foreign_row_permutation("llama", config, q, "peft") is None
+    assert ARCH.row_permutation(info(config), q, "peft") is None
     with pytest.raises(LoraformatError, match="num_attention_heads"):
-        plugin.loraformat_foreign_row_permutation("llama", {}, q, "gguf")
+        ARCH.row_permutation(info({}), q, "gguf")
 
 
 def test_rope_frequencies_match_transformers(untied):
@@ -186,21 +194,21 @@ def test_rope_frequencies_match_transformers(untied):
 
     config, _, _ = untied
     ref, ref_scale = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**config), "cpu")
-    ours, scale = plugin.rope_inv_freq(config, 8)
+    ours, scale = plugin.rope_inv_freq(info(config), 8)
     torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
     assert scale == ref_scale
-    plain, _ = plugin.rope_inv_freq({}, 8)
+    plain, _ = plugin.rope_inv_freq(info({}), 8)
     assert not torch.allclose(plain, ours)  # the scaling is not a no-op on this config
     legacy = {"rope_theta": 10000.0, "rope_scaling": dict(config["rope_parameters"])}
-    torch.testing.assert_close(plugin.rope_inv_freq(legacy, 8)[0], ours)
+    torch.testing.assert_close(plugin.rope_inv_freq(info(legacy), 8)[0], ours)
     with pytest.raises(LoraformatError, match="rope type 'yarn' is not supported"):
-        plugin.rope_inv_freq({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, 8)
+        plugin.rope_inv_freq(info({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), 8)
 
 
 @pytest.mark.slow
 def test_logits_match_transformers(model):
     _, config, shapes, tensors, reference = model
-    em = plugin.loraformat_export_model("llama", config, tensors, ExportOptions())
+    em = ARCH.export_model(info(config), tensors, ExportOptions())
     assert set(em.module.state_dict()) == set(tensors)
     x = tiny_models.example_inputs("llama", seq=40)  # beyond original_max_position_embeddings
     with torch.no_grad():
@@ -209,7 +217,7 @@ def test_logits_match_transformers(model):
         )
     from loraformat.architecture.modules import Dense
 
-    for layer in plugin.loraformat_dense_layers("llama", config, shapes):
+    for layer in ARCH.dense_layers(info(config, shapes)):
         if layer.kind == "linear":
             assert isinstance(em.module.get_submodule(layer.path), Dense)
 
@@ -217,7 +225,7 @@ def test_logits_match_transformers(model):
 @pytest.mark.slow
 def test_with_past_prefill_and_decode_match_transformers(model):
     _, config, _, tensors, reference = model
-    em = plugin.loraformat_export_model("llama", config, tensors, ExportOptions(with_past=True))
+    em = ARCH.export_model(info(config), tensors, ExportOptions(with_past=True))
     assert em.input_names[:3] == ["input_ids", "attention_mask", "position_ids"]
     assert em.input_names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert em.output_names[1:3] == ["present.0.key", "present.0.value"]
@@ -232,7 +240,7 @@ def test_left_padded_batch_matches_transformers(untied, tiny_checkpoint):
     transformers given the same mask and positions."""
     config, _, tensors = untied
     reference = tiny_models.load_transformers(tiny_checkpoint("llama"), "llama")
-    em = plugin.loraformat_export_model("llama", config, tensors, ExportOptions(with_past=True))
+    em = ARCH.export_model(info(config), tensors, ExportOptions(with_past=True))
     ids = tiny_models.example_inputs("llama", batch=2, seq=6)["input_ids"]
     mask = torch.ones(2, 6, dtype=torch.int64)
     mask[1, :2] = 0
@@ -251,7 +259,7 @@ def test_onnx_export_runs_in_onnxruntime(untied, tmp_path):
     import onnxruntime as ort
 
     config, _, tensors = untied
-    em = plugin.loraformat_export_model("llama", config, tensors, ExportOptions())
+    em = ARCH.export_model(info(config), tensors, ExportOptions())
     program = torch.onnx.export(
         em.module,
         (),
@@ -278,8 +286,7 @@ def test_export_errors_name_the_problem(untied):
     no_head = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     message = r"no lm_head\.weight and tie_word_embeddings is false"
     with pytest.raises(LoraformatError, match=message):
-        plugin.loraformat_export_model("llama", config, no_head, ExportOptions())
+        ARCH.export_model(info(config), no_head, ExportOptions())
     config = {k: v for k, v in config.items() if k != "num_attention_heads"}
     with pytest.raises(LoraformatError, match="num_attention_heads"):
-        plugin.loraformat_export_model("llama", config, tensors, ExportOptions())
-    assert plugin.loraformat_export_model("gpt2", config, tensors, ExportOptions()) is None
+        ARCH.export_model(info(config), tensors, ExportOptions())

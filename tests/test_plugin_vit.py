@@ -5,12 +5,23 @@ from __future__ import annotations
 import pytest
 import tiny_models
 import torch
+from loraformat_plugins import vit as plugin
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from loraformat import architecture as arch
+from loraformat.architecture import CheckpointInfo, ExportOptions
 from loraformat.base import open_base
 from loraformat.errors import LoraformatError
+
+ARCH = plugin.ViT()
+
+def info(config=None, shapes=()) -> CheckpointInfo:
+    """What the architecture is told about a checkpoint: its config and tensor shapes (a list of
+    names is enough for detection)."""
+    if not isinstance(shapes, dict):
+        shapes = dict.fromkeys(shapes, ())
+    return CheckpointInfo(config=dict(config or {}), shapes=shapes)
+
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +44,8 @@ def test_detected_with_and_without_config(vit_dir):
     with open_base(vit_dir) as base:
         assert base.architecture == "vit"
         names = base.checkpoint.names()
-    assert arch.detect({}, names) == "vit"
-    assert arch.detect({"model_type": "deit"}, names) is None
+    assert ARCH.detect(info({}, names))
+    assert not ARCH.detect(info({"model_type": "deit"}, names))
 
 
 def test_dense_layers_and_targets(vit_dir, config):
@@ -46,7 +57,7 @@ def test_dense_layers_and_targets(vit_dir, config):
     assert not any("patch_embeddings" in p for p in layers)
     assert layers["vit.encoder.layer.1.intermediate.dense"].stored_shape() == (64, 32)
     assert layers["classifier"].bias == "classifier.bias"
-    assert arch.default_targets("vit", config) == ["query", "value"]
+    assert ARCH.default_targets(info(config)) == ["query", "value"]
     assert targets == [
         f"vit.encoder.layer.{i}.attention.attention.{m}" for i in (0, 1) for m in ("query", "value")
     ]
@@ -61,18 +72,19 @@ def test_peft_names_are_the_in_memory_modules(vit_dir, reference, config):
     for name, module in reference.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        path = arch.layer_path("vit", config, name, "peft")
+        path = ARCH.names.layer_path(name, "peft")
         assert path in layers, name
         assert torch.equal(module.weight, tensors[path + ".weight"]), (name, path)
-        assert arch.foreign_name("vit", config, path, "peft") == name
+        assert ARCH.names.foreign(path, "peft") == name
         seen.add(path)
     assert seen == set(layers)
-    # transformers-4 adapters used the checkpoint names: accepted too.
+    # transformers-4 adapters used the checkpoint names: not in the table (PEFT conversion takes
+    # a name that is already a layer path as it is).
     old = "vit.encoder.layer.0.attention.attention.key"
-    assert arch.layer_path("vit", config, old, "peft") == old
-    assert arch.layer_path("vit", config, "vit.layers.0.attention.qkv", "peft") is None
-    assert arch.foreign_name("vit", config, "vit.layernorm", "peft") is None
-    assert arch.foreign_name("vit", config, old, "mlx") is None
+    assert ARCH.names.layer_path(old, "peft") is None
+    assert ARCH.names.layer_path("vit.layers.0.attention.qkv", "peft") is None
+    assert ARCH.names.foreign("vit.layernorm", "peft") is None
+    assert ARCH.names.foreign(old, "mlx") is None
 
 
 def test_a_real_peft_adapter_translates(vit_dir, config, tmp_path):
@@ -84,14 +96,15 @@ def test_a_real_peft_adapter_translates(vit_dir, config, tmp_path):
         keys = list(f.keys())
     modules = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in keys}
     assert len(modules) == 12
-    paths = {arch.layer_path("vit", config, m, "peft") for m in modules}
+    paths = {ARCH.names.layer_path(m, "peft") for m in modules}
     with open_base(vit_dir) as base:
         assert paths == set(base.layers) - {"classifier"}
 
 
 @pytest.fixture(scope="module")
 def export(vit_dir, config):
-    return arch.export_model("vit", config, load_file(vit_dir / "model.safetensors"))
+    tensors = load_file(vit_dir / "model.safetensors")
+    return ARCH.export_model(info(config), tensors, ExportOptions())
 
 
 @pytest.mark.slow
@@ -134,7 +147,7 @@ def test_bare_vit_model_with_pooler_and_no_qkv_bias(tmp_path):
     with open_base(tmp_path) as base:
         assert "pooler.dense" in base.layers
         assert base.layers["encoder.layer.0.attention.attention.query"].bias is None
-        export = arch.export_model("vit", base.config, tensors)
+        export = ARCH.export_model(info(base.config), tensors, ExportOptions())
     assert export.output_names == ["last_hidden_state", "pooler_output"]
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -143,7 +156,7 @@ def test_bare_vit_model_with_pooler_and_no_qkv_bias(tmp_path):
     assert torch.allclose(hidden, out.last_hidden_state, atol=1e-4, rtol=0)
     assert torch.allclose(pooled, out.pooler_output, atol=1e-4, rtol=0)
     loaded = transformers.ViTModel.from_pretrained(tmp_path)
-    assert arch.foreign_name("vit", base.config, "encoder.layer.0.output.dense", "peft") == (
+    assert ARCH.names.foreign("encoder.layer.0.output.dense", "peft") == (
         "layers.0.mlp.fc2"
     )
     assert isinstance(loaded.get_submodule("layers.0.mlp.fc2"), torch.nn.Linear)
@@ -151,10 +164,13 @@ def test_bare_vit_model_with_pooler_and_no_qkv_bias(tmp_path):
 
 def test_export_refuses_what_it_cannot_build(vit_dir, config):
     tensors = load_file(vit_dir / "model.safetensors")
-    with pytest.raises(LoraformatError, match=r"vit: config\.json lacks 'num_attention_heads'"):
-        arch.export_model("vit", {"layer_norm_eps": 1e-12}, tensors)
+    lacking = CheckpointInfo(vit_dir, {"layer_norm_eps": 1e-12})
+    where = rf"^{vit_dir}/config\.json: vit: lacks 'num_attention_heads', needed for export$"
+    with pytest.raises(LoraformatError, match=where):
+        ARCH.export_model(lacking, tensors, ExportOptions())
     with pytest.raises(LoraformatError, match="unsupported activation 'mish'"):
-        arch.export_model("vit", {**config, "hidden_act": "mish"}, tensors)
+        ARCH.export_model(info({**config, "hidden_act": "mish"}), tensors, ExportOptions())
     del tensors["vit.layernorm.weight"]
-    with pytest.raises(LoraformatError, match=r"vit: checkpoint lacks vit\.layernorm\.weight"):
-        arch.export_model("vit", config, tensors)
+    where = rf"^{vit_dir}: vit: checkpoint lacks vit\.layernorm\.weight"
+    with pytest.raises(LoraformatError, match=where):
+        ARCH.export_model(CheckpointInfo(vit_dir, config), tensors, ExportOptions())

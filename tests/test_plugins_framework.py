@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from loraformat import architecture as arch
-from loraformat.architecture import ArchitectureInfo, Registry, hookimpl, registry
+from loraformat.architecture import ArchitectureBase, CheckpointInfo, Registry, hookimpl, registry
 from loraformat.base import open_base
 from loraformat.cli import cli
 from loraformat.errors import LoraformatError
@@ -104,32 +103,45 @@ def test_core_uses_the_third_party_plugin(toy_dir, tmp_path):
 # -- failure isolation --------------------------------------------------------------------------
 
 
-def broken_detect_plugin():
-    @hookimpl
-    def loraformat_architectures():
-        return [ArchitectureInfo("brokenarch", "raises when asked to detect")]
+class RaisingDetect(ArchitectureBase):
+    id = "brokenarch"
+    description = "raises when asked to detect"
 
-    @hookimpl
-    def loraformat_detect(config, tensor_names):
+    def detect(self, checkpoint):
         raise RuntimeError("boom in detect")
 
-    return types.SimpleNamespace(
-        loraformat_architectures=loraformat_architectures, loraformat_detect=loraformat_detect
-    )
+
+def plugin_module(name, *architectures, api=2):
+    """A plugin module answering the hook with ``architectures``."""
+    module = types.ModuleType(name)
+    if api is not None:
+        module.LORAFORMAT_PLUGIN_API = api
+
+    @hookimpl
+    def loraformat_architectures():
+        return list(architectures)
+
+    module.loraformat_architectures = loraformat_architectures
+    return module
 
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
-    """The real entry points plus one that fails to import and one whose hook raises."""
-    module = types.ModuleType("loraformat_test_raising_plugin")
-    plugin = broken_detect_plugin()
-    module.loraformat_architectures = plugin.loraformat_architectures
-    module.loraformat_detect = plugin.loraformat_detect
-    monkeypatch.setitem(sys.modules, module.__name__, module)
+    """The real entry points plus one that fails to import, one whose detect raises, and two
+    written for other plugin API versions."""
+    modules = [
+        plugin_module("loraformat_test_raising_plugin", RaisingDetect()),
+        plugin_module("loraformat_test_v1_plugin", RaisingDetect(), api=None),
+        plugin_module("loraformat_test_v3_plugin", RaisingDetect(), api=3),
+    ]
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module.__name__, module)
     real = registry_module._entry_points()
     fake = [
         metadata.EntryPoint("aaa_unimportable", "loraformat_no_such_module_xyz", GROUP),
-        metadata.EntryPoint("zzz_raising", module.__name__, GROUP),
+        metadata.EntryPoint("zzz_raising", modules[0].__name__, GROUP),
+        metadata.EntryPoint("zzz_v1", modules[1].__name__, GROUP),
+        metadata.EntryPoint("zzz_v3", modules[2].__name__, GROUP),
     ]
     monkeypatch.setattr(registry_module, "_entry_points", lambda: real + fake)
     reg = Registry()
@@ -149,10 +161,18 @@ def test_broken_plugins_are_reported_and_do_not_break_the_others(isolated_regist
     raising = records["zzz_raising"]
     assert not raising["ok"] and raising["architectures"] == ["brokenarch"]
     assert raising["errors"][0].startswith(
-        "loraformat_detect raised RuntimeError: boom in detect ("
+        "brokenarch.detect raised RuntimeError: boom in detect ("
     )
+    # Another major version of the plugin API is reported by name and skipped.
+    assert records["zzz_v1"]["errors"] == [
+        "declares no LORAFORMAT_PLUGIN_API, this loraformat speaks 2; skipped"
+    ]
+    assert records["zzz_v3"]["errors"] == [
+        "declares plugin API 3, this loraformat speaks 2; skipped"
+    ]
+    assert records["zzz_v3"]["architectures"] == []
     assert all(records[name]["ok"] for name in BUILTIN | {"toymlp"})
-    # The core keeps working: the raising plugin, registered last, is asked first and skipped.
+    # The core keeps working: the raising architecture answers "no" and is recorded once.
     with open_base(toy_dir) as base:
         assert base.architecture == "toymlp"
     assert isolated_registry.records["zzz_raising"].errors == raising["errors"]  # once only
@@ -165,15 +185,19 @@ def test_registered_plugin_object_failures_are_captured():
     reg = Registry(load_entry_points=False)
 
     class BadSignature:
+        LORAFORMAT_PLUGIN_API = 2
+
         @hookimpl
-        def loraformat_detect(self, config, tensor_names, surprise):
-            return None
+        def loraformat_architectures(self, surprise):
+            return []
 
     record = reg.register(BadSignature(), name="badsig")
     assert not record.to_json()["ok"]
     assert "failed to register: PluginValidationError" in record.errors[0]
 
     class ArchitecturesRaise:
+        LORAFORMAT_PLUGIN_API = 2
+
         @hookimpl
         def loraformat_architectures(self):
             raise ValueError("no list today")
@@ -182,39 +206,69 @@ def test_registered_plugin_object_failures_are_captured():
     assert record.architectures == []
     assert record.errors[0].startswith("loraformat_architectures raised ValueError: no list today")
 
-    reg.register(broken_detect_plugin(), name="first")
-    record = reg.register(broken_detect_plugin(), name="second")
+    record = reg.register(plugin_module("p", "gpt2"), name="strings")
+    assert record.errors[0].startswith("loraformat_architectures answered 'gpt2', which is not an ")
+
+    reg.register(plugin_module("first", RaisingDetect()), name="first")
+    record = reg.register(plugin_module("second", RaisingDetect()), name="second")
     assert record.errors == ["architecture 'brokenarch' is already provided by plugin 'first'"]
     assert reg.architectures()["brokenarch"].plugin == "first"
 
 
-def test_plugin_verdicts_on_input_propagate_but_bugs_are_skipped(monkeypatch):
-    class Strict:
-        @hookimpl
-        def loraformat_architectures(self):
-            return [ArchitectureInfo("strict", "refuses bad configs")]
+def test_plugin_verdicts_propagate_and_bugs_name_the_checkpoint(toy_dir):
+    class Strict(ArchitectureBase):
+        id = "strict"
+        description = "refuses bad configs"
 
-        @hookimpl
-        def loraformat_default_targets(self, architecture, config):
-            if architecture != "strict":
-                return None
-            if "hidden_size" not in config:
-                raise LoraformatError("config.json", "strict: hidden_size is missing")
+        def detect(self, checkpoint):
+            return checkpoint.config.get("model_type") == "strict"
+
+        def default_targets(self, checkpoint):
+            checkpoint.config_value("hidden_size", what="strict's default targets")
             return ["proj"]
 
-    class Buggy:
-        @hookimpl
-        def loraformat_default_targets(self, architecture, config):
+        def dense_layers(self, checkpoint):
             return [][0]  # IndexError: a bug, not a verdict
 
     reg = Registry(load_entry_points=False)
-    reg.register(Strict(), name="strict")
-    reg.register(Buggy(), name="buggy")  # registered last, so asked first
-    monkeypatch.setattr(registry_module, "registry", lambda: reg)
-    assert arch.default_targets("strict", {"hidden_size": 4}) == ["proj"]
-    assert "loraformat_default_targets raised IndexError" in reg.records["buggy"].errors[0]
-    with pytest.raises(LoraformatError, match=r"config\.json: strict: hidden_size is missing"):
-        arch.default_targets("strict", {})
-    unknown = r"no plugin provides architecture 'nope' \(installed: strict\)"
+    reg.register(plugin_module("strict", Strict()), name="strict")
+    strict = reg.get("strict")
+    info = CheckpointInfo(toy_dir, {"hidden_size": 4})
+    assert strict.default_targets(info) == ["proj"]
+    verdict = (
+        rf"{toy_dir}/config\.json: strict's default targets needs 'hidden_size', which is missing"
+    )
+    with pytest.raises(LoraformatError, match=verdict):
+        strict.default_targets(CheckpointInfo(toy_dir, {}))
+    bug = rf"^{toy_dir}: plugin 'strict' failed in strict\.dense_layers: IndexError: list index"
+    with pytest.raises(LoraformatError, match=bug):
+        strict.dense_layers(info)
+    assert reg.records["strict"].errors[0].startswith("strict.dense_layers raised IndexError")
+    unknown = r"no installed plugin provides architecture 'nope' \(installed: strict\)"
     with pytest.raises(LoraformatError, match=unknown):
-        arch.dense_layers("nope", {}, {})
+        reg.get("nope")
+
+
+def test_plugin_errors_without_a_path_are_given_the_checkpoints(toy_dir):
+    class Vague(ArchitectureBase):
+        id = "vague"
+        description = "raises errors naming no file"
+
+        def detect(self, checkpoint):
+            return False
+
+        def dense_layers(self, checkpoint):
+            raise LoraformatError(None, "vague: cannot read this")
+
+    reg = Registry(load_entry_points=False)
+    reg.register(plugin_module("vague", Vague()), name="vague")
+    with pytest.raises(LoraformatError, match=rf"^{toy_dir}: vague: cannot read this$"):
+        reg.get("vague").dense_layers(CheckpointInfo(toy_dir))
+    assert reg.records["vague"].errors == []  # a verdict, not a bug
+
+
+def test_no_hook_but_the_architectures_one():
+    from loraformat.architecture import hookspecs
+
+    specs = [name for name in dir(hookspecs) if name.startswith("loraformat_")]
+    assert specs == ["loraformat_architectures"]

@@ -19,7 +19,7 @@ from torch import nn
 import loraformat
 from loraformat import LoraformatError, LoraLayer
 from loraformat.architecture import (
-    ArchitectureInfo,
+    ArchitectureBase,
     DenseLayer,
     ExportModel,
     hookimpl,
@@ -52,32 +52,21 @@ class ToyNet(nn.Module):
         return self.net.down(torch.relu(self.net.up(x))) * self.net.norm
 
 
-class ToyPlugin:
-    @hookimpl
-    def loraformat_architectures(self):
-        return [ArchitectureInfo(ARCH, "two dense layers, for slot tests")]
+class ToySlots(ArchitectureBase):
+    id = ARCH
+    description = "two dense layers, for slot tests"
+    targets = ("up",)
 
-    @hookimpl
-    def loraformat_detect(self, config, tensor_names):
-        return ARCH if config.get("model_type") == ARCH else None
+    def detect(self, checkpoint):
+        return checkpoint.config.get("model_type") == ARCH
 
-    @hookimpl
-    def loraformat_dense_layers(self, architecture, config, tensor_shapes):
-        if architecture != ARCH:
-            return None
+    def dense_layers(self, checkpoint):
         return [
             DenseLayer("net.up", 8, 12, "out_in", bias="net.up.bias"),
             DenseLayer("net.down", 12, 6, "in_out"),
         ]
 
-    @hookimpl
-    def loraformat_default_targets(self, architecture, config):
-        return ["up"] if architecture == ARCH else None
-
-    @hookimpl
-    def loraformat_export_model(self, architecture, config, tensors, options):
-        if architecture != ARCH:
-            return None
+    def export_model(self, checkpoint, tensors, options):
         module = ToyNet()
         module.load_state_dict(dict(tensors))
         return ExportModel(
@@ -89,6 +78,14 @@ class ToyPlugin:
         )
 
 
+class ToyPlugin:
+    LORAFORMAT_PLUGIN_API = 2
+
+    @hookimpl
+    def loraformat_architectures(self):
+        return [ToySlots()]
+
+
 @pytest.fixture(scope="module")
 def toy_base(tmp_path_factory):
     reg = registry()
@@ -97,8 +94,7 @@ def toy_base(tmp_path_factory):
     save_file(WEIGHTS, str(root / "model.safetensors"))
     (root / "config.json").write_text(json.dumps({"model_type": ARCH}))
     yield root
-    reg.pm.unregister(name="toyslots-test")
-    reg.records.pop("toyslots-test", None)
+    reg.unregister("toyslots-test")
 
 
 @pytest.fixture(scope="module")

@@ -1,37 +1,47 @@
-"""Architecture plugins: hook specifications, the registry, and the data they exchange."""
+"""Architecture plugins: the v2 contract (:mod:`.protocol`, :mod:`.names`), the registry that
+finds plugins and dispatches to their architectures, the generic architecture for checkpoints no
+plugin recognises, and the data they exchange (:mod:`.layers`)."""
 
-from .layers import ArchitectureInfo, DenseLayer, ExportModel, ExportOptions, FusedPart
+from .layers import DenseLayer, ExportModel, ExportOptions, FusedPart
+from .names import SAME, NameTable
+from .protocol import (
+    PLUGIN_API_VERSION,
+    Architecture,
+    ArchitectureBase,
+    CheckpointInfo,
+    ModelShape,
+)
 from .registry import (
     ENTRY_POINT_GROUP,
+    PluginArchitecture,
+    PluginRecord,
     Registry,
-    default_targets,
-    dense_layers,
     detect,
-    export_model,
-    foreign_name,
+    get_architecture,
     hookimpl,
-    layer_path,
     plugin_report,
     registry,
-    row_permutation,
 )
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "ArchitectureInfo",
+    "PLUGIN_API_VERSION",
+    "SAME",
+    "Architecture",
+    "ArchitectureBase",
+    "CheckpointInfo",
     "DenseLayer",
     "ExportModel",
     "ExportOptions",
     "FusedPart",
+    "ModelShape",
+    "NameTable",
+    "PluginArchitecture",
+    "PluginRecord",
     "Registry",
-    "default_targets",
-    "dense_layers",
     "detect",
-    "export_model",
-    "foreign_name",
+    "get_architecture",
     "hookimpl",
-    "layer_path",
     "plugin_report",
     "registry",
-    "row_permutation",
 ]

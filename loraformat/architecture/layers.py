@@ -50,15 +50,6 @@ class DenseLayer:
         return (self.in_features, self.out_features)
 
 
-@dataclass(frozen=True)
-class ArchitectureInfo:
-    """One architecture a plugin provides."""
-
-    id: str
-    description: str
-    plugin: str = ""
-
-
 @dataclass
 class ExportOptions:
     """What the caller asks of an export module."""

@@ -17,9 +17,11 @@ means "the checkpoint path itself"; ``None`` means the layer has no name in that
     )
 
 ``optional_prefix``: rows are written for the layout transformers saves a ``*For…`` model in; a
-bare body checkpoint (``LlamaModel``) stores the same paths without that prefix. Foreign names are
-the same either way, and :meth:`NameTable.layer_path` returns the path the checkpoint actually has
-when told which tensors it holds.
+bare body checkpoint (``LlamaModel``) stores the same paths without that prefix, and its modules
+in memory lack it too. So a bare path's foreign name drops the prefix where the name carries it
+(PEFT's ``layers.0.mlp.fc2`` for ``ViTModel``), a foreign name without the prefix maps back to the
+bare path, and :meth:`NameTable.layer_path` returns the path the checkpoint actually has when told
+which tensors it holds.
 """
 
 from __future__ import annotations
@@ -118,7 +120,12 @@ class NameTable:
                 values = row[CHECKPOINT].match(path)
                 if values is not None:
                     target = row.get(convention)
-                    return target.fill(values) if target else None
+                    if target is None:
+                        return None
+                    name = target.fill(values)
+                    if path != layer_path:  # a bare body checkpoint: its modules lack the prefix
+                        name = name.removeprefix(self.optional_prefix)
+                    return name
         return None
 
     def layer_path(
@@ -129,17 +136,21 @@ class NameTable:
         ``present``: the checkpoint's tensor names, when known. A row's path is then returned as
         the checkpoint stores it (without ``optional_prefix`` in a bare body checkpoint).
         """
-        for row in self._rows:
-            source = row.get(convention)
-            values = source.match(foreign) if source else None
-            if values is None:
-                continue
-            path = row[CHECKPOINT].fill(values)
-            if present is not None and self.optional_prefix and path + ".weight" not in present:
-                bare = path.removeprefix(self.optional_prefix)
-                if bare != path and bare + ".weight" in present:
+        prefix = self.optional_prefix
+        for name in [foreign, prefix + foreign] if prefix else [foreign]:
+            for row in self._rows:
+                source = row.get(convention)
+                values = source.match(name) if source else None
+                if values is None:
+                    continue
+                path = row[CHECKPOINT].fill(values)
+                bare = path.removeprefix(prefix) if prefix else path
+                if name != foreign and bare != path:  # a bare module name: a bare body's path
                     return bare
-            return path
+                stored_bare = present is not None and path + ".weight" not in present and (
+                    bare + ".weight" in present
+                )
+                return bare if stored_bare else path
         return None
 
     def _candidates(self, layer_path: str) -> list[str]:

@@ -1,27 +1,40 @@
-"""Finding plugins and asking them questions.
+"""Finding plugins and dispatching to their architectures.
 
 Plugins come from the ``loraformat.plugins`` entry-point group — built-in ones included, so nothing
-about them is special. A plugin that fails to import, or raises inside a hook, is recorded with its
-error and skipped; the others keep working.
+about them is special. pluggy loads and registers them and calls the one hook,
+``loraformat_architectures``, through its own hook caller (so its tracing and wrappers apply); the
+registry then keeps each architecture object by id and the core calls it directly.
+
+A plugin that fails to import, declares another plugin API major version, answers with something
+that is not an architecture, or raises inside a method is recorded with its error; the others keep
+working. A method that raises anything but a :class:`LoraformatError` (the plugin's verdict on the
+input) becomes a one-line :class:`LoraformatError` naming the checkpoint and the plugin.
 """
 
 from __future__ import annotations
 
 import functools
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
 from ..errors import LoraformatError
 from . import hookspecs
-from .layers import ArchitectureInfo, DenseLayer, ExportModel, ExportOptions
+from .layers import DenseLayer, ExportModel, ExportOptions
+from .names import NameTable
+from .protocol import PLUGIN_API_VERSION, Architecture, CheckpointInfo, ModelShape
 
 ENTRY_POINT_GROUP = "loraformat.plugins"
+HOOK = "loraformat_architectures"
+#: The module attribute a plugin declares its plugin API major version in.
+API_ATTRIBUTE = "LORAFORMAT_PLUGIN_API"
 hookimpl = pluggy.HookimplMarker("loraformat")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,15 +57,97 @@ class PluginRecord:
             "errors": self.errors,
         }
 
+    def fail(self, what: str, exc: BaseException) -> None:
+        """Record ``exc`` raised in ``what`` (once: the same failure on every call is one line)."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        message = f"{what} raised {type(exc).__name__}: {exc}{where}"
+        if message not in self.errors:
+            self.errors.append(message)
+
+
+class PluginArchitecture:
+    """A plugin's architecture object as the core sees it: the same questions, plus failure
+    capture. A bug in the plugin (any exception but :class:`LoraformatError`) is recorded on the
+    plugin and raised as a one-line error naming the checkpoint; ``detect`` answers ``False``."""
+
+    def __init__(self, impl: Architecture, record: PluginRecord) -> None:
+        self.impl = impl
+        self.record = record
+        self.id: str = impl.id
+        self.description: str = str(impl.description)
+        self.names: NameTable = impl.names
+        self.gguf_architecture: str | None = impl.gguf_architecture
+        self.ort_model_type: str | None = impl.ort_model_type
+        self.generic = False
+
+    @property
+    def plugin(self) -> str:
+        return self.record.name
+
+    def _call(self, method: str, checkpoint: CheckpointInfo, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except LoraformatError as exc:
+            if exc.path is None and checkpoint.path is not None:  # name the real file
+                raise LoraformatError(checkpoint.path, exc.message) from exc
+            raise
+        except Exception as exc:
+            self.record.fail(f"{self.id}.{method}", exc)
+            raise LoraformatError(
+                checkpoint.path,
+                f"plugin {self.plugin!r} failed in {self.id}.{method}: "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+
+    def detect(self, checkpoint: CheckpointInfo) -> bool:
+        try:
+            return bool(self.impl.detect(checkpoint))
+        except Exception as exc:  # a verdict-raising detect is a bug too: detection is a question
+            self.record.fail(f"{self.id}.detect", exc)
+            return False
+
+    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
+        return list(self._call("dense_layers", checkpoint,
+                               lambda: self.impl.dense_layers(checkpoint)))
+
+    def default_targets(self, checkpoint: CheckpointInfo) -> list[str]:
+        return list(self._call("default_targets", checkpoint,
+                               lambda: self.impl.default_targets(checkpoint)))
+
+    def row_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        return self._call(
+            "row_permutation", checkpoint,
+            lambda: self.impl.row_permutation(checkpoint, layer_path, convention),
+        )
+
+    def export_model(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any],
+        options: ExportOptions | None = None,
+    ) -> ExportModel:
+        return self._call(
+            "export_model", checkpoint,
+            lambda: self.impl.export_model(checkpoint, tensors, options or ExportOptions()),
+        )
+
+    def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
+        return self._call("model_shape", checkpoint, lambda: self.impl.model_shape(checkpoint))
+
+    def __repr__(self) -> str:
+        return f"<architecture {self.id} from plugin {self.plugin}>"
+
 
 class Registry:
-    """A plugin manager plus the failure records pluggy itself does not keep."""
+    """A plugin manager, the architectures its plugins provide, and the failure records pluggy
+    itself does not keep."""
 
     def __init__(self, load_entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager("loraformat")
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
-        self._arch_cache: dict[str, list[ArchitectureInfo]] = {}
+        self._architectures: dict[str, PluginArchitecture] = {}
         if load_entry_points:
             self._load_entry_points()
 
@@ -70,43 +165,71 @@ class Registry:
             self.records[ep.name] = record
             try:
                 plugin = ep.load()
-                self.pm.register(plugin, name=ep.name)
             except Exception as exc:  # a broken plugin must not break the others
                 record.errors.append(f"failed to load: {type(exc).__name__}: {exc}")
                 continue
-            self._collect_architectures(ep.name)
+            self._admit(plugin, record)
 
     def register(self, plugin: object, name: str, version: str | None = None) -> PluginRecord:
-        """Register a plugin object directly (tests, embedding applications).
+        """Register a plugin module or object directly (tests, embedding applications).
 
-        Like an entry point, a plugin that pluggy rejects is recorded with its error, not raised.
+        Like an entry point, a plugin that is rejected is recorded with its error, not raised.
         """
         record = PluginRecord(name, None, version)
         self.records[name] = record
-        try:
-            self.pm.register(plugin, name=name)
-        except Exception as exc:
-            record.errors.append(f"failed to register: {type(exc).__name__}: {exc}")
-            return record
-        self._collect_architectures(name)
+        self._admit(plugin, record)
         return record
 
-    def _collect_architectures(self, name: str) -> None:
-        record = self.records[name]
-        taken = {
-            info.id: other
-            for other, infos in self._arch_cache.items()
-            if other != name
-            for info in infos
-        }
-        infos = self._architectures_of(name)
-        for info in infos:
-            if info.id in taken:
-                record.errors.append(
-                    f"architecture {info.id!r} is already provided by plugin {taken[info.id]!r}"
-                )
-        self._arch_cache[name] = [i for i in infos if i.id not in taken]
-        record.architectures = [info.id for info in infos]
+    def _admit(self, plugin: object, record: PluginRecord) -> None:
+        api = getattr(plugin, API_ATTRIBUTE, None)
+        if api != PLUGIN_API_VERSION:
+            said = f"declares plugin API {api!r}" if api is not None else (
+                f"declares no {API_ATTRIBUTE}"
+            )
+            record.errors.append(
+                f"{said}, this loraformat speaks {PLUGIN_API_VERSION}; skipped"
+            )
+            return
+        try:
+            self.pm.register(plugin, name=record.name)
+        except Exception as exc:
+            record.errors.append(f"failed to register: {type(exc).__name__}: {exc}")
+            return
+        others = [p for n, p in self.pm.list_name_plugin() if n != record.name]
+        try:
+            answers = self.pm.subset_hook_caller(HOOK, remove_plugins=others)()
+        except Exception as exc:
+            record.fail(HOOK, exc)
+            return
+        for answer in answers:
+            for obj in answer or []:
+                self._add(obj, record)
+
+    def _add(self, obj: object, record: PluginRecord) -> None:
+        if not isinstance(obj, Architecture):
+            missing = [
+                n for n in ("id", "description", "names", "gguf_architecture", "ort_model_type",
+                            "detect", "dense_layers", "default_targets", "row_permutation",
+                            "export_model", "model_shape")
+                if not hasattr(obj, n)
+            ]
+            record.errors.append(
+                f"{HOOK} answered {obj!r}, which is not an Architecture (missing: "
+                f"{', '.join(missing)})"
+            )
+            return
+        arch_id = obj.id
+        if not isinstance(arch_id, str) or not arch_id or arch_id != arch_id.lower():
+            record.errors.append(f"architecture id {arch_id!r} must be a non-empty lowercase str")
+            return
+        record.architectures.append(arch_id)
+        taken = self._architectures.get(arch_id)
+        if taken is not None:
+            record.errors.append(
+                f"architecture {arch_id!r} is already provided by plugin {taken.plugin!r}"
+            )
+            return
+        self._architectures[arch_id] = PluginArchitecture(obj, record)
 
     def unregister(self, name: str) -> None:
         """Forget a plugin (tests)."""
@@ -114,74 +237,38 @@ class Registry:
         if plugin is not None:
             self.pm.unregister(plugin, name=name)
         self.records.pop(name, None)
-        self._arch_cache.pop(name, None)
+        self._architectures = {
+            k: a for k, a in self._architectures.items() if a.plugin != name
+        }
 
-    def health_check(self) -> None:
-        """Ask every loaded plugin the cheapest question, so one that raises is recorded.
+    def architectures(self) -> dict[str, PluginArchitecture]:
+        """Architecture id → architecture, over every plugin that loaded."""
+        return dict(self._architectures)
 
-        A plugin must answer ``None`` to detection of an empty checkpoint; raising there marks it
-        broken (``loraformat plugins`` shows the error).
-        """
-        for impl in self._impls("loraformat_detect"):
-            try:
-                impl.function(*[{"config": {}, "tensor_names": []}[a] for a in impl.argnames])
-            except Exception as exc:
-                self._fail(impl.plugin_name, "loraformat_detect", exc)
+    def get(self, architecture: str, where: object = None) -> PluginArchitecture:
+        """The architecture with this id; a one-line error (naming ``where``) if none has it."""
+        found = self._architectures.get(architecture)
+        if found is None:
+            known = ", ".join(sorted(self._architectures)) or "none"
+            raise LoraformatError(
+                where, f"no installed plugin provides architecture {architecture!r} "
+                f"(installed: {known})",
+            )
+        return found
 
-    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
-        # pluggy calls the last registered first; keep its order.
-        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
-
-    def _fail(self, plugin_name: str, hook: str, exc: Exception) -> None:
-        record = self.records.setdefault(plugin_name, PluginRecord(plugin_name, None, None))
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-        message = f"{hook} raised {type(exc).__name__}: {exc}{where}"
-        if message not in record.errors:  # the same failure on every call is reported once
-            record.errors.append(message)
-
-    def call_first(self, hook: str, **kwargs: Any) -> Any:
-        """Like a ``firstresult`` hook call, but a plugin that raises is recorded and skipped.
-
-        A :class:`LoraformatError` is the plugin's verdict on the user's input (a config it cannot
-        export, say), not a plugin bug: it propagates to the caller unchanged.
-        """
-        for impl in self._impls(hook):
-            args = [kwargs[name] for name in impl.argnames]
-            try:
-                result = impl.function(*args)
-            except LoraformatError:
-                raise
-            except Exception as exc:
-                self._fail(impl.plugin_name, hook, exc)
-                continue
-            if result is not None:
-                return result
+    def detect(self, checkpoint: CheckpointInfo) -> PluginArchitecture | None:
+        """The architecture whose ``detect`` accepts the checkpoint (the first, by plugin name and
+        then the order the plugin lists them), or ``None``."""
+        for arch in self._architectures.values():
+            if arch.detect(checkpoint):
+                return arch
         return None
 
-    def _architectures_of(self, plugin_name: str) -> list[ArchitectureInfo]:
-        plugin = self.pm.get_plugin(plugin_name)
-        for impl in self._impls("loraformat_architectures"):
-            if impl.plugin is plugin:
-                try:
-                    return [
-                        ArchitectureInfo(str(i.id), str(i.description), plugin=plugin_name)
-                        for i in impl.function()
-                    ]
-                except Exception as exc:  # includes answers that are not ArchitectureInfo
-                    self._fail(plugin_name, "loraformat_architectures", exc)
-                    return []
-        return []
-
-    def architectures(self) -> dict[str, ArchitectureInfo]:
-        """Architecture id → info, over every plugin that loaded (asked once per plugin)."""
-        found: dict[str, ArchitectureInfo] = {}
-        for name, infos in self._arch_cache.items():
-            if self.pm.get_plugin(name) is None:  # unregistered behind our back (pm.unregister)
-                continue
-            for info in infos:
-                found.setdefault(info.id, info)
-        return found
+    def health_check(self) -> None:
+        """Ask every architecture to detect an empty checkpoint, so one that raises is recorded
+        (``loraformat plugins`` then shows the error)."""
+        for arch in self._architectures.values():
+            arch.detect(CheckpointInfo())
 
 
 def _entry_points() -> list[metadata.EntryPoint]:
@@ -199,100 +286,19 @@ def plugin_report() -> list[dict[str, Any]]:
     """What ``loraformat plugins`` shows: one entry per plugin, sorted by name, with fields
     name, distribution, version, architectures, ok, errors.
 
-    Every loaded plugin is asked to detect an empty checkpoint first, so a plugin that raises
-    inside a hook shows up with its error even before a real checkpoint reaches it.
+    Every architecture is asked to detect an empty checkpoint first, so a plugin that raises
+    there shows up with its error even before a real checkpoint reaches it.
     """
     reg = registry()
     reg.health_check()
     return [reg.records[name].to_json() for name in sorted(reg.records)]
 
 
-# -- the questions the core asks, one function each ------------------------------------------
+def get_architecture(architecture: str, where: object = None) -> PluginArchitecture:
+    """The installed architecture with this id (see :meth:`Registry.get`)."""
+    return registry().get(architecture, where)
 
 
-def _known(architecture: str) -> None:
-    if architecture not in registry().architectures():
-        known = ", ".join(sorted(registry().architectures())) or "none"
-        raise LoraformatError(
-            None, f"no plugin provides architecture {architecture!r} (installed: {known})"
-        )
-
-
-def detect(config: Mapping[str, Any], tensor_names: Sequence[str]) -> str | None:
-    return registry().call_first("loraformat_detect", config=config, tensor_names=tensor_names)
-
-
-def dense_layers(
-    architecture: str, config: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]
-) -> list[DenseLayer]:
-    _known(architecture)
-    found = registry().call_first(
-        "loraformat_dense_layers",
-        architecture=architecture,
-        config=config,
-        tensor_shapes=tensor_shapes,
-    )
-    return list(found or [])
-
-
-def default_targets(architecture: str, config: Mapping[str, Any]) -> list[str]:
-    _known(architecture)
-    found = registry().call_first(
-        "loraformat_default_targets", architecture=architecture, config=config
-    )
-    return list(found or [])
-
-
-def foreign_name(
-    architecture: str, config: Mapping[str, Any], layer_path: str, convention: str
-) -> str | None:
-    return registry().call_first(
-        "loraformat_foreign_name",
-        architecture=architecture,
-        config=config,
-        layer_path=layer_path,
-        convention=convention,
-    )
-
-
-def layer_path(
-    architecture: str, config: Mapping[str, Any], foreign: str, convention: str
-) -> str | None:
-    return registry().call_first(
-        "loraformat_layer_path",
-        architecture=architecture,
-        config=config,
-        foreign_name=foreign,
-        convention=convention,
-    )
-
-
-def row_permutation(
-    architecture: str, config: Mapping[str, Any], path: str, convention: str
-) -> Sequence[int] | None:
-    return registry().call_first(
-        "loraformat_foreign_row_permutation",
-        architecture=architecture,
-        config=config,
-        layer_path=path,
-        convention=convention,
-    )
-
-
-def export_model(
-    architecture: str,
-    config: Mapping[str, Any],
-    tensors: Mapping[str, Any],
-    options: ExportOptions | None = None,
-) -> ExportModel:
-    _known(architecture)
-    found = registry().call_first(
-        "loraformat_export_model",
-        architecture=architecture,
-        config=config,
-        tensors=tensors,
-        options=options or ExportOptions(),
-    )
-    if found is None:
-        raise LoraformatError(None, f"the {architecture!r} plugin cannot build an export model")
-    return found
+def detect(checkpoint: CheckpointInfo) -> PluginArchitecture | None:
+    """The installed architecture that recognises ``checkpoint``, or ``None``."""
+    return registry().detect(checkpoint)

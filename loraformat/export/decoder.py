@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import ExportModel, ExportOptions, export_model
+from ..architecture import ExportModel, ExportOptions
 from ..atomic import TMP_MARKER, check_output
 from ..base import BaseModel
 from ..errors import LoraformatError
@@ -209,7 +209,7 @@ def export_decoder(
     captured: dict[str, Any] = {}
 
     def build(model: BaseModel, tensors: Mapping[str, Any], options: ExportOptions) -> ExportModel:
-        exported = export_model(model.architecture, model.config, tensors, options)
+        exported = model.arch.export_model(model.info, tensors, options)
         if not any(n.startswith("past_key_values.") for n in exported.input_names):
             raise LoraformatError(
                 None, f"the {model.architecture} plugin's export module has no KV-cache inputs "

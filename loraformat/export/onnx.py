@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import ExportModel, ExportOptions, export_model
+from ..architecture import ExportModel, ExportOptions
 from ..atomic import TMP_MARKER, check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
@@ -423,7 +423,7 @@ def export_onnx(
         if build is not None:
             exported = build(model, tensors, options)
         else:
-            exported = export_model(model.architecture, model.config, tensors, options)
+            exported = model.arch.export_model(model.info, tensors, options)
         torch_dtype = _torch_dtype(dtype)
         exported.example_inputs = {
             k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)

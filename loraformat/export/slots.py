@@ -154,9 +154,8 @@ def export_with_slots(
         if progress:
             progress(0, steps)
         tensors = merged_tensors(model, None, dtype)
-        plain = arch.export_model(
-            model.architecture,
-            model.config,
+        plain = model.arch.export_model(
+            model.info,
             tensors,
             arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths)),
         )

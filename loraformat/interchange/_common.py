@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +98,11 @@ class Context:
     def config(self) -> dict[str, Any]:
         return dict(self.base.config) if self.base is not None else {}
 
+    @property
+    def present(self) -> Container[str] | None:
+        """The base checkpoint's tensor names (``None`` without a base), for :class:`Names`."""
+        return self.base.checkpoint.shapes() if self.base is not None else None
+
     def tick(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
@@ -107,33 +112,47 @@ class Context:
 
 
 class Names:
-    """Translate between loraformat layer paths and a foreign convention through the plugins.
+    """Translate between loraformat layer paths and a foreign convention through the
+    architecture's name table.
 
-    ``identity_fallback``: when no plugin answers, use the name unchanged (right for PEFT on
-    architectures whose in-memory module names equal their checkpoint names).
+    ``identity_fallback``: when the table has no row, use the name unchanged (right for PEFT on
+    architectures whose in-memory module names equal their checkpoint names, and for checkpoints
+    no plugin recognises). ``present``: the base checkpoint's tensor names, so a layer path is
+    returned as that checkpoint stores it (see :meth:`NameTable.layer_path`).
     """
 
     def __init__(
         self, architecture: str, config: Mapping[str, Any], convention: str,
-        *, identity_fallback: bool,
+        *, identity_fallback: bool, present: Container[str] | None = None,
     ) -> None:
+        from ..architecture import registry
+
         self.architecture = architecture
         self.config = dict(config)
         self.convention = convention
         self.identity_fallback = identity_fallback
+        self.present = present
+        found = registry().architectures().get(architecture)
+        #: ``None`` when no installed plugin provides the architecture (a generic checkpoint).
+        self.table = found.names if found is not None else None
+
+    def missing(self, what: str) -> str:
+        """Why nothing could be named: the plugin has no such column, or there is no plugin."""
+        if self.table is None:
+            return (f"{what} needs an architecture plugin for {self.architecture!r}, and none is "
+                    "installed")
+        return f"the {self.architecture!r} plugin gives no {what}"
 
     def to_foreign(self, path: str) -> str | None:
-        from .. import architecture as registry
-
-        name = registry.foreign_name(self.architecture, self.config, path, self.convention)
+        name = self.table.foreign(path, self.convention) if self.table is not None else None
         if name is None and self.identity_fallback:
             return path
         return name
 
     def to_path(self, foreign: str) -> str | None:
-        from .. import architecture as registry
-
-        path = registry.layer_path(self.architecture, self.config, foreign, self.convention)
+        path = None
+        if self.table is not None:
+            path = self.table.layer_path(foreign, self.convention, present=self.present)
         if path is None and self.identity_fallback:
             return foreign
         return path
@@ -142,13 +161,11 @@ class Names:
 def detect_architecture(
     config: Mapping[str, Any], tensor_names: list[str]
 ) -> str | None:
-    """Ask the plugins which architecture a (possibly partial) config and tensor names are."""
-    from .. import architecture as registry
+    """Which installed architecture a (possibly partial) config and tensor names are, by id."""
+    from ..architecture import CheckpointInfo, detect
 
-    try:
-        return registry.detect(config, tensor_names)
-    except LoraformatError:
-        return None
+    found = detect(CheckpointInfo(config=config, shapes=dict.fromkeys(tensor_names, ())))
+    return found.id if found is not None else None
 
 
 # -- arrays -------------------------------------------------------------------------------------

@@ -69,10 +69,8 @@ def _need_base(ctx: Context, path: Path) -> Any:
     return ctx.base
 
 
-def _permutation(architecture: str, config: dict, path: str, rows: int) -> np.ndarray | None:
-    from .. import architecture as arch
-
-    perm = arch.row_permutation(architecture, config, path, "gguf")
+def _permutation(base: Any, path: str, rows: int) -> np.ndarray | None:
+    perm = base.arch.row_permutation(base.info, path, "gguf")
     if perm is None:
         return None
     perm = np.asarray(perm, dtype=np.int64)
@@ -110,8 +108,8 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     if len(unnamed) == len(specs):
         raise LoraformatError(
             out,
-            f"the {adapter.architecture!r} plugin gives no llama.cpp (gguf) tensor names: "
-            "llama.cpp cannot load this architecture's adapters",
+            names.missing("llama.cpp (gguf) tensor names")
+            + ": llama.cpp cannot load this architecture's adapters",
         )
     if dora:
         ctx.lossy(f"DoRA magnitudes on {len(dora)} layer(s) (e.g. {dora[0]}): llama.cpp LoRA "
@@ -147,7 +145,7 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
             b = full
             ctx.note("out_rows layers written with zero B rows for the rows they do not adapt")
         b = scaled(b, folds.get(path, 1.0))
-        perm = _permutation(adapter.architecture, config, path, layer.out_features)
+        perm = _permutation(ctx.base, path, layer.out_features)
         if perm is not None:
             b = b[perm]
         a = np.asarray(layer.A)
@@ -223,7 +221,9 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
     alpha = float(_field(reader, "adapter.lora.alpha") or 0.0)
     scaling = _field(reader, KV_SCALING)
     original_alpha = _field(reader, KV_ALPHA)
-    names = Names(base.architecture, ctx.config, "gguf", identity_fallback=False)
+    names = Names(
+        base.architecture, ctx.config, "gguf", identity_fallback=False, present=ctx.present
+    )
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for tensor in reader.tensors:
         name = str(tensor.name)
@@ -254,7 +254,7 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
                 path, f"{name}: lora_a {list(a.shape)} / lora_b {list(b.shape)} do not fit "
                 f"{layer_path} ({dense.in_features}→{dense.out_features})",
             )
-        perm = _permutation(base.architecture, ctx.config, layer_path, dense.out_features)
+        perm = _permutation(base, layer_path, dense.out_features)
         if perm is not None:
             restored = np.empty_like(b)
             restored[perm] = b

@@ -126,7 +126,7 @@ def read_mlx(path: Path, ctx: Context) -> Adapter:
             raise LoraformatError(
                 path, "cannot tell which architecture this MLX adapter is for: give --base BASE"
             )
-    names = Names(architecture, ctx.config, "mlx", identity_fallback=False)
+    names = Names(architecture, ctx.config, "mlx", identity_fallback=False, present=ctx.present)
     rule = extra.get("scaling") if extra.get("scaling") in ("alpha/r", "alpha/sqrt(r)") else (
         "alpha/r"
     )
@@ -195,7 +195,7 @@ def write_mlx(adapter: Adapter, out: Path, ctx: Context) -> None:
     specs = adapter.specs
     unnamed = [p for p in specs if names.to_foreign(p) is None]
     if len(unnamed) == len(specs):
-        raise LoraformatError(out, f"the {adapter.architecture!r} plugin gives no MLX module names")
+        raise LoraformatError(out, names.missing("MLX module names"))
     dora = [p for p, s in specs.items() if s.dora]
     biased = [p for p, s in specs.items() if s.lora_bias]
     if unnamed:

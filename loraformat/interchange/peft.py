@@ -225,7 +225,7 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
             "to every token (--lossy drops the invocation sequence)"
         )
     arch = _resolve_architecture(path, config, sorted(grouped), ctx, architecture)
-    names = Names(arch, ctx.config, "peft", identity_fallback=True)
+    names = Names(arch, ctx.config, "peft", identity_fallback=True, present=ctx.present)
     scaling = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})

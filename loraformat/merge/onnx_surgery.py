@@ -218,7 +218,7 @@ def _candidates(path: str, architecture: str | None) -> list[str]:
     names = [path]
     if architecture:
         with contextlib.suppress(Exception):
-            other = arch.foreign_name(architecture, {}, path, "peft")
+            other = arch.get_architecture(architecture).names.foreign(path, "peft")
             if other and other not in names:
                 names.append(other)
     return names
@@ -549,7 +549,8 @@ def merge_onnx(
         index_names = _Index(model).names()
         detected = None
         with contextlib.suppress(Exception):
-            detected = arch.detect({}, index_names)
+            found = arch.detect(arch.CheckpointInfo(shapes=dict.fromkeys(index_names, ())))
+            detected = found.id if found is not None else None
         for adapter in opened:  # before locating, so the message names the real problem
             if detected is not None and adapter.architecture != detected:
                 raise LoraformatError(
