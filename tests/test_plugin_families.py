@@ -61,8 +61,10 @@ def test_detection_matrix(built, tiny_checkpoint):
     its config; and from tensor names alone wherever they differ from LLaMA's."""
     from loraformat_plugins import llama
 
+    from loraformat.architecture import registry
+
     def llama_detects(info: CheckpointInfo) -> bool:
-        return llama.loraformat_detect(dict(info.config), info.names) == "llama"
+        return llama.Llama().detect(info)
 
     checkpoints = {f: built(f)[0] for f in FAMILIES}
     with Checkpoint(tiny_checkpoint("llama")) as c:
@@ -75,6 +77,10 @@ def test_detection_matrix(built, tiny_checkpoint):
         found = [f for f in FAMILIES if arch(f).detect(bare)]
         # Mistral's tensors are LLaMA's: only its config tells them apart.
         assert found == ([] if name in ("mistral", "llama") else [name]), name
+        # Through the registry (LLaMA's tensor test also accepts bare Gemma 2 tensors; plugin
+        # order puts gemma2 first), a bare checkpoint is still its own family.
+        detected = registry().detect(bare)
+        assert detected is not None and detected.id == ("llama" if name == "mistral" else name)
     for family in FAMILIES:
         assert not arch(family).detect(CheckpointInfo())
     # architectures alone (a partial config, as PEFT's adapter_config carries)
@@ -150,7 +156,7 @@ def test_row_permutation_only_for_families_llama_cpp_permutes(built, tiny_checkp
     info, _ = built("mistral")
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
         ours = arch("mistral").row_permutation(info, path, "gguf")
-        assert ours == llama.loraformat_foreign_row_permutation("llama", info.config, path, "gguf")
+        assert ours == llama.Llama().row_permutation(info, path, "gguf")
         assert sorted(ours) == list(range(len(ours))) and ours != sorted(ours)
     assert arch("mistral").row_permutation(info, "model.layers.0.self_attn.v_proj", "gguf") is None
     assert arch("mistral").row_permutation(info, "model.layers.0.self_attn.q_proj", "mlx") is None

@@ -48,8 +48,17 @@ from ._common import Context, Names, atomic_path, scaled
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
 KV_ALPHA = "loraformat.alpha"
-#: loraformat architecture id → llama.cpp ``general.architecture``, where they differ.
-LLAMA_CPP_ARCH: dict[str, str] = {}
+
+
+def llama_cpp_arch(architecture: str) -> str:
+    """llama.cpp's ``general.architecture`` for a loraformat architecture id: the plugin's
+    ``gguf_architecture`` (Mistral is converted as ``llama``), else the id itself."""
+    from ..architecture import get_architecture
+
+    try:
+        return get_architecture(architecture).gguf_architecture or architecture
+    except LoraformatError:  # no plugin for it: the id is all there is
+        return architecture
 _EMBEDDING_NAMES = ("token_embd",)
 
 
@@ -130,7 +139,7 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     if folds:
         ctx.note(f"GGUF has one alpha per file: scale ratios folded into B for {len(folds)} "
                  f"layer(s) (e.g. {next(iter(folds))}); alpha = {alpha:g}")
-    arch_name = LLAMA_CPP_ARCH.get(adapter.architecture, adapter.architecture)
+    arch_name = llama_cpp_arch(adapter.architecture)
     tensors: list[tuple[str, np.ndarray]] = []
     total = len(specs)
     for done, (path, layer) in enumerate(adapter.layers(), 1):
@@ -213,7 +222,7 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
     if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
         raise LoraformatError(path, "not a GGUF LoRA adapter (general.type/adapter.type)")
     arch_name = _field(reader, "general.architecture")
-    expected = LLAMA_CPP_ARCH.get(base.architecture, base.architecture)
+    expected = llama_cpp_arch(base.architecture)
     if arch_name != expected:
         raise LoraformatError(
             path, f"adapter is for llama.cpp architecture {arch_name!r}, the base is {expected!r}"
