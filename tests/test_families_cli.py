@@ -78,6 +78,14 @@ def test_with_past_generate_equals_transformers_greedy(family):
             eos_token_id=None, pad_token_id=0,
         )[0, len(PROMPT):].tolist()
     assert len(set(expected)) >= 6, expected  # varied: a stuck model would hide a broken cache
+    if name == "phi3":
+        # transformers' Phi-3 generate() drops its cache and re-runs the whole sequence once,
+        # when it first grows past original_max_position_embeddings (8 here), so every past key
+        # is recomputed with the long factors. An ONNX decoder keeps its cache; it equals
+        # transformers decoding with a cache, and generate() up to the switch.
+        switch = 8 - len(PROMPT) + 1
+        assert report["new_ids"][:switch] == expected[:switch]
+        expected = cached_greedy(merged, PROMPT, N_NEW)
     assert report["new_ids"] == expected
 
     # --optimize: ONNX Runtime's fusions fire (attention everywhere but Gemma 2, whose score
@@ -91,6 +99,17 @@ def test_with_past_generate_equals_transformers_greedy(family):
     assert fusions.get("SkipSimplifiedLayerNormalization") == 2 * layers
     assert fusions.get("MultiHeadAttention", 0) == (0 if name == "gemma2" else layers)
     assert greedy_generate(fused, PROMPT, N_NEW).new_ids == [expected]
+
+
+def cached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with transformers' own cache, one forward per token."""
+    new, cache, out = torch.tensor([prompt]), None, []
+    with torch.no_grad():
+        for _ in range(n):
+            step = model(input_ids=new, cache=cache, use_cache=True)
+            cache, new = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            out.append(int(new))
+    return out
 
 
 def test_lora_slots_with_onnx_adapter_equal_peft_merge(family):
