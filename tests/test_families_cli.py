@@ -173,3 +173,71 @@ def test_convert_to_gguf_uses_llama_cpp_names(family):
     if name == "mistral":
         q_b = _llama_cpp_permute(q_b, config["num_attention_heads"])
     np.testing.assert_array_equal(stored, q_b)
+
+
+def test_phi3_adapter_on_one_fused_part(tmp_path_factory):
+    """An adapter on only the q rows of Phi-3's qkv_proj and the up rows of gate_up_proj (the
+    plugin's fused parts): merged and slot-served results equal the numpy merge of exactly those
+    rows in transformers; GGUF (llama.cpp keeps both fused) gets zero B rows for the other
+    parts."""
+    import gguf
+
+    import loraformat
+    from loraformat import LoraLayer
+    from loraformat.base import open_base
+    from loraformat.runtime import Session
+
+    root = tmp_path_factory.mktemp("phi3-parts")
+    base = tiny_families.phi3(root / "base")
+    with open_base(base) as opened:
+        layers = opened.layers
+    qkv, gate_up = "model.layers.1.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"
+    parts = {qkv: {p.name: p for p in layers[qkv].parts},
+             gate_up: {p.name: p for p in layers[gate_up].parts}}
+    rng = np.random.default_rng(5)
+    chosen = {qkv: parts[qkv]["q"], gate_up: parts[gate_up]["up"]}
+    built = {}
+    for path, part in chosen.items():
+        rows = part.stop - part.start
+        built[path] = LoraLayer(
+            A=(rng.standard_normal((4, layers[path].in_features)) * 0.3).astype(np.float32),
+            B=(rng.standard_normal((rows, 4)) * 0.3).astype(np.float32),
+            alpha=8.0, in_features=layers[path].in_features,
+            out_features=layers[path].out_features, out_rows=[(part.start, part.stop)],
+        )
+    adapter = loraformat.Adapter.from_layers("phi3", built).save(root / "parts")
+
+    reference = tiny_families.load_transformers(base)
+    state = reference.state_dict()
+    with torch.no_grad():
+        for path, lora in built.items():
+            part, delta = chosen[path], torch.from_numpy(2.0 * lora.B @ lora.A)  # alpha/r = 2
+            state[path + ".weight"][part.start : part.stop] += delta
+    expected = merged_logits(reference, IDS)
+
+    merged_dir = root / "merged"
+    run("merge", base, adapter, "-o", merged_dir)
+    np.testing.assert_allclose(
+        merged_logits(tiny_families.load_transformers(merged_dir), IDS), expected, atol=1e-4,
+        rtol=0,
+    )
+    slots = root / "slots.onnx"
+    run("export", base, "-o", slots, "--lora-slots", "--targets", "qkv_proj,gate_up_proj")
+    session = Session(slots)
+    try:
+        session.load("parts", adapter)
+        np.testing.assert_allclose(
+            session.run({"input_ids": IDS}, adapter="parts")[0], expected, atol=1e-4, rtol=0
+        )
+    finally:
+        session.close()
+
+    out = root / "parts.gguf"
+    run("convert", adapter, "-o", out, "--to", "gguf", "--base", base)
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
+    b = tensors["blk.1.attn_qkv.weight.lora_b"].reshape(layers[qkv].out_features, 4)
+    np.testing.assert_array_equal(b[:32], built[qkv].B)
+    assert not b[32:].any()
+    b = tensors["blk.0.ffn_up.weight.lora_b"].reshape(layers[gate_up].out_features, 4)
+    np.testing.assert_array_equal(b[64:], built[gate_up].B)
+    assert not b[:64].any()
