@@ -29,8 +29,9 @@ class Phi3(DecoderFamily):
     classes = ("Phi3ForCausalLM", "Phi3Model")
     projections = FUSED_ATTENTION + FUSED_MLP
     names = decoder_names(FUSED_ATTENTION + FUSED_MLP)
-    # PEFT has no default target_modules for phi3: the user must name them.
-    targets = ()
+    # PEFT has no default target_modules for phi3; its default for codegen's fused attention
+    # projection (also named qkv_proj) is that projection, the analogue of q_proj/v_proj.
+    targets = ("qkv_proj",)
     gguf_architecture = "phi3"
     ort_model_type = "bert"
 

@@ -123,15 +123,18 @@ def test_dense_layers_names_and_shape(built, family):
         n, c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"]
     )
     assert shape.head_dim == (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
-    assert a.default_targets(info) == ([] if family == "phi3" else ["q_proj", "v_proj"])
+    assert a.default_targets(info) == (["qkv_proj"] if family == "phi3" else ["q_proj", "v_proj"])
 
 
 def test_peft_default_targets_are_peft_own():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft
 
     for family, model_type in [("qwen2", "qwen2"), ("qwen3", "qwen3"), ("mistral", "mistral"),
-                               ("gemma2", "gemma2"), ("gemma3", "gemma3_text"), ("phi3", "phi3")]:
-        assert list(arch(family).targets) == list(peft.get(model_type, [])), family
+                               ("gemma2", "gemma2"), ("gemma3", "gemma3_text")]:
+        assert list(arch(family).targets) == peft[model_type], family
+    # PEFT has no phi3 entry; Phi-3 takes PEFT's default for the same fused projection (codegen)
+    assert "phi3" not in peft
+    assert list(arch("phi3").targets) == peft["codegen"] == ["qkv_proj"]
 
 
 @pytest.mark.slow
@@ -269,3 +272,16 @@ def test_export_errors_name_the_checkpoint(built):
     no_heads = CheckpointInfo(info.path, {"model_type": "phi3"}, info.shapes)
     with pytest.raises(LoraformatError, match="needs 'num_hidden_layers'"):
         arch("phi3").export_model(no_heads, tensors, ExportOptions())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conformance_kit(built, family):
+    from loraformat.testing import check_plugin
+
+    info, _ = built(family)
+    report = check_plugin(info.path, family, reference=tiny_families.load_transformers(info.path))
+    assert report.plugin == family
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert {"peft", "gguf", "mlx"} <= set(report.foreign_names)
+    assert not report.unused_layers
