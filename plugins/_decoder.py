@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from loraformat.architecture import DenseLayer, ExportModel, ExportOptions, FusedPart
@@ -80,7 +80,9 @@ def decoder_names(projections: Sequence[str], lm_head_in_gguf: bool = True) -> N
 # -- questions answered from headers --------------------------------------------------------------
 
 
-def model_type(checkpoint: CheckpointInfo, model_types: Sequence[str], classes: Sequence[str]):
+def model_type(
+    checkpoint: CheckpointInfo, model_types: Sequence[str], classes: Sequence[str]
+) -> bool | None:
     """True/False when the config says which model it is (``model_type``, else ``architectures``);
     None when it says nothing."""
     said = checkpoint.config.get("model_type")
@@ -290,11 +292,13 @@ class DecoderSpec:
     attn_scale: float | None = None  # default head_dim ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def layer_windows(
-    config: Mapping[str, Any], n_layer: int, window: int | None, default_sliding: Any
+    config: Mapping[str, Any],
+    n_layer: int,
+    window: int | None,
+    default_sliding: Callable[[int], bool],
 ) -> tuple[int | None, ...]:
     """Per layer, ``window`` where the layer slides, else None. The config's ``layer_types``
     decide; without them ``default_sliding(i)`` does."""
@@ -306,7 +310,9 @@ def layer_windows(
     return tuple(window if default_sliding(i) else None for i in range(n_layer))
 
 
-def layer_kinds(config: Mapping[str, Any], n_layer: int, default_sliding: Any) -> tuple[str, ...]:
+def layer_kinds(
+    config: Mapping[str, Any], n_layer: int, default_sliding: Callable[[int], bool]
+) -> tuple[str, ...]:
     """Per layer, ``sliding_attention`` or ``full_attention`` (config's ``layer_types`` first)."""
     types = config.get("layer_types")
     if types:
@@ -377,10 +383,13 @@ def build(
     qkv_bias = block0 + first_attn + ".bias" in tensors
     o_bias = block0 + "self_attn.o_proj.bias" in tensors
     mlp_bias = block0 + "mlp.down_proj.bias" in tensors
-    act = encoder_activation(
-        str(checkpoint.config_value("hidden_activation", "hidden_act", default="silu")),
-        f"{family} activation",
-    )
+    try:
+        act = encoder_activation(
+            str(checkpoint.config_value("hidden_activation", "hidden_act", default="silu")),
+            f"{family} activation",
+        )
+    except LoraformatError as e:
+        raise checkpoint.config_error(e.message) from None
     if checkpoint.config.get("use_bidirectional_attention"):
         raise checkpoint.config_error(f"{family}: bidirectional attention cannot be exported")
     tied = "lm_head.weight" not in tensors
