@@ -9,8 +9,8 @@ from .format.adapter import (
     LayerSpec,
     LoraLayer,
     Problem,
-    convert,
     load,
+    repack,
     scale_of,
     validate,
 )
@@ -27,8 +27,8 @@ __all__ = [
     "Problem",
     "ValidationError",
     "__version__",
-    "convert",
     "load",
+    "repack",
     "scale_of",
     "validate",
 ]

@@ -35,7 +35,7 @@ def _umask() -> int:
     return mask
 
 
-def _default_mode(is_dir: bool) -> int:
+def default_mode(is_dir: bool) -> int:
     # mkstemp/mkdtemp create 0600/0700; an output should get the permissions a plain open() or
     # mkdir() would give it, so shared model folders stay readable.
     return (0o777 if is_dir else 0o666) & ~_umask()
@@ -60,7 +60,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            os.fchmod(handle.fileno(), _default_mode(False))
+            os.fchmod(handle.fileno(), default_mode(False))
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
@@ -86,7 +86,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb+") as handle:
                     os.fsync(handle.fileno())
-        os.chmod(tmp, _default_mode(True))
+        os.chmod(tmp, default_mode(True))
         _fsync_dir(tmp)
         old = None
         if target.exists():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .architecture import CheckpointInfo, DenseLayer, detect, get_architecture, registry
-from .architecture.generic import GenericArchitecture, generic_id
+from .architecture.generic import GENERIC_ID, GenericArchitecture, generic_id
 from .checkpoint import Checkpoint
 from .errors import LoraformatError
 
@@ -35,6 +35,12 @@ class BaseModel:
     def architecture(self) -> str:
         """The architecture id adapters for this base carry."""
         return str(self.arch.id)
+
+    @property
+    def required_architecture(self) -> str | None:
+        """The architecture an adapter must be for; ``None`` when the checkpoint does not say
+        (handled generically and without a ``config.json``: a bare ``.safetensors`` file)."""
+        return None if self.architecture == GENERIC_ID else self.architecture
 
     @property
     def generic(self) -> bool:
@@ -63,17 +69,22 @@ class BaseModel:
             layers[layer.path] = layer
         return layers
 
-    def layers_for(self, specs: Mapping[str, Any]) -> dict[str, DenseLayer]:
-        """:attr:`layers` as adapter layers ``specs`` (path → anything with ``kind``,
-        ``in_features``, ``out_features``) see them: a plugin's layers as they are; a generic
-        checkpoint's re-read by :meth:`GenericArchitecture.fit` (embeddings, Conv1D)."""
-        layers = dict(self.layers)
+    def layer_as(self, path: str, kind: str, in_features: int, out_features: int) -> DenseLayer:
+        """The layer at ``path`` as an adapter layer of ``kind`` and in→out features sees it: a
+        plugin's layer as it is; a generic checkpoint's re-read by
+        :meth:`GenericArchitecture.fit` (an embedding table, a Conv1D weight)."""
+        layer = self.layers[path]
         if self.generic:
-            for path, spec in specs.items():
-                if path in layers:
-                    layers[path] = GenericArchitecture.fit(
-                        layers[path], spec.kind, spec.in_features, spec.out_features
-                    )
+            return GenericArchitecture.fit(layer, kind, in_features, out_features)
+        return layer
+
+    def layers_for(self, specs: Mapping[str, Any]) -> dict[str, DenseLayer]:
+        """:attr:`layers`, each adapted layer (``specs``: path → anything with ``kind``,
+        ``in_features``, ``out_features``) as :meth:`layer_as` gives it."""
+        layers = dict(self.layers)
+        for path, spec in specs.items():
+            if path in layers:
+                layers[path] = self.layer_as(path, spec.kind, spec.in_features, spec.out_features)
         return layers
 
     def default_target_paths(self) -> list[str]:
@@ -118,3 +129,11 @@ def open_base(path: str | os.PathLike[str], architecture: str | None = None) -> 
     except BaseException:
         checkpoint.close()
         raise
+
+
+def as_base(base: str | os.PathLike[str] | BaseModel | None) -> BaseModel | None:
+    """``base`` opened with :func:`open_base` if it is a path; a :class:`BaseModel` or ``None``
+    as it is (for functions taking either)."""
+    if base is None or isinstance(base, BaseModel):
+        return base
+    return open_base(base)

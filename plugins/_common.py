@@ -6,8 +6,21 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from loraformat.architecture import DenseLayer, ExportModel, FusedPart
+from loraformat.architecture import CheckpointInfo, DenseLayer, ExportModel, FusedPart
 from loraformat.errors import LoraformatError
+
+
+def detect_by_names(
+    checkpoint: CheckpointInfo, model_type: str, prefixes: Sequence[str], *required: str
+) -> bool:
+    """Detection for a family whose relatives share its tensor names: ``config.json``'s
+    ``model_type`` decides when present; otherwise every ``required`` tensor must exist under one
+    of ``prefixes`` (a bare ``.safetensors`` file)."""
+    said = checkpoint.config.get("model_type")
+    if said is not None:
+        return bool(said == model_type)
+    names = checkpoint.shapes
+    return any(all(prefix + name in names for name in required) for prefix in prefixes)
 
 
 def model_type_is(config: Mapping[str, Any], model_type: str, class_prefix: str) -> bool | None:
@@ -88,6 +101,41 @@ def encoder_activation(name: str, error: str) -> Any:
     if name not in acts:
         raise LoraformatError(None, f"{error} {name!r} (known: {', '.join(sorted(acts))})")
     return acts[name]
+
+
+class EncoderParts:
+    """Torch modules of a BERT-style encoder, sized from the checkpoint's own tensors (the export
+    modules of ``bert`` and ``vit`` build from these). A missing tensor is an error naming the
+    checkpoint."""
+
+    def __init__(
+        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], arch: str, heads: int,
+        eps: float,
+    ) -> None:
+        self.checkpoint, self.tensors, self.arch = checkpoint, tensors, arch
+        self.heads, self.eps = heads, eps
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.tensors:
+            raise self.checkpoint.error(f"{self.arch}: checkpoint lacks {name}")
+        return tuple(self.tensors[name].shape)
+
+    def dense(self, path: str) -> Any:
+        from loraformat.architecture.modules import Dense
+
+        out_f, in_f = self.shape(path + ".weight")
+        return Dense(in_f, out_f, bias=path + ".bias" in self.tensors)
+
+    def layer_norm(self, path: str) -> Any:
+        from torch import nn
+
+        return nn.LayerNorm(self.shape(path + ".weight")[0], eps=self.eps)
+
+    def self_attention(self, path: str) -> Any:
+        from loraformat.architecture.modules import EncoderSelfAttention
+
+        query, key, value = (self.dense(f"{path}.{n}") for n in ("query", "key", "value"))
+        return EncoderSelfAttention(query, key, value, self.heads)
 
 
 def find_prefix(names: Sequence[str], pattern: str) -> str | None:

@@ -25,7 +25,7 @@ from loraformat.architecture import (
     hookimpl,
 )
 
-from ._common import encoder_activation, encoder_linears
+from ._common import EncoderParts, detect_by_names, encoder_activation, encoder_linears
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -64,15 +64,11 @@ class Bert(ArchitectureBase):
     )
 
     def detect(self, checkpoint: CheckpointInfo) -> bool:
-        model_type = checkpoint.config.get("model_type")
-        if model_type is not None:
-            # RoBERTa & co. share BERT's names but not its position ids: trust model_type.
-            return bool(model_type == self.id)
-        names = checkpoint.shapes
-        return any(
-            f"{prefix}embeddings.word_embeddings.weight" in names
-            and f"{prefix}encoder.layer.0.attention.self.query.weight" in names
-            for prefix in (_PREFIX, "")
+        # RoBERTa & co. share BERT's names but not its position ids: model_type decides.
+        return detect_by_names(
+            checkpoint, self.id, (_PREFIX, ""),
+            "embeddings.word_embeddings.weight",
+            "encoder.layer.0.attention.self.query.weight",
         )
 
     def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
@@ -112,7 +108,6 @@ def build_export_model(
     import torch
     from torch import nn
 
-    from loraformat.architecture.modules import Dense, EncoderSelfAttention
 
     options = options or ExportOptions()
     if options.with_past:
@@ -133,21 +128,9 @@ def build_export_model(
     act = encoder_activation(str(config.get("hidden_act", "gelu")), "bert: unsupported hidden_act")
     architectures = list(config.get("architectures") or [])
 
-    def shape(name: str) -> tuple[int, ...]:
-        if name not in tensors:
-            raise checkpoint.error(f"bert: checkpoint lacks {name}")
-        return tuple(tensors[name].shape)
-
-    def dense(path: str) -> Dense:
-        out_f, in_f = shape(path + ".weight")
-        return Dense(in_f, out_f, bias=path + ".bias" in tensors)
-
-    def layer_norm(path: str) -> nn.LayerNorm:
-        return nn.LayerNorm(shape(path + ".weight")[0], eps=eps)
-
-    def self_attention(path: str) -> EncoderSelfAttention:
-        query, key, value = (dense(f"{path}.{n}") for n in ("query", "key", "value"))
-        return EncoderSelfAttention(query, key, value, heads)
+    parts = EncoderParts(checkpoint, tensors, "bert", heads, eps)
+    shape, dense, layer_norm = parts.shape, parts.dense, parts.layer_norm
+    self_attention = parts.self_attention
 
     class Output(nn.Module):
         def __init__(self, path: str) -> None:

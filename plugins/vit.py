@@ -42,7 +42,7 @@ from loraformat.architecture import (
     hookimpl,
 )
 
-from ._common import encoder_activation, encoder_linears
+from ._common import EncoderParts, detect_by_names, encoder_activation, encoder_linears
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -81,15 +81,11 @@ class ViT(ArchitectureBase):
     )
 
     def detect(self, checkpoint: CheckpointInfo) -> bool:
-        model_type = checkpoint.config.get("model_type")
-        if model_type is not None:
-            # DeiT, BEiT & co. share ViT's names with other embeddings: trust model_type.
-            return bool(model_type == self.id)
-        names = checkpoint.shapes
-        return any(
-            f"{prefix}embeddings.patch_embeddings.projection.weight" in names
-            and f"{prefix}encoder.layer.0.attention.attention.query.weight" in names
-            for prefix in (_PREFIX, "")
+        # DeiT, BEiT & co. share ViT's names with other embeddings: model_type decides.
+        return detect_by_names(
+            checkpoint, self.id, (_PREFIX, ""),
+            "embeddings.patch_embeddings.projection.weight",
+            "encoder.layer.0.attention.attention.query.weight",
         )
 
     def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
@@ -124,7 +120,6 @@ def build_export_model(
     import torch
     from torch import nn
 
-    from loraformat.architecture.modules import Dense, EncoderSelfAttention
 
     config = checkpoint.config
     options = options or ExportOptions()
@@ -140,21 +135,9 @@ def build_export_model(
     act = encoder_activation(str(config.get("hidden_act", "gelu")), unknown)
     pooler_act = encoder_activation(str(config.get("pooler_act", "tanh")), unknown)
 
-    def shape(name: str) -> tuple[int, ...]:
-        if name not in tensors:
-            raise checkpoint.error(f"vit: checkpoint lacks {name}")
-        return tuple(tensors[name].shape)
-
-    def dense(path: str) -> Dense:
-        out_f, in_f = shape(path + ".weight")
-        return Dense(in_f, out_f, bias=path + ".bias" in tensors)
-
-    def layer_norm(path: str) -> nn.LayerNorm:
-        return nn.LayerNorm(shape(path + ".weight")[0], eps=eps)
-
-    def self_attention(path: str) -> EncoderSelfAttention:
-        query, key, value = (dense(f"{path}.{n}") for n in ("query", "key", "value"))
-        return EncoderSelfAttention(query, key, value, heads)
+    parts = EncoderParts(checkpoint, tensors, "vit", heads, eps)
+    shape, dense, layer_norm = parts.shape, parts.dense, parts.layer_norm
+    self_attention = parts.self_attention
 
     class WithDense(nn.Module):
         def __init__(self, path: str) -> None:

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_harness import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,6 @@ from loraformat.algebra import (
     subtract,
 )
 from loraformat.algebra.reduce import tall_qr
-from loraformat.cli import cli
 
 PROPERTY = settings(
     max_examples=int(__import__("os").environ.get("ALGEBRA_EXAMPLES", 60)),
@@ -433,36 +432,31 @@ def two_files(tmp_path):
     return paths
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result
-
-
 def test_cli_stack_subtract_scale(tmp_path, two_files):
     a, b = two_files
-    assert run("stack", a, b, "-w", "0.5", "-w", "-1", "-o", tmp_path / "s").exit_code == 0
+    assert run_cli("stack", a, b, "-w", "0.5", "-w", "-1", "-o", tmp_path / "s").code == 0
     s, la, lb = load(tmp_path / "s"), load(a), load(b)
     path = "model.layers.0.self_attn.q_proj"
     np.testing.assert_allclose(s.delta(path), 0.5 * la.delta(path) - lb.delta(path), atol=1e-5)
-    assert run("scale", a, "-0.5", "-o", tmp_path / "sc.safetensors").exit_code == 0
+    assert run_cli("scale", a, "-0.5", "-o", tmp_path / "sc.safetensors").code == 0
     np.testing.assert_allclose(
         load(tmp_path / "sc.safetensors").delta(path), -0.5 * la.delta(path), atol=1e-6
     )
-    assert run("subtract", a, b, "-o", tmp_path / "d").exit_code == 0
+    assert run_cli("subtract", a, b, "-o", tmp_path / "d").code == 0
     assert validate(tmp_path / "d") == []
-    with pytest.raises(LoraformatError, match="output already exists"):
-        run("subtract", a, b, "-o", tmp_path / "d")
-    assert run("subtract", a, b, "-o", tmp_path / "d", "--overwrite").exit_code == 0
+    again = run_cli("subtract", a, b, "-o", tmp_path / "d")
+    assert again.code == 1 and "output already exists" in again.error
+    assert run_cli("subtract", a, b, "-o", tmp_path / "d", "--overwrite").code == 0
 
 
 def test_cli_reduce_and_combine_json(tmp_path, two_files):
     a, b = two_files
-    result = run("reduce", a, "--rank", "2", "-o", tmp_path / "r", "--json")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    result = run_cli("reduce", a, "--rank", "2", "-o", tmp_path / "r", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
     assert {row["rank_out"] for row in report["layers"]} == {2}
     assert all(0 < row["relative_error"] < 1 for row in report["layers"])
-    result = run(
+    result = run_cli(
         "combine",
         a,
         b,
@@ -478,34 +472,21 @@ def test_cli_reduce_and_combine_json(tmp_path, two_files):
         tmp_path / "c.safetensors",
         "--json",
     )
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)["layers"]
+    assert result.code == 0, result.err
+    rows = json.loads(result.out)["layers"]
     assert [row["rank_out"] for row in rows] == [4, 4]
-    result = run("combine", a, b, "--method", "ties", "--density", "0.5", "-o", tmp_path / "t")
-    assert result.exit_code == 0
+    result = run_cli("combine", a, b, "--method", "ties", "--density", "0.5", "-o", tmp_path / "t")
+    assert result.code == 0
     assert "ties" in load(tmp_path / "t").manifest["provenance"]["parameters"]["method"]
-    result = run("reduce", a, "-o", tmp_path / "x")
-    assert result.exit_code == 2 and "give --rank, --energy or --rank-pattern" in result.output
+    result = run_cli("reduce", a, "-o", tmp_path / "x")
+    assert result.code == 2 and "give --rank, --energy or --rank-pattern" in result.err
 
 
-def test_cli_errors_are_one_line(tmp_path, two_files, capsys):
-    from loraformat.cli import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(["combine", str(two_files[0]), str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
-    assert exit_.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "missing" in err and "\n" not in err
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "combine",
-                str(two_files[0]),
-                str(two_files[1]),
-                "--method",
-                "dare_linear",
-                "-o",
-                str(tmp_path / "o"),
-            ]
-        )
-    assert "needs a density" in capsys.readouterr().err
+def test_cli_errors_are_one_line(tmp_path, two_files):
+    result = run_cli("combine", two_files[0], tmp_path / "missing", "-o", tmp_path / "o")
+    assert result.code == 1
+    assert result.error.startswith("error: ") and "missing" in result.error
+    result = run_cli(
+        "combine", two_files[0], two_files[1], "--method", "dare_linear", "-o", tmp_path / "o"
+    )
+    assert result.code == 1 and "needs a density" in result.error

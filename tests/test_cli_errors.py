@@ -14,22 +14,20 @@ never modified, whether the command succeeds or fails.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import shutil
 import struct
 from pathlib import Path
 
+import cli_harness
 import numpy as np
 import pytest
 import tiny_models
 from test_kill import random_adapter
 
 from loraformat import LoraLayer
-from loraformat.cli import main
 from loraformat.format.adapter import Adapter, load
 
 
@@ -47,15 +45,9 @@ def _hashes(paths: list[Path]) -> dict[str, str]:
 def run(*args: object, inputs: list[Path] = ()) -> tuple[int, str, str]:
     """Run ``loraformat ARGS`` in process → (exit status, stdout, stderr); inputs unchanged."""
     before = _hashes(list(inputs))
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+    result = cli_harness.run_cli(*args)
     assert _hashes(list(inputs)) == before, f"an input was modified by {args}"
-    return code, out.getvalue(), err.getvalue()
+    return result.code, result.out, result.err
 
 
 def assert_one_line_error(result: tuple[int, str, str], path: Path | str, *needles: str,

@@ -11,19 +11,13 @@ import onnx
 import pytest
 import tiny_models
 import torch
-from click.testing import CliRunner
+from cli_harness import run_cli
 
-from loraformat.cli import cli
-from loraformat.errors import LoraformatError
 from loraformat.generate import DecoderSession, greedy_generate
 
 pytestmark = pytest.mark.slow
 
 PROMPT = [5, 17, 33, 2, 71, 40, 9]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def interface(n_layers: int) -> tuple[list[str], list[str]]:
@@ -41,10 +35,10 @@ def test_merge_with_past_optimize_verify_generates_like_peft(tiny_checkpoint, tm
         lora_alpha=64,
     )
     out = tmp_path / "merged.onnx"
-    run = invoke("merge", base, adapter, "-o", out, "--with-past", "--optimize", "--verify",
+    run = run_cli("merge", base, adapter, "-o", out, "--with-past", "--optimize", "--verify",
                  "--json")
-    assert run.exit_code == 0, run.output
-    report = json.loads(run.output)
+    assert run.code == 0, run.err
+    report = json.loads(run.out)
     assert report["max_abs_diff"] <= report["tolerance"] and report["tensors_changed"] == 8
     assert report["verify_provider"] == "CPUExecutionProvider"
     names_in, names_out = interface(2)
@@ -66,14 +60,14 @@ def test_merge_with_past_optimize_verify_generates_like_peft(tiny_checkpoint, tm
     assert greedy_generate(out, PROMPT, 32).new_ids == [expected[0, len(PROMPT):].tolist()]
 
     # --optimize needs --with-past; --with-past needs an ONNX output from a checkpoint.
-    run = invoke("merge", base, adapter, "-o", tmp_path / "x.onnx", "--optimize")
-    assert run.exit_code == 2 and "--optimize applies only with --with-past" in run.output
-    run = invoke("merge", base, adapter, "-o", tmp_path / "dir", "--with-past")
-    assert run.exit_code == 2 and "--with-past exports a checkpoint BASE" in run.output
+    run = run_cli("merge", base, adapter, "-o", tmp_path / "x.onnx", "--optimize")
+    assert run.code == 2 and "--optimize applies only with --with-past" in run.err
+    run = run_cli("merge", base, adapter, "-o", tmp_path / "dir", "--with-past")
+    assert run.code == 2 and "--with-past exports a checkpoint BASE" in run.err
     # The output exists: refused without --overwrite, one line.
-    run = invoke("merge", base, adapter, "-o", out, "--with-past")
-    assert isinstance(run.exception, LoraformatError)
-    assert str(run.exception) == f"{out}: output already exists (use --overwrite to replace it)"
+    run = run_cli("merge", base, adapter, "-o", out, "--with-past")
+    assert run.code == 1
+    assert run.error == f"error: {out}: output already exists (use --overwrite to replace it)"
 
 
 def test_export_with_past_float16_optimized(tiny_checkpoint, tmp_path, monkeypatch):
@@ -82,9 +76,9 @@ def test_export_with_past_float16_optimized(tiny_checkpoint, tmp_path, monkeypat
     base = tiny_checkpoint("llama")
     out = tmp_path / "llama16.onnx"
     monkeypatch.chdir(tmp_path)  # ORT's fp16 converter can leave temporaries in the cwd
-    run = invoke("export", base, "-o", out, "--with-past", "--dtype", "float16", "--optimize",
+    run = run_cli("export", base, "-o", out, "--with-past", "--dtype", "float16", "--optimize",
                  "--verify", "--json")
-    assert run.exit_code == 0, run.output
+    assert run.code == 0, run.err
     assert [p.name for p in tmp_path.iterdir()] == ["llama16.onnx"]
     report = json.loads(run.output)
     assert report["dtype"] == "float16" and report["optimized"]
@@ -106,8 +100,9 @@ def test_export_with_past_float16_optimized(tiny_checkpoint, tmp_path, monkeypat
 
 
 def test_with_past_refused_for_an_encoder(tiny_checkpoint, tmp_path):
-    run = invoke("export", tiny_checkpoint("bert"), "-o", tmp_path / "b.onnx", "--with-past")
-    assert isinstance(run.exception, LoraformatError)
-    assert str(run.exception) == "bert is an encoder: it has no KV cache to export"
+    base = tiny_checkpoint("bert")
+    run = run_cli("export", base, "-o", tmp_path / "b.onnx", "--with-past")
+    assert run.code == 1
+    assert run.error == f"error: {base}: bert is an encoder: it has no KV cache to export"
     assert not (tmp_path / "b.onnx").exists()
     assert list(tmp_path.iterdir()) == []  # no temporary left behind

@@ -26,6 +26,7 @@ from test_merge import (
 from loraformat.checkpoint import Checkpoint
 from loraformat.errors import LoraformatError
 from loraformat.export.onnx import export_onnx
+from loraformat.interchange import open_adapter
 from loraformat.interchange.peft import read_peft
 from loraformat.merge import merge_checkpoint
 from loraformat.merge.onnx_surgery import merge_onnx
@@ -85,7 +86,10 @@ def exported(tiny_checkpoint, tmp_path_factory):
             assert code == 0 and "verify: max abs diff" in out, out
         else:
             export_onnx(base, root / "base.onnx")
-        merged = export_onnx(base, root / "merged.onnx", adapters=[peft_dir], verify_output=True)
+        with open_adapter(peft_dir, base=base) as peft_adapter:  # PEFT → adapter at the boundary
+            merged = export_onnx(
+                base, root / "merged.onnx", adapters=[peft_adapter], verify_output=True
+            )
         cache[arch] = {
             "base": base, "peft": peft_dir, "adapter": native, "root": root,
             "base_onnx": root / "base.onnx", "merged_onnx": root / "merged.onnx",
@@ -172,7 +176,8 @@ def test_surgery_on_a_plain_transformers_export(plain, arch, tmp_path):
     path, peft_dir, expected = plain(arch)
     assert any(i.name.startswith("val_") for i in onnx.load(str(path)).graph.initializer)
     args = {"unshare": True} if arch == "bert" else {}
-    result = merge_onnx(path, [peft_dir], tmp_path / "s.onnx", **args)
+    with open_adapter(peft_dir) as adapter:  # PEFT becomes an adapter at the boundary
+        result = merge_onnx(path, [adapter], tmp_path / "s.onnx", **args)
     assert node_list(tmp_path / "s.onnx")[: len(node_list(path))] == node_list(path) or args
     np.testing.assert_allclose(ort_run(tmp_path / "s.onnx", arch), expected, atol=1e-4, rtol=0)
     assert result.layers > 0

@@ -21,7 +21,7 @@ from safetensors import deserialize, safe_open
 from loraformat.atomic import TMP_MARKER, atomic_dir, atomic_file
 from loraformat.errors import LoraformatError, ValidationError
 from loraformat.format import manifest as mf
-from loraformat.format.adapter import Adapter, LoraLayer, convert, load, validate
+from loraformat.format.adapter import Adapter, LoraLayer, load, repack, validate
 from loraformat.format.safetensors_io import SafetensorsFile, write_safetensors
 
 RNG = np.random.default_rng(0)
@@ -90,8 +90,8 @@ def _tensors(path: Path) -> dict[str, tuple]:
 
 
 def test_dir_file_dir_is_bit_exact(saved: Path, tmp_path: Path):
-    single = convert(saved, tmp_path / "a.safetensors")
-    back = convert(single, tmp_path / "back")
+    single = repack(saved, tmp_path / "a.safetensors")
+    back = repack(single, tmp_path / "back")
     assert (back / "adapter.json").read_bytes() == (saved / "adapter.json").read_bytes()
     for name in ("adapter.json", "adapter.safetensors"):
         assert (back / name).read_bytes() == (saved / name).read_bytes()

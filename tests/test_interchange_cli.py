@@ -4,38 +4,19 @@ with exit 1, --lossy printing what changed, loralib options, --overwrite."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
+import cli_harness
 import numpy as np
 import pytest
 
 from loraformat.base import open_base
-from loraformat.cli import main
 from loraformat.format.adapter import Adapter, LoraLayer, load
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def run_cli(capsys):
-    """``loraformat ...`` in this process through ``main`` (its exit codes and error lines)."""
-
-    def run(*args: object) -> Result:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return run
+def run_cli():
+    """``loraformat ...`` in this process (its exit codes and error lines)."""
+    return cli_harness.run_cli
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +46,14 @@ def llama(tiny_checkpoint, tmp_path_factory):
 def test_convert_chain_with_json_report(llama, run_cli):
     base_path, root = llama
     r = run_cli("convert", root / "plain", "-o", root / "p", "--to", "peft", "--json")
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
     assert report["from"] == "loraformat" and report["to"] == "peft" and report["layers"] == 4
     r = run_cli("convert", root / "p", "-o", root / "a.gguf", "--base", base_path)
-    assert r.returncode == 0, r.stderr
-    assert "peft → gguf: 4 layer(s)" in r.stdout
+    assert r.code == 0, r.err
+    assert "peft → gguf: 4 layer(s)" in r.out
     r = run_cli("convert", root / "a.gguf", "-o", root / "back.safetensors", "--base", base_path)
-    assert r.returncode == 0, r.stderr
+    assert r.code == 0, r.err
     original, back = load(root / "plain"), load(root / "back.safetensors")
     for name in original.tensors:
         assert np.array_equal(original.tensors[name], back.tensors[name])
@@ -82,38 +63,38 @@ def test_lossy_refused_then_allowed(llama, run_cli):
     _, root = llama
     out = root / "x.onnx_adapter"
     r = run_cli("convert", root / "dora.safetensors", "-o", out)
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
+    assert r.code == 1
+    lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "DoRA magnitudes on 1 layer(s)" in lines[0] and "--lossy" in lines[0]
     assert not out.exists()
     r = run_cli("convert", root / "dora.safetensors", "-o", out, "--lossy")
-    assert r.returncode == 0, r.stderr
-    assert "lossy: DoRA magnitudes" in r.stderr
+    assert r.code == 0, r.err
+    assert "lossy: DoRA magnitudes" in r.err
     r = run_cli("convert", root / "dora.safetensors", "-o", out, "--lossy")
-    assert r.returncode == 1 and "already exists (use --overwrite" in r.stderr
+    assert r.code == 1 and "already exists (use --overwrite" in r.err
     r = run_cli("convert", root / "dora.safetensors", "-o", out, "--lossy", "--overwrite")
-    assert r.returncode == 0, r.stderr
+    assert r.code == 0, r.err
 
 
 def test_loralib_options(llama, run_cli):
     base_path, root = llama
     r = run_cli("convert", root / "plain", "-o", root / "l.pt")
-    assert r.returncode == 0, r.stderr
-    assert "--alpha 8 --rank 4" in r.stdout
+    assert r.code == 0, r.err
+    assert "--alpha 8 --rank 4" in r.out
     r = run_cli("convert", root / "l.pt", "-o", root / "l2", "--base", base_path)
-    assert r.returncode == 1 and "give it with --alpha" in r.stderr
+    assert r.code == 1 and "give it with --alpha" in r.err
     r = run_cli("convert", root / "l.pt", "-o", root / "l2", "--base", base_path,
                 "--alpha", "8", "--rank", "4")
-    assert r.returncode == 0, r.stderr
+    assert r.code == 0, r.err
     r = run_cli("convert", root / "plain", "-o", root / "l3", "--to", "peft", "--alpha", "8")
-    assert r.returncode == 1 and "option 'alpha' does not apply" in r.stderr
+    assert r.code == 1 and "option 'alpha' does not apply" in r.err
 
 
 def test_unknown_input_is_one_line(tmp_path, run_cli):
     (tmp_path / "x.bin").write_bytes(b"not a checkpoint")
     r = run_cli("convert", tmp_path / "x.bin", "-o", tmp_path / "y")
-    assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and "not a LoRA adapter" in r.stderr
+    assert r.code == 1
+    assert r.err.strip().count("\n") == 0 and "not a LoRA adapter" in r.err
     r = run_cli("convert", "--help")
-    assert "weights_only=True" in r.stdout and "--lossy" in r.stdout
+    assert "weights_only=True" in r.out and "--lossy" in r.out

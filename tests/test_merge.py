@@ -10,20 +10,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cli_harness
 import ml_dtypes
 import numpy as np
 import pytest
 import tiny_models
 import torch
-from click.testing import CliRunner
 
 from loraformat import LoraLayer
 from loraformat.checkpoint import Checkpoint
-from loraformat.cli import cli
 from loraformat.errors import LoraformatError
 from loraformat.format.adapter import Adapter
 from loraformat.format.adapter import load as load_adapter
 from loraformat.format.safetensors_io import SafetensorsFile
+from loraformat.interchange import open_adapter
 from loraformat.interchange.peft import read_peft
 from loraformat.merge import Contribution, merge_checkpoint, merge_weight, unmerge_checkpoint
 
@@ -112,13 +112,12 @@ def case(tiny_checkpoint, tmp_path_factory):
     return build
 
 
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        if isinstance(result.exception, LoraformatError):
-            return 1, str(result.exception)
-        raise result.exception
-    return result.exit_code or 0, result.output
+def run_cli(*args: object) -> tuple[int, str]:
+    """(exit status, the error line without ``error: ``, or stdout when it succeeded)."""
+    result = cli_harness.run_cli(*args)
+    if result.code:
+        return result.code, result.error.removeprefix("error: ")
+    return 0, result.out
 
 
 # -- the math of one weight, against numpy -----------------------------------------------------
@@ -236,7 +235,11 @@ def test_sharded_base_gives_sharded_output(case, tiny_checkpoint, tmp_path):
     assert (base / "model.safetensors.index.json").is_file()
     _, peft_dir, _, _ = case("llama")
     expected = peft_merged_logits(base, "llama", peft_dir)
-    merge_checkpoint(base, [peft_dir], tmp_path / "m")
+    # merge takes loraformat adapters; PEFT is converted at the boundary
+    with pytest.raises(LoraformatError, match="is a PEFT adapter; merges take loraformat adapters"):
+        merge_checkpoint(base, [peft_dir], tmp_path / "m")
+    with open_adapter(peft_dir, base=base) as adapter:
+        merge_checkpoint(base, [adapter], tmp_path / "m")
     shards = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(shards) > 1
     assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == shards

@@ -8,13 +8,12 @@ import sys
 import types
 from importlib import metadata
 
+import cli_harness
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from loraformat.architecture import ArchitectureBase, CheckpointInfo, Registry, hookimpl, registry
 from loraformat.base import open_base
-from loraformat.cli import cli
 from loraformat.errors import LoraformatError
 from loraformat.format.adapter import Adapter, LoraLayer
 
@@ -29,8 +28,8 @@ BUILTIN = {"gpt2", "bert", "llama", "vit"}
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
+    result = cli_harness.run_cli(*args)
+    return result.code, result.out + result.err
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +271,16 @@ def test_no_hook_but_the_architectures_one():
 
     specs = [name for name in dir(hookspecs) if name.startswith("loraformat_")]
     assert specs == ["loraformat_architectures"]
+
+
+def test_the_hook_is_called_through_pluggy():
+    """Hook-call monitoring (what pluggy's tracing hangs on) sees the registry's call."""
+    reg = Registry(load_entry_points=False)
+    seen = []
+    undo = reg.pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: seen.append((name, [i.plugin_name for i in impls])),
+        lambda outcome, name, impls, kwargs: None,
+    )
+    reg.register(plugin_module("traced", RaisingDetect()), name="traced")
+    undo()
+    assert seen == [("loraformat_architectures", ["traced"])]

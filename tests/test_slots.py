@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_harness import run_cli
 from safetensors.numpy import save_file
 from torch import nn
 
@@ -252,20 +253,11 @@ def test_verify_and_same_nodes_as_plain_export(toy_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_export_lora_slots(toy_base, tmp_path, capsys):
-    from loraformat.cli import main
-
+def test_cli_export_lora_slots(toy_base, tmp_path):
     out = tmp_path / "cli.onnx"
-
-    def run(*args: str) -> int:
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
-
-    assert run("export", toy_base, "--lora-slots", "--targets", "down", "-o", out, "--json") == 0
-    report = json.loads(capsys.readouterr().out)
+    result = run_cli("export", toy_base, "--lora-slots", "--targets", "down", "-o", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
     assert report["slots"] == ["net.down"] and report["output"] == str(out)
     assert {i.name for i in onnx.load(out).graph.input} == {
         "x",
@@ -273,16 +265,16 @@ def test_cli_export_lora_slots(toy_base, tmp_path, capsys):
         "net.down.lora_B",
     }
 
-    assert run("export", toy_base, "--targets", "down", "-o", tmp_path / "b.onnx") == 2
-    assert "--targets applies only with --lora-slots" in capsys.readouterr().err
+    result = run_cli("export", toy_base, "--targets", "down", "-o", tmp_path / "b.onnx")
+    assert result.code == 2 and "--targets applies only with --lora-slots" in result.err
     args = ("--lora-slots", "--with-past", "--optimize", "-o", tmp_path / "b.onnx")
-    assert run("export", toy_base, *args) == 2
-    assert "--optimize cannot be combined with --lora-slots" in capsys.readouterr().err
-    assert (
-        run("export", toy_base, "--lora-slots", "--targets", "up,nope", "-o", tmp_path / "c.onnx")
-        == 1
+    result = run_cli("export", toy_base, *args)
+    assert result.code == 2 and "--optimize cannot be combined with --lora-slots" in result.err
+    result = run_cli(
+        "export", toy_base, "--lora-slots", "--targets", "up,nope", "-o", tmp_path / "c.onnx"
     )
-    assert capsys.readouterr().err.strip() == (
+    assert result.code == 1
+    assert result.error == (
         f"error: {toy_base}: target 'nope' matches no linear layer (module names: down, up)"
     )
     assert not (tmp_path / "c.onnx").exists()

@@ -11,6 +11,7 @@ input's scaling rule and alphas. Output tensors take the inputs' dtype unless ``
 Every output records ``provenance`` (operation, parameters, inputs with their tensors_sha256).
 """
 
+from ._common import DTYPE_CHOICES
 from .combine import METHODS, LayerCombination, combine
 from .extract import LayerExtraction, extract, randomized_svd
 from .ops import scale, stack, subtract
@@ -25,6 +26,7 @@ from .reduce import (
 )
 
 __all__ = [
+    "DTYPE_CHOICES",
     "METHODS",
     "FactoredSVD",
     "LayerCombination",

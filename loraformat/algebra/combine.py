@@ -58,7 +58,7 @@ from ._common import (
     union_paths,
     where,
 )
-from .ops import _weights, merged_replacements, stack_layers
+from .ops import adapter_weights, merged_replacements, stack_layers
 from .reduce import reduce_layer, relative_error
 
 EXACT_METHODS = ("cat", "svd")
@@ -189,7 +189,7 @@ def combine(
             None, f"unknown combination method {method!r}; choose one of {', '.join(METHODS)}"
         )
     adapters = list(adapters)
-    w = _weights(adapters, weights)
+    w = adapter_weights(adapters, weights)
     check_compatible(adapters, check_base)
     requested = method
     if len(adapters) == 1 and method in FACTOR_METHODS + DENSE_SVD_METHODS:

@@ -35,7 +35,7 @@ from ._common import (
 from .reduce import reduce_layer
 
 
-def _weights(adapters: Sequence[Adapter], weights: Sequence[float] | None) -> list[float]:
+def adapter_weights(adapters: Sequence[Adapter], weights: Sequence[float] | None) -> list[float]:
     if weights is None:
         return [1.0] * len(adapters)
     if len(weights) != len(adapters):
@@ -121,7 +121,7 @@ def stack(
     the same tensor are refused. DoRA layers are refused (not a pure low-rank delta).
     """
     adapters = list(adapters)
-    w = _weights(adapters, weights)
+    w = adapter_weights(adapters, weights)
     check_compatible(adapters, check_base)
     out_dtype = output_dtype(adapters, dtype)
     replacements = merged_replacements(adapters, _operation)

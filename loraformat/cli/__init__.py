@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
+from typing import IO, Any
 
 import click
 
@@ -33,7 +34,42 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class CommandError(click.ClickException):
+    """A failure at the command-line boundary, carrying the exception it reports.
+
+    A :class:`LoraformatError` is the user's problem: its one line. Anything else is a bug: one
+    line saying so. Either way exit status 1; with ``--debug`` the traceback comes first."""
+
+    exit_code = 1
+
+    def __init__(self, error: BaseException, debug: bool = False) -> None:
+        self.error = error
+        self.debug = debug
+        if isinstance(error, LoraformatError):
+            message = str(error)
+        else:
+            message = (
+                f"internal error {type(error).__name__}: {error} (rerun with --debug for details)"
+            )
+        super().__init__(message)
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        if self.debug:
+            traceback.print_exception(self.error, file=file or sys.stderr)
+        click.echo(f"error: {self.message}", err=True, file=file)
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        # click shows a ClickException as one line and exits with its code; everything the
+        # library raises becomes one here, with --debug read from this group's own context.
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            raise CommandError(exc, debug=bool(ctx.params.get("debug"))) from exc
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in COMMANDS if self._importable(name))
 
@@ -64,32 +100,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one line and exit 1 for a user error; the traceback only with --debug."""
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    try:
-        cli.main(args=args, prog_name="loraformat", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except LoraformatError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # a bug: still one line unless --debug
-        if debug:
-            traceback.print_exc()
-        click.echo(
-            f"error: internal error {type(exc).__name__}: {exc} (rerun with --debug for details)",
-            err=True,
-        )
-        sys.exit(1)
+    """Entry point: click's standalone mode (one line and exit 1 for an error, 2 for a usage
+    error; the traceback only with --debug)."""
+    cli.main(args=argv, prog_name="loraformat")

@@ -12,8 +12,7 @@ from typing import Any
 
 import click
 
-from ..algebra import ops
-from ..algebra._common import DTYPE_CHOICES
+from ..algebra import DTYPE_CHOICES, ops
 from ..algebra.combine import METHODS, combine
 from ..algebra.combine import report_json as combine_report
 from ..algebra.extract import extract

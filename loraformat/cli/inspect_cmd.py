@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..architecture import registry
 from ..format.adapter import load, validate
 from ..format.summary import summarize
 from ._common import echo_json, json_option
@@ -21,12 +22,17 @@ def inspect_command(adapter: str, no_norms: bool, as_json: bool) -> None:
     """
     with load(adapter) as loaded:
         info = summarize(loaded, norms=not no_norms)
+    # Which installed plugin reads bases of this architecture; None: handled generically.
+    provider = registry().architectures().get(info["architecture"])
+    info["architecture_plugin"] = provider.plugin if provider is not None else None
     if as_json:
         echo_json(info)
         return
     click.echo(f"adapter       {info['path']}")
     click.echo(f"format        loraformat {info['format_version']}")
     base = info["architecture"] + (f" ({info['base_name']})" if info["base_name"] else "")
+    if provider is None:
+        base += " — no installed plugin: bases are handled generically"
     click.echo(f"base          {base}")
     if info["base_fingerprint"]:
         click.echo(f"fingerprint   {info['base_fingerprint']}")

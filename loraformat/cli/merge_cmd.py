@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..format.adapter import Adapter
 from ._common import echo_json, json_option, overwrite_option, progress
 
 _DTYPES = click.Choice(["float32", "float16"])
@@ -16,43 +17,54 @@ def _is_onnx(path: str) -> bool:
     return Path(path).suffix == ".onnx"
 
 
-def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) -> None:
-    data = {
-        "output": str(result.path),
-        "adapters": list(adapters),
-        "tensors_changed": result.tensors_changed,
-    }
-    for key in ("layers", "shards", "external_data", "opset", "dtype", "nodes", "initializers",
-                "max_abs_diff", "verify_provider", "tolerance", "unshared"):
-        if hasattr(result, key):
-            value = getattr(result, key)
-            data[key] = str(value) if isinstance(value, Path) else value
+def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple:
+    """The ADAPTER arguments as loraformat adapters, converted here at the boundary (a PEFT
+    directory or any other format, named through BASE unless BASE is an ONNX graph), closed when
+    the command ends."""
+    from ..interchange import open_adapter
+
+    ctx.meta["adapter_arguments"] = values  # as the user wrote them, for the report
+    base = ctx.params.get("base")
+    names_from = None if base is None or _is_onnx(base) else base
+    opened = []
+    for value in values:
+        adapter = open_adapter(value, base=names_from)
+        ctx.call_on_close(adapter.close)
+        opened.append(adapter)
+    return tuple(opened)
+
+
+def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool) -> None:
+    """Print what ``result`` (every merge/export result gives its own ``to_json()``) says."""
+    given = click.get_current_context().meta.get("adapter_arguments", ())
+    data = {"adapters": list(given), **result.to_json()}
     if as_json:
         echo_json(data)
         return
     click.echo(
-        f"{kind} {len(adapters)} adapter(s) into {result.path}: {result.tensors_changed} tensor(s) "
-        "changed"
-        + (f", {result.layers} layer(s)" if hasattr(result, "layers") else "")
-        + (f", {result.shards} shard(s)" if hasattr(result, "shards") else "")
+        f"{kind} {len(adapters)} adapter(s) into {data['output']}: {data['tensors_changed']} "
+        "tensor(s) changed"
+        + (f", {data['layers']} layer(s)" if "layers" in data else "")
+        + (f", {data['shards']} shard(s)" if "shards" in data else "")
     )
-    if hasattr(result, "opset"):
+    if "opset" in data:
         click.echo(
-            f"onnx: opset {result.opset}, {result.dtype}, {result.nodes} nodes, "
-            f"{result.initializers} initializers"
-            + (f", weights in {result.external_data}" if result.external_data else "")
+            f"onnx: opset {data['opset']}, {data['dtype']}, {data['nodes']} nodes"
+            + (f", {data['initializers']} initializers" if "initializers" in data else "")
+            + (f", weights in {data['external_data']}" if data.get("external_data") else "")
         )
-    if getattr(result, "max_abs_diff", None) is not None:
+    if data.get("max_abs_diff") is not None:
         click.echo(
-            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
-            f"({result.verify_provider}) and torch on random inputs (tolerance "
-            f"{result.tolerance:.3g}): ok"
+            f"verify: max abs diff {data['max_abs_diff']:.3g} between ONNX Runtime "
+            f"({data['verify_provider']}) and torch on random inputs (tolerance "
+            f"{data['tolerance']:.3g}): ok"
         )
 
 
 @click.command("merge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(),
+                callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (merged checkpoint), a .safetensors file (single-file base), "
                    "or a .onnx file (ONNX model).")
@@ -79,7 +91,7 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @overwrite_option
 @json_option
 def merge_command(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], dtype: str,
+    base: str, adapters: tuple[Adapter, ...], out: str, weights: tuple[float, ...], dtype: str,
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
 ) -> None:
@@ -148,7 +160,8 @@ def merge_command(
 
 @click.command("unmerge")
 @click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(),
+                callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (checkpoint), .safetensors file, or .onnx file (ONNX base).")
 @click.option("--weight", "weights", multiple=True, type=float,
@@ -157,7 +170,7 @@ def merge_command(
 @overwrite_option
 @json_option
 def unmerge_command(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
+    base: str, adapters: tuple[Adapter, ...], out: str, weights: tuple[float, ...],
     allow_nonfinite: bool, overwrite: bool, as_json: bool,
 ) -> None:
     """Subtract ADAPTERS from BASE, a model they were merged into: W = W' − Σ wᵢ·scaleᵢ·BᵢAᵢ.

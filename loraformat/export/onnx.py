@@ -70,6 +70,20 @@ class ExportResult:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path),
+            "external_data": str(self.external_data) if self.external_data else None,
+            "opset": self.opset,
+            "dtype": self.dtype,
+            "nodes": self.nodes,
+            "initializers": self.initializers,
+            "tensors_changed": self.tensors_changed,
+            "max_abs_diff": self.max_abs_diff,
+            "verify_provider": self.verify_provider,
+            "tolerance": self.tolerance,
+        }
+
 
 # -- tensors ------------------------------------------------------------------------------------
 
@@ -415,7 +429,7 @@ def export_onnx(
         model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
         plan = None
         if adapters:
-            opened = open_adapters(stack, adapters, model)
+            opened = open_adapters(stack, adapters)
             plan = plan_for_base(
                 model, opened, weights=weights, force=force, allow_nonfinite=allow_nonfinite
             )

@@ -554,7 +554,7 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
 # -- opening both forms -------------------------------------------------------------------------
 
 
-def _refuse_escape(adapter_dir: Path, member: Path) -> None:
+def refuse_escape(adapter_dir: Path, member: Path) -> None:
     """An adapter's files must lie inside it: a symbolic link may not lead out of the directory."""
     if member.is_symlink():
         target = member.resolve()
@@ -572,7 +572,7 @@ def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
             )
         tensors_path = path / mf.TENSORS_FILE
         for member in (manifest_path, tensors_path):
-            _refuse_escape(path, member)
+            refuse_escape(path, member)
         try:
             manifest = strict_json(manifest_path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
@@ -642,10 +642,11 @@ def validate(path: str | os.PathLike[str]) -> list[Problem]:
         st.close()
 
 
-def convert(
+def repack(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
-    """Rewrite an adapter in the other form (or the same); the content is unchanged."""
+    """Rewrite an adapter in the other form — directory ↔ single file — or the same; the content
+    is unchanged. (Converting between formats is :func:`loraformat.interchange.convert`.)"""
     with load(src) as adapter:
         return adapter.save(dst, overwrite=overwrite)
 
@@ -657,8 +658,8 @@ __all__ = [
     "LoraLayer",
     "Problem",
     "TensorStore",
-    "convert",
     "load",
+    "repack",
     "scale_of",
     "tensors_sha256",
     "validate",

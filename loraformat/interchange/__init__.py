@@ -38,6 +38,8 @@ from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ._common import Context, Progress, Report
 
+#: The loraformat format's own name.
+NATIVE = "loraformat"
 #: format name → module holding its ``CODEC``; detection tries them in this order.
 CODECS: dict[str, str] = {
     "loraformat": "loraformat.interchange.native",
@@ -99,9 +101,9 @@ def target_format(path: str | os.PathLike[str]) -> str:
 
 
 def _context(base: Any, lossy: bool, progress: Progress, options: dict[str, Any]) -> Context:
-    from .peft import _open_base
+    from ..base import as_base
 
-    return Context(base=_open_base(base), allow_lossy=lossy, options=dict(options),
+    return Context(base=as_base(base), allow_lossy=lossy, options=dict(options),
                    progress=progress)
 
 
@@ -127,6 +129,27 @@ def to_adapter(
     """Read an adapter in any format (detected unless ``fmt``) as a loraformat :class:`Adapter`."""
     adapter, _ = _read(Path(path), fmt, _context(base, lossy, progress, options))
     return adapter
+
+
+def open_adapter(
+    path: str | os.PathLike[str] | Adapter, base: Any = None, *, lossy: bool = False
+) -> Adapter:
+    """An adapter in any format as a loraformat :class:`Adapter`, for the functions that take
+    adapters (merge, export): a loraformat adapter is loaded lazily as it is; one another codec
+    recognises (a PEFT directory, a GGUF file, ...) is converted, with ``base`` for its names and
+    checks. The caller closes it."""
+    from ..format.adapter import load
+
+    if isinstance(path, Adapter):
+        return path
+    path = Path(path)
+    if path.exists():
+        for name in CODECS:  # detection order: a loraformat adapter is one first
+            if codec(name).sniff(path):
+                if name == NATIVE:
+                    break
+                return to_adapter(path, name, base=base, lossy=lossy)
+    return load(path)  # also the precise error for a broken or missing adapter
 
 
 def _read(path: Path, fmt: str | None, ctx: Context) -> tuple[Adapter, Any]:
@@ -163,16 +186,17 @@ def from_adapter(
 def _write(adapter: Adapter, path: Path, fmt: str | None, ctx: Context, overwrite: bool) -> Report:
     target = codec(fmt or target_format(path))
     check_output(path, overwrite)
-    if ctx.base is not None and ctx.base.architecture != adapter.architecture:
+    required = ctx.base.required_architecture if ctx.base is not None else None
+    if required is not None and required != adapter.architecture:
         raise LoraformatError(
             ctx.base.path,
             f"base is {ctx.base.architecture!r} but the adapter is for {adapter.architecture!r}",
         )
     if ctx.base is not None:  # every target: never write a layer the base cannot take
-        from .native import _check_against_base
+        from .native import check_against_base
 
         try:
-            _check_against_base(adapter, ctx)
+            check_against_base(adapter, ctx)
         except LoraformatError as exc:
             raise LoraformatError(exc.path or ctx.report.source or None, exc.message) from None
     ctx.report.target_format = target.name
@@ -229,6 +253,7 @@ __all__ = [
     "detect_format",
     "formats",
     "from_adapter",
+    "open_adapter",
     "target_format",
     "to_adapter",
 ]

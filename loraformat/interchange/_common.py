@@ -197,12 +197,12 @@ def refuse_escape(directory: Path, *members: Path) -> None:
     """An input directory's files must lie inside it: no symbolic link may lead out (as for
     loraformat adapters, spec/FORMAT.md §9), so a hostile download cannot make a reader open
     files elsewhere."""
-    from ..format.adapter import _refuse_escape
+    from ..format import adapter
 
     for member in members:
         if _hub_cache_blob(directory, member):
             continue
-        _refuse_escape(directory, member)
+        adapter.refuse_escape(directory, member)
 
 
 def _hub_cache_blob(directory: Path, member: Path) -> bool:
@@ -283,7 +283,7 @@ def float_dtype_name(array: np.ndarray) -> str:
 def atomic_path(out: Path) -> Iterator[Path]:
     """A temporary sibling path for writers that insist on opening the file themselves (gguf,
     onnxruntime); on success it is fsynced and renamed onto ``out`` in one step."""
-    from ..atomic import TMP_MARKER, _default_mode
+    from ..atomic import TMP_MARKER, default_mode
 
     fd, name = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent)
     os.close(fd)
@@ -291,7 +291,7 @@ def atomic_path(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
-            os.fchmod(handle.fileno(), _default_mode(False))  # not mkstemp's 0600
+            os.fchmod(handle.fileno(), default_mode(False))  # not mkstemp's 0600
             os.fsync(handle.fileno())
         os.replace(tmp, out)
     except BaseException:

@@ -48,17 +48,6 @@ from ._common import Context, Names, atomic_path, scaled
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
 KV_ALPHA = "loraformat.alpha"
-
-
-def llama_cpp_arch(architecture: str) -> str:
-    """llama.cpp's ``general.architecture`` for a loraformat architecture id: the plugin's
-    ``gguf_architecture`` (Mistral is converted as ``llama``), else the id itself."""
-    from ..architecture import get_architecture
-
-    try:
-        return get_architecture(architecture).gguf_architecture or architecture
-    except LoraformatError:  # no plugin for it: the id is all there is
-        return architecture
 _EMBEDDING_NAMES = ("token_embd",)
 
 
@@ -76,6 +65,19 @@ def _need_base(ctx: Context, path: Path) -> Any:
             "row order depend on its config",
         )
     return ctx.base
+
+
+def _llama_cpp_architecture(base: Any) -> str:
+    """llama.cpp's ``general.architecture`` for the base: what its architecture says."""
+    name = base.arch.gguf_architecture
+    if name is None and base.generic:
+        raise base.arch.missing_plugin(base.info, "llama.cpp (gguf) conversion")
+    if name is None:
+        raise base.info.error(
+            f"llama.cpp (gguf) needs the {base.architecture!r} architecture's llama.cpp name, "
+            "and its plugin gives none"
+        )
+    return str(name)
 
 
 def _permutation(base: Any, path: str, rows: int) -> np.ndarray | None:
@@ -139,7 +141,7 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     if folds:
         ctx.note(f"GGUF has one alpha per file: scale ratios folded into B for {len(folds)} "
                  f"layer(s) (e.g. {next(iter(folds))}); alpha = {alpha:g}")
-    arch_name = llama_cpp_arch(adapter.architecture)
+    arch_name = _llama_cpp_architecture(ctx.base)
     tensors: list[tuple[str, np.ndarray]] = []
     total = len(specs)
     for done, (path, layer) in enumerate(adapter.layers(), 1):
@@ -222,7 +224,7 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
     if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
         raise LoraformatError(path, "not a GGUF LoRA adapter (general.type/adapter.type)")
     arch_name = _field(reader, "general.architecture")
-    expected = llama_cpp_arch(base.architecture)
+    expected = _llama_cpp_architecture(base)
     if arch_name != expected:
         raise LoraformatError(
             path, f"adapter is for llama.cpp architecture {arch_name!r}, the base is {expected!r}"

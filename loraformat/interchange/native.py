@@ -38,13 +38,13 @@ class NativeCodec:
 
     def write(self, adapter: Adapter, path: Path, ctx: Context) -> None:
         if ctx.base is not None:
-            _check_against_base(adapter, ctx)
+            check_against_base(adapter, ctx)
         ctx.report.layers = len(adapter.specs)
         adapter.save(path, overwrite=True)  # convert() has already applied the overwrite rule
 
 
-def _check_against_base(adapter: Adapter, ctx: Context) -> None:
-    layers = ctx.base.layers
+def check_against_base(adapter: Adapter, ctx: Context) -> None:
+    layers = ctx.base.layers_for(adapter.specs)
     for path, spec in adapter.specs.items():
         dense = layers.get(path)
         if dense is None:

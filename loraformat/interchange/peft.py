@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_dir
+from ..base import as_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
 from ..format.safetensors_io import write_safetensors
@@ -138,14 +139,6 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _open_base(base: Any) -> Any:
-    if base is None or hasattr(base, "layers"):
-        return base
-    from ..base import open_base
-
-    return open_base(base)
-
-
 def read_peft(
     path: str | os.PathLike[str],
     base: Any = None,
@@ -162,9 +155,9 @@ def read_peft(
     ``auto_mapping`` and module names, and in/out features come from the tensor shapes.
     ``lossy``: accept dropping what the format cannot hold (see :class:`Context`).
     """
-    ctx = context or Context(base=_open_base(base), allow_lossy=lossy)
+    ctx = context or Context(base=as_base(base), allow_lossy=lossy)
     if context is not None and base is not None and ctx.base is None:
-        ctx.base = _open_base(base)
+        ctx.base = as_base(base)
     return _read(Path(path), ctx, architecture or ctx.options.get("architecture"))
 
 
@@ -267,7 +260,9 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
         alpha = alpha_pattern.get(alpha_key, config["lora_alpha"])
         in_features, out_features = int(a.shape[1]), int(b.shape[0])
         if base_layers is not None:
-            dense = base_layers[layer_path]
+            dense = ctx.base.layer_as(
+                layer_path, "embedding" if embedding else "linear", in_features, out_features
+            )
             if (dense.in_features, dense.out_features) != (in_features, out_features):
                 raise LoraformatError(
                     weights_path,
@@ -419,7 +414,7 @@ def write_peft(
     """
     from ..atomic import check_output
 
-    ctx = context or Context(base=_open_base(base), allow_lossy=lossy)
+    ctx = context or Context(base=as_base(base), allow_lossy=lossy)
     out = Path(out)
     if context is None:
         check_output(out, overwrite)

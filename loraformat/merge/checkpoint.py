@@ -29,10 +29,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..atomic import TMP_MARKER, _default_mode, atomic_dir, check_output
+from ..atomic import TMP_MARKER, atomic_dir, check_output, default_mode
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
@@ -58,6 +59,14 @@ class MergeResult:
     tensors_changed: int
     shards: int
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path),
+            "tensors_changed": self.tensors_changed,
+            "layers": self.layers,
+            "shards": self.shards,
+        }
+
 
 def plan_for_base(
     base: BaseModel,
@@ -68,12 +77,13 @@ def plan_for_base(
     force: bool = False,
     allow_nonfinite: bool = False,
 ) -> MergePlan:
-    """:func:`~loraformat.merge.plan.plan_merge` with the base's plugin layers and fingerprint."""
+    """:func:`~loraformat.merge.plan.plan_merge` with the base's layers and fingerprint."""
+    specs = {path: spec for adapter in adapters for path, spec in adapter.specs.items()}
     return plan_merge(
-        base.layers,
+        base.layers_for(specs),
         base.checkpoint.shapes(),
         adapters,
-        architecture=base.architecture,
+        architecture=base.required_architecture,
         base_path=base.path,
         weights=weights,
         subtract=subtract,
@@ -289,7 +299,7 @@ def _atomic_rw_file(path: Path) -> Iterator[int]:
     fd, tmp = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + path.name, dir=path.parent)
     try:
         yield fd
-        os.fchmod(fd, _default_mode(False))  # mkstemp's 0600 → what open() would give
+        os.fchmod(fd, default_mode(False))  # mkstemp's 0600 → what open() would give
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -375,7 +385,7 @@ def merge_checkpoint(
     """
     with contextlib.ExitStack() as stack:
         model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
-        opened = open_adapters(stack, adapters, model)
+        opened = open_adapters(stack, adapters)
         plan = plan_for_base(
             model, opened, weights=weights, subtract=subtract, force=force,
             allow_nonfinite=allow_nonfinite,

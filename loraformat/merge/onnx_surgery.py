@@ -77,6 +77,15 @@ class SurgeryResult:
     layers: int
     unshared: list[str] = field(default_factory=list)
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path),
+            "external_data": str(self.external_data) if self.external_data else None,
+            "tensors_changed": self.tensors_changed,
+            "layers": self.layers,
+            "unshared": self.unshared,
+        }
+
 
 @dataclass
 class _Found:

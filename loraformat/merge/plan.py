@@ -66,33 +66,31 @@ class MergePlan:
         return len(self.ops)
 
 
-def open_adapter(path: str | os.PathLike[str] | Adapter, base: object | None = None) -> Adapter:
-    """A loraformat adapter, or a PEFT adapter directory converted through the interchange layer."""
+def open_adapter(path: str | os.PathLike[str] | Adapter) -> Adapter:
+    """A loraformat adapter (an object as it is, a path loaded lazily).
+
+    Merges take loraformat adapters; another format (a PEFT directory) is converted at the
+    boundary — :func:`loraformat.interchange.open_adapter`, as the CLI does — not here.
+    """
     if isinstance(path, Adapter):
         return path
     p = Path(path)
     if p.is_dir() and (p / PEFT_CONFIG).is_file() and not (p / mf.MANIFEST_FILE).is_file():
-        try:
-            from ..interchange.peft import read_peft
-        except ImportError:
-            raise LoraformatError(
-                p, "is a PEFT adapter, and this installation cannot read PEFT adapters "
-                "(loraformat.interchange.peft is missing); convert it to loraformat first",
-            ) from None
-        return read_peft(p, base=base)
+        raise LoraformatError(
+            p, "is a PEFT adapter; merges take loraformat adapters: convert it first "
+            "(loraformat.interchange.open_adapter(path, base=...), which the CLI does)",
+        )
     return load(p)
 
 
 def open_adapters(
-    stack: contextlib.ExitStack,
-    items: Sequence[str | os.PathLike[str] | Adapter],
-    base: object | None = None,
+    stack: contextlib.ExitStack, items: Sequence[str | os.PathLike[str] | Adapter]
 ) -> list[Adapter]:
     """:func:`open_adapter` for each item; those opened here are closed when ``stack`` unwinds
     (adapters passed in as objects belong to the caller)."""
     opened = []
     for item in items:
-        adapter = open_adapter(item, base)
+        adapter = open_adapter(item)
         if not isinstance(item, Adapter):
             stack.callback(adapter.close)
         opened.append(adapter)
