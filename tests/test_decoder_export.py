@@ -80,7 +80,7 @@ def test_export_with_past_float16_optimized(tiny_checkpoint, tmp_path, monkeypat
                  "--verify", "--json")
     assert run.code == 0, run.err
     assert [p.name for p in tmp_path.iterdir()] == ["llama16.onnx"]
-    report = json.loads(run.output)
+    report = json.loads(run.out)
     assert report["dtype"] == "float16" and report["optimized"]
     assert report["fusions"]["SkipSimplifiedLayerNormalization"] == 4
     names_in, names_out = interface(2)

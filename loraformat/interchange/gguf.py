@@ -5,11 +5,11 @@ What llama.cpp's loader (``src/llama-adapter.cpp``) requires, and this module wr
 - KV ``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha`` (f32),
   ``general.architecture`` = llama.cpp's architecture name (must equal the model's);
 - tensors ``<llama.cpp weight name>.lora_a`` / ``.lora_b`` (e.g. ``blk.0.attn_q.weight.lora_a``),
-  names from the plugin (``foreign_name(..., "gguf")``). numpy A is (r, in) and B (out, r) —
+  names from the architecture's name table (column ``"gguf"``). numpy A is (r, in) and B (out, r) —
   GGUF lists them as ne [in, r] / [r, out], and the loader checks model.ne[0] == a.ne[0],
   model.ne[1] == b.ne[1], a.ne[1] == b.ne[0]. ``token_embd`` is the exception: A is stored
   transposed, (num_embeddings, r), as llama.cpp's converter does;
-- B's rows in llama.cpp's order: the plugin's ``row_permutation(..., "gguf")`` (LLaMA q/k are
+- B's rows in llama.cpp's order: the architecture's ``row_permutation(..., "gguf")`` (LLaMA q/k are
   permuted for llama.cpp's rotary layout); A is untouched.
 
 The scale llama.cpp applies is ``user_scale·alpha/rank`` with one alpha per file and the rank read

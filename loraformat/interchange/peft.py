@@ -18,9 +18,9 @@ What is carried (checked against peft 0.21):
   (``<module>.base_layer.bias``) → replacements, keyed by the *checkpoint* tensor name.
 
 PEFT names modules as transformers holds them in memory; for some architectures (ViT under
-transformers 5) that differs from the checkpoint's tensor names. The architecture plugin's
-``foreign_name`` / ``layer_path`` hooks (convention ``"peft"``) translate; where no plugin answers
-the names are taken as equal.
+transformers 5) that differs from the checkpoint's tensor names. The architecture's name table
+(column ``"peft"``) translates; where it has no row (or no plugin provides the architecture) the
+names are taken as equal.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 graph has exactly the base graph's nodes, so inference costs what the base costs.
 
 **Finding a layer's weight.** For an adapter layer ``P``, the candidates are ``P`` and the name the
-architecture plugin gives the layer in memory (``foreign_name(..., "peft")``: transformers 5
+architecture's name table gives the layer in memory (``names.foreign(P, "peft")``: transformers 5
 renames some modules on load, and ``torch.onnx.export`` of a transformers model uses in-memory
 names). For each candidate, in order: the initializer named ``<candidate>.weight`` (graphs from
 ``loraformat export``/``merge -o x.onnx``, which keep checkpoint names, GPT-2's Conv1D weights in
