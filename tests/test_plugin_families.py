@@ -188,6 +188,7 @@ def _logits(family, built, seq=13, **kwargs):
         ("mistral", {}),  # window 4 < 13 tokens
         ("mistral", {"sliding_window": 32}),  # window > sequence
         ("gemma2", {}),  # sliding then global layer, window 4
+        ("gemma2", {"tie_word_embeddings": False}),  # soft-capped lm_head of its own
         ("gemma3", {}),  # sliding (local rope) then global (scaled rope) layer
         ("phi3", {}),  # 13 tokens > 8: LongRoPE's long factors
     ],
@@ -285,3 +286,54 @@ def test_conformance_kit(built, family):
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     assert {"peft", "gguf", "mlx"} <= set(report.foreign_names)
     assert not report.unused_layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_transformers(built, family):
+    """attention_mask and position_ids are honoured together with windows, soft-caps and
+    per-layer ropes: a left-padded row (3 pads, 10 tokens) gives transformers' logits."""
+    info, tensors = built(family)
+    em = arch(family).export_model(info, tensors, ExportOptions(with_past=True))
+    reference = tiny_families.load_transformers(info.path)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 10, dtype=torch.int64)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    example = em.example_inputs["past_key_values_0_key"]
+    past = {
+        k: torch.zeros(2, example.shape[1], 0, example.shape[3])
+        for k in em.example_inputs
+        if k.startswith("past_")
+    }
+    with torch.no_grad():
+        ours = em.module(input_ids=ids, attention_mask=mask, position_ids=positions, **past)[0]
+        ref = reference(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        ).logits
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_soft_capped_lm_head_carries_a_lora_slot(built):
+    """Gemma 2's untied lm_head is still a Dense (the slot exporter wraps it by path): a slot
+    filled with A·B gives the same logits as A·B merged into its weight, soft-cap after both."""
+    from loraformat.architecture.modules import Dense
+
+    info, tensors = built("gemma2", tie_word_embeddings=False)
+    em = arch("gemma2").export_model(info, tensors, ExportOptions())
+    head = em.module.get_submodule("lm_head")
+    assert isinstance(head, Dense)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(32, 3, generator=g), torch.randn(3, 96, generator=g)
+    ids = torch.randint(3, 96, (2, 6), generator=g)
+    with torch.no_grad():
+        plain = em.module(input_ids=ids)
+        head.lora_A, head.lora_B = a, b
+        slotted = em.module(input_ids=ids)
+        # merged: a second module, so the cached checkpoint tensors stay untouched
+        changed = {**tensors, "lm_head.weight": tensors["lm_head.weight"] + (a @ b).t()}
+        merged = arch("gemma2").export_model(info, changed, ExportOptions()).module(input_ids=ids)
+    torch.testing.assert_close(slotted, merged, atol=1e-5, rtol=0)
+    assert (slotted - plain).abs().max() > 1e-2
+    assert merged.abs().max() <= 2.0  # final_logit_softcapping

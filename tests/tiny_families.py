@@ -76,15 +76,17 @@ def mistral(out: Path, *, layers: int = 2, seed: int = 0, sliding_window: int = 
     return _save(MistralForCausalLM(config), out, seed)
 
 
-def gemma2(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
+def gemma2(out: Path, *, layers: int = 2, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
     """Gemma 2 with sliding (even) and global (odd) layers, a 4-token window, soft-caps small
-    enough to change the result, and query_pre_attn_scalar ≠ head_dim."""
+    enough to change the result, and query_pre_attn_scalar ≠ head_dim; tied like Gemma 2's
+    releases unless told otherwise."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(seed)
     config = Gemma2Config(
         num_hidden_layers=layers, head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
-        attn_logit_softcapping=0.05, final_logit_softcapping=2.0, **COMMON,
+        attn_logit_softcapping=0.05, final_logit_softcapping=2.0,
+        tie_word_embeddings=tie_word_embeddings, **COMMON,
     )
     return _save(Gemma2ForCausalLM(config), out, seed)
 
