@@ -184,6 +184,7 @@ def _logits(family, built, seq=13, **kwargs):
     [
         ("qwen2", {}),
         ("qwen2", {"tie_word_embeddings": False}),
+        ("qwen2", {"sliding_window": 4}),  # layer 0 full, layer 1 slides (max_window_layers)
         ("qwen3", {}),
         ("mistral", {}),  # window 4 < 13 tokens
         ("mistral", {"sliding_window": 32}),  # window > sequence
@@ -195,6 +196,13 @@ def _logits(family, built, seq=13, **kwargs):
     ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
 )
 def test_export_module_logits_equal_transformers(built, family, kwargs):
+    windows = arch(family).spec(built(family, **kwargs)[0]).windows
+    assert windows == {
+        "mistral": (kwargs.get("sliding_window", 4),) * 2,
+        "gemma2": (4, None),
+        "gemma3": (4, None),
+        "qwen2": (None, 4) if kwargs.get("sliding_window") else (None, None),
+    }.get(family, (None, None))
     ours, expected = _logits(family, built, **kwargs)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
 

@@ -42,13 +42,25 @@ def _save(model: Any, out: Path, seed: int) -> Path:
     return out
 
 
-def qwen2(out: Path, *, layers: int = 2, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
-    """Qwen2 with q/k/v biases and GQA; tied embeddings as Qwen2.5-0.5B has them."""
+def qwen2(
+    out: Path,
+    *,
+    layers: int = 2,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+    sliding_window: int | None = None,
+) -> Path:
+    """Qwen2 with q/k/v biases and GQA; tied embeddings as Qwen2.5-0.5B has them. With
+    ``sliding_window``, the layers from the second on slide (use_sliding_window,
+    max_window_layers=1)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    window = {}
+    if sliding_window is not None:
+        window = dict(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=1)
     config = Qwen2Config(
-        num_hidden_layers=layers, tie_word_embeddings=tie_word_embeddings, **COMMON
+        num_hidden_layers=layers, tie_word_embeddings=tie_word_embeddings, **window, **COMMON
     )
     return _save(Qwen2ForCausalLM(config), out, seed)
 
