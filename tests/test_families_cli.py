@@ -241,3 +241,37 @@ def test_phi3_adapter_on_one_fused_part(tmp_path_factory):
     b = tensors["blk.0.ffn_up.weight.lora_b"].reshape(layers[gate_up].out_features, 4)
     np.testing.assert_array_equal(b[64:], built[gate_up].B)
     assert not b[:64].any()
+
+
+def test_mlx_lm_loads_the_converted_adapter_like_the_merge(family):
+    """`convert --to mlx --base` gives MLX-LM's module names for the family: real mlx-lm loads it
+    onto the base (``load_adapters``) and equals loraformat's merge loaded by mlx-lm."""
+    pytest.importorskip("mlx_lm")
+    import shutil
+
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    name, base, adapter, _merged, root = family
+    run("convert", adapter, "-o", root / "mlx", "--to", "mlx", "--base", base)
+    run("merge", base, adapter, "-o", root / "merged-dir")
+    loadable = {}
+    for what, checkpoint in (("base", base), ("merged", root / "merged-dir")):
+        # mlx-lm's Gemma 3 reads the layer pattern from sliding_window_pattern (default 6),
+        # not layer_types: copies with the tiny model's pattern.
+        copy = root / f"mlx-{what}"
+        shutil.copytree(checkpoint, copy, dirs_exist_ok=True)
+        config = json.loads((base / "config.json").read_text())
+        if name == "gemma3":
+            config["sliding_window_pattern"] = 2
+        (copy / "config.json").write_text(json.dumps(config))
+        loadable[what] = copy
+    ids = mx.array(IDS)
+    merged, _ = load_model(loadable["merged"])
+    expected = np.array(merged(ids))
+    model, _ = load_model(loadable["base"])
+    plain = np.array(model(ids))
+    got = np.array(load_adapters(model, str(root / "mlx"))(ids))
+    assert np.abs(expected - plain).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
