@@ -345,3 +345,76 @@ def test_soft_capped_lm_head_carries_a_lora_slot(built):
     torch.testing.assert_close(slotted, merged, atol=1e-5, rtol=0)
     assert (slotted - plain).abs().max() > 1e-2
     assert merged.abs().max() <= 2.0  # final_logit_softcapping
+
+
+SIZES = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
+LEGACY = {  # config.json as transformers 4 wrote them (no layer_types / rope_parameters)
+    "qwen2": {"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 4,
+              "max_window_layers": 2, "rope_theta": 1000000.0},
+    "gemma2": {"num_hidden_layers": 4, "sliding_window": 4, "head_dim": 8,
+               "query_pre_attn_scalar": 12},
+    "gemma3": {"num_hidden_layers": 6, "sliding_window": 4, "head_dim": 8,
+               "sliding_window_pattern": 3, "rope_theta": 1000000.0,
+               "rope_local_base_freq": 10000.0,
+               "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+    "phi3": {"num_hidden_layers": 2, "original_max_position_embeddings": 8,
+             "max_position_embeddings": 32, "rope_theta": 10000.0,
+             "rope_scaling": {"type": "su", "short_factor": [1.0, 1.2, 1.5, 2.0],
+                              "long_factor": [2.0, 3.0, 5.0, 8.0]}},
+    "mistral": {"num_hidden_layers": 2, "sliding_window": 4, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("family", sorted(LEGACY))
+def test_legacy_configs_read_as_transformers_reads_them(family):
+    """A transformers-4 config.json gives the same windows and ropes as the same config after
+    transformers 5 normalised it (layer_types, rope_parameters) — transformers is the judge."""
+    from transformers import AutoConfig
+
+    model_type = {"gemma3": "gemma3_text"}.get(family, family)
+    legacy = {"model_type": model_type, **SIZES, **LEGACY[family]}
+    fed = dict(legacy)
+    if family == "phi3":
+        # transformers 5 wants original_max_position_embeddings inside the rope dict as well;
+        # ours reads the top-level one too.
+        fed["rope_scaling"] = {**legacy["rope_scaling"], "original_max_position_embeddings": 8}
+    normalised = AutoConfig.for_model(**fed).to_dict()
+    ours = arch(family).spec(CheckpointInfo(config=legacy))
+    theirs = arch(family).spec(CheckpointInfo(config=normalised))
+    assert ours.windows == theirs.windows
+    assert ours.rope_of == theirs.rope_of
+    for key in set(ours.rope_of):
+        a, b = ours.ropes[key], theirs.ropes[key]
+        torch.testing.assert_close(a.inv_freq, b.inv_freq, atol=0, rtol=1e-6)
+        assert (a.dim, a.scaling, a.threshold) == (b.dim, b.scaling, b.threshold)
+        assert (a.long_inv_freq is None) == (b.long_inv_freq is None)
+        if a.long_inv_freq is not None:
+            torch.testing.assert_close(a.long_inv_freq, b.long_inv_freq, atol=0, rtol=1e-6)
+    expected = {
+        "qwen2": (None, None, 4, 4),
+        "gemma2": (4, None, 4, None),
+        "gemma3": (4, 4, None, 4, 4, None),
+        "phi3": (None, None),
+        "mistral": (4, 4),
+    }[family]
+    assert ours.windows == expected
+
+
+def test_longrope_tables_equal_transformers():
+    """Phi-3's short and long inverse frequencies and attention factor, against transformers'
+    own LongRoPE initialisation."""
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    legacy = {"model_type": "phi3", **SIZES, **LEGACY["phi3"]}
+    rope = arch("phi3").spec(CheckpointInfo(config=legacy)).ropes[""]
+    fed = {k: v for k, v in legacy.items() if k != "model_type"}
+    fed["rope_scaling"] = {**legacy["rope_scaling"], "original_max_position_embeddings": 8}
+    config = Phi3Config(**fed)
+    short, factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=9)
+    torch.testing.assert_close(rope.inv_freq, short, atol=0, rtol=1e-6)
+    torch.testing.assert_close(rope.long_inv_freq, long, atol=0, rtol=1e-6)
+    assert rope.scaling == pytest.approx(factor) and factor > 1.0
+    assert rope.threshold == 8
