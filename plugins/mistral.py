@@ -1,0 +1,54 @@
+"""Mistral (Hugging Face layout): LLaMA's block with a sliding attention window on every layer.
+
+Its tensors are LLaMA's, so only the config tells them apart; llama.cpp converts it as ``llama``
+(through LlamaModel, which permutes the q/k rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from loraformat.architecture import hookimpl
+from loraformat.architecture.protocol import CheckpointInfo
+
+from ._decoder import (
+    DecoderFamily,
+    DecoderSpec,
+    base_spec,
+    decoder_names,
+    layer_windows,
+    llama_cpp_qk_permutation,
+)
+
+LORAFORMAT_PLUGIN_API = 2
+
+
+class Mistral(DecoderFamily):
+    id = "mistral"
+    description = "Mistral decoder (GQA, RoPE, SwiGLU, sliding-window attention)"
+    model_types = ("mistral",)
+    classes = ("MistralForCausalLM", "MistralModel")
+    names = decoder_names(DecoderFamily.projections)
+    targets = ("q_proj", "v_proj")
+    gguf_architecture = "llama"
+    ort_model_type = "bert"
+
+    def row_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        return llama_cpp_qk_permutation(checkpoint, layer_path) if convention == "gguf" else None
+
+    def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
+        n_layer = int(
+            checkpoint.config_value("num_hidden_layers", what="the Mistral export module")
+        )
+        # transformers' Mistral slides on every layer (it ignores layer_types).
+        window = checkpoint.config.get("sliding_window")
+        return base_spec(
+            checkpoint, "Mistral", windows=layer_windows({}, n_layer, window, lambda i: True)
+        )
+
+
+@hookimpl
+def loraformat_architectures() -> list[Mistral]:
+    return [Mistral()]
