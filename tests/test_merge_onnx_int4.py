@@ -23,6 +23,8 @@ from loraformat.interchange import open_adapter
 from loraformat.merge.onnx_surgery import merge_onnx
 from loraformat.quant import matmulnbits
 
+pytestmark = pytest.mark.slow  # ONNX export, PEFT references
+
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BLOCK = 32
 
@@ -274,3 +276,12 @@ def test_builder_names_and_bad_nodes_refused(lm, tmp_path):
         run("merge", broken, adapter, "-o", tmp_path / "x.onnx", inputs=[broken]), broken,
         "MatMulNBits node", "block_size=16",
     )
+
+
+def test_unmerge_refused(lm, tmp_path):
+    model = lm.models[False]
+    assert_one_line_error(
+        run("unmerge", model, lm.adapter, "-o", tmp_path / "u.onnx", inputs=[model]), model,
+        "unmerge from MatMulNBits (int4/int8) weights is not supported",
+    )
+    assert not (tmp_path / "u.onnx").exists()

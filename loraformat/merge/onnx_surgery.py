@@ -619,6 +619,11 @@ def merge_onnx(
                     f"graph {source} is {detected!r}",
                 )
         layout = locate(model, opened, architecture=detected, where=source, unshare=unshare)
+        if subtract and any(hit.quantized is not None for hit in layout.found.values()):
+            raise LoraformatError(
+                source, "unmerge from MatMulNBits (int4/int8) weights is not supported: the merge "
+                "requantized them, so subtracting the adapter does not give the base back",
+            )
         plan: MergePlan = plan_merge(
             layout.layers, layout.shapes, opened, architecture=detected, base_path=source,
             weights=weights, subtract=subtract, fingerprint=None, force=True,
