@@ -285,3 +285,13 @@ def test_unmerge_refused(lm, tmp_path):
         "unmerge from MatMulNBits (int4/int8) weights is not supported",
     )
     assert not (tmp_path / "u.onnx").exists()
+
+
+def test_lora_bias_on_a_quantized_layer_refused(lm, tmp_path):
+    adapter = tiny_models.peft_adapter(lm.base, "llama", tmp_path / "bias",
+                                       target_modules=["q_proj"], lora_bias=True)
+    model = lm.models[True]
+    assert_one_line_error(
+        run("merge", model, adapter, "-o", tmp_path / "o.onnx", inputs=[model]), model,
+        "'model.layers.0.self_attn.q_proj' is a MatMulNBits weight", "no lora_bias",
+    )

@@ -426,8 +426,8 @@ def _quantized(
             continue
         if spec.kind != "linear" or spec.lora_bias:
             raise LoraformatError(
-                adapter_path, f"layer {path!r} is a MatMulNBits weight in {where}; only a "
-                "linear layer's low-rank update (no lora_bias) can be merged into it",
+                where, f"layer {path!r} is a MatMulNBits weight; only a linear layer's low-rank "
+                "update (no lora_bias) can be merged into it",
             )
         if (spec.in_features, spec.out_features) != (quantized.k, quantized.n):
             raise LoraformatError(
