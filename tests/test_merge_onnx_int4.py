@@ -52,7 +52,7 @@ def fold_transposes(model: onnx.ModelProto) -> None:
         graph.node.remove(node)
 
 
-def quantize_with_ort(float_onnx: Path, out: Path, symmetric: bool) -> Path:
+def quantize_with_ort(float_onnx: Path, out: Path, symmetric: bool, bits: int = 4) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(float_onnx))
@@ -63,7 +63,7 @@ def quantize_with_ort(float_onnx: Path, out: Path, symmetric: bool) -> Path:
     head = [n.name for n in model.graph.node
             if n.op_type == "MatMul" and n.input[1] == "lm_head.weight"]
     assert len(head) == 1
-    quantizer = MatMulNBitsQuantizer(model, block_size=BLOCK, is_symmetric=symmetric,
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=symmetric,
                                      nodes_to_exclude=head)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out))
@@ -100,17 +100,19 @@ def peft_deltas(adapter: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def codes(packed: np.ndarray) -> np.ndarray:
-    """The 4-bit codes of packed B (element 2i in the low nibble, 2i+1 in the high one)."""
+def codes(packed: np.ndarray, bits: int = 4) -> np.ndarray:
+    """The codes of packed B (4 bits: element 2i in the low nibble, 2i+1 in the high one)."""
+    if bits == 8:
+        return packed.reshape(packed.shape[0], -1)
     return np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
 
 
-def stored(inits: dict[str, np.ndarray], name: str, k: int, symmetric: bool):
-    packed = inits[name + "_Q4"]
+def stored(inits: dict[str, np.ndarray], name: str, k: int, symmetric: bool, bits: int = 4):
+    packed = inits[f"{name}_Q{bits}"]
     n = packed.shape[0]
     zp = None if symmetric else inits[name + "_zero_points"].reshape(n, -1)
     return matmulnbits.QuantizedWeight(
-        packed, inits[name + "_scales"].reshape(n, -1).astype(np.float32), zp, 4, BLOCK, k
+        packed, inits[name + "_scales"].reshape(n, -1).astype(np.float32), zp, bits, BLOCK, k
     )
 
 
@@ -295,3 +297,31 @@ def test_lora_bias_on_a_quantized_layer_refused(lm, tmp_path):
         run("merge", model, adapter, "-o", tmp_path / "o.onnx", inputs=[model]), model,
         "'model.layers.0.self_attn.q_proj' is a MatMulNBits weight", "no lora_bias",
     )
+
+
+def test_int8_with_float16_scales(lm, tmp_path):
+    """A float16 model quantized to 8 bits: scales stay float16, blocks are the codec's."""
+    export_onnx(lm.base, tmp_path / "f16.onnx", dtype="float16")
+    model = quantize_with_ort(tmp_path / "f16.onnx", tmp_path / "int8.onnx", False, bits=8)
+    out = tmp_path / "merged.onnx"
+    result = merge_onnx(model, [open_adapter(lm.adapter)], out)
+    assert {layer.qtype for layer in result.survival.layers} == {"int8a"}
+    assert result.survival.share > 0.99 and result.survival.warning() is None
+    before, after = initializers(model), initializers(out)
+    mismatched = 0
+    for name, delta in peft_deltas(lm.adapter).items():
+        k = delta.shape[1]
+        assert after[name + "_scales"].dtype == np.float16
+        old = stored(before, name, k, False, bits=8)
+        expected = matmulnbits.quantize(matmulnbits.dequantize(old) + delta, bits=8,
+                                        block_size=BLOCK)
+        np.testing.assert_allclose(after[name + "_scales"].reshape(expected.scales.shape),
+                                   expected.scales.astype(np.float16), rtol=1e-3, err_msg=name)
+        got = stored(after, name, k, False, bits=8)
+        np.testing.assert_array_equal(got.zero_points, expected.zero_points, err_msg=name)
+        mismatched += int(np.count_nonzero(codes(got.packed, 8) != codes(expected.packed, 8)))
+    assert mismatched <= 3, mismatched
+    assert node_list(out) == node_list(model)
+    got = ort_logits(out).astype(np.float32).reshape(-1)
+    ref = lm.reference.reshape(-1)
+    assert float(got @ ref / np.linalg.norm(got) / np.linalg.norm(ref)) >= 0.999
