@@ -325,3 +325,15 @@ def test_int8_with_float16_scales(lm, tmp_path):
     got = ort_logits(out).astype(np.float32).reshape(-1)
     ref = lm.reference.reshape(-1)
     assert float(got @ ref / np.linalg.norm(got) / np.linalg.norm(ref)) >= 0.999
+
+
+def test_architecture_told_from_the_quantized_names(lm, tmp_path):
+    """The weights' float names (``X`` of ``X_Q4``) tell the architecture: an adapter for another
+    one is refused by name, not as a missing layer."""
+    gpt2 = tiny_models.gpt2(tmp_path / "gpt2")
+    other = tiny_models.peft_adapter(gpt2, "gpt2", tmp_path / "g", target_modules=["c_attn"])
+    model = lm.models[True]
+    assert_one_line_error(
+        run("merge", model, other, "-o", tmp_path / "o.onnx", inputs=[model]), model,
+        "adapter is for architecture 'gpt2'", "'llama'",
+    )
