@@ -57,6 +57,8 @@ from ..architecture import DenseLayer
 from ..atomic import check_output
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
+from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport
+from . import onnx_int4
 from .plan import MergePlan, open_adapters, plan_merge
 
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
@@ -76,21 +78,26 @@ class SurgeryResult:
     tensors_changed: int
     layers: int
     unshared: list[str] = field(default_factory=list)
+    survival: SurvivalReport | None = None  # when MatMulNBits weights were requantized
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "output": str(self.path),
             "external_data": str(self.external_data) if self.external_data else None,
             "tensors_changed": self.tensors_changed,
             "layers": self.layers,
             "unshared": self.unshared,
         }
+        if self.survival is not None:
+            data["survival"] = self.survival.to_json()
+        return data
 
 
 @dataclass
 class _Found:
     value: Any  # onnx_ir.Value (an initializer)
     transposed: bool = False  # replacements: stored as the transpose of the checkpoint tensor
+    quantized: onnx_int4.QuantizedLayer | None = None  # a MatMulNBits weight (value is its B)
 
 
 # -- graph queries -------------------------------------------------------------------------------
@@ -170,8 +177,10 @@ class _Index:
             if len(sources) == 1:
                 self.folded.setdefault(sources[0], []).append(value)
 
+        self.quantized = onnx_int4.has_quantized(model)
+
     def names(self) -> list[str]:
-        return list(self.by_name) + list(self.folded)
+        return list(self.by_name) + list(self.folded) + onnx_int4.quantized_names(self.by_name)
 
     def find(self, tensor: str, where: object) -> tuple[Any, str] | None:
         """(initializer, "name" | "folded") holding checkpoint tensor ``tensor``, or None."""
@@ -302,10 +311,18 @@ def locate(
                 if hit is not None:
                     break
             if hit is None:
-                raise LoraformatError(
-                    adapter.path, f"adapter layer {path!r} is not in the graph {where}: no "
-                    f"initializer named {candidates[-1] + '.weight'!r} or folded from it",
-                )
+                quantized = _quantized(index, path, spec, candidates, adapter.path, where)
+                owner_path = owner.setdefault(id(quantized.packed), path)
+                if owner_path != path:
+                    raise LoraformatError(
+                        adapter.path, f"layers {owner_path!r} and {path!r} share the initializer "
+                        f"{quantized.packed.name!r}; merging into one would change both",
+                    )
+                dense = DenseLayer(path, quantized.k, quantized.n, layout="out_in", kind="linear")
+                layers[path] = dense
+                found[dense.weight] = _Found(quantized.packed, quantized=quantized)
+                shapes[dense.weight] = (quantized.n, quantized.k)
+                continue
             value, how = hit
             uses = _terminal_uses(value)
             compute = [(n, i, f) for n, i, f in uses if n.op_type in _COMPUTE]
@@ -396,6 +413,38 @@ def locate(
             found[name] = _Found(value, transposed)
             shapes[name] = tuple(target.shape)
     return _Layout(layers, shapes, found, unshared)
+
+
+def _quantized(
+    index: _Index, path: str, spec: Any, candidates: Sequence[str], adapter_path: object,
+    where: object,
+) -> onnx_int4.QuantizedLayer:
+    """The MatMulNBits weight of layer ``path`` (no float initializer holds it), or the refusal."""
+    for candidate in candidates:
+        quantized = onnx_int4.find(index.by_name, candidate + ".weight", where)
+        if quantized is None:
+            continue
+        if spec.kind != "linear" or spec.lora_bias:
+            raise LoraformatError(
+                where, f"layer {path!r} is a MatMulNBits weight; only a linear layer's low-rank "
+                "update (no lora_bias) can be merged into it",
+            )
+        if (spec.in_features, spec.out_features) != (quantized.k, quantized.n):
+            raise LoraformatError(
+                where, f"shape mismatch at layer {path!r}: adapter is {spec.in_features}→"
+                f"{spec.out_features} (in→out), the graph's MatMulNBits node "
+                f"{quantized.node.name!r} is K={quantized.k}→N={quantized.n}",
+            )
+        return quantized
+    if index.quantized:  # the graph's naming is the problem: name the graph
+        raise LoraformatError(
+            where, f"adapter layer {path!r} is not in the graph: "
+            f"{onnx_int4.unnamed_message(list(candidates))}",
+        )
+    raise LoraformatError(
+        adapter_path, f"adapter layer {path!r} is not in the graph {where}: no initializer named "
+        f"{candidates[-1] + '.weight'!r} or folded from it",
+    )
 
 
 def _bias_of_weight(
@@ -527,6 +576,7 @@ def merge_onnx(
     force: bool = True,
     allow_nonfinite: bool = False,
     unshare: bool = False,
+    threshold: float | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> SurgeryResult:
@@ -535,6 +585,8 @@ def merge_onnx(
     inputs of layers ``unshare`` gives their own copy). See the module docstring for how layers
     are found and oriented, and :func:`~loraformat.merge.plan.plan_merge` for the refusals.
     ``force`` is accepted for symmetry and ignored: an ONNX file has no fingerprint to compare.
+    Weights stored in MatMulNBits nodes are requantized (:mod:`~loraformat.merge.onnx_int4`) and
+    the result carries the survival report; ``threshold`` is its warning's share.
     """
     import onnx_ir as ir
 
@@ -567,6 +619,11 @@ def merge_onnx(
                     f"graph {source} is {detected!r}",
                 )
         layout = locate(model, opened, architecture=detected, where=source, unshare=unshare)
+        if subtract and any(hit.quantized is not None for hit in layout.found.values()):
+            raise LoraformatError(
+                source, "unmerge from MatMulNBits (int4/int8) weights is not supported: the merge "
+                "requantized them, so subtracting the adapter does not give the base back",
+            )
         plan: MergePlan = plan_merge(
             layout.layers, layout.shapes, opened, architecture=detected, base_path=source,
             weights=weights, subtract=subtract, fingerprint=None, force=True,
@@ -580,8 +637,17 @@ def merge_onnx(
             if tensor is not None:
                 size += int(tensor.nbytes)
                 external = external or isinstance(tensor, ir.ExternalTensor)
+        report = SurvivalReport(
+            threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+            advice=onnx_int4.ADVICE,
+        )
         for done, (name, op) in enumerate(plan.ops.items(), start=1):
             hit = layout.found[name]
+            if hit.quantized is not None:  # dequantize, merge, requantize, measure
+                report.add(onnx_int4.merge_layer(hit.quantized, op, name))
+                if progress is not None:
+                    progress(done, total)
+                continue
             tensor = hit.value.const_value
             array = np.asarray(tensor.numpy())
             current = array.T if hit.transposed else array
@@ -592,7 +658,8 @@ def merge_onnx(
             if progress is not None:
                 progress(done, total)
         data = save_model(model, target, external or size > EXTERNAL_DATA_THRESHOLD)
-    return SurgeryResult(target, data, len(plan.ops), plan.layer_count, layout.unshared)
+    return SurgeryResult(target, data, len(plan.ops), plan.layer_count, layout.unshared,
+                         report if report.layers else None)
 
 
 __all__ = ["FOLDED_FROM", "NAME_SCOPES", "SurgeryResult", "locate", "merge_onnx"]
