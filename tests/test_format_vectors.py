@@ -147,12 +147,13 @@ def test_fused_matches_loralib_merged_linear():
 
 
 def test_convert_from_loralib_reads_the_fused_vector(tmp_path: Path):
-    from loraformat.cli import main
+    from cli_harness import run_cli
 
     out = tmp_path / "converted"
-    main(["convert", str(EXPECTED / "fused.loralib.safetensors"), "--from", "loralib",
-          "--alpha", "4", "--rank", "2", "--enable-lora", "true,false,true",
-          "--architecture", "gpt2", "-o", str(out)])
+    result = run_cli("convert", EXPECTED / "fused.loralib.safetensors", "--from", "loralib",
+                     "--alpha", "4", "--rank", "2", "--enable-lora", "true,false,true",
+                     "--architecture", "gpt2", "-o", out)
+    assert result.code == 0, result.err
     manifest, tensors = ir.read(out)
     expected, expected_tensors = ir.read(VECTORS / "fused")
     layer = "transformer.h.0.attn.c_attn"

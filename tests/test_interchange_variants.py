@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
+from cli_harness import run_cli
 
 from loraformat.base import open_base
-from loraformat.cli import main
 from loraformat.errors import LoraformatError
 from loraformat.format.adapter import load, validate
 from loraformat.interchange import Context
@@ -172,13 +172,13 @@ def _exact_rank(name, shape):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("option", [("--rank", "2"), ("--energy", "0.9")])
-def test_cli_reduces_in_the_same_pass_and_reports_the_error(variant, llama, option, capsys):
+def test_cli_reduces_in_the_same_pass_and_reports_the_error(variant, llama, option):
     _, root, adapter_dir, _, _, deltas = variant
     out = root / f"reduced{option[0]}"
-    capsys.readouterr()
-    main(["convert", str(adapter_dir), "-o", str(out), "--base", str(llama), *option, "--json",
-          "--overwrite"])
-    report = json.loads(capsys.readouterr().out)
+    result = run_cli("convert", adapter_dir, "-o", out, "--base", llama, *option, "--json",
+                     "--overwrite")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
     ranks = load(out).manifest["provenance"]["variant_ranks"]
     with load(out) as reduced:
         for path in reduced.layer_paths:

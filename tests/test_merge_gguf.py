@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 import tiny_models
-from loraformat_plugins.llama import gguf_permutation
+from loraformat_plugins._decoder import gguf_permutation
 from test_cli_errors import assert_one_line_error, run
 
 from loraformat.errors import LoraformatError

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import architecture as registry
+from ..architecture import CheckpointInfo, registry
+from ..architecture.generic import GenericArchitecture
 from ..atomic import TMP_MARKER, atomic_dir, check_output
 from ..checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint
 from ..errors import LoraformatError
@@ -134,11 +135,19 @@ class _Quantized:
 def _plan(ckpt: Checkpoint, quantized: _Quantized, adapters: Sequence[Adapter], where: Path,
           weights: Sequence[float] | None, force: bool, allow_nonfinite: bool) -> MergePlan:
     shapes = quantized.shapes(ckpt)
-    architecture = registry.detect(ckpt.config, list(shapes))
-    if architecture is None:
-        raise LoraformatError(where, "no installed plugin recognises this checkpoint")
-    layers = {d.path: d for d in registry.dense_layers(architecture, ckpt.config, shapes)}
-    return plan_merge(layers, shapes, adapters, architecture=architecture, base_path=where,
+    info = CheckpointInfo(where, ckpt.config, shapes)
+    # A plugin's architecture, or the generic one (layers are the 2-D weights, each read as its
+    # adapter layer sees it), exactly as for a float checkpoint.
+    arch = registry().detect(info) or GenericArchitecture.for_checkpoint(info)
+    layers = {d.path: d for d in arch.dense_layers(info)}
+    if getattr(arch, "generic", False):
+        for adapter in adapters:
+            for path, spec in adapter.specs.items():
+                if path in layers:
+                    layers[path] = GenericArchitecture.fit(
+                        layers[path], spec.kind, spec.in_features, spec.out_features
+                    )
+    return plan_merge(layers, shapes, adapters, architecture=arch.id, base_path=where,
                       weights=weights, fingerprint=None, force=force,
                       allow_nonfinite=allow_nonfinite)
 
