@@ -16,7 +16,8 @@ The plugin builds an export-ready torch module from the (merged) tensors; ``torc
   same nodes, same inputs and outputs (tests compare the two graphs node by node).
 
 Weights go to external data (``<name>.data`` next to the model) when they exceed 2 GB, the
-protobuf limit; see :func:`save_model` for how a replaced model's data is handled atomically.
+protobuf limit; see :func:`loraformat.onnx_io.save_model` for how a replaced model's data is
+handled atomically.
 The default opset is :data:`DEFAULT_OPSET`.
 """
 
@@ -26,7 +27,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,18 +36,17 @@ from typing import Any
 import numpy as np
 
 from ..architecture import ExportModel, ExportOptions, export_model
-from ..atomic import TMP_MARKER, check_output
+from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
 
 #: Opset used unless ``--opset`` says otherwise (ONNX Runtime ≥ 1.14 runs it; LayerNormalization
 #: is a single op from 17 on).
 DEFAULT_OPSET = 18
-#: Above this many initializer bytes the weights go to an external data file (protobuf's cap).
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 DTYPES = ("float32", "float16")
 
 Progress = Callable[[int, int], None]
@@ -185,91 +184,6 @@ def export_graph(
         model = program.model
         optimize_keeping_weights(model, keep)
     return model
-
-
-def _initializer_bytes(model: Any) -> int:
-    total = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None:
-            total += int(tensor.nbytes)
-    return total
-
-
-def save_model(
-    model: Any,
-    out: Path,
-    external_data: bool | None = None,
-    check: Callable[[Path], None] | None = None,
-) -> Path | None:
-    """Write ``model`` atomically to ``out``.
-
-    Weights go to an external data file next to it when ``external_data`` (``None``: when over
-    2 GB): ``<out name>.data``, or ``<out name>.1.data`` while a file of the first name is in use
-    (the two alternate, so a replaced model's data is never overwritten before the new model is in
-    place). Returns the data file, if any.
-
-    Both files are written into a temporary sibling directory, ``check(temporary model path)``
-    runs (it may raise to abandon the output), the data file is renamed into place, then the
-    model; only then is the previous model's data file (either name) removed. A reader — or a
-    kill at any moment — therefore sees the old model with its data, or the new one with its
-    data, never a model whose data is missing or foreign; at worst an unreferenced data file is
-    left behind.
-    """
-    import onnx_ir as ir
-
-    if external_data is None:
-        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    names = [out.name + ".data", out.name + ".1.data"]
-    data_name = next((n for n in names if not out.with_name(n).exists()), names[0])
-    if out.with_name(data_name).exists():  # both exist (a leftover): reuse the unreferenced one
-        data_name = names[1] if _references(out, names[0]) else names[0]
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
-    try:
-        tmp_model = tmp / out.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
-        else:
-            ir.save(model, tmp_model)
-        for file in (tmp / data_name, tmp_model):
-            if file.exists():
-                with open(file, "rb+") as handle:
-                    os.fsync(handle.fileno())
-        if check is not None:
-            check(tmp_model)
-        data_path = None
-        if external_data:
-            data_path = out.with_name(data_name)
-            os.replace(tmp / data_name, data_path)
-        os.replace(tmp_model, out)
-        for name in names:  # the replaced model's data, now unreferenced
-            if name != (data_name if external_data else None):
-                with contextlib.suppress(OSError):
-                    out.with_name(name).unlink()
-        return data_path
-    finally:
-        for file in tmp.iterdir():
-            with contextlib.suppress(OSError):
-                file.unlink()
-        with contextlib.suppress(OSError):
-            tmp.rmdir()
-
-
-def _references(model_path: Path, data_name: str) -> bool:
-    """Whether the ONNX file at ``model_path`` (if any) keeps weights in ``data_name``."""
-    if not model_path.is_file():
-        return False
-    try:
-        import onnx
-
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception:  # an unreadable old model: treat its data as unreferenced
-        return False
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == data_name:
-                return True
-    return False
 
 
 # -- verification -------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from ..architecture import DenseLayer
 from ..atomic import check_output
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
 from .plan import MergePlan, open_adapters, plan_merge
 
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
@@ -528,8 +529,6 @@ def merge_onnx(
     ``force`` is accepted for symmetry and ignored: an ONNX file has no fingerprint to compare.
     """
     import onnx_ir as ir
-
-    from ..export.onnx import EXTERNAL_DATA_THRESHOLD, save_model
 
     source = Path(base)
     if not source.is_file():
