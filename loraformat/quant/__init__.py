@@ -1,0 +1,1 @@
+"""Weight quantization codecs (pure numpy)."""
