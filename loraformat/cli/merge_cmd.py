@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from ._common import echo_json, json_option, overwrite_option, progress
+from .export_cmd import EXPORT_DTYPES, echo_verify, quant_from_options, quantization_options
 
-_DTYPES = click.Choice(["float32", "float16"])
+_DTYPES = click.Choice(EXPORT_DTYPES)
 
 
 def _is_onnx(path: str) -> bool:
@@ -23,7 +24,8 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
         "tensors_changed": result.tensors_changed,
     }
     for key in ("layers", "shards", "external_data", "opset", "dtype", "nodes", "initializers",
-                "max_abs_diff", "verify_provider", "tolerance", "unshared"):
+                "max_abs_diff", "verify_provider", "tolerance", "unshared", "quantized_layers",
+                "cosine"):
         if hasattr(result, key):
             value = getattr(result, key)
             data[key] = str(value) if isinstance(value, Path) else value
@@ -43,11 +45,7 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
             + (f", weights in {result.external_data}" if result.external_data else "")
         )
     if getattr(result, "max_abs_diff", None) is not None:
-        click.echo(
-            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
-            f"({result.verify_provider}) and torch on random inputs (tolerance "
-            f"{result.tolerance:.3g}): ok"
-        )
+        echo_verify(result)
 
 
 @click.command("merge")
@@ -59,7 +57,8 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=_DTYPES, default=None,
-              help="ONNX export: weight and activation dtype (default float32).")
+              help="ONNX export: weight and activation dtype (default float32); int4/int8: "
+              "dense layers as ONNX Runtime MatMulNBits, the rest float32.")
 @click.option("--opset", type=int, default=None,
               help="ONNX export: opset version (default 18).")
 @click.option("--verify", is_flag=True,
@@ -76,12 +75,15 @@ def _report(kind: str, result: Any, adapters: tuple[str, ...], as_json: bool) ->
 @click.option("--optimize", is_flag=True,
               help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
               "FastGelu, RMSNorm).")
+@quantization_options
 @overwrite_option
 @json_option
 def merge_command(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], dtype: str,
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
+    block_size: int | None = None, symmetric: bool = False, accuracy_level: int | None = None,
+    quantize_lm_head: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
@@ -91,6 +93,7 @@ def merge_command(
     shards and names, config copied), a .onnx file an ONNX model with the same graph as the base
     and merged weights.
     """
+    quant = quant_from_options(dtype, block_size, symmetric, accuracy_level, quantize_lm_head)
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
     if with_past:
@@ -104,7 +107,7 @@ def merge_command(
                 base, out, adapters=list(adapters), weights=list(weights),
                 dtype=dtype or "float32", opset=opset or DEFAULT_OPSET, optimize=optimize,
                 verify_output=verify, force=force, allow_nonfinite=allow_nonfinite,
-                overwrite=overwrite, progress=bar,
+                overwrite=overwrite, progress=bar, quant=quant,
             )
         _report("merged", result, adapters, as_json)
         return
@@ -130,7 +133,7 @@ def merge_command(
         with progress("merging") as bar:
             result = export_onnx(
                 base, out, adapters=list(adapters), weights=list(weights), dtype=dtype or "float32",
-                opset=opset or DEFAULT_OPSET, verify_output=verify, force=force,
+                quant=quant, opset=opset or DEFAULT_OPSET, verify_output=verify, force=force,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     else:

@@ -430,7 +430,8 @@ def export_onnx(
         tensors = placeholder_tensors(model.checkpoint, torch_dtype)
         exported = build_weightless(
             lambda: build(model, tensors, options) if build is not None
-            else export_model(model.architecture, model.config, tensors, options)
+            else export_model(model.architecture, model.config, tensors, options),
+            tensors,
         )
         exported.example_inputs = {
             k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)

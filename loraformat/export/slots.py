@@ -164,7 +164,7 @@ def export_with_slots(
             model.config,
             tensors,
             arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths)),
-        ))
+        ), tensors)
         plain.example_inputs = {k: _cast(v, dtype) for k, v in plain.example_inputs.items()}
         graph = export_graph(
             slotted_export_model(plain, paths, model.layers, dtype), set(tensors), opset

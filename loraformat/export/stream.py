@@ -25,12 +25,14 @@ is the same file an in-memory export writes (``tests/test_export_stream.py``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..errors import LoraformatError
 from ..merge.plan import MergePlan
 
 #: Above this many weight bytes a streamed export keeps its weights in an external data file, so
@@ -92,10 +94,33 @@ def placeholder_tensors(checkpoint: Checkpoint, float_dtype: Any) -> dict[str, A
     return out
 
 
-def build_weightless(build: Callable[[], Any]) -> Any:
-    """``build()`` (a plugin's export-module construction) under :func:`weightless_parameters`."""
-    with weightless_parameters():
-        return build()
+def build_weightless(build: Callable[[], Any], tensors: Mapping[str, Any]) -> Any:
+    """``build()`` (a plugin's export-module construction, returning an ExportModel) under
+    :func:`weightless_parameters`.
+
+    A plugin that copies the checkpoint tensors into its parameters (``load_state_dict`` without
+    ``assign=True``) copies into meta tensors, which does nothing: such parameters are given
+    their placeholder from ``tensors`` afterwards, by name (state-dict keys are checkpoint
+    names). A meta parameter that is not a checkpoint tensor is a :class:`LoraformatError`.
+    """
+    import torch
+
+    with weightless_parameters(), warnings.catch_warnings():
+        # torch warns for each parameter such a plugin copies into a meta tensor
+        warnings.filterwarnings("ignore", message=".*non-meta parameter.*meta parameter")
+        exported = build()
+    module = exported.module
+    for name, param in list(module.named_parameters()):
+        if not param.is_meta:
+            continue
+        if name not in tensors:
+            raise LoraformatError(
+                None, f"the export module's parameter {name} is not a checkpoint tensor"
+            )
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        setattr(sub, attr, torch.nn.Parameter(tensors[name], requires_grad=False))
+    return exported
 
 
 def merged_array(
