@@ -46,7 +46,16 @@ from ..atomic import check_output
 from ..base import BaseModel
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from .onnx import DEFAULT_OPSET, ExportResult, export_onnx, ort_providers, quant_options
+from .onnx import (
+    DEFAULT_OPSET,
+    VERIFY_MIN_COSINE,
+    Comparison,
+    ExportResult,
+    cosine,
+    export_onnx,
+    ort_providers,
+    quant_options,
+)
 from .quantize import QuantOptions
 
 Progress = Callable[[int, int], None]
@@ -63,6 +72,8 @@ class DecoderExportResult:
     max_abs_diff: float | None = None
     tolerance: float | None = None
     verify_provider: str | None = None
+    cosine: float | None = None  # verify: logits' cosine similarity to torch's
+    min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
 
     @property
     def path(self) -> Path:
@@ -91,6 +102,8 @@ class DecoderExportResult:
             "max_abs_diff": self.max_abs_diff,
             "tolerance": self.tolerance,
             "verify_provider": self.verify_provider,
+            "cosine": self.cosine,
+            "quantized_layers": e.quantized_layers,
         }
 
 
@@ -132,11 +145,12 @@ def verify_decoder(
     exported: ExportModel,
     checks: Sequence[Mapping[str, Any]],
     providers: Sequence[str] | None = None,
-) -> tuple[float, float, str]:
+) -> Comparison:
     """Run the graph in ONNX Runtime and ``exported.module`` in torch on each of ``checks``
     (keyword inputs; fed to the graph under ``exported.input_names``, in order).
 
-    Returns (max abs difference over all outputs, largest |reference| value, provider).
+    Returns the max abs difference over all outputs, the largest |reference| value, the provider
+    and the cosine similarity of the logits (all checks together).
     """
     import onnxruntime
     import torch
@@ -147,6 +161,7 @@ def verify_decoder(
     types = {i.name: i.type for i in session.get_inputs()}
     graph_name = dict(zip(exported.example_inputs, exported.input_names, strict=True))
     diff, scale = 0.0, 0.0
+    got_logits, ref_logits = [], []
     for inputs in checks:
         feed = {}
         for key, value in inputs.items():
@@ -157,7 +172,7 @@ def verify_decoder(
         got = session.run(None, feed)
         with torch.no_grad():
             ref = exported.module(**dict(inputs))
-        for r, o in zip(ref, got, strict=True):
+        for i, (r, o) in enumerate(zip(ref, got, strict=True)):
             r32 = r.detach().to(torch.float32).numpy()
             o32 = np.asarray(o, dtype=np.float32)
             if r32.shape != o32.shape:
@@ -165,10 +180,14 @@ def verify_decoder(
                     onnx_path, f"verify: ONNX Runtime output has shape {list(o32.shape)}, torch "
                     f"{list(r32.shape)}",
                 )
+            if i == 0:
+                got_logits.append(o32.ravel())
+                ref_logits.append(r32.ravel())
             if r32.size:
                 diff = max(diff, float(np.max(np.abs(r32 - o32))))
                 scale = max(scale, float(np.max(np.abs(r32))))
-    return diff, scale, session.get_providers()[0]
+    cos = cosine(np.concatenate(got_logits), np.concatenate(ref_logits))
+    return Comparison(diff, scale, session.get_providers()[0], cos)
 
 
 # -- the entry point ----------------------------------------------------------------------------
@@ -235,7 +254,7 @@ def export_decoder(
     def check(path: Path, exported: ExportModel) -> None:
         checks = decoder_check_inputs(exported, captured["vocab"])
         try:
-            diff, scale, provider = verify_decoder(path, exported, checks)
+            c = verify_decoder(path, exported, checks)
         except LoraformatError:
             raise
         except Exception as exc:  # ORT's own exception types
@@ -246,12 +265,21 @@ def export_decoder(
             raise LoraformatError(
                 target, f"verify failed: ONNX Runtime cannot run the graph: {reason}"
             ) from exc
+        diff, provider = c.max_abs_diff, c.provider
+        result.max_abs_diff, result.verify_provider, result.cosine = diff, provider, c.cosine
         if quant is not None:
-            rel = 0.1 if quant.bits == 4 else 2e-2  # weight-only int4: logits move by ~1-5%
-        else:
-            rel = 2e-2 if float16 else (1e-3 if optimize else 1e-4)
-        tol = rel * max(1.0, scale)
-        result.max_abs_diff, result.tolerance, result.verify_provider = diff, tol, provider
+            floor = VERIFY_MIN_COSINE[quant.bits]
+            result.min_cosine = floor
+            if not c.cosine >= floor:
+                raise LoraformatError(
+                    target, f"verify failed: int{quant.bits} logits in ONNX Runtime ({provider}) "
+                    f"have cosine {c.cosine:.4f} to fp32 torch (needs {floor}) on a prefill and "
+                    "a decode step; nothing was written",
+                )
+            return
+        rel = 2e-2 if float16 else (1e-3 if optimize else 1e-4)
+        tol = rel * max(1.0, c.scale)
+        result.tolerance = tol
         if not diff <= tol:
             raise LoraformatError(
                 target, f"verify failed: ONNX Runtime ({provider}) differs from torch by "
