@@ -33,6 +33,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..errors import LoraformatError
+from ..format.safetensors_io import DTYPES
 from ..merge.plan import MergePlan
 
 #: Above this many weight bytes a streamed export keeps its weights in an external data file, so
@@ -89,7 +90,7 @@ def placeholder_tensors(checkpoint: Checkpoint, float_dtype: Any) -> dict[str, A
     out = {}
     for name in checkpoint.names():
         info = checkpoint.info(name)
-        dtype = torch_dtype_for(checkpoint.numpy(name).dtype, float_dtype)
+        dtype = torch_dtype_for(stored_dtype(checkpoint, name), float_dtype)
         out[name] = torch.zeros((), dtype=dtype).expand(tuple(info.shape))
     return out
 
@@ -123,15 +124,40 @@ def build_weightless(build: Callable[[], Any], tensors: Mapping[str, Any]) -> An
     return exported
 
 
+def stored_dtype(checkpoint: Checkpoint, name: str) -> np.dtype:
+    """The numpy dtype of a checkpoint tensor, from its header."""
+    return DTYPES[checkpoint.info(name).dtype]
+
+
+def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    """A private, writable copy of one checkpoint tensor, read with ``readinto``.
+
+    Not through the memory map: mapped pages that were read count toward the process's resident
+    set for as long as the mapping lives (the whole export), a read buffer only until dropped.
+    """
+    st = checkpoint.shard_file(checkpoint.shard_of[name])
+    info = st.info(name)
+    buffer = np.empty(info.nbytes, dtype=np.uint8)
+    with open(st.path, "rb") as handle:
+        handle.seek(st.data_start + info.begin)
+        view, got = memoryview(buffer), 0
+        while got < info.nbytes:
+            n = handle.readinto(view[got:])
+            if not n:
+                raise LoraformatError(st.path, f"file ends inside tensor {name!r}")
+            got += n
+    return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
 def merged_array(
     checkpoint: Checkpoint, name: str, plan: MergePlan | None, dtype: np.dtype | None
 ) -> np.ndarray:
     """One tensor as the merged checkpoint holds it (plan applied in the base dtype), cast to
     ``dtype`` (through fp32, so bf16/f16/f64 sources convert exactly as torch would)."""
-    value = checkpoint.numpy(name)
+    value = read_tensor(checkpoint, name)
     op = plan.ops.get(name) if plan is not None else None
     if op is not None:
-        value = op.apply(value)
+        value = op.apply(value, inplace=op.kind == "weight")
     if dtype is not None and value.dtype != dtype:
         if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
             value = np.asarray(value).astype(np.float32)
@@ -189,10 +215,8 @@ def load_real_weights(
     for key in state:
         if key not in checkpoint:
             continue
-        target = torch_dtype_for(checkpoint.numpy(key).dtype, float_dtype)
+        target = torch_dtype_for(stored_dtype(checkpoint, key), float_dtype)
         array = merged_array(checkpoint, key, plan, torch.empty(0, dtype=target).numpy().dtype)
-        if not array.flags.writeable:  # a view of the read-only memory map
-            array = np.array(array, copy=True)
         real[key] = torch.from_numpy(array)
     module.load_state_dict(real, strict=False, assign=True)
 
@@ -204,6 +228,8 @@ __all__ = [
     "load_real_weights",
     "merged_array",
     "placeholder_tensors",
+    "read_tensor",
+    "stored_dtype",
     "torch_dtype_for",
     "weightless_parameters",
 ]
