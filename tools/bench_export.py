@@ -88,6 +88,23 @@ def build_checkpoint(out: Path, layers: int) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def add_tokenizer(checkpoint: Path) -> None:
+    """A word-level tokenizer.json: the model builder saves the checkpoint's tokenizer next to
+    its model and fails without one (the export itself does not use it)."""
+    if (checkpoint / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 1000)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(checkpoint / "tokenizer.json"))
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }))
+
+
 TORCH_EXPORT = """
 import sys, torch
 from transformers import LlamaForCausalLM
@@ -148,6 +165,9 @@ def main() -> int:
             os.environ.update(env)
         try:
             wall, rss = measure(cmd)
+        except SystemExit as exc:  # a comparison tool failing must not lose the other rows
+            print(f"{label}: failed: {str(exc)[-500:]}", flush=True)
+            return
         finally:
             os.environ.clear()
             os.environ.update(old)
@@ -166,6 +186,7 @@ def main() -> int:
             [sys.executable, "-c", TORCH_EXPORT, str(big), str(out / "torch.onnx")])
     builder = Path(args.builder_path)
     if (builder / "onnxruntime_genai").is_dir():
+        add_tokenizer(big)
         env = {"PYTHONPATH": f"{builder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         for precision in ("fp32", "int4"):
             target = out / f"builder_{precision}"
