@@ -1,7 +1,10 @@
 """ONNX export of a base model, plain or with adapters merged into its weights.
 
-The plugin builds an export-ready torch module from the (merged) tensors; ``torch.onnx.export``
-(the dynamo exporter) turns it into a graph. Two properties are kept on purpose:
+The plugin builds an export-ready torch module; ``torch.onnx.export`` (the dynamo exporter) turns
+it into a graph. The export is *streamed* (:mod:`.stream`): the module is built and traced without
+weights, and each weight is written from the checkpoint through the merge plan, one tensor at a
+time, in the output dtype — or, for ``int4``/``int8``, quantized to MatMulNBits as it is written
+(:mod:`.quantize`). Two properties are kept on purpose:
 
 * **Initializer names are the checkpoint's tensor names, in the checkpoint's layout.** The
   exporter's default optimizer constant-folds ``Transpose(W)`` of every nn.Linear weight into a new
@@ -15,9 +18,9 @@ The plugin builds an export-ready torch module from the (merged) tensors; ``torc
 * **No added latency.** A merged export is the base's export with different initializer values:
   same nodes, same inputs and outputs (tests compare the two graphs node by node).
 
-Weights go to external data (``<name>.data`` next to the model) when they exceed 2 GB, the
-protobuf limit; see :func:`loraformat.onnx_io.save_model` for how a replaced model's data is
-handled atomically.
+Weights go to external data (``<name>.data`` next to the model) above 64 MiB (a protobuf is
+serialized whole in memory, and is capped at 2 GB); see :func:`loraformat.onnx_io.save_model` for
+how a replaced model's data is handled atomically.
 The default opset is :data:`DEFAULT_OPSET`.
 """
 
