@@ -106,6 +106,7 @@ def build_weightless(build: Callable[[], Any], tensors: Mapping[str, Any]) -> An
     """
     import torch
 
+    release_freed_buffers()  # before tracing: the exporter's own large temporaries too
     with weightless_parameters(), warnings.catch_warnings():
         # torch warns for each parameter such a plugin copies into a meta tensor
         warnings.filterwarnings("ignore", message=".*non-meta parameter.*meta parameter")
@@ -196,7 +197,6 @@ def attach_weights(
     """
     import onnx_ir as ir
 
-    release_freed_buffers()
     names = [n for n in model.graph.initializers if n in checkpoint]
     total = len(names)
     written = [0]
