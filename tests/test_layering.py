@@ -12,8 +12,6 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).parent.parent
 PACKAGES = {"loraformat": ROOT / "loraformat", "loraformat_plugins": ROOT / "plugins"}
 
@@ -103,21 +101,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-# merge ↔ export is being untangled on another branch (ONNX file I/O moves below both); until
-# that lands the pair is checked on its own, as an expected failure that must start passing.
-KNOWN = {("loraformat.export", "loraformat.merge"), ("loraformat.merge", "loraformat.export")}
-
-
 def test_no_import_cycle_between_packages():
     graph = package_graph()
     assert "loraformat.base" in graph and "loraformat.architecture" in graph["loraformat.base"]
-    pruned = {a: {b for b in bs if (a, b) not in KNOWN} for a, bs in graph.items()}
-    assert cycles(pruned) == []
-
-
-@pytest.mark.xfail(strict=True, reason="export ↔ merge: ONNX file I/O is moving below both")
-def test_merge_and_export_do_not_import_each_other():
-    assert cycles(package_graph()) == []
+    assert cycles(graph) == []
 
 
 def test_no_import_of_another_modules_underscore_name():

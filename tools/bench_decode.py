@@ -17,6 +17,13 @@ repeats, the spread (min–max), and the best-of ratios (min over min), since ot
 share the CPU: under contention the medians move by tens of percent between runs.
 
     .venv/bin/python tools/bench_decode.py [--threads 2] [--repeats 7] [--workdir DIR]
+
+With ``--int4 CHECKPOINT [--adapter ADAPTER]`` it instead compares two fused KV-cache exports of
+that checkpoint (adapter merged) in ONNX Runtime CPU: fp32 against int4 (MatMulNBits, block 32,
+asymmetric, accuracy level 4; lm_head kept fp32), same prompt and threads, interleaved repeats:
+prefill, decode per token, the fp32/int4 ratios, and how many greedy tokens agree.
+
+    .venv/bin/python tools/bench_decode.py --int4 /tmp/bench/base24 --adapter /tmp/bench/peft24
 """
 
 from __future__ import annotations
@@ -109,6 +116,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="Keep the checkpoint and exports here (reused when present).")
+    parser.add_argument("--int4", type=Path, default=None, metavar="CHECKPOINT",
+                        help="Compare fp32 and int4 exports of this decoder checkpoint instead.")
+    parser.add_argument("--adapter", type=Path, default=None, help="With --int4: merge this.")
     args = parser.parse_args()
     import transformers
 
@@ -120,6 +130,13 @@ def main() -> None:
         args.workdir = Path(tmp.name)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    if args.int4 is not None:
+        try:
+            compare_int4(args.int4, work, args)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        return
     checkpoint = build_checkpoint(work / "gpt2-small")
     plain, fused = work / "decoder.onnx", work / "decoder.fused.onnx"
     if not plain.exists():
@@ -188,6 +205,55 @@ def measure(engines: list, ids: np.ndarray, args: argparse.Namespace) -> None:
     )
 
 
+
+
+def compare_int4(checkpoint: Path, work: Path, args: argparse.Namespace) -> None:
+    import json
+
+    adapters = [args.adapter] if args.adapter else []
+    paths = {}
+    for dtype in ("float32", "int4"):
+        paths[dtype] = work / f"decoder.{dtype}.onnx"
+        if not paths[dtype].exists():
+            start = time.perf_counter()
+            export_decoder(checkpoint, paths[dtype], adapters=adapters, dtype=dtype,
+                           optimize=True)
+            print(f"export {dtype} (with past, fused): {time.perf_counter() - start:.1f} s",
+                  flush=True)
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, (1, args.prompt), dtype=np.int64)
+    for threads in args.threads:
+        engines = [Ort("ORT fp32", paths["float32"], threads),
+                   Ort("ORT int4", paths["int4"], threads)]
+        prefill: dict[str, list[float]] = {e.name: [] for e in engines}
+        decode: dict[str, list[float]] = {e.name: [] for e in engines}
+        tokens: dict[str, list[int]] = {}
+        for e in engines:
+            e.run(ids, 2)
+        for r in range(args.repeats):
+            for e in engines[r % 2:] + engines[: r % 2]:
+                p, d, t = e.run(ids, args.decode_tokens)
+                prefill[e.name].append(p)
+                decode[e.name].append(statistics.median(d))
+                tokens[e.name] = t
+        print(f"\n{checkpoint.name}: batch 1, {args.prompt}-token prompt, {args.decode_tokens} "
+              f"decode steps, {threads} intra-op thread(s), {args.repeats} interleaved repeats; "
+              "median (min-max) in ms")
+        for e in engines:
+            p, d = prefill[e.name], decode[e.name]
+            print(f"{e.name:<9} prefill {1e3 * statistics.median(p):8.1f} ({1e3 * min(p):.1f}-"
+                  f"{1e3 * max(p):.1f})   decode/token {1e3 * statistics.median(d):7.2f} "
+                  f"({1e3 * min(d):.2f}-{1e3 * max(d):.2f})")
+        f32, i4 = "ORT fp32", "ORT int4"
+        print(f"int4 speed-up: prefill "
+              f"{statistics.median(prefill[f32]) / statistics.median(prefill[i4]):.2f}x, "
+              f"decode {statistics.median(decode[f32]) / statistics.median(decode[i4]):.2f}x "
+              f"(best-of: {min(decode[f32]) / min(decode[i4]):.2f}x)")
+        same = sum(a == b for a, b in zip(tokens[f32], tokens[i4], strict=True))
+        first = next((i for i, (a, b) in enumerate(zip(tokens[f32], tokens[i4], strict=True))
+                      if a != b), len(tokens[f32]))
+        print(f"greedy tokens, int4 vs fp32: {same}/{len(tokens[f32])} equal, identical prefix "
+              f"{first} (random weights: near-ties flip)", flush=True)
 
 
 if __name__ == "__main__":

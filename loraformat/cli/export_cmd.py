@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..architecture import ExportOptions
 from ._common import echo_json, json_option, overwrite_option, progress
+
+#: ``--dtype`` of an ONNX export: floats, or weight-only int4/int8 (MatMulNBits) dense layers.
+EXPORT_DTYPES = ("float32", "float16", "int4", "int8")
+
+
+def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--block-size``, ``--symmetric``, ``--accuracy-level``, ``--quantize-lm-head`` (for
+    ``--dtype int4/int8``); the command receives them as keyword arguments."""
+    options = [
+        click.option("--block-size", type=int, default=None,
+                     help="int4/int8: elements per quantization block along the input features "
+                     "(power of two ≥ 16; default 32)."),
+        click.option("--symmetric", is_flag=True,
+                     help="int4/int8: symmetric blocks (no zero points; default asymmetric)."),
+        click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+                     help="int4/int8: MatMulNBits accuracy_level, the compute type ONNX Runtime "
+                     "may use (1 fp32, 2 fp16, 3 bf16, 4 int8; default 4, 0 leaves it unset)."),
+        click.option("--quantize-lm-head", is_flag=True,
+                     help="int4/int8: quantize lm_head too (default: kept in float)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def quant_from_options(
+    dtype: str | None, block_size: int | None, symmetric: bool, accuracy_level: int | None,
+    quantize_lm_head: bool,
+) -> Any:
+    """The :class:`~loraformat.export.quantize.QuantOptions` the flags ask for; None for float
+    dtypes (where the flags are a usage error)."""
+    from ..export.quantize import QuantOptions
+
+    given = block_size is not None or symmetric or accuracy_level is not None or quantize_lm_head
+    if dtype not in ("int4", "int8"):
+        if given:
+            raise click.UsageError(
+                "--block-size, --symmetric, --accuracy-level and --quantize-lm-head apply to "
+                "--dtype int4/int8"
+            )
+        return None
+    try:
+        return QuantOptions(
+            bits=4 if dtype == "int4" else 8,
+            block_size=32 if block_size is None else block_size,
+            symmetric=symmetric,
+            accuracy_level=4 if accuracy_level is None else (accuracy_level or None),
+            lm_head=quantize_lm_head,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def export_options(**kwargs: object) -> ExportOptions:
@@ -21,8 +74,10 @@ def export_options(**kwargs: object) -> ExportOptions:
 @click.command("export")
 @click.argument("base", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="The .onnx file.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32",
-              show_default=True, help="Weight and activation dtype.")
+@click.option("--dtype", type=click.Choice(EXPORT_DTYPES), default="float32",
+              show_default=True,
+              help="Weight and activation dtype; int4/int8: dense layers as ONNX Runtime "
+              "MatMulNBits (weight-only, blockwise), everything else float32.")
 @click.option("--opset", type=int, default=None, help="ONNX opset version (default 18).")
 @click.option("--verify", is_flag=True,
               help="Compare ONNX Runtime with torch on random inputs before writing.")
@@ -38,12 +93,14 @@ def export_options(**kwargs: object) -> ExportOptions:
 @click.option("--optimize", is_flag=True,
               help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
               "FastGelu, RMSNorm).")
+@quantization_options
 @overwrite_option
 @json_option
 def export_command(
     base: str, out: str, dtype: str, opset: int | None, verify: bool, overwrite: bool,
     as_json: bool, lora_slots: bool = False, targets: tuple[str, ...] = (),
-    with_past: bool = False, optimize: bool = False,
+    with_past: bool = False, optimize: bool = False, block_size: int | None = None,
+    symmetric: bool = False, accuracy_level: int | None = None, quantize_lm_head: bool = False,
 ) -> None:
     """Export the base checkpoint BASE to the ONNX model OUT (dynamic batch/sequence axes).
 
@@ -52,11 +109,14 @@ def export_command(
     """
     from ..export.onnx import DEFAULT_OPSET, export_onnx
 
+    quant = quant_from_options(dtype, block_size, symmetric, accuracy_level, quantize_lm_head)
     if targets and not lora_slots:
         raise click.UsageError("--targets applies only with --lora-slots")
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
     if lora_slots:
+        if quant is not None:
+            raise click.UsageError("--lora-slots exports float32 or float16")
         if optimize:
             raise click.UsageError("--optimize cannot be combined with --lora-slots")
         _export_slots(base, out, dtype, opset or DEFAULT_OPSET, verify, overwrite, as_json, targets,
@@ -64,12 +124,13 @@ def export_command(
         return
     if with_past:
         _export_decoder(base, out, dtype, opset or DEFAULT_OPSET, verify, optimize, overwrite,
-                        as_json)
+                        as_json, quant)
         return
-    result = export_onnx(
-        base, out, dtype=dtype, opset=opset or DEFAULT_OPSET, options=export_options(),
-        verify_output=verify, overwrite=overwrite,
-    )
+    with progress("exporting") as report:
+        result = export_onnx(
+            base, out, dtype=dtype, quant=quant, opset=opset or DEFAULT_OPSET,
+            options=export_options(), verify_output=verify, overwrite=overwrite, progress=report,
+        )
     if as_json:
         echo_json({
             "output": str(result.path),
@@ -77,7 +138,8 @@ def export_command(
             "opset": result.opset, "dtype": result.dtype, "nodes": result.nodes,
             "initializers": result.initializers, "inputs": result.input_names,
             "outputs": result.output_names, "max_abs_diff": result.max_abs_diff,
-            "verify_provider": result.verify_provider,
+            "verify_provider": result.verify_provider, "tolerance": result.tolerance,
+            "quantized_layers": result.quantized_layers, "cosine": result.cosine,
         })
         return
     click.echo(
@@ -85,12 +147,25 @@ def export_command(
         f"{result.nodes} nodes, inputs {', '.join(result.input_names)}"
         + (f", weights in {result.external_data}" if result.external_data else "")
     )
-    if result.max_abs_diff is not None:
+    echo_verify(result)
+
+
+def echo_verify(result: Any) -> None:
+    """The ``--verify`` line of an :class:`~loraformat.export.onnx.ExportResult`."""
+    if result.max_abs_diff is None:
+        return
+    if getattr(result, "min_cosine", None) is not None:
         click.echo(
-            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
-            f"({result.verify_provider}) and torch on random inputs (tolerance "
-            f"{result.tolerance:.3g}): ok"
+            f"verify: {result.dtype} logits in ONNX Runtime ({result.verify_provider}) vs fp32 "
+            f"torch on random inputs: cosine {result.cosine:.5f} (needs {result.min_cosine}), "
+            f"max abs diff {result.max_abs_diff:.3g}: ok"
         )
+        return
+    click.echo(
+        f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
+        f"({result.verify_provider}) and torch on random inputs (tolerance "
+        f"{result.tolerance:.3g}): ok"
+    )
 
 
 def _export_slots(
@@ -124,7 +199,7 @@ def _export_slots(
 
 def _export_decoder(
     base: str, out: str, dtype: str, opset: int, verify: bool, optimize: bool, overwrite: bool,
-    as_json: bool,
+    as_json: bool, quant: Any = None,
 ) -> None:
     """``export --with-past``: see :func:`loraformat.export.decoder.export_decoder`."""
     from ..export.decoder import export_decoder
@@ -132,7 +207,7 @@ def _export_decoder(
     with progress("exporting") as report:
         result = export_decoder(
             base, out, dtype=dtype, opset=opset, optimize=optimize, verify_output=verify,
-            overwrite=overwrite, progress=report,
+            overwrite=overwrite, progress=report, quant=quant,
         )
     if as_json:
         echo_json(result.to_json())

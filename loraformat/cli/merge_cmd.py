@@ -10,8 +10,9 @@ import click
 from .. import sniff
 from ..format.adapter import Adapter
 from ._common import echo_json, from_option, json_option, overwrite_option, progress
+from .export_cmd import EXPORT_DTYPES, echo_verify, quant_from_options, quantization_options
 
-_DTYPES = click.Choice(["float32", "float16"])
+_DTYPES = click.Choice(EXPORT_DTYPES)
 
 
 def _is_onnx(path: str) -> bool:
@@ -89,12 +90,8 @@ def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool
             + (f", {data['initializers']} initializers" if "initializers" in data else "")
             + (f", weights in {data['external_data']}" if data.get("external_data") else "")
         )
-    if data.get("max_abs_diff") is not None:
-        click.echo(
-            f"verify: max abs diff {data['max_abs_diff']:.3g} between ONNX Runtime "
-            f"({data['verify_provider']}) and torch on random inputs (tolerance "
-            f"{data['tolerance']:.3g}): ok"
-        )
+    if getattr(result, "max_abs_diff", None) is not None:
+        echo_verify(result)
     if survival is not None:
         for line in survival.table():
             click.echo(line)
@@ -146,7 +143,8 @@ def _merge_quantized(
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=_DTYPES, default=None,
-              help="ONNX export: weight and activation dtype (default float32).")
+              help="ONNX export: weight and activation dtype (default float32); int4/int8: "
+              "dense layers as ONNX Runtime MatMulNBits, the rest float32.")
 @click.option("--opset", type=int, default=None,
               help="ONNX export: opset version (default 18).")
 @click.option("--verify", is_flag=True,
@@ -170,6 +168,7 @@ def _merge_quantized(
               help="bitsandbytes 4-bit base: write the same 4-bit layout (default: a float "
                    "checkpoint, the QLoRA recipe).")
 @from_option
+@quantization_options
 @overwrite_option
 @json_option
 def merge_command(
@@ -177,6 +176,8 @@ def merge_command(
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
     qtype: str | None = None, requantize: bool = False, from_: str | None = None,
+    block_size: int | None = None, symmetric: bool = False, accuracy_level: int | None = None,
+    quantize_lm_head: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
@@ -190,6 +191,7 @@ def merge_command(
     product: a directory gets a merged checkpoint (same shards and names, config copied), a .onnx
     file an ONNX model with the same graph as the base and merged weights.
     """
+    quant = quant_from_options(dtype, block_size, symmetric, accuracy_level, quantize_lm_head)
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
     quantized = _merge_quantized(base, adapters, out, weights, qtype, requantize, force,
@@ -212,7 +214,7 @@ def merge_command(
                 base, out, adapters=list(adapters), weights=list(weights),
                 dtype=dtype or "float32", opset=opset or DEFAULT_OPSET, optimize=optimize,
                 verify_output=verify, force=force, allow_nonfinite=allow_nonfinite,
-                overwrite=overwrite, progress=bar,
+                overwrite=overwrite, progress=bar, quant=quant,
             )
         _report("merged", result, adapters, as_json)
         return
@@ -238,7 +240,7 @@ def merge_command(
         with progress("merging") as bar:
             result = export_onnx(
                 base, out, adapters=list(adapters), weights=list(weights), dtype=dtype or "float32",
-                opset=opset or DEFAULT_OPSET, verify_output=verify, force=force,
+                quant=quant, opset=opset or DEFAULT_OPSET, verify_output=verify, force=force,
                 allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=bar,
             )
     else:

@@ -33,10 +33,7 @@ for the graph.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +42,21 @@ from typing import Any
 import numpy as np
 
 from ..architecture import ExportModel, ExportOptions
-from ..atomic import TMP_MARKER, check_output
+from ..atomic import check_output
 from ..base import BaseModel
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from .onnx import DEFAULT_OPSET, ExportResult, export_onnx, ort_providers, save_model
+from .onnx import (
+    DEFAULT_OPSET,
+    VERIFY_MIN_COSINE,
+    Comparison,
+    ExportResult,
+    cosine,
+    export_onnx,
+    ort_providers,
+    quant_options,
+)
+from .quantize import QuantOptions
 
 Progress = Callable[[int, int], None]
 
@@ -65,6 +72,8 @@ class DecoderExportResult:
     max_abs_diff: float | None = None
     tolerance: float | None = None
     verify_provider: str | None = None
+    cosine: float | None = None  # verify: logits' cosine similarity to torch's
+    min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
 
     @property
     def path(self) -> Path:
@@ -93,6 +102,8 @@ class DecoderExportResult:
             "max_abs_diff": self.max_abs_diff,
             "tolerance": self.tolerance,
             "verify_provider": self.verify_provider,
+            "cosine": self.cosine,
+            "quantized_layers": e.quantized_layers,
         }
 
 
@@ -134,11 +145,12 @@ def verify_decoder(
     exported: ExportModel,
     checks: Sequence[Mapping[str, Any]],
     providers: Sequence[str] | None = None,
-) -> tuple[float, float, str]:
+) -> Comparison:
     """Run the graph in ONNX Runtime and ``exported.module`` in torch on each of ``checks``
     (keyword inputs; fed to the graph under ``exported.input_names``, in order).
 
-    Returns (max abs difference over all outputs, largest |reference| value, provider).
+    Returns the max abs difference over all outputs, the largest |reference| value, the provider
+    and the cosine similarity of the logits (all checks together).
     """
     import onnxruntime
     import torch
@@ -149,6 +161,7 @@ def verify_decoder(
     types = {i.name: i.type for i in session.get_inputs()}
     graph_name = dict(zip(exported.example_inputs, exported.input_names, strict=True))
     diff, scale = 0.0, 0.0
+    got_logits, ref_logits = [], []
     for inputs in checks:
         feed = {}
         for key, value in inputs.items():
@@ -159,7 +172,7 @@ def verify_decoder(
         got = session.run(None, feed)
         with torch.no_grad():
             ref = exported.module(**dict(inputs))
-        for r, o in zip(ref, got, strict=True):
+        for i, (r, o) in enumerate(zip(ref, got, strict=True)):
             r32 = r.detach().to(torch.float32).numpy()
             o32 = np.asarray(o, dtype=np.float32)
             if r32.shape != o32.shape:
@@ -167,10 +180,14 @@ def verify_decoder(
                     onnx_path, f"verify: ONNX Runtime output has shape {list(o32.shape)}, torch "
                     f"{list(r32.shape)}",
                 )
+            if i == 0:
+                got_logits.append(o32.ravel())
+                ref_logits.append(r32.ravel())
             if r32.size:
                 diff = max(diff, float(np.max(np.abs(r32 - o32))))
                 scale = max(scale, float(np.max(np.abs(r32))))
-    return diff, scale, session.get_providers()[0]
+    cos = cosine(np.concatenate(got_logits), np.concatenate(ref_logits))
+    return Comparison(diff, scale, session.get_providers()[0], cos)
 
 
 # -- the entry point ----------------------------------------------------------------------------
@@ -191,6 +208,7 @@ def export_decoder(
     allow_nonfinite: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    quant: QuantOptions | None = None,
 ) -> DecoderExportResult:
     """Export the decoder ``base`` (with ``adapters`` merged, weighted) with a KV cache to ``out``.
 
@@ -199,10 +217,9 @@ def export_decoder(
     :func:`~loraformat.merge.plan.plan_merge`'s; an architecture whose plugin has no KV-cache
     export is refused by the plugin.
     """
-    import onnx_ir as ir
-
     from .optimize import optimize_graph
 
+    quant = quant_options(dtype, quant)
     target = check_output(out, overwrite)
     if target.suffix != ".onnx":
         raise LoraformatError(target, "an ONNX export's output must end in .onnx")
@@ -216,68 +233,73 @@ def export_decoder(
                 "(is it a decoder?)",
             )
         captured.update(
-            exported=exported, architecture=model.architecture, config=dict(model.config),
-            keep=set(tensors), vocab=int(tensors_vocab(exported, model.config)),
+            architecture=model.architecture, config=dict(model.config), keep=set(tensors),
+            vocab=int(tensors_vocab(exported, model.config)),
         )
         return exported
 
-    export_dtype = "float32" if optimize else dtype
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + target.name, dir=target.parent))
-    try:
-        staged = tmp / target.name
-        plain = export_onnx(
-            base, staged, adapters=adapters, weights=weights, dtype=export_dtype, opset=opset,
-            options=ExportOptions(with_past=True), verify_output=False,
-            external_data=external_data, force=force, allow_nonfinite=allow_nonfinite,
-            progress=progress, build=build,
-        )
-        exported: ExportModel = captured["exported"]
-        result = DecoderExportResult(export=plain, nodes=plain.nodes)
-        checks = decoder_check_inputs(exported, captured["vocab"]) if verify_output else []
-        float16 = dtype == "float16"
+    float16 = dtype == "float16"
+    result = DecoderExportResult(export=None)  # type: ignore[arg-type]
 
-        def check(path: Path) -> None:
-            try:
-                diff, scale, provider = verify_decoder(path, exported, checks)
-            except LoraformatError:
-                raise
-            except Exception as exc:  # ORT's own exception types
-                reason = str(exc).strip().splitlines()[0][:200]
-                if float16:  # CPU builds may lack fp16 kernels for some fused ops: graph only
-                    result.verify_provider = f"not run (fp16 on this ONNX Runtime: {reason})"
-                    return
+    def rewrite(graph: Any) -> Any:
+        if not optimize:
+            return graph
+        graph, report = optimize_graph(
+            graph, captured["architecture"], captured["config"], captured["keep"],
+            float16=float16,
+        )
+        result.optimized, result.fusions = True, report.fusions
+        return graph
+
+    def check(path: Path, exported: ExportModel) -> None:
+        checks = decoder_check_inputs(exported, captured["vocab"])
+        try:
+            c = verify_decoder(path, exported, checks)
+        except LoraformatError:
+            raise
+        except Exception as exc:  # ORT's own exception types
+            reason = str(exc).strip().splitlines()[0][:200]
+            if float16:  # CPU builds may lack fp16 kernels for some fused ops: graph only
+                result.verify_provider = f"not run (fp16 on this ONNX Runtime: {reason})"
+                return
+            raise LoraformatError(
+                target, f"verify failed: ONNX Runtime cannot run the graph: {reason}"
+            ) from exc
+        diff, provider = c.max_abs_diff, c.provider
+        result.max_abs_diff, result.verify_provider, result.cosine = diff, provider, c.cosine
+        if quant is not None:
+            floor = VERIFY_MIN_COSINE[quant.bits]
+            result.min_cosine = floor
+            if not c.cosine >= floor:
                 raise LoraformatError(
-                    target, f"verify failed: ONNX Runtime cannot run the graph: {reason}"
-                ) from exc
-            rel = 2e-2 if float16 else (1e-3 if optimize else 1e-4)
-            tol = rel * max(1.0, scale)
-            result.max_abs_diff, result.tolerance, result.verify_provider = diff, tol, provider
-            if not diff <= tol:
-                raise LoraformatError(
-                    target, f"verify failed: ONNX Runtime ({provider}) differs from torch by "
-                    f"{diff:.3g} (tolerance {tol:.3g}) on a prefill and a decode step; "
-                    "nothing was written",
+                    target, f"verify failed: int{quant.bits} logits in ONNX Runtime ({provider}) "
+                    f"have cosine {c.cosine:.4f} to fp32 torch (needs {floor}) on a prefill and "
+                    "a decode step; nothing was written",
                 )
-
-        graph = ir.load(staged)
-        if optimize:
-            graph, report = optimize_graph(
-                graph, captured["architecture"], captured["config"], captured["keep"],
-                float16=float16,
+            return
+        rel = 2e-2 if float16 else (1e-3 if optimize else 1e-4)
+        tol = rel * max(1.0, c.scale)
+        result.tolerance = tol
+        if not diff <= tol:
+            raise LoraformatError(
+                target, f"verify failed: ONNX Runtime ({provider}) differs from torch by "
+                f"{diff:.3g} (tolerance {tol:.3g}) on a prefill and a decode step; "
+                "nothing was written",
             )
-            result.optimized, result.fusions = True, report.fusions
-            result.nodes = report.nodes_after
-            plain.dtype = dtype
-        # Re-saved through save_model (atomic, data file handling) with the check before the
-        # rename, so nothing is put in place unless it passed.
-        plain.external_data = save_model(
-            graph, target, external_data, check if verify_output else None
-        )
-        plain.path = target
-        return result
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
+
+    # fp16 with fusions: export in fp32, fuse, then convert (ONNX Runtime's converter keeps
+    # the ops without fp16 kernels in fp32).
+    export_dtype = "float32" if optimize and float16 else dtype
+    plain = export_onnx(
+        base, target, adapters=adapters, weights=weights, dtype=export_dtype, quant=quant,
+        opset=opset, options=ExportOptions(with_past=True), verify_output=False,
+        external_data=external_data, force=force, allow_nonfinite=allow_nonfinite,
+        overwrite=overwrite, progress=progress, build=build, rewrite=rewrite,
+        verifier=check if verify_output else None,
+    )
+    plain.dtype = dtype
+    result.export, result.nodes = plain, plain.nodes
+    return result
 
 
 def tensors_vocab(exported: ExportModel, config: Mapping[str, Any]) -> int:

@@ -1,7 +1,10 @@
 """ONNX export of a base model, plain or with adapters merged into its weights.
 
-The plugin builds an export-ready torch module from the (merged) tensors; ``torch.onnx.export``
-(the dynamo exporter) turns it into a graph. Two properties are kept on purpose:
+The plugin builds an export-ready torch module; ``torch.onnx.export`` (the dynamo exporter) turns
+it into a graph. The export is *streamed* (:mod:`.stream`): the module is built and traced without
+weights, and each weight is written from the checkpoint through the merge plan, one tensor at a
+time, in the output dtype — or, for ``int4``/``int8``, quantized to MatMulNBits as it is written
+(:mod:`.quantize`). Two properties are kept on purpose:
 
 * **Initializer names are the checkpoint's tensor names, in the checkpoint's layout.** The
   exporter's default optimizer constant-folds ``Transpose(W)`` of every nn.Linear weight into a new
@@ -15,18 +18,19 @@ The plugin builds an export-ready torch module from the (merged) tensors; ``torc
 * **No added latency.** A merged export is the base's export with different initializer values:
   same nodes, same inputs and outputs (tests compare the two graphs node by node).
 
-Weights go to external data (``<name>.data`` next to the model) when they exceed 2 GB, the
-protobuf limit; see :func:`save_model` for how a replaced model's data is handled atomically.
+Weights go to external data (``<name>.data`` next to the model) above 64 MiB (a protobuf is
+serialized whole in memory, and is capped at 2 GB); see :func:`loraformat.onnx_io.save_model` for
+how a replaced model's data is handled atomically.
 The default opset is :data:`DEFAULT_OPSET`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,19 +40,32 @@ from typing import Any
 import numpy as np
 
 from ..architecture import ExportModel, ExportOptions
-from ..atomic import TMP_MARKER, check_output
+from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from .quantize import QuantOptions, quantize_dense_layers
+from .stream import (
+    STREAM_EXTERNAL_BYTES,
+    attach_weights,
+    build_weightless,
+    load_real_weights,
+    placeholder_tensors,
+)
 
 #: Opset used unless ``--opset`` says otherwise (ONNX Runtime ≥ 1.14 runs it; LayerNormalization
 #: is a single op from 17 on).
 DEFAULT_OPSET = 18
-#: Above this many initializer bytes the weights go to an external data file (protobuf's cap).
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "int4", "int8")
+#: Quantized export dtypes and their bit widths (dense layers as MatMulNBits, the rest fp32).
+QUANT_DTYPES = {"int4": 4, "int8": 8}
+#: ``--verify`` of a quantized export refuses outputs whose cosine similarity to the fp32 torch
+#: module is below this: it catches a broken graph, it is not a quality claim (the figure itself
+#: is reported; a tiny random model with a large random DoRA adapter measures 0.97 in int4).
+VERIFY_MIN_COSINE = {4: 0.9, 8: 0.99}
 
 Progress = Callable[[int, int], None]
 
@@ -69,6 +86,9 @@ class ExportResult:
     tolerance: float | None = None
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    quantized_layers: int = 0
+    cosine: float | None = None  # verify: outputs' cosine similarity to torch's
+    min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +102,8 @@ class ExportResult:
             "max_abs_diff": self.max_abs_diff,
             "verify_provider": self.verify_provider,
             "tolerance": self.tolerance,
+            "quantized_layers": self.quantized_layers,
+            "cosine": self.cosine,
         }
 
 
@@ -91,9 +113,10 @@ class ExportResult:
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    if name not in DTYPES:
-        raise LoraformatError(None, f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return {"float32": torch.float32, "float16": torch.float16}[name]
+    floats = {"float32": torch.float32, "float16": torch.float16}
+    if name not in floats:
+        raise LoraformatError(None, f"--dtype must be one of {', '.join(floats)}, got {name!r}")
+    return floats[name]
 
 
 def _to_torch(array: np.ndarray, dtype: Any) -> Any:
@@ -201,91 +224,6 @@ def export_graph(
     return model
 
 
-def _initializer_bytes(model: Any) -> int:
-    total = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None:
-            total += int(tensor.nbytes)
-    return total
-
-
-def save_model(
-    model: Any,
-    out: Path,
-    external_data: bool | None = None,
-    check: Callable[[Path], None] | None = None,
-) -> Path | None:
-    """Write ``model`` atomically to ``out``.
-
-    Weights go to an external data file next to it when ``external_data`` (``None``: when over
-    2 GB): ``<out name>.data``, or ``<out name>.1.data`` while a file of the first name is in use
-    (the two alternate, so a replaced model's data is never overwritten before the new model is in
-    place). Returns the data file, if any.
-
-    Both files are written into a temporary sibling directory, ``check(temporary model path)``
-    runs (it may raise to abandon the output), the data file is renamed into place, then the
-    model; only then is the previous model's data file (either name) removed. A reader — or a
-    kill at any moment — therefore sees the old model with its data, or the new one with its
-    data, never a model whose data is missing or foreign; at worst an unreferenced data file is
-    left behind.
-    """
-    import onnx_ir as ir
-
-    if external_data is None:
-        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    names = [out.name + ".data", out.name + ".1.data"]
-    data_name = next((n for n in names if not out.with_name(n).exists()), names[0])
-    if out.with_name(data_name).exists():  # both exist (a leftover): reuse the unreferenced one
-        data_name = names[1] if _references(out, names[0]) else names[0]
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
-    try:
-        tmp_model = tmp / out.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
-        else:
-            ir.save(model, tmp_model)
-        for file in (tmp / data_name, tmp_model):
-            if file.exists():
-                with open(file, "rb+") as handle:
-                    os.fsync(handle.fileno())
-        if check is not None:
-            check(tmp_model)
-        data_path = None
-        if external_data:
-            data_path = out.with_name(data_name)
-            os.replace(tmp / data_name, data_path)
-        os.replace(tmp_model, out)
-        for name in names:  # the replaced model's data, now unreferenced
-            if name != (data_name if external_data else None):
-                with contextlib.suppress(OSError):
-                    out.with_name(name).unlink()
-        return data_path
-    finally:
-        for file in tmp.iterdir():
-            with contextlib.suppress(OSError):
-                file.unlink()
-        with contextlib.suppress(OSError):
-            tmp.rmdir()
-
-
-def _references(model_path: Path, data_name: str) -> bool:
-    """Whether the ONNX file at ``model_path`` (if any) keeps weights in ``data_name``."""
-    if not model_path.is_file():
-        return False
-    try:
-        import onnx
-
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception:  # an unreadable old model: treat its data as unreferenced
-        return False
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == data_name:
-                return True
-    return False
-
-
 # -- verification -------------------------------------------------------------------------------
 
 
@@ -336,6 +274,16 @@ def ort_providers() -> list[str]:
     return wanted
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """ONNX Runtime against torch on the same inputs."""
+
+    max_abs_diff: float  # over all outputs
+    scale: float  # largest |reference| value
+    provider: str
+    cosine: float  # of the first output (the logits), flattened
+
+
 def verify(
     onnx_path: str | os.PathLike[str],
     exported: ExportModel,
@@ -346,6 +294,17 @@ def verify(
 
     Returns (max abs difference over all outputs, largest |reference| value, provider used).
     """
+    c = compare(onnx_path, exported, inputs, providers)
+    return c.max_abs_diff, c.scale, c.provider
+
+
+def compare(
+    onnx_path: str | os.PathLike[str],
+    exported: ExportModel,
+    inputs: Mapping[str, Any],
+    providers: Sequence[str] | None = None,
+) -> Comparison:
+    """:func:`verify`'s run, with the first output's cosine similarity too."""
     import onnxruntime
     import torch
 
@@ -368,7 +327,7 @@ def verify(
     elif isinstance(ref, Mapping):
         ref = list(ref.values())
     ref = [r for r in _flatten(ref)]
-    diff, scale = 0.0, 0.0
+    diff, scale, cos = 0.0, 0.0, None
     for r, o in zip(ref, got, strict=False):
         r32 = r.detach().to(torch.float32).numpy()
         o32 = np.asarray(o, dtype=np.float32)
@@ -379,7 +338,8 @@ def verify(
             )
         diff = max(diff, float(np.max(np.abs(r32 - o32))) if r32.size else 0.0)
         scale = max(scale, float(np.max(np.abs(r32))) if r32.size else 0.0)
-    return diff, scale, session.get_providers()[0]
+        cos = cosine(o32, r32) if cos is None else cos
+    return Comparison(diff, scale, session.get_providers()[0], 1.0 if cos is None else cos)
 
 
 def _flatten(items: Any) -> list[Any]:
@@ -395,13 +355,53 @@ def _flatten(items: Any) -> list[Any]:
 # -- the entry point ----------------------------------------------------------------------------
 
 
+def open_plan(
+    stack: contextlib.ExitStack,
+    base: BaseModel,
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    *,
+    weights: Sequence[float] | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+) -> MergePlan | None:
+    """The merge plan of ``adapters`` (opened on ``stack``) on ``base``; None without adapters."""
+    if not adapters:
+        return None
+    opened = open_adapters(stack, adapters)
+    return plan_for_base(
+        base, opened, weights=weights, force=force, allow_nonfinite=allow_nonfinite
+    )
+
+
+def quant_options(dtype: str, quant: QuantOptions | None) -> QuantOptions | None:
+    """The quantization an export ``dtype`` asks for: int4/int8 → MatMulNBits, floats → none."""
+    if dtype in QUANT_DTYPES:
+        bits = QUANT_DTYPES[dtype]
+        if quant is None:
+            return QuantOptions(bits=bits)
+        return dataclasses.replace(quant, bits=bits)
+    if quant is not None:
+        raise LoraformatError(None, f"quantization options apply to --dtype int4/int8, not {dtype}")
+    return None
+
+
+def cosine(a: Any, b: Any) -> float:
+    """Cosine similarity of two arrays, flattened (1.0 for two zero arrays)."""
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    denom = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y / denom) if denom else float(np.array_equal(x, y))
+
+
 def export_onnx(
     base: str | os.PathLike[str] | BaseModel,
     out: str | os.PathLike[str],
     *,
     adapters: Sequence[str | os.PathLike[str] | Adapter] = (),
     weights: Sequence[float] | None = None,
+    plan: MergePlan | None = None,
     dtype: str = "float32",
+    quant: QuantOptions | None = None,
     opset: int = DEFAULT_OPSET,
     options: ExportOptions | None = None,
     verify_output: bool = False,
@@ -411,39 +411,60 @@ def export_onnx(
     overwrite: bool = False,
     progress: Progress | None = None,
     build: Callable[[BaseModel, Mapping[str, Any], ExportOptions], ExportModel] | None = None,
+    rewrite: Callable[[Any], Any] | None = None,
+    verifier: Callable[[Path, ExportModel], None] | None = None,
 ) -> ExportResult:
-    """Export ``base`` (with ``adapters`` merged, weighted) to the ONNX file ``out``.
+    """Export ``base`` (with ``adapters`` merged, weighted) to the ONNX file ``out``, streamed.
+
+    The graph is traced from a weightless module and every weight is written straight from the
+    checkpoint through the merge plan, one tensor at a time (:mod:`.stream`); ``plan`` may be
+    given instead of ``adapters`` by callers that computed it. ``dtype`` is float32, float16, or
+    int4/int8: dense layers as MatMulNBits (``quant`` says how; :mod:`.quantize`), the rest fp32.
 
     ``options`` are passed to the plugin (KV cache, LoRA slots); ``build`` replaces the plugin's
-    export module (callers that wrap it, e.g. slot export). ``verify_output`` runs ONNX Runtime on
-    random inputs (batch 3, sequence 5) against the torch module before the output is put in
-    place, and refuses it (nothing written) when the max abs difference exceeds
-    1e-4·max(1, max|ref|) (fp32) or 1e-2·max(1, max|ref|) (fp16); the figures are in the
-    result. Merge refusals are :func:`~loraformat.merge.plan.plan_merge`'s.
+    export module (callers that wrap it, e.g. slot export); ``rewrite(graph)`` returns the onnx_ir
+    graph to write instead (a pass such as fusion, run after quantization, weights still lazy);
+    ``verifier(temporary path, export model)`` replaces the default check below, with the
+    module's real weights loaded. ``verify_output`` runs ONNX Runtime on
+    random inputs (batch 3, sequence 5) against the torch module (fp32 weights for int4/int8)
+    before the output is put in place, and refuses it (nothing written) when the max abs
+    difference exceeds 1e-4·max(1, max|ref|) (fp32) or 1e-2·max(1, max|ref|) (fp16), or, for
+    int4/int8, when the logits' cosine similarity is below :data:`VERIFY_MIN_COSINE`; the
+    figures are in the result. Weights go to an external data file above
+    :data:`~.stream.STREAM_EXTERNAL_BYTES` unless ``external_data`` says otherwise. Merge
+    refusals are :func:`~loraformat.merge.plan.plan_merge`'s.
     """
     target = check_output(out, overwrite)
     if target.suffix != ".onnx":
         raise LoraformatError(target, "an ONNX export's output must end in .onnx")
+    if dtype not in DTYPES:
+        raise LoraformatError(target, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    quant = quant_options(dtype, quant)
+    float_dtype = "float32" if quant is not None else dtype
     options = options or ExportOptions()
     with contextlib.ExitStack() as stack:
         model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
-        plan = None
-        if adapters:
-            opened = open_adapters(stack, adapters)
-            plan = plan_for_base(
-                model, opened, weights=weights, force=force, allow_nonfinite=allow_nonfinite
+        if plan is None:
+            plan = open_plan(
+                stack, model, adapters, weights=weights, force=force,
+                allow_nonfinite=allow_nonfinite,
             )
-        tensors = merged_tensors(model, plan, dtype, progress)
-        if build is not None:
-            exported = build(model, tensors, options)
-        else:
-            exported = model.arch.export_model(model.info, tensors, options)
-        torch_dtype = _torch_dtype(dtype)
+        torch_dtype = _torch_dtype(float_dtype)
+        tensors = placeholder_tensors(model.checkpoint, torch_dtype)
+        exported = build_weightless(
+            lambda: build(model, tensors, options) if build is not None
+            else model.arch.export_model(model.info, tensors, options),
+            tensors,
+        )
         exported.example_inputs = {
             k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)
             for k, v in exported.example_inputs.items()
         }
         graph = export_graph(exported, set(tensors), opset)
+        attach_weights(graph, model.checkpoint, plan, progress)
+        quantized = quantize_dense_layers(graph, model.layers, quant) if quant else []
+        if rewrite is not None:
+            graph = rewrite(graph)
         result = ExportResult(
             path=target,
             external_data=None,
@@ -454,21 +475,40 @@ def export_onnx(
             tensors_changed=len(plan.ops) if plan else 0,
             input_names=list(exported.input_names),
             output_names=list(exported.output_names),
+            quantized_layers=len(quantized),
         )
 
         def check(path: Path) -> None:
+            load_real_weights(exported.module, model.checkpoint, plan, torch_dtype)
+            if verifier is not None:
+                verifier(path, exported)
+                return
             inputs = random_inputs(exported, model.config)
-            diff, scale, provider = verify(path, exported, inputs)
+            c = compare(path, exported, inputs)
+            diff, scale, provider, cos = c.max_abs_diff, c.scale, c.provider, c.cosine
+            result.max_abs_diff, result.verify_provider, result.cosine = diff, provider, cos
+            if quant is not None:
+                floor = VERIFY_MIN_COSINE[quant.bits]
+                result.min_cosine = floor
+                if not cos >= floor:
+                    raise LoraformatError(
+                        target, f"verify failed: int{quant.bits} outputs in ONNX Runtime "
+                        f"({provider}) have cosine {cos:.4f} to fp32 torch (needs {floor}); "
+                        f"max abs diff {diff:.3g}; nothing was written",
+                    )
+                return
             tol = (1e-4 if dtype == "float32" else 1e-2) * max(1.0, scale)
-            result.max_abs_diff, result.verify_provider, result.tolerance = diff, provider, tol
+            result.tolerance = tol
             if not diff <= tol:
                 raise LoraformatError(
                     target, f"verify failed: ONNX Runtime ({provider}) differs from torch by "
                     f"{diff:.3g} (tolerance {tol:.3g}); nothing was written",
                 )
 
+        if external_data is None:
+            external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
         result.external_data = save_model(
-            graph, target, external_data, check if verify_output else None
+            graph, target, external_data, check if verify_output or verifier else None
         )
         return result
 
@@ -477,11 +517,18 @@ __all__ = [
     "DEFAULT_OPSET",
     "DTYPES",
     "EXTERNAL_DATA_THRESHOLD",
+    "QUANT_DTYPES",
+    "VERIFY_MIN_COSINE",
+    "Comparison",
     "ExportResult",
+    "compare",
+    "cosine",
     "export_graph",
     "export_onnx",
     "merged_tensors",
+    "open_plan",
     "optimize_keeping_weights",
+    "quant_options",
     "save_model",
     "verify",
 ]

@@ -37,12 +37,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from ..architecture import get_architecture
 from ..atomic import check_output
 from ..errors import LoraformatError
 
-#: ONNX Runtime transformer-optimizer ``model_type`` per architecture (unknown ones use "bert",
-#: its generic encoder/decoder fusion set).
-ORT_MODEL_TYPES = {"gpt2": "gpt2", "llama": "bert", "bert": "bert", "vit": "vit"}
 #: Fused contrib ops counted in :attr:`OptimizeReport.fusions`.
 FUSED_OPS = (
     "Attention",
@@ -120,6 +120,54 @@ def hidden_initializers(model: Any, keep: set[str]) -> Iterator[None]:
             graph.register_initializer(value)
 
 
+def _large(value: Any) -> bool:
+    """An initializer not held in memory (lazy or external), or over 1 MiB."""
+    import onnx_ir as ir
+
+    tensor = value.const_value
+    if tensor is None:
+        return False
+    return isinstance(tensor, (ir.LazyTensor, ir.ExternalTensor)) or tensor.nbytes > 2**20
+
+
+def hide_initializers(model: Any, names: set[str]) -> dict[str, Any]:
+    """Turn the initializers in ``names`` into graph inputs; returns name → tensor for
+    :func:`restore_initializers` (which may run on a copy of the graph, e.g. after a protobuf
+    round trip)."""
+    graph = model.graph
+    hidden = {}
+    for name in list(graph.initializers):
+        if name not in names:
+            continue
+        value = graph.initializers.pop(name)
+        hidden[name] = value.const_value
+        value.const_value = None
+        graph.inputs.append(value)
+    return hidden
+
+
+def restore_initializers(model: Any, hidden: dict[str, Any]) -> None:
+    """Make the hidden graph inputs initializers again, each with its tensor — cast lazily to the
+    input's dtype if a pass changed it (the fp16 conversion). Inputs a pass removed stay gone."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for value in list(graph.inputs):
+        tensor = hidden.get(value.name)
+        if tensor is None:
+            continue
+        graph.inputs.remove(value)
+        if value.dtype is not None and value.dtype != tensor.dtype:
+            tensor = ir.LazyTensor(
+                lambda t=tensor, dt=value.dtype: ir.Tensor(
+                    np.asarray(t.numpy()).astype(dt.numpy()), name=t.name
+                ),
+                dtype=value.dtype, shape=tensor.shape, name=tensor.name,
+            )
+        value.const_value = tensor
+        graph.register_initializer(value)
+
+
 def count_ops(model: Any) -> dict[str, int]:
     """Op-type counts of an onnx_ir model or an ``onnx.ModelProto`` (top-level graph)."""
     nodes = model.graph.node if hasattr(model.graph, "node") else model.graph
@@ -150,10 +198,16 @@ def optimize_graph(
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     before = len(list(model.graph))
-    model_type = ORT_MODEL_TYPES.get(architecture, "bert")
+    # The architecture says which of ONNX Runtime's optimizer passes apply (``ort_model_type``);
+    # one that names none gets the generic encoder/decoder set ("bert").
+    model_type = get_architecture(architecture).ort_model_type or "bert"
+    # The weights stay hidden (graph inputs) through both passes and the fp16 conversion, so no
+    # pass folds or renames them, and the protobuf ONNX Runtime's optimizer needs never holds
+    # them: lazy (streamed) weights are still unread when the graph is written.
+    hide = set(keep) | {name for name, v in model.graph.initializers.items() if _large(v)}
     with _quiet():
-        with hidden_initializers(model, set(keep)):
-            model, counts = optimize_for_ort(model)
+        hidden = hide_initializers(model, hide)
+        model, counts = optimize_for_ort(model)
         proto = ir.to_proto(model)
         optimized = optimize_model(
             proto,
@@ -178,7 +232,9 @@ def optimize_graph(
         onnxscript_fusions={k: v for k, v in counts.items() if v},
         float16=float16,
     )
-    return ir.from_proto(proto), report
+    result = ir.from_proto(proto)
+    restore_initializers(result, hidden)
+    return result, report
 
 
 def optimize_file(
@@ -198,7 +254,7 @@ def optimize_file(
     import onnx_ir as ir
 
     from ..base import open_base
-    from .onnx import save_model
+    from ..onnx_io import save_model
 
     target = check_output(out, overwrite)
     with open_base(base) as model:
@@ -216,10 +272,11 @@ def optimize_file(
 __all__ = [
     "EXPECTED_FUSIONS",
     "FUSED_OPS",
-    "ORT_MODEL_TYPES",
     "OptimizeReport",
     "count_ops",
     "hidden_initializers",
+    "hide_initializers",
     "optimize_file",
     "optimize_graph",
+    "restore_initializers",
 ]

@@ -31,15 +31,17 @@ from .. import architecture as arch
 from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
-from .onnx import (
-    DEFAULT_OPSET,
-    DTYPES,
-    export_graph,
-    merged_tensors,
-    random_inputs,
-    save_model,
-    verify,
+from ..onnx_io import initializer_bytes, save_model
+from .onnx import DEFAULT_OPSET, export_graph, random_inputs, verify
+from .stream import (
+    STREAM_EXTERNAL_BYTES,
+    attach_weights,
+    build_weightless,
+    load_real_weights,
+    placeholder_tensors,
 )
+
+DTYPES = ("float32", "float16")
 
 SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 #: The rank used for the traced example slot tensors (0 and 1 would be specialised by torch.export).
@@ -153,12 +155,15 @@ def export_with_slots(
         steps = 3
         if progress:
             progress(0, steps)
-        tensors = merged_tensors(model, None, dtype)
-        plain = model.arch.export_model(
+        import torch
+
+        torch_dtype = getattr(torch, dtype)
+        tensors = placeholder_tensors(model.checkpoint, torch_dtype)
+        plain = build_weightless(lambda: model.arch.export_model(
             model.info,
             tensors,
             arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths)),
-        )
+        ), tensors)
         plain.example_inputs = {k: _cast(v, dtype) for k, v in plain.example_inputs.items()}
         graph = export_graph(
             slotted_export_model(plain, paths, model.layers, dtype), set(tensors), opset
@@ -166,6 +171,7 @@ def export_with_slots(
         if progress:
             progress(1, steps)
         add_slot_defaults(graph, paths)
+        attach_weights(graph, model.checkpoint, None)
         graph.metadata_props.update(
             {
                 META_ARCHITECTURE: model.architecture,
@@ -178,6 +184,7 @@ def export_with_slots(
         def check(path: Path) -> None:
             import onnxruntime
 
+            load_real_weights(plain.module, model.checkpoint, None, torch_dtype)
             inputs = random_inputs(plain, model.config)
             # ORT warns once per slot that an initializer is also a graph input — by design here.
             onnxruntime.set_default_logger_severity(3)
@@ -196,7 +203,8 @@ def export_with_slots(
                     f"{diff:.3g} (tolerance {tol:.3g}); nothing was written",
                 )
 
-        data = save_model(graph, out, check=check if verify_output else None)
+        external = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
+        data = save_model(graph, out, external, check=check if verify_output else None)
         if progress:
             progress(steps, steps)
         return SlotExport(

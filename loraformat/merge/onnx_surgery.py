@@ -57,6 +57,7 @@ from ..architecture import DenseLayer
 from ..atomic import check_output
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport
 from . import onnx_int4
 from .plan import MergePlan, open_adapters, plan_merge
@@ -589,8 +590,6 @@ def merge_onnx(
     the result carries the survival report; ``threshold`` is its warning's share.
     """
     import onnx_ir as ir
-
-    from ..export.onnx import EXTERNAL_DATA_THRESHOLD, save_model
 
     source = Path(base)
     if not source.is_file():

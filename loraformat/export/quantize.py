@@ -1,0 +1,179 @@
+"""Weight-only int4/int8 export: dense layers become ONNX Runtime ``MatMulNBits`` nodes.
+
+Runs on an exported onnx_ir graph whose checkpoint weights are still lazy (see
+:mod:`loraformat.export.stream`), so each weight is quantized only while it is written, one at a
+time. For every linear :class:`~loraformat.architecture.DenseLayer` the plugin lists whose weight
+feeds only matrix products — ``MatMul(x, Transpose(W))`` for an nn.Linear ([out, in]) or
+``MatMul(x, W)`` for a Conv1D ([in, out]) — each such ``MatMul`` is replaced by
+``MatMulNBits(x, W_Q4, W_scales[, W_zero_points])`` (``com.microsoft``; the names ONNX Runtime's
+own ``MatMulNBitsQuantizer`` gives them), with ``K`` = in-features and ``N`` = out-features; a
+bias stays the ``Add`` it was. The packing is :mod:`loraformat.quant.matmulnbits` (bit-exact with
+ONNX Runtime's quantizer). Weights used any other way (an embedding table also used as a tied
+LM head, say) stay in float. ``lm_head`` (a dense layer outside the blocks) is quantized only
+when asked: it decides the logits directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..architecture import DenseLayer
+from ..quant import matmulnbits
+
+MS_DOMAIN = "com.microsoft"
+#: Dense layers outside the transformer blocks whose quantization is opt-in.
+HEAD_LAYERS = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How dense layers are quantized (``--dtype int4/int8``, ``--block-size``, ...).
+
+    ``accuracy_level`` is MatMulNBits' attribute: the compute type ONNX Runtime may use (1 fp32,
+    2 fp16, 3 bf16, 4 int8 activations); 4 is what ONNX Runtime's model builder picks for CPU
+    int4 and is what makes int4 decode fast there. ``None`` leaves it unset (fp32 compute).
+    """
+
+    bits: int = 4
+    block_size: int = matmulnbits.DEFAULT_BLOCK_SIZE
+    symmetric: bool = False
+    accuracy_level: int | None = 4
+    lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        matmulnbits.check_params(self.bits, self.block_size)
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+
+
+class _Shared:
+    """One weight's quantization, computed when its first part is written and dropped after its
+    last, so the parts written one after another cost one quantization and no lasting memory."""
+
+    def __init__(self, source: Any, transpose: bool, options: QuantOptions, parts: int) -> None:
+        self.source, self.transpose, self.options = source, transpose, options
+        self.remaining = parts
+        self.result: matmulnbits.QuantizedWeight | None = None
+
+    def part(self, which: str) -> np.ndarray:
+        if self.result is None:
+            w = np.asarray(self.source.numpy(), dtype=np.float32)
+            self.result = matmulnbits.quantize(
+                w.T if self.transpose else w, bits=self.options.bits,
+                block_size=self.options.block_size, symmetric=self.options.symmetric,
+            )
+        value = getattr(self.result, which)
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.result = None
+        return value
+
+
+def _matmuls(weight: Any, layout: str) -> tuple[list[Any], list[Any]] | None:
+    """(MatMul nodes taking ``weight`` as B, Transpose nodes in between), or None if the weight
+    has any other use."""
+    matmuls, transposes = [], []
+    for use in weight.uses():
+        node = use.node
+        if layout == "in_out":
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or use.idx != 1:
+                return None
+            matmuls.append(node)
+            continue
+        perm = node.attributes.get("perm")
+        if node.op_type != "Transpose" or (perm is not None and list(perm.as_ints()) != [1, 0]):
+            return None
+        transposes.append(node)
+        for inner in node.outputs[0].uses():
+            if inner.node.op_type != "MatMul" or inner.idx != 1:
+                return None
+            matmuls.append(inner.node)
+    return (matmuls, transposes) if matmuls else None
+
+
+def _initializer(graph: Any, name: str, shape: tuple[int, ...], dtype: Any, func: Any) -> Any:
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype))
+    value.const_value = ir.LazyTensor(func, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+    graph.register_initializer(value)
+    return value
+
+
+def quantize_dense_layers(
+    model: Any, layers: Mapping[str, DenseLayer], options: QuantOptions
+) -> list[str]:
+    """Replace the dense layers' MatMuls in the onnx_ir ``model`` by MatMulNBits (in place).
+
+    Returns the layer paths quantized, in graph order. Scales take the weight's float dtype.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    done = []
+    bits, block = options.bits, options.block_size
+    for path, layer in layers.items():
+        if layer.kind != "linear" or (path in HEAD_LAYERS and not options.lm_head):
+            continue
+        weight = graph.initializers.get(layer.weight)
+        if weight is None or weight.const_value is None:
+            continue
+        found = _matmuls(weight, layer.layout)
+        if found is None:
+            continue
+        matmuls, transposes = found
+        n, k = layer.out_features, layer.in_features
+        k_blocks = -(-k // block)
+        float_type = weight.const_value.dtype
+        scale_np = float_type.numpy()
+        has_zp = not options.symmetric
+        shared = _Shared(weight.const_value, layer.layout == "in_out", options, 3 if has_zp else 2)
+        name = layer.weight
+        q = _initializer(
+            graph, f"{name}_Q{bits}", (n, k_blocks, block * bits // 8), ir.DataType.UINT8,
+            lambda s=shared, nm=name: ir.Tensor(s.part("packed"), name=f"{nm}_Q{bits}"),
+        )
+        scales = _initializer(
+            graph, f"{name}_scales", (n, k_blocks), float_type,
+            lambda s=shared, nm=name, dt=scale_np: ir.Tensor(
+                s.part("scales").astype(dt), name=f"{nm}_scales"
+            ),
+        )
+        inputs = [q, scales]
+        if has_zp:
+            zp_cols = -(-k_blocks * bits // 8)
+            inputs.append(_initializer(
+                graph, f"{name}_zero_points", (n, zp_cols), ir.DataType.UINT8,
+                lambda s=shared, nm=name: ir.Tensor(
+                    s.part("zero_points"), name=f"{nm}_zero_points"
+                ),
+            ))
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
+        if options.accuracy_level:
+            attributes["accuracy_level"] = options.accuracy_level
+        for node in matmuls:
+            new = ir.node(
+                "MatMulNBits", [node.inputs[0], *inputs], attributes=attributes,
+                domain=MS_DOMAIN, name=(node.name or name) + f"_Q{bits}",
+            )
+            new.outputs[0].shape = node.outputs[0].shape
+            new.outputs[0].type = node.outputs[0].type
+            ir.convenience.replace_nodes_and_values(
+                graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+            )
+        for node in transposes:
+            if not node.outputs[0].uses():
+                graph.remove(node, safe=True)
+        if not weight.uses():
+            graph.initializers.pop(name)
+        done.append(path)
+    if done:
+        model.opset_imports[MS_DOMAIN] = 1
+    return done
+
+
+__all__ = ["HEAD_LAYERS", "MS_DOMAIN", "QuantOptions", "quantize_dense_layers"]

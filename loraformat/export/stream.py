@@ -1,0 +1,255 @@
+"""Streamed export: the graph is traced without weights, the weights are written one at a time.
+
+A plain export would hold the model in memory several times (the merged tensors, the torch module,
+the exporter's copies, the serialized proto). Here:
+
+1. **The module is built without weights.** The plugin builds its export module as usual, but
+   every parameter its constructors create goes to the meta device (:func:`weightless_parameters`)
+   and the checkpoint tensors it is given are *placeholders*: one-element CPU tensors expanded to
+   the checkpoint's shape (:func:`placeholder_tensors`; stride 0, so they hold 4 bytes each).
+   ``load_state_dict(assign=True)`` puts the placeholders in. Buffers the module computes itself
+   (rotary frequencies, position ids) are real, so tracing runs on the CPU as usual.
+2. **The graph is exported** from that module exactly as before (same nodes and names: the
+   exporter reads shapes and dtypes, never weight values, when constant folding is kept off the
+   checkpoint tensors).
+3. **The weights are attached lazily** (:func:`attach_weights`): each checkpoint-named
+   initializer becomes an ``onnx_ir.LazyTensor`` that reads the tensor from the checkpoint's memory
+   map, applies the merge plan's operation (fp32 accumulation in the base dtype, as a merged
+   checkpoint holds it) and casts to the initializer's dtype. ``onnx_ir`` evaluates each one only
+   while writing it into the external-data file, then drops it.
+
+Peak memory is then the exporter's graph plus the largest tensor, whatever the depth; the output
+is the same file an in-memory export writes (``tests/test_export_stream.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import Checkpoint
+from ..errors import LoraformatError
+from ..format.safetensors_io import DTYPES
+from ..merge.plan import MergePlan
+
+#: Above this many weight bytes a streamed export keeps its weights in an external data file, so
+#: the .onnx protobuf (which is serialized whole, in memory) stays small.
+STREAM_EXTERNAL_BYTES = 64 * 1024**2
+
+
+def _is_placeholder(tensor: Any) -> bool:
+    return tensor.numel() > 1 and all(s == 0 for s in tensor.stride())
+
+
+@contextlib.contextmanager
+def weightless_parameters() -> Iterator[None]:
+    """While active, a parameter registered on any ``nn.Module`` is replaced by a meta-device
+    parameter of the same shape and dtype — unless it is a placeholder (stride 0), which is kept.
+
+    Constructors still allocate each parameter briefly (``torch.zeros(shape)``), one at a time;
+    nothing holds them. Buffers are untouched: modules compute them from the config.
+    """
+    import torch
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: Any) -> None:
+        if param is not None and not _is_placeholder(param):
+            param = nn.Parameter(
+                torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False
+            )
+        original(self, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def torch_dtype_for(stored: np.dtype | str, float_dtype: Any) -> Any:
+    """The torch dtype a checkpoint tensor of numpy dtype ``stored`` gets in the export:
+    ``float_dtype`` for floating tensors, its own dtype otherwise."""
+    import torch
+
+    dt = np.dtype(stored) if not isinstance(stored, np.dtype) else stored
+    if dt.kind == "f" or dt.name == "bfloat16":
+        return float_dtype
+    return torch.from_numpy(np.zeros(1, dtype=dt)).dtype
+
+
+def placeholder_tensors(checkpoint: Checkpoint, float_dtype: Any) -> dict[str, Any]:
+    """Every checkpoint tensor as a stride-0 placeholder of its shape, in the export dtype."""
+    import torch
+
+    out = {}
+    for name in checkpoint.names():
+        info = checkpoint.info(name)
+        dtype = torch_dtype_for(stored_dtype(checkpoint, name), float_dtype)
+        out[name] = torch.zeros((), dtype=dtype).expand(tuple(info.shape))
+    return out
+
+
+def build_weightless(build: Callable[[], Any], tensors: Mapping[str, Any]) -> Any:
+    """``build()`` (a plugin's export-module construction, returning an ExportModel) under
+    :func:`weightless_parameters`.
+
+    A plugin that copies the checkpoint tensors into its parameters (``load_state_dict`` without
+    ``assign=True``) copies into meta tensors, which does nothing: such parameters are given
+    their placeholder from ``tensors`` afterwards, by name (state-dict keys are checkpoint
+    names). A meta parameter that is not a checkpoint tensor is a :class:`LoraformatError`.
+    """
+    import torch
+
+    release_freed_buffers()  # before tracing: the exporter's own large temporaries too
+    with weightless_parameters(), warnings.catch_warnings():
+        # torch warns for each parameter such a plugin copies into a meta tensor
+        warnings.filterwarnings("ignore", message=".*non-meta parameter.*meta parameter")
+        exported = build()
+    module = exported.module
+    for name, param in list(module.named_parameters()):
+        if not param.is_meta:
+            continue
+        if name not in tensors:
+            raise LoraformatError(
+                None, f"the export module's parameter {name} is not a checkpoint tensor"
+            )
+        owner, _, attr = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        setattr(sub, attr, torch.nn.Parameter(tensors[name], requires_grad=False))
+    return exported
+
+
+def stored_dtype(checkpoint: Checkpoint, name: str) -> np.dtype:
+    """The numpy dtype of a checkpoint tensor, from its header."""
+    return DTYPES[checkpoint.info(name).dtype]
+
+
+def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    """A private, writable copy of one checkpoint tensor, read with ``readinto``.
+
+    Not through the memory map: mapped pages that were read count toward the process's resident
+    set for as long as the mapping lives (the whole export), a read buffer only until dropped.
+    """
+    st = checkpoint.shard_file(checkpoint.shard_of[name])
+    info = st.info(name)
+    buffer = np.empty(info.nbytes, dtype=np.uint8)
+    with open(st.path, "rb") as handle:
+        handle.seek(st.data_start + info.begin)
+        view, got = memoryview(buffer), 0
+        while got < info.nbytes:
+            n = handle.readinto(view[got:])
+            if not n:
+                raise LoraformatError(st.path, f"file ends inside tensor {name!r}")
+            got += n
+    return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def merged_array(
+    checkpoint: Checkpoint, name: str, plan: MergePlan | None, dtype: np.dtype | None
+) -> np.ndarray:
+    """One tensor as the merged checkpoint holds it (plan applied in the base dtype), cast to
+    ``dtype`` (through fp32, so bf16/f16/f64 sources convert exactly as torch would)."""
+    value = read_tensor(checkpoint, name)
+    op = plan.ops.get(name) if plan is not None else None
+    if op is not None:
+        value = op.apply(value, inplace=op.kind == "weight")
+    if dtype is not None and value.dtype != dtype:
+        if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
+            value = np.asarray(value).astype(np.float32)
+        value = value.astype(dtype)
+    return np.ascontiguousarray(value)
+
+
+def release_freed_buffers() -> None:
+    """Make glibc return every freed allocation of 1 MiB or more to the system at once.
+
+    Streaming allocates and frees one tensor-sized buffer after another, in several sizes (read,
+    cast, quantization temporaries). glibc raises its mmap threshold after the first such free
+    (up to 32 MiB), so later buffers come from the heap, whose holes it does not give back: peak
+    RSS then drifts from 0.8 to 1.6 GiB between identical runs of the 0.49B export (measured).
+    A fixed threshold (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, what ``MALLOC_MMAP_THRESHOLD_`` sets)
+    keeps it at 0.8 GiB. Process-wide and permanent; a no-op where libc is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(Exception):  # not glibc, or no libc to load: nothing to tune
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def attach_weights(
+    model: Any,
+    checkpoint: Checkpoint,
+    plan: MergePlan | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Give every initializer of the onnx_ir ``model`` named after a checkpoint tensor a lazy
+    value: the (merged) checkpoint tensor in the initializer's dtype, read when written.
+
+    Returns the names attached. ``progress(done, total)`` is called as they are written.
+    """
+    import onnx_ir as ir
+
+    names = [n for n in model.graph.initializers if n in checkpoint]
+    total = len(names)
+    written = [0]
+
+    for name in names:
+        value = model.graph.initializers[name]
+        old = value.const_value
+        dtype = old.dtype if old is not None else value.dtype
+        shape = ir.Shape(list(checkpoint.info(name).shape))
+        np_dtype = dtype.numpy()
+
+        def make(name: str = name, np_dtype: np.dtype = np_dtype) -> Any:
+            array = merged_array(checkpoint, name, plan, np_dtype)
+            written[0] += 1
+            if progress is not None:
+                progress(min(written[0], total), total)
+            return ir.Tensor(array, name=name)
+
+        value.const_value = ir.LazyTensor(make, dtype=dtype, shape=shape, name=name)
+    return names
+
+
+def load_real_weights(
+    module: Any,
+    checkpoint: Checkpoint,
+    plan: MergePlan | None,
+    float_dtype: Any,
+) -> None:
+    """Replace ``module``'s placeholder/meta parameters by the (merged) checkpoint tensors, for a
+    torch reference run (``--verify``)."""
+    import torch
+
+    state = module.state_dict(keep_vars=True)
+    real = {}
+    for key in state:
+        if key not in checkpoint:
+            continue
+        target = torch_dtype_for(stored_dtype(checkpoint, key), float_dtype)
+        array = merged_array(checkpoint, key, plan, torch.empty(0, dtype=target).numpy().dtype)
+        real[key] = torch.from_numpy(array)
+    module.load_state_dict(real, strict=False, assign=True)
+
+
+__all__ = [
+    "STREAM_EXTERNAL_BYTES",
+    "attach_weights",
+    "build_weightless",
+    "load_real_weights",
+    "merged_array",
+    "placeholder_tensors",
+    "read_tensor",
+    "release_freed_buffers",
+    "stored_dtype",
+    "torch_dtype_for",
+    "weightless_parameters",
+]

@@ -1,0 +1,111 @@
+"""ONNX model files: atomic saving with external data, below both merge (surgery) and export.
+
+An ONNX model whose initializers exceed protobuf's 2 GB cap keeps them in an external data file
+next to it. :func:`save_model` writes the model and that file so that a reader, or a kill at any
+moment, sees either the old model with its data or the new one with its data. Initializers may
+be lazy (``onnx_ir.LazyTensor``): each is materialised only while it is written, one at a time,
+which is how a streamed export stays in bounded memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .atomic import TMP_MARKER
+
+#: Above this many initializer bytes the weights go to an external data file (protobuf's cap).
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+
+
+def initializer_bytes(model: Any) -> int:
+    """Total bytes of an onnx_ir model's initializers (lazy ones are not evaluated)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def save_model(
+    model: Any,
+    out: Path,
+    external_data: bool | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path | None:
+    """Write ``model`` atomically to ``out``.
+
+    Weights go to an external data file next to it when ``external_data`` (``None``: when over
+    2 GB): ``<out name>.data``, or ``<out name>.1.data`` while a file of the first name is in use
+    (the two alternate, so a replaced model's data is never overwritten before the new model is in
+    place). Returns the data file, if any.
+
+    Both files are written into a temporary sibling directory, ``check(temporary model path)``
+    runs (it may raise to abandon the output), the data file is renamed into place, then the
+    model; only then is the previous model's data file (either name) removed. A reader — or a
+    kill at any moment — therefore sees the old model with its data, or the new one with its
+    data, never a model whose data is missing or foreign; at worst an unreferenced data file is
+    left behind.
+    """
+    import onnx_ir as ir
+
+    if external_data is None:
+        external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    names = [out.name + ".data", out.name + ".1.data"]
+    data_name = next((n for n in names if not out.with_name(n).exists()), names[0])
+    if out.with_name(data_name).exists():  # both exist (a leftover): reuse the unreferenced one
+        data_name = names[1] if references(out, names[0]) else names[0]
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
+    try:
+        tmp_model = tmp / out.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            ir.save(model, tmp_model)
+        for file in (tmp / data_name, tmp_model):
+            if file.exists():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if check is not None:
+            check(tmp_model)
+        data_path = None
+        if external_data:
+            data_path = out.with_name(data_name)
+            os.replace(tmp / data_name, data_path)
+        os.replace(tmp_model, out)
+        for name in names:  # the replaced model's data, now unreferenced
+            if name != (data_name if external_data else None):
+                with contextlib.suppress(OSError):
+                    out.with_name(name).unlink()
+        return data_path
+    finally:
+        for file in tmp.iterdir():
+            with contextlib.suppress(OSError):
+                file.unlink()
+        with contextlib.suppress(OSError):
+            tmp.rmdir()
+
+
+def references(model_path: Path, data_name: str) -> bool:
+    """Whether the ONNX file at ``model_path`` (if any) keeps weights in ``data_name``."""
+    if not model_path.is_file():
+        return False
+    try:
+        import onnx
+
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # an unreadable old model: treat its data as unreferenced
+        return False
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data_name:
+                return True
+    return False
+
+
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "initializer_bytes", "references", "save_model"]

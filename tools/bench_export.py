@@ -1,0 +1,219 @@
+"""Benchmark: streamed ONNX export at real-model scale, against ``torch.onnx.export`` and ONNX
+Runtime GenAI's model builder, in one run.
+
+    .venv/bin/python tools/bench_export.py [WORKDIR] [--layers 24] [--builder-path DIR]
+
+Builds (numpy, streamed) the LLaMA-shaped fp32 checkpoint of ``tools/bench_merge.py`` — hidden
+1024, intermediate 4096, vocabulary 40960, untied head, 0.49B parameters at 24 layers (1.81 GiB)
+— with RMSNorm weights of 1 (bench_merge's are 0, which makes every logit 0 and a logits
+comparison meaningless), its 12-layer sibling, and PEFT adapters with r=16 on all seven
+projections. Then, each in a fresh subprocess with the input already in the page cache, wall time
+and peak RSS (the child's ``ru_maxrss``) of:
+
+  1. ``loraformat merge BASE ADAPTER -o m.onnx`` with ``--dtype float32``, ``float16``, ``int4``
+     (24 layers) and ``float32`` (12 layers: peak RSS must be flat with depth);
+  2. a plain ``torch.onnx.export`` (dynamo, external data) of transformers' LlamaForCausalLM
+     loaded from the same checkpoint, no adapter;
+  3. ONNX Runtime GenAI's model builder (``-p fp32/int4 -e cpu``, no adapter) when
+     ``onnxruntime_genai`` is importable with ``--builder-path`` on ``PYTHONPATH`` (a
+     benchmark-only dependency: ``pip install --no-deps --target .bench-genai onnxruntime-genai``);
+     skipped when absent.
+
+Finally the int4 and fp16 exports' logits on a 32-token prompt are compared with the fp32
+export's in ONNX Runtime (CPU): cosine similarity and max abs difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_merge import PROJECTIONS, build_peft_adapter, measure  # noqa: E402
+
+from loraformat.format.safetensors_io import TensorEntry, write_safetensors  # noqa: E402
+
+HIDDEN, INTER, VOCAB = 1024, 4096, 40960
+
+
+def _filled(shape: tuple[int, ...], seed: int, std: float, mean: float = 0.0):
+    def make() -> np.ndarray:
+        if std == 0:
+            return np.full(shape, mean, dtype=np.float32)
+        rng = np.random.default_rng(seed)
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+    return make
+
+
+def build_checkpoint(out: Path, layers: int) -> None:
+    """config.json + model.safetensors, streamed (one tensor in memory at a time)."""
+    if (out / "model.safetensors").is_file():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    dims = {"hidden": HIDDEN, "inter": INTER}
+    entries: list[TensorEntry] = []
+
+    def add(name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0) -> None:
+        entries.append(TensorEntry(name, "F32", shape, _filled(shape, len(entries) + 1, std, mean)))
+
+    add("model.embed_tokens.weight", (VOCAB, HIDDEN))
+    add("lm_head.weight", (VOCAB, HIDDEN))
+    add("model.norm.weight", (HIDDEN,), 0.0, 1.0)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        add(p + "input_layernorm.weight", (HIDDEN,), 0.0, 1.0)
+        add(p + "post_attention_layernorm.weight", (HIDDEN,), 0.0, 1.0)
+        for name, (src, dst) in PROJECTIONS.items():
+            add(p + name + ".weight", (dims[dst], dims[src]))
+    write_safetensors(out / "model.safetensors", entries, {"format": "pt"})
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "vocab_size": VOCAB, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def add_tokenizer(checkpoint: Path) -> None:
+    """A word-level tokenizer.json: the model builder saves the checkpoint's tokenizer next to
+    its model and fails without one (the export itself does not use it)."""
+    if (checkpoint / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 1000)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(checkpoint / "tokenizer.json"))
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }))
+
+
+TORCH_EXPORT = """
+import sys, torch
+from transformers import LlamaForCausalLM
+base, out = sys.argv[1:3]
+model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
+model.config.use_cache = False
+ids = torch.randint(0, 1000, (1, 8))
+with torch.no_grad():
+    dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}
+    program = torch.onnx.export(model, (ids,), dynamo=True, dynamic_shapes=(dims,))
+program.save(out, external_data=True)
+"""
+
+
+def logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"input_ids": ids})[0], dtype=np.float32)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    x, y = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", nargs="?", default=None)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--builder-path", default=str(ROOT / ".bench-genai"),
+                        help="Directory holding onnxruntime_genai (put on PYTHONPATH).")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="Keep the exported models.")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export-"))
+    work.mkdir(parents=True, exist_ok=True)
+    half = args.layers // 2
+    bases = {args.layers: work / f"base{args.layers}", half: work / f"base{half}"}
+    for layers, path in bases.items():
+        build_checkpoint(path, layers)
+        if not (work / f"peft{layers}" / "adapter_config.json").is_file():
+            build_peft_adapter(work / f"peft{layers}", HIDDEN, INTER, layers)
+    size = (bases[args.layers] / "model.safetensors").stat().st_size
+    print(f"checkpoint: {args.layers} layers, {size / 2**30:.2f} GiB fp32; adapter r=16 on all 7 "
+          "projections", flush=True)
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    subprocess.run(["cat", str(bases[args.layers] / "model.safetensors")],
+                   stdout=subprocess.DEVNULL, check=True)  # page cache warm for everyone
+    lf = [str(Path(sys.executable).parent / "loraformat")]
+    rows: list[tuple[str, float, float]] = []
+
+    def run(label: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        old = dict(os.environ)
+        if env:
+            os.environ.update(env)
+        try:
+            wall, rss = measure(cmd)
+        except SystemExit as exc:  # a comparison tool failing must not lose the other rows
+            print(f"{label}: failed: {str(exc)[-500:]}", flush=True)
+            return
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+        rows.append((label, wall, rss))
+        print(f"{label:<58} {wall:7.1f} s {rss / 1024:7.2f} GiB", flush=True)
+
+    big, small = bases[args.layers], bases[half]
+    for dtype in ("float32", "float16", "int4"):
+        run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers)",
+            [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+             str(out / f"{dtype}.onnx"), "--dtype", dtype])
+    run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
+        [*lf, "merge", str(small), str(work / f"peft{half}"), "-o", str(out / f"f32_{half}.onnx")])
+    if not args.skip_torch:
+        run(f"torch.onnx.export of transformers' model, fp32 ({args.layers} layers, no adapter)",
+            [sys.executable, "-c", TORCH_EXPORT, str(big), str(out / "torch.onnx")])
+    builder = Path(args.builder_path)
+    if (builder / "onnxruntime_genai").is_dir():
+        add_tokenizer(big)
+        env = {"PYTHONPATH": f"{builder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        for precision in ("fp32", "int4"):
+            target = out / f"builder_{precision}"
+            run(f"ORT GenAI builder -p {precision} -e cpu ({args.layers} layers, no adapter)",
+                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(big), "-o",
+                 str(target), "-p", precision, "-e", "cpu", "-c", str(out / "cache")], env)
+    else:
+        print(f"ORT GenAI builder: skipped (no onnxruntime_genai under {builder})")
+
+    ids = np.random.default_rng(0).integers(0, VOCAB, (1, 32), dtype=np.int64)
+    ref = logits(out / "float32.onnx", ids)
+    for dtype in ("float16", "int4"):
+        got = logits(out / f"{dtype}.onnx", ids)
+        print(f"{dtype} vs float32 logits (32-token prompt, ONNX Runtime CPU): cosine "
+              f"{cosine(got, ref):.5f}, max abs diff {float(np.max(np.abs(got - ref))):.4g} "
+              f"(|logits| max {float(np.max(np.abs(ref))):.3g})")
+    sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    print("output sizes (MiB):", {k: round(v / 2**20) for k, v in sorted(sizes.items())})
+    by = {label: (wall, rss) for label, wall, rss in rows}
+    deep = by[f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers)"][1]
+    shallow = by[f"loraformat merge -o x.onnx --dtype float32 ({half} layers)"][1]
+    print(f"peak RSS {args.layers} vs {half} layers (fp32): {deep / shallow:.3f}x "
+          f"(target within 1.15x); fp32 peak {deep / 1024:.2f} GiB (target <= 1.5 GiB)")
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
