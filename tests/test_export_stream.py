@@ -17,24 +17,20 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import tiny_models
-from click.testing import CliRunner
+from cli_harness import run_cli
 from test_merge import PEFT_CASES, make_peft_adapter
 
-from loraformat.architecture import ExportOptions, export_model
+from loraformat.architecture import ExportOptions
 from loraformat.base import open_base
-from loraformat.cli import cli
 from loraformat.errors import LoraformatError
 from loraformat.export.onnx import cosine, export_graph, export_onnx, merged_tensors, open_plan
 from loraformat.export.quantize import QuantOptions
 from loraformat.export.stream import weightless_parameters
+from loraformat.interchange import open_adapter
 from loraformat.quant.matmulnbits import dequantize, quantize
 
 pytestmark = pytest.mark.slow
 ARCHS = ["gpt2", "bert", "llama", "vit"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def _nodes(model: onnx.ModelProto) -> list[tuple]:
@@ -54,14 +50,16 @@ def _in_memory_export(base: Path, adapters: list[Path]) -> onnx.ModelProto:
         model = stack.enter_context(open_base(base))
         plan = open_plan(stack, model, adapters)
         tensors = merged_tensors(model, plan, "float32")
-        exported = export_model(model.architecture, model.config, tensors, ExportOptions())
+        exported = model.arch.export_model(model.info, tensors, ExportOptions())
         return ir.to_proto(export_graph(exported, set(tensors)))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_streamed_export_equals_the_in_memory_export(tiny_checkpoint, tmp_path, arch):
     base = tiny_checkpoint(arch)
-    adapter = make_peft_adapter(base, arch, tmp_path / "peft", **PEFT_CASES[arch])
+    # PEFT becomes a loraformat adapter at the boundary, as the CLI does
+    adapter = open_adapter(make_peft_adapter(base, arch, tmp_path / "peft", **PEFT_CASES[arch]),
+                           base=base)
     out = tmp_path / "streamed.onnx"
     export_onnx(base, out, adapters=[adapter], external_data=True)
     streamed = onnx.load(str(out))
@@ -96,11 +94,13 @@ def _llama_logits(path: Path, ids: np.ndarray) -> np.ndarray:
 def llama_exports(tmp_path_factory):
     base = tiny_models.llama(tmp_path_factory.mktemp("llama"), layers=2)
     root = tmp_path_factory.mktemp("int4")
-    adapter = make_peft_adapter(base, "llama", root / "peft", **PEFT_CASES["llama"])
+    peft_dir = make_peft_adapter(base, "llama", root / "peft", **PEFT_CASES["llama"])
+    adapter = open_adapter(peft_dir, base=base)
     fp32 = export_onnx(base, root / "fp32.onnx", adapters=[adapter])
     int4 = export_onnx(base, root / "int4.onnx", adapters=[adapter], dtype="int4",
                        verify_output=True)
-    return {"base": base, "adapter": adapter, "root": root, "fp32": fp32, "int4": int4}
+    return {"base": base, "adapter": adapter, "peft": peft_dir, "root": root, "fp32": fp32,
+            "int4": int4}
 
 
 def test_int4_export_runs_close_to_fp32(llama_exports, tmp_path):
@@ -159,11 +159,11 @@ def test_cli_int4_decoder_with_past_optimized_generates(llama_exports, tmp_path)
     from loraformat.generate import greedy_generate
 
     out = tmp_path / "dec.onnx"
-    run = invoke("merge", llama_exports["base"], llama_exports["adapter"], "-o", out,
-                 "--with-past", "--optimize", "--dtype", "int4", "--block-size", "16",
-                 "--symmetric", "--verify", "--json")
-    assert run.exit_code == 0, run.output
-    report = json.loads(run.output)
+    run = run_cli("merge", llama_exports["base"], llama_exports["peft"], "-o", out,
+                  "--with-past", "--optimize", "--dtype", "int4", "--block-size", "16",
+                  "--symmetric", "--verify", "--json")
+    assert run.code == 0, run.err
+    report = json.loads(run.out)
     assert report["dtype"] == "int4" and report["quantized_layers"] == 14
     assert 0.9 <= report["cosine"] < 1  # int4 vs the fp32 torch module, prefill + decode
     model = onnx.load(str(out))
@@ -177,11 +177,11 @@ def test_cli_int4_decoder_with_past_optimized_generates(llama_exports, tmp_path)
 
 def test_quantization_option_refusals(llama_exports, tmp_path):
     base = llama_exports["base"]
-    run = invoke("export", base, "-o", tmp_path / "x.onnx", "--block-size", "32")
-    assert run.exit_code == 2 and "--block-size" in run.output and "int4" in run.output
-    run = invoke("export", base, "-o", tmp_path / "x.onnx", "--dtype", "int4",
-                 "--block-size", "24")
-    assert run.exit_code == 2 and "power of two" in run.output
+    run = run_cli("export", base, "-o", tmp_path / "x.onnx", "--block-size", "32")
+    assert run.code == 2 and "--block-size" in run.err and "int4" in run.err
+    run = run_cli("export", base, "-o", tmp_path / "x.onnx", "--dtype", "int4",
+                  "--block-size", "24")
+    assert run.code == 2 and "power of two" in run.err
     with pytest.raises(LoraformatError, match="apply to --dtype int4/int8"):
         export_onnx(base, tmp_path / "y.onnx", quant=QuantOptions())
     with pytest.raises(LoraformatError, match="--dtype must be one of"):
