@@ -20,6 +20,11 @@ the exporter's copies, the serialized proto). Here:
 
 Peak memory is then the exporter's graph plus the largest tensor, whatever the depth; the output
 is the same file an in-memory export writes (``tests/test_export_stream.py``).
+
+4. **``--verify`` streams too** (:func:`weights_on_demand`): the torch reference forward runs on
+   the same weightless module, and each torch call that uses a checkpoint tensor is given the
+   merged tensor read for that call, released after it. The figures are those of a reference
+   with every weight loaded (``tests/test_export_verify.py``).
 """
 
 from __future__ import annotations
