@@ -11,6 +11,10 @@ of each ``--verify`` run to its plain twin. ``--verify`` runs ONNX Runtime on th
 (which holds its weights: about the model's size) and then the torch reference, whose weights
 are read from the checkpoint one op at a time (``loraformat.export.stream.weights_on_demand``):
 so its peak is about ONNX Runtime's session, not the session plus a second in-memory model.
+
+Measured once (24 layers, 2-core machine, busy): fp32 0.71 GiB plain, 2.40 GiB --verify (the
+in-memory reference of the previous commit: 4.21 GiB); int4 0.71 GiB plain, 1.23 GiB --verify
+(previously 3.05 GiB).
 """
 
 from __future__ import annotations
