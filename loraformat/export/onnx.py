@@ -52,8 +52,8 @@ from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
     build_weightless,
-    load_real_weights,
     placeholder_tensors,
+    weights_on_demand,
 )
 
 #: Opset used unless ``--opset`` says otherwise (ONNX Runtime ≥ 1.14 runs it; LayerNormalization
@@ -320,6 +320,8 @@ def compare(
         if graph_name.get(k, k) in feed_names
     }
     got = session.run(None, feed)
+    provider = session.get_providers()[0]
+    del session  # its copy of the weights goes before the torch reference runs
     with torch.no_grad():
         ref = exported.module(**dict(inputs))
     if isinstance(ref, torch.Tensor):
@@ -339,7 +341,7 @@ def compare(
         diff = max(diff, float(np.max(np.abs(r32 - o32))) if r32.size else 0.0)
         scale = max(scale, float(np.max(np.abs(r32))) if r32.size else 0.0)
         cos = cosine(o32, r32) if cos is None else cos
-    return Comparison(diff, scale, session.get_providers()[0], 1.0 if cos is None else cos)
+    return Comparison(diff, scale, provider, 1.0 if cos is None else cos)
 
 
 def _flatten(items: Any) -> list[Any]:
@@ -424,8 +426,9 @@ def export_onnx(
     ``options`` are passed to the plugin (KV cache, LoRA slots); ``build`` replaces the plugin's
     export module (callers that wrap it, e.g. slot export); ``rewrite(graph)`` returns the onnx_ir
     graph to write instead (a pass such as fusion, run after quantization, weights still lazy);
-    ``verifier(temporary path, export model)`` replaces the default check below, with the
-    module's real weights loaded. ``verify_output`` runs ONNX Runtime on
+    ``verifier(temporary path, export model)`` replaces the default check below; while it runs,
+    the module's weights are read from the checkpoint as its ops use them
+    (:func:`~.stream.weights_on_demand`). ``verify_output`` runs ONNX Runtime on
     random inputs (batch 3, sequence 5) against the torch module (fp32 weights for int4/int8)
     before the output is put in place, and refuses it (nothing written) when the max abs
     difference exceeds 1e-4·max(1, max|ref|) (fp32) or 1e-2·max(1, max|ref|) (fp16), or, for
@@ -479,12 +482,14 @@ def export_onnx(
         )
 
         def check(path: Path) -> None:
-            load_real_weights(exported.module, model.checkpoint, plan, torch_dtype)
-            if verifier is not None:
-                verifier(path, exported)
-                return
-            inputs = random_inputs(exported, model.config)
-            c = compare(path, exported, inputs)
+            # The torch reference reads each weight from the checkpoint when an op uses it, so
+            # the model is never in memory twice (once here, once in ONNX Runtime).
+            with weights_on_demand(exported.module, model.checkpoint, plan, torch_dtype):
+                if verifier is not None:
+                    verifier(path, exported)
+                    return
+                inputs = random_inputs(exported, model.config)
+                c = compare(path, exported, inputs)
             diff, scale, provider, cos = c.max_abs_diff, c.scale, c.provider, c.cosine
             result.max_abs_diff, result.verify_provider, result.cosine = diff, provider, cos
             if quant is not None:

@@ -20,6 +20,11 @@ the exporter's copies, the serialized proto). Here:
 
 Peak memory is then the exporter's graph plus the largest tensor, whatever the depth; the output
 is the same file an in-memory export writes (``tests/test_export_stream.py``).
+
+4. **``--verify`` streams too** (:func:`weights_on_demand`): the torch reference forward runs on
+   the same weightless module, and each torch call that uses a checkpoint tensor is given the
+   merged tensor read for that call, released after it. The figures are those of a reference
+   with every weight loaded (``tests/test_export_verify.py``).
 """
 
 from __future__ import annotations
@@ -240,6 +245,75 @@ def load_real_weights(
     module.load_state_dict(real, strict=False, assign=True)
 
 
+#: Tensor attributes and methods that read only metadata, which a placeholder answers as the
+#: real tensor would: the weight is not read for them. (``stride``/``is_contiguous`` are not here:
+#: a placeholder's strides are 0, the real tensor's are not.)
+_METADATA = frozenset({
+    "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "is_cuda",
+    "is_meta", "is_sparse", "is_quantized", "is_nested", "names", "grad_fn", "grad", "_version",
+    "size", "dim", "numel", "is_floating_point", "is_complex", "element_size", "__len__",
+})
+
+
+@contextlib.contextmanager
+def weights_on_demand(
+    module: Any,
+    checkpoint: Checkpoint,
+    plan: MergePlan | None,
+    float_dtype: Any,
+) -> Iterator[None]:
+    """While active, torch calls on ``module``'s checkpoint tensors (its placeholders) see the
+    (merged) checkpoint tensor instead, read for that one call and released after it — the torch
+    reference forward of ``--verify`` without the model's weights in memory all at once.
+
+    A ``TorchFunctionMode`` substitutes the argument, not forward hooks on the owning module:
+    a parameter is used wherever the plugin's code uses it, also outside its module's forward
+    (a head tied to the embedding reads ``embed_tokens.weight`` in the root module's forward),
+    and it is one mechanism for every plugin. The values are exactly what
+    :func:`load_real_weights` would load (same reads, merge plan and dtype), so the reference's
+    outputs are the same numbers; peak memory is the forward's activations plus the tensors of
+    the op running (a view of a weight, such as ``W.T``, lives as long as the code holds it).
+    A weight used by several ops is read for each (the embedding of a tied head twice).
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    names: dict[int, str] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        if key in checkpoint and tensor is not None:
+            names.setdefault(id(tensor), key)
+    wanted = {
+        key: torch.empty(0, dtype=torch_dtype_for(stored_dtype(checkpoint, key), float_dtype))
+        .numpy().dtype
+        for key in set(names.values())
+    }
+
+    def real(value: Any) -> Any:
+        key = names.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if key is None:
+            return value
+        return torch.from_numpy(merged_array(checkpoint, key, plan, wanted[key]))
+
+    def substitute(value: Any) -> Any:
+        if type(value) in (list, tuple):  # torch.cat's list; not torch.Size, named tuples
+            return type(value)(substitute(v) for v in value)
+        return real(value)
+
+    class OnDemand(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            attribute = getattr(getattr(func, "__self__", None), "__name__", None)
+            own = getattr(func, "__name__", "")
+            name = attribute if own == "__get__" else own
+            if name not in _METADATA:
+                args = substitute(args)
+                kwargs = {k: substitute(v) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+
+    with OnDemand():
+        yield
+
+
 __all__ = [
     "STREAM_EXTERNAL_BYTES",
     "attach_weights",
@@ -252,4 +326,5 @@ __all__ = [
     "stored_dtype",
     "torch_dtype_for",
     "weightless_parameters",
+    "weights_on_demand",
 ]
