@@ -16,16 +16,25 @@ _DTYPES = click.Choice(EXPORT_DTYPES)
 
 
 def _is_onnx(path: str) -> bool:
-    """For outputs, whose kind their suffix chooses (BASE is told by content: _onnx_base)."""
+    """For outputs, whose kind their suffix chooses (BASE is told by content: _base_kind)."""
     return Path(path).suffix == ".onnx"
 
 
+#: A checkpoint directory quantized by bitsandbytes (``sniff`` calls it a checkpoint).
+BNB4_CHECKPOINT = "bnb4"
+_QUANTIZED = (sniff.GGUF_MODEL, BNB4_CHECKPOINT)
+
+
 def _base_kind(base: str) -> str:
-    """What BASE is, by content: a checkpoint directory, a single .safetensors, an ONNX model or a
-    GGUF model; anything else is refused in one line saying what it is."""
-    return sniff.require_base(
+    """What BASE is, by content: a checkpoint directory (bitsandbytes-quantized or not), a single
+    .safetensors, an ONNX model or a GGUF model; anything else is refused in one line saying what
+    it is."""
+    from ..merge.bnb import is_bnb4
+
+    kind = sniff.require_base(
         base, (sniff.CHECKPOINT, sniff.SAFETENSORS_MODEL, sniff.ONNX_MODEL, sniff.GGUF_MODEL)
     ).format
+    return BNB4_CHECKPOINT if kind == sniff.CHECKPOINT and is_bnb4(base) else kind
 
 
 def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple:
@@ -37,12 +46,11 @@ def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str
 
     ctx.meta["adapter_arguments"] = values  # as the user wrote them, for the report
     base = ctx.params.get("base")
-    kind = _base_kind(base) if base is not None else None
-    ctx.meta["onnx_base"] = onnx = kind == sniff.ONNX_MODEL
+    ctx.meta["base_kind"] = kind = _base_kind(base) if base is not None else None
+    onnx = kind == sniff.ONNX_MODEL
     # Foreign adapters are read through a float checkpoint BASE (names, row order); a quantized
     # base (GGUF model, bitsandbytes 4-bit) has no such checkpoint to read them through.
-    quantized = kind == sniff.GGUF_MODEL or (base is not None and _is_bnb4(base))
-    names_from = None if base is None or onnx or quantized else base
+    names_from = None if base is None or onnx or kind in _QUANTIZED else base
     opened = []
     for value in values:
         try:
@@ -59,15 +67,13 @@ def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str
     return tuple(opened)
 
 
-def _is_bnb4(base: str) -> bool:
-    from ..merge.bnb import is_bnb4
-
-    return is_bnb4(base)
+def _given_base_kind() -> str | None:
+    """What the ADAPTERS callback found BASE to be (:func:`_base_kind`)."""
+    return click.get_current_context().meta.get("base_kind")
 
 
 def _base_is_onnx() -> bool:
-    """What the ADAPTERS callback found BASE to be."""
-    return bool(click.get_current_context().meta.get("onnx_base"))
+    return _given_base_kind() == sniff.ONNX_MODEL
 
 
 def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool) -> None:
@@ -105,16 +111,14 @@ def _merge_quantized(
     onnx_options: bool,
 ) -> Any:
     """Merge into a GGUF or bitsandbytes 4-bit base; None when BASE is neither."""
-    from ..merge.bnb import is_bnb4
-    from ..merge.gguf import is_gguf
-
-    if onnx_options and (is_gguf(base) or is_bnb4(base)):
+    kind = _given_base_kind()
+    if onnx_options and kind in _QUANTIZED:
         raise click.UsageError("--dtype, --opset, --verify, --with-past and --unshare apply to "
                                "checkpoint and ONNX bases, not GGUF or bitsandbytes ones")
 
     common = dict(weights=list(weights), force=force, allow_nonfinite=allow_nonfinite,
                   overwrite=overwrite)
-    if is_gguf(base):
+    if kind == sniff.GGUF_MODEL:
         from ..merge.gguf import merge_gguf
 
         if requantize:
@@ -122,7 +126,7 @@ def _merge_quantized(
                                    "always requantized (choose the type with --type)")
         with progress("merging") as bar:
             return merge_gguf(base, list(adapters), out, qtype=qtype, progress=bar, **common)
-    if is_bnb4(base):
+    if kind == BNB4_CHECKPOINT:
         from ..merge.bnb import merge_bnb
 
         if qtype:
@@ -277,10 +281,7 @@ def unmerge_command(
     Exact up to float rounding. BASE is a *merged* model, so the adapter's base fingerprint is
     not checked. DoRA layers and replaced tensors cannot be unmerged and are refused.
     """
-    from ..merge.bnb import is_bnb4
-    from ..merge.gguf import is_gguf
-
-    if is_gguf(base) or is_bnb4(base):
+    if _given_base_kind() in _QUANTIZED:
         raise click.UsageError(
             "unmerge from a quantized model (GGUF, bitsandbytes) is not supported: the merge "
             "requantized the weights, so subtracting the adapter does not give the base back"

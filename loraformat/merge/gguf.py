@@ -67,15 +67,6 @@ class GgufMergeResult:
         return data
 
 
-def is_gguf(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a file starting with the GGUF magic."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as handle:
-        return handle.read(4) == b"GGUF"
-
-
 def _field(reader: Any, key: str) -> Any:
     field = reader.fields.get(key)
     return None if field is None else field.contents()
@@ -367,5 +358,5 @@ def merge_gguf(
     )
 
 
-__all__ = ["GgufMergeResult", "gguf_config", "gguf_layers", "is_gguf",
+__all__ = ["GgufMergeResult", "gguf_config", "gguf_layers",
            "merge_gguf"]
