@@ -6,7 +6,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from loraformat.architecture import CheckpointInfo, DenseLayer, ExportModel, FusedPart
+from loraformat.architecture import (
+    CheckpointInfo,
+    DenseLayer,
+    ExportModel,
+    FusedPart,
+    LayerRepeat,
+)
 from loraformat.errors import LoraformatError
 
 
@@ -136,6 +142,21 @@ class EncoderParts:
 
         query, key, value = (self.dense(f"{path}.{n}") for n in ("query", "key", "value"))
         return EncoderSelfAttention(query, key, value, self.heads)
+
+
+def uniform_layers(
+    checkpoint: CheckpointInfo, pattern: str, depth_key: str | None
+) -> LayerRepeat | None:
+    """A :class:`LayerRepeat` of identical layers, counted by the layer indices ``pattern`` (a
+    regex whose one group is the index) finds in the tensor names; ``None`` when they are not
+    0..n-1, or when ``depth_key`` is given and the config says another depth."""
+    found = re.compile(pattern)
+    ids = {int(m.group(1)) for name in checkpoint.shapes if (m := found.search(name))}
+    if not ids or ids != set(range(len(ids))):
+        return None
+    if depth_key is not None and checkpoint.config.get(depth_key) != len(ids):
+        return None
+    return LayerRepeat(kinds=("layer",) * len(ids), depth_key=depth_key)
 
 
 def find_prefix(names: Sequence[str], pattern: str) -> str | None:

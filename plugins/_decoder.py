@@ -24,7 +24,12 @@ from typing import Any, ClassVar
 
 from loraformat.architecture import DenseLayer, ExportModel, ExportOptions, FusedPart
 from loraformat.architecture.names import SAME, NameTable
-from loraformat.architecture.protocol import ArchitectureBase, CheckpointInfo, ModelShape
+from loraformat.architecture.protocol import (
+    ArchitectureBase,
+    CheckpointInfo,
+    LayerRepeat,
+    ModelShape,
+)
 from loraformat.errors import LoraformatError
 
 from ._common import (
@@ -670,3 +675,8 @@ class DecoderFamily(ArchitectureBase):
         self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
     ) -> ExportModel:
         return build(self.spec(checkpoint), checkpoint, tensors, options)
+
+    def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
+        # A layer's graph depends on its index only through its window and its rope.
+        spec = self.spec(checkpoint)
+        return LayerRepeat(tuple(zip(spec.windows, spec.rope_of, strict=True)), "num_hidden_layers")

@@ -21,11 +21,18 @@ from loraformat.architecture import (
     DenseLayer,
     ExportModel,
     ExportOptions,
+    LayerRepeat,
     NameTable,
     hookimpl,
 )
 
-from ._common import EncoderParts, detect_by_names, encoder_activation, encoder_linears
+from ._common import (
+    EncoderParts,
+    detect_by_names,
+    encoder_activation,
+    encoder_linears,
+    uniform_layers,
+)
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -90,6 +97,10 @@ class Bert(ArchitectureBase):
         self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
     ) -> ExportModel:
         return build_export_model(checkpoint, tensors, options)
+
+    def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
+        # the export module counts its layers from the tensors it is given
+        return uniform_layers(checkpoint, r"(?:^|\.)encoder\.layer\.(\d+)\.", None)
 
 
 @hookimpl

@@ -19,6 +19,7 @@ from loraformat.architecture import (
     ExportModel,
     ExportOptions,
     FusedPart,
+    LayerRepeat,
     ModelShape,
     NameTable,
     hookimpl,
@@ -31,6 +32,7 @@ from ._common import (
     find_prefix,
     load_tensors,
     model_type_is,
+    uniform_layers,
 )
 
 LORAFORMAT_PLUGIN_API = 2
@@ -108,6 +110,10 @@ class GPT2(ArchitectureBase):
         self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
     ) -> ExportModel:
         return _build(checkpoint, tensors, options)
+
+    def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
+        key = "n_layer" if "n_layer" in checkpoint.config else "num_hidden_layers"
+        return uniform_layers(checkpoint, r"(?:^|\.)h\.(\d+)\.", key)
 
 
 @hookimpl

@@ -9,6 +9,7 @@ from .protocol import (
     Architecture,
     ArchitectureBase,
     CheckpointInfo,
+    LayerRepeat,
     ModelShape,
 )
 from .registry import (
@@ -34,6 +35,7 @@ __all__ = [
     "ExportModel",
     "ExportOptions",
     "FusedPart",
+    "LayerRepeat",
     "ModelShape",
     "NameTable",
     "PluginArchitecture",

@@ -10,7 +10,7 @@ error names the real file. The full contract, with a worked example, is spec/PLU
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -84,6 +84,23 @@ class ModelShape:
     vocab_size: int
 
 
+@dataclass(frozen=True)
+class LayerRepeat:
+    """How an export module repeats its layers, so the exporter can trace a few and repeat them.
+
+    The export module has one ``nn.ModuleList`` as long as ``kinds``, the layers in order.
+    ``kinds[i]`` is any hashable value; two layers of equal kind MUST give the same graph but for
+    their layer index (their own weights, cache inputs and outputs). ``depth_key`` is the config
+    entry that holds the number of layers (``None`` where the module counts the layers from the
+    tensors it is given): the exporter builds the module from a config and tensors cut to the
+    first few layers, traces that, and repeats each kind's traced layer for the rest
+    (``loraformat/export/repeat.py``).
+    """
+
+    kinds: tuple[Hashable, ...]
+    depth_key: str | None = None
+
+
 @runtime_checkable
 class Architecture(Protocol):
     """One architecture a plugin provides. See :class:`ArchitectureBase` for the defaults."""
@@ -134,6 +151,10 @@ class Architecture(Protocol):
         """Layer count, heads, KV heads, head size, hidden size and vocabulary, or ``None``."""
         ...
 
+    # Optional (the core asks only where it is defined; ArchitectureBase answers None):
+    # def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
+    #     """How the export module repeats its layers; None: the exporter traces every layer."""
+
 
 class ArchitectureBase:
     """Defaults for every optional part of :class:`Architecture`; subclass and override.
@@ -170,6 +191,11 @@ class ArchitectureBase:
         raise checkpoint.error(f"the {self.id!r} architecture has no ONNX export module")
 
     def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
+        return None
+
+    def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
+        """How the export module repeats its layers (:class:`LayerRepeat`); ``None``, the
+        default, has the exporter trace every layer — always right, slower for deep models."""
         return None
 
     def __repr__(self) -> str:

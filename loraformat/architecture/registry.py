@@ -26,7 +26,13 @@ from ..errors import LoraformatError
 from . import hookspecs
 from .layers import DenseLayer, ExportModel, ExportOptions
 from .names import NameTable
-from .protocol import PLUGIN_API_VERSION, Architecture, CheckpointInfo, ModelShape
+from .protocol import (
+    PLUGIN_API_VERSION,
+    Architecture,
+    CheckpointInfo,
+    LayerRepeat,
+    ModelShape,
+)
 
 ENTRY_POINT_GROUP = "loraformat.plugins"
 HOOK = "loraformat_architectures"
@@ -134,6 +140,13 @@ class PluginArchitecture:
 
     def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
         return self._call("model_shape", checkpoint, lambda: self.impl.model_shape(checkpoint))
+
+    def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
+        """The plugin's :class:`LayerRepeat` (optional in the contract), or ``None``."""
+        method = getattr(self.impl, "layer_repeat", None)
+        if method is None:
+            return None
+        return self._call("layer_repeat", checkpoint, lambda: method(checkpoint))
 
     def __repr__(self) -> str:
         return f"<architecture {self.id} from plugin {self.plugin}>"

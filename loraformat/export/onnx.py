@@ -48,6 +48,7 @@ from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
 from .quantize import QuantOptions, quantize_dense_layers
+from .repeat import cut_to_depth, repeated_graph
 from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
@@ -87,6 +88,7 @@ class ExportResult:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     quantized_layers: int = 0
+    traced: str = ""  # how the graph was traced (all layers, or a few repeated)
     cosine: float | None = None  # verify: outputs' cosine similarity to torch's
     min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
 
@@ -103,6 +105,7 @@ class ExportResult:
             "verify_provider": self.verify_provider,
             "tolerance": self.tolerance,
             "quantized_layers": self.quantized_layers,
+            "traced": self.traced,
             "cosine": self.cosine,
         }
 
@@ -222,6 +225,52 @@ def export_graph(
         model = program.model
         optimize_keeping_weights(model, keep)
     return model
+
+
+def _inputs_in(exported: ExportModel, torch_dtype: Any) -> ExportModel:
+    """``exported`` with its floating example inputs in ``torch_dtype``."""
+    exported.example_inputs = {
+        k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)
+        for k, v in exported.example_inputs.items()
+    }
+    return exported
+
+
+def build_graph(
+    model: BaseModel,
+    exported: ExportModel,
+    tensors: Mapping[str, Any],
+    options: ExportOptions,
+    torch_dtype: Any,
+    opset: int = DEFAULT_OPSET,
+    repeat: bool = True,
+) -> tuple[Any, str]:
+    """The optimized graph of ``exported`` (the plugin's full, weightless module) and a line
+    saying how it was traced: a few layers repeated (:mod:`.repeat`) where the architecture
+    says how its layers repeat and ``repeat`` is on, else every layer."""
+    how = "every layer traced"
+    layer_repeat = model.arch.layer_repeat(model.info) if repeat else None
+    if layer_repeat is not None and len(layer_repeat.kinds) > 1:
+        shapes = dict(model.info.shapes)
+
+        def build_at(depth: int, path: str) -> ExportModel:
+            cut = {n: tensors[n] for n in cut_to_depth(list(tensors), path, depth)}
+            config = dict(model.info.config)
+            if layer_repeat.depth_key is not None:
+                config[layer_repeat.depth_key] = depth
+            info = dataclasses.replace(
+                model.info, config=config, shapes={n: shapes[n] for n in cut if n in shapes}
+            )
+            small = build_weightless(lambda: model.arch.export_model(info, cut, options), cut)
+            return _inputs_in(small, torch_dtype)
+
+        graph, how = repeated_graph(
+            exported, layer_repeat, shapes, build_at,
+            lambda small, keep: export_graph(small, keep, opset),
+        )
+        if graph is not None:
+            return graph, how
+    return export_graph(exported, set(tensors), opset), how
 
 
 # -- verification -------------------------------------------------------------------------------
@@ -415,6 +464,7 @@ def export_onnx(
     build: Callable[[BaseModel, Mapping[str, Any], ExportOptions], ExportModel] | None = None,
     rewrite: Callable[[Any], Any] | None = None,
     verifier: Callable[[Path, ExportModel], None] | None = None,
+    repeat_layers: bool = True,
 ) -> ExportResult:
     """Export ``base`` (with ``adapters`` merged, weighted) to the ONNX file ``out``, streamed.
 
@@ -435,7 +485,9 @@ def export_onnx(
     int4/int8, when the logits' cosine similarity is below :data:`VERIFY_MIN_COSINE`; the
     figures are in the result. Weights go to an external data file above
     :data:`~.stream.STREAM_EXTERNAL_BYTES` unless ``external_data`` says otherwise. Merge
-    refusals are :func:`~loraformat.merge.plan.plan_merge`'s.
+    refusals are :func:`~loraformat.merge.plan.plan_merge`'s. Where the architecture says how
+    its layers repeat, a few are traced and the rest repeated (:mod:`.repeat`; the same graph);
+    ``repeat_layers=False`` traces every layer (``result.traced`` says which was done).
     """
     target = check_output(out, overwrite)
     if target.suffix != ".onnx":
@@ -454,16 +506,15 @@ def export_onnx(
             )
         torch_dtype = _torch_dtype(float_dtype)
         tensors = placeholder_tensors(model.checkpoint, torch_dtype)
-        exported = build_weightless(
+        exported = _inputs_in(build_weightless(
             lambda: build(model, tensors, options) if build is not None
             else model.arch.export_model(model.info, tensors, options),
             tensors,
+        ), torch_dtype)
+        graph, traced = build_graph(
+            model, exported, tensors, options, torch_dtype, opset,
+            repeat=repeat_layers and build is None,
         )
-        exported.example_inputs = {
-            k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)
-            for k, v in exported.example_inputs.items()
-        }
-        graph = export_graph(exported, set(tensors), opset)
         attach_weights(graph, model.checkpoint, plan, progress)
         quantized = quantize_dense_layers(graph, model.layers, quant) if quant else []
         if rewrite is not None:
@@ -479,6 +530,7 @@ def export_onnx(
             input_names=list(exported.input_names),
             output_names=list(exported.output_names),
             quantized_layers=len(quantized),
+            traced=traced,
         )
 
         def check(path: Path) -> None:
@@ -526,6 +578,7 @@ __all__ = [
     "VERIFY_MIN_COSINE",
     "Comparison",
     "ExportResult",
+    "build_graph",
     "compare",
     "cosine",
     "export_graph",

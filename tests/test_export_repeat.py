@@ -1,0 +1,154 @@
+"""Trace a few layers and repeat them (loraformat/export/repeat.py): the same graph as tracing
+every layer, for every built-in architecture and layer pattern, checked node by node against a
+full trace and run in ONNX Runtime."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import tiny_families
+import tiny_models
+
+from loraformat.architecture import ExportOptions
+from loraformat.export.onnx import export_onnx
+from loraformat.export.repeat import CannotRepeat, plan_depth, reindex
+
+pytestmark = pytest.mark.slow
+
+
+def canonical(path: Path) -> dict:
+    """The graph with its generated names replaced by the order they are first defined in:
+    graph inputs, outputs and checkpoint initializers keep their names, constants are named by
+    dtype, shape and content. Two exports of one model are the same graph iff these are equal."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {
+        t.name: (t.data_type, tuple(t.dims),
+                 hashlib.sha1(onnx.numpy_helper.to_array(t).tobytes()).hexdigest())
+        for t in graph.initializer if t.name.startswith("val_")
+    }
+    named = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    ids: dict[str, str] = {}
+
+    def key(name: str) -> object:
+        if name in constants:
+            return constants[name]
+        if name == "" or name in named:
+            return name
+        return ids.setdefault(name, f"#{len(ids)}")
+
+    types = {v.name: str(v.type) for v in graph.input}
+
+    def read(node: onnx.NodeProto, name: str) -> object:
+        # Which of several inputs of one symbolic shape the exporter reads a size from is
+        # arbitrary (Gemma 2: past_key_values.1 in one trace, .5 in the other): a size is a size.
+        if node.op_type == "Shape" and name in types:
+            return ("shape of an input typed", types[name])
+        return key(name)
+
+    nodes = [
+        (n.domain, n.op_type, tuple(read(n, i) for i in n.input),
+         tuple(key(o) for o in n.output),
+         tuple(sorted((a.name, repr(onnx.helper.get_attribute_value(a))) for a in n.attribute)))
+        for n in graph.node
+    ]
+    return {
+        "inputs": [(v.name, str(v.type)) for v in graph.input],
+        "outputs": [(v.name, str(v.type), key(v.name)) for v in graph.output],
+        "weights": sorted((t.name, t.data_type, tuple(t.dims)) for t in graph.initializer
+                          if t.name not in constants),
+        "constants": sorted(constants.values()),
+        "nodes": nodes,
+    }
+
+
+def _feed(session: ort.InferenceSession, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feed = {}
+    for i in session.get_inputs():
+        sizes = {"batch": 2, "sequence": 5, "past_sequence": 3, "total_sequence": 8}
+        dims = [d if isinstance(d, int) else sizes.get(d, 2) for d in i.shape]
+        if i.name == "pixel_values":
+            feed[i.name] = rng.standard_normal(dims).astype(np.float32)
+        elif "past" in i.name:
+            feed[i.name] = rng.standard_normal(dims).astype(np.float32)
+        elif i.name == "input_ids":
+            feed[i.name] = rng.integers(0, vocab, dims).astype(np.int64)
+        elif "mask" in i.name:
+            feed[i.name] = np.ones(dims, dtype=np.int64)
+        elif i.name == "position_ids":
+            feed[i.name] = np.broadcast_to(np.arange(dims[1]) + 3, dims).astype(np.int64).copy()
+        else:
+            feed[i.name] = np.zeros(dims, dtype=np.int64)
+    return feed
+
+
+def _run(path: Path, vocab: int) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, _feed(session, vocab))
+
+
+CASES = {
+    # name: (builder, layers, with_past)
+    "llama": (lambda out: tiny_models.llama(out, layers=4), True),
+    "gpt2": (lambda out: tiny_models.gpt2(out, layers=4), True),
+    "bert": (lambda out: tiny_models.bert(out, layers=4), False),
+    "vit": (lambda out: tiny_models.vit(out, layers=4), False),
+    "qwen3": (lambda out: tiny_families.qwen3(out, layers=4), True),
+    "mistral": (lambda out: tiny_families.mistral(out, layers=4), True),
+    "phi3": (lambda out: tiny_families.phi3(out, layers=4), True),
+    # sliding and global layers alternating, each with its own rope (Gemma 3) or window
+    "gemma2": (lambda out: tiny_families.gemma2(out, layers=7), True),
+    "gemma3": (lambda out: tiny_families.gemma3(out, layers=7), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_repeated_layers_give_the_graph_of_a_full_trace(case, tmp_path):
+    build, with_past = CASES[case]
+    base = build(tmp_path / "base")
+    options = ExportOptions(with_past=with_past)
+    fast = export_onnx(base, tmp_path / "repeated.onnx", options=options)
+    full = export_onnx(base, tmp_path / "full.onnx", options=options, repeat_layers=False)
+    assert fast.traced.endswith("the rest repeated"), fast.traced
+    assert full.traced == "every layer traced"
+    got, want = canonical(fast.path), canonical(full.path)
+    assert got["inputs"] == want["inputs"] and got["outputs"] == want["outputs"]
+    assert got["weights"] == want["weights"] and got["constants"] == want["constants"]
+    assert len(got["nodes"]) == len(want["nodes"])
+    assert got["nodes"] == want["nodes"]
+    vocab = 96
+    for a, b in zip(_run(fast.path, vocab), _run(full.path, vocab), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_a_layer_pattern_without_two_of_each_kind_is_traced_whole(tmp_path):
+    # Qwen2 with max_window_layers=1: one full-attention layer, then sliding ones.
+    base = tiny_families.qwen2(tmp_path / "base", layers=5, sliding_window=4)
+    result = export_onnx(base, tmp_path / "m.onnx")
+    assert result.traced == "every layer traced: too few layers of each kind to repeat"
+
+
+def test_plan_depth():
+    assert plan_depth(["a"] * 24) == (3, {"a": 2})
+    assert plan_depth(["a"] * 3) is None  # nothing saved
+    # alternating: neither a template nor the layer before it may be a kind's first layer
+    assert plan_depth(["s", "f"] * 6) == (5, {"s": 4, "f": 3})
+    # Gemma 3's five sliding layers to one global one
+    kinds = (["s"] * 5 + ["f"]) * 6
+    assert plan_depth(kinds) == (12, {"s": 2, "f": 11})
+    assert plan_depth(["f"] + ["s"] * 10) is None  # one full layer: no second to copy
+
+
+def test_reindex_renames_the_one_layer_token():
+    known = {"past_key_values.7.key", "present.7.value"}
+    assert reindex("past_key_values.2.key", 2, 7, known) == "past_key_values.7.key"
+    assert reindex("input_ids", 2, 7, known) is None
+    with pytest.raises(CannotRepeat, match="no counterpart"):
+        reindex("present.2.key", 2, 7, known)
+    with pytest.raises(CannotRepeat, match="more than once"):
+        reindex("cache.2.2", 2, 7, known)
