@@ -97,13 +97,13 @@ CASES = {
     "llama": (lambda out: tiny_models.llama(out, layers=4), True),
     "gpt2": (lambda out: tiny_models.gpt2(out, layers=4), True),
     "bert": (lambda out: tiny_models.bert(out, layers=4), False),
-    "vit": (lambda out: tiny_models.vit(out, layers=4), False),
-    "qwen3": (lambda out: tiny_families.qwen3(out, layers=4), True),
-    "mistral": (lambda out: tiny_families.mistral(out, layers=4), True),
+    "vit": (lambda out: tiny_models.vit(out, layers=3), False),
+    "qwen3": (lambda out: tiny_families.qwen3(out, layers=3), True),
+    "mistral": (lambda out: tiny_families.mistral(out, layers=3), True),
     "phi3": (lambda out: tiny_families.phi3(out, layers=4), True),
     # sliding and global layers alternating, each with its own rope (Gemma 3) or window
-    "gemma2": (lambda out: tiny_families.gemma2(out, layers=7), True),
-    "gemma3": (lambda out: tiny_families.gemma3(out, layers=7), False),
+    "gemma2": (lambda out: tiny_families.gemma2(out, layers=6), True),
+    "gemma3": (lambda out: tiny_families.gemma3(out, layers=5), False),
 }
 
 
@@ -134,13 +134,13 @@ def test_a_layer_pattern_without_two_of_each_kind_is_traced_whole(tmp_path):
 
 
 def test_plan_depth():
-    assert plan_depth(["a"] * 24) == (3, {"a": 2})
-    assert plan_depth(["a"] * 3) is None  # nothing saved
-    # alternating: neither a template nor the layer before it may be a kind's first layer
-    assert plan_depth(["s", "f"] * 6) == (5, {"s": 4, "f": 3})
+    assert plan_depth(["a"] * 24) == (2, {"a": 1})
+    assert plan_depth(["a"] * 2) is None  # nothing saved
+    # alternating: each kind's second layer is its template
+    assert plan_depth(["s", "f"] * 6) == (4, {"s": 2, "f": 3})
     # Gemma 3's five sliding layers to one global one
     kinds = (["s"] * 5 + ["f"]) * 6
-    assert plan_depth(kinds) == (12, {"s": 2, "f": 11})
+    assert plan_depth(kinds) == (12, {"s": 1, "f": 11})
     assert plan_depth(["f"] + ["s"] * 10) is None  # one full layer: no second to copy
 
 

@@ -126,6 +126,32 @@ def logits(path: Path, ids: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {"input_ids": ids})[0], dtype=np.float32)
 
 
+def builder_logits(folder: Path, ids: np.ndarray) -> np.ndarray | None:
+    """The model builder's logits on ``ids`` (empty KV cache), or None if it wrote no model."""
+    import onnxruntime as ort
+
+    if not (folder / "model.onnx").is_file():
+        return None
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+    feed: dict[str, np.ndarray] = {}
+    for i in session.get_inputs():
+        dtype = types[i.type]
+        if i.name == "input_ids":
+            feed[i.name] = ids.astype(dtype)
+        elif i.name == "attention_mask":
+            feed[i.name] = np.ones(ids.shape, dtype=dtype)
+        elif i.name == "position_ids":
+            feed[i.name] = np.arange(ids.shape[1], dtype=dtype)[None]
+        else:  # past_key_values.N.key/value: [batch, kv heads, 0, head size (HIDDEN / heads)]
+            head = i.shape[3] if isinstance(i.shape[3], int) else HIDDEN // i.shape[1]
+            feed[i.name] = np.zeros([1, i.shape[1], 0, head], dtype=dtype)
+    outputs = [o.name for o in session.get_outputs()]
+    return np.asarray(session.run(["logits"], feed)[0], dtype=np.float32) \
+        if "logits" in outputs else None
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     x, y = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
@@ -203,6 +229,13 @@ def main() -> int:
         print(f"{dtype} vs float32 logits (32-token prompt, ONNX Runtime CPU): cosine "
               f"{cosine(got, ref):.5f}, max abs diff {float(np.max(np.abs(got - ref))):.4g} "
               f"(|logits| max {float(np.max(np.abs(ref))):.3g})")
+    # The same comparison for the model builder's own int4 against its fp32: the quality a
+    # round-to-nearest int4 quantizer reaches on this (random-weight) model.
+    ref_b = builder_logits(out / "builder_fp32", ids)
+    got_b = builder_logits(out / "builder_int4", ids)
+    if ref_b is not None and got_b is not None:
+        print(f"ORT GenAI builder int4 vs its fp32 logits (same prompt, no adapter): cosine "
+              f"{cosine(got_b, ref_b):.5f}")
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     print("output sizes (MiB):", {k: round(v / 2**20) for k, v in sorted(sizes.items())})
     by = {label: (wall, rss) for label, wall, rss in rows}

@@ -5,11 +5,11 @@
 the graph of layer 20 is the graph of layer 2 with other names. An architecture that says how its
 layers repeat (:class:`~loraformat.architecture.LayerRepeat`) is exported like this:
 
-1. **Choose the depth to trace.** Layer ``j`` can stand for every later layer of its kind when
-   neither ``j`` nor ``j - 1`` is the first layer of its kind: the first layer of a kind is where
-   the exporter's common-subexpression elimination leaves what all layers of that kind share
-   (rotary tables, mask shapes), so a later layer's only input from its predecessor is the
-   hidden state it carries. The traced depth ``k`` is one past the last such *template*.
+1. **Choose the depth to trace.** The second layer of each kind is its *template*: it can stand
+   for every later layer of its kind. Not the first: the first layer of a kind is where the
+   exporter's common-subexpression elimination leaves what all layers of that kind share (rotary
+   tables, mask shapes), which a copy must read, not recompute. The traced depth ``k`` is one past
+   the last template (2 where all layers are alike).
 2. **Trace** the plugin's module built for ``k`` layers (the config's ``depth_key`` and the
    tensors cut to the first ``k`` layers), optimized as a full export is.
 3. **Repeat**: the nodes of each layer are found by the module scope the exporter records on every
@@ -43,17 +43,16 @@ class CannotRepeat(Exception):
 
 
 def plan_depth(kinds: Sequence[Hashable]) -> tuple[int, dict[Hashable, int]] | None:
-    """``(k, template of each kind)``: trace ``k`` layers, repeat ``template[kind]`` for layers
-    ``k ..``; ``None`` when tracing fewer layers than all is not possible or not shorter."""
-    first: dict[Hashable, int] = {}
-    for i, kind in enumerate(kinds):
-        first.setdefault(kind, i)
-    starts = set(first.values())
+    """``(k, template of each kind)``: trace ``k`` layers, repeat ``template[kind]`` (the kind's
+    second layer) for layers ``k ..``; ``None`` when a kind has one layer only, or when tracing
+    fewer layers than all would not be shorter."""
+    seen: set[Hashable] = set()
     template: dict[Hashable, int] = {}
     for i, kind in enumerate(kinds):
-        if kind not in template and i not in starts and i - 1 not in starts:
-            template[kind] = i
-    if set(template) != set(first):
+        if kind in seen:
+            template.setdefault(kind, i)
+        seen.add(kind)
+    if set(template) != seen:
         return None
     k = max(template.values()) + 1
     return (k, template) if k < len(kinds) else None
@@ -170,9 +169,12 @@ def repeat_layers(
         return None if node is None else owner[id(node)]
 
     def carried_in(j: int) -> Any:
-        """The one value layer ``j`` reads from layer ``j - 1``."""
+        """The one value layer ``j`` reads from layer ``j - 1`` that layer ``j - 1`` does not
+        read itself: its hidden state. What ``j - 1`` computed for itself and ``j`` reads too
+        (a shared rotary table, a shape) was merged there by the exporter and is shared."""
+        before = {id(v) for node in layers.blocks[j - 1] for v in node.inputs}
         read = {id(v): v for node in layers.blocks[j] for v in node.inputs
-                if v is not None and producer_block(v) == j - 1}
+                if v is not None and producer_block(v) == j - 1 and id(v) not in before}
         if len(read) != 1:
             raise CannotRepeat(f"layer {j} reads {len(read)} values from layer {j - 1}")
         return next(iter(read.values()))
@@ -236,7 +238,7 @@ def repeat_layers(
                 mapped[id(v)] = new
                 return new
             b = producer_block(v)
-            if b is not None and b >= t - 1:
+            if b is not None and b >= t:
                 raise CannotRepeat(f"layer {t} reads {v.name} of layer {b}")
             return v  # computed once, before: shared by all layers of the kind
 
