@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Every test traces its exports (a graph cache in the user's home could hide a tracing bug, and
+# tests must not write there); tests/test_graph_cache.py turns the cache on in a temporary folder.
+os.environ["LORAFORMAT_CACHE"] = "off"
 
 import tiny_models
 

@@ -47,6 +47,7 @@ from ..format.adapter import Adapter
 from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from .graph_cache import cached_trace, code_digest
 from .quantize import QuantOptions, quantize_dense_layers
 from .repeat import cut_to_depth, repeated_graph
 from .stream import (
@@ -246,16 +247,34 @@ def build_graph(
     repeat: bool = True,
 ) -> tuple[Any, str]:
     """The optimized graph of ``exported`` (the plugin's full, weightless module) and a line
-    saying how it was traced: a few layers repeated (:mod:`.repeat`) where the architecture
-    says how its layers repeat and ``repeat`` is on, else every layer."""
-    how = "every layer traced"
+    saying how it was made: a few layers traced and repeated (:mod:`.repeat`) where the
+    architecture says how its layers repeat and ``repeat`` is on, else every layer traced; the
+    trace itself comes from the graph cache (:mod:`.graph_cache`) when it holds it."""
+    code = code_digest(getattr(model.arch, "impl", model.arch))
+    hits: list[bool] = []
+
+    def trace(module: ExportModel, keep: set[str], config: Mapping[str, Any]) -> Any:
+        identity = {"architecture": model.arch.id, "code": code, "config": dict(config),
+                    "options": repr(options)}
+        graph, hit = cached_trace(
+            module, keep, opset, identity, lambda: export_graph(module, keep, opset)
+        )
+        hits.append(hit)
+        return graph
+
+    def said(how: str) -> str:
+        return how + ("; the trace from the graph cache" if any(hits) else "")
+
     layer_repeat = model.arch.layer_repeat(model.info) if repeat else None
+    how = "every layer traced"
     if layer_repeat is not None and len(layer_repeat.kinds) > 1:
         shapes = dict(model.info.shapes)
+        built: list[dict[str, Any]] = []  # the config the cut module was built from
 
         def build_at(depth: int, path: str) -> ExportModel:
             cut = {n: tensors[n] for n in cut_to_depth(list(tensors), path, depth)}
             config = dict(model.info.config)
+            built.append(config)
             if layer_repeat.depth_key is not None:
                 config[layer_repeat.depth_key] = depth
             info = dataclasses.replace(
@@ -266,11 +285,11 @@ def build_graph(
 
         graph, how = repeated_graph(
             exported, layer_repeat, shapes, build_at,
-            lambda small, keep: export_graph(small, keep, opset),
+            lambda small, keep: trace(small, keep, built[-1]),
         )
         if graph is not None:
-            return graph, how
-    return export_graph(exported, set(tensors), opset), how
+            return graph, said(how)
+    return trace(exported, set(tensors), model.info.config), said(how)
 
 
 # -- verification -------------------------------------------------------------------------------
