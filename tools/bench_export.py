@@ -11,7 +11,9 @@ projections. Then, each in a fresh subprocess with the input already in the page
 and peak RSS (the child's ``ru_maxrss``) of:
 
   1. ``loraformat merge BASE ADAPTER -o m.onnx`` with ``--dtype float32``, ``float16``, ``int4``
-     (24 layers) and ``float32`` (12 layers: peak RSS must be flat with depth);
+     (24 layers) and ``float32`` (12 layers: peak RSS must be flat with depth), each *cold*
+     (``LORAFORMAT_CACHE=off``: the graph is traced), and fp32 and int4 once more *warm* (the
+     graph cache holds this base's trace, as after any earlier export of it);
   2. a plain ``torch.onnx.export`` (dynamo, external data) of transformers' LlamaForCausalLM
      loaded from the same checkpoint, no adapter;
   3. ONNX Runtime GenAI's model builder (``-p fp32/int4 -e cpu``, no adapter) when
@@ -201,12 +203,23 @@ def main() -> int:
         print(f"{label:<58} {wall:7.1f} s {rss / 1024:7.2f} GiB", flush=True)
 
     big, small = bases[args.layers], bases[half]
+    cold = {"LORAFORMAT_CACHE": "off"}
     for dtype in ("float32", "float16", "int4"):
         run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers)",
             [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-             str(out / f"{dtype}.onnx"), "--dtype", dtype])
+             str(out / f"{dtype}.onnx"), "--dtype", dtype], cold)
     run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
-        [*lf, "merge", str(small), str(work / f"peft{half}"), "-o", str(out / f"f32_{half}.onnx")])
+        [*lf, "merge", str(small), str(work / f"peft{half}"), "-o", str(out / f"f32_{half}.onnx")],
+        cold)
+    cache = out / "cache-loraformat"
+    warm = {"LORAFORMAT_CACHE": str(cache)}
+    subprocess.run([*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+                    str(out / "prime.onnx")], env={**os.environ, **warm}, check=True,
+                   stdout=subprocess.DEVNULL)  # an earlier export of this base fills the cache
+    for dtype in ("float32", "int4"):
+        run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers), warm",
+            [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+             str(out / f"{dtype}_warm.onnx"), "--dtype", dtype], warm)
     if not args.skip_torch:
         run(f"torch.onnx.export of transformers' model, fp32 ({args.layers} layers, no adapter)",
             [sys.executable, "-c", TORCH_EXPORT, str(big), str(out / "torch.onnx")])
