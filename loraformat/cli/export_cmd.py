@@ -16,8 +16,9 @@ EXPORT_DTYPES = ("float32", "float16", "int4", "int8")
 
 
 def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """``--block-size``, ``--symmetric``, ``--accuracy-level``, ``--quantize-lm-head`` (for
-    ``--dtype int4/int8``); the command receives them as keyword arguments."""
+    """``--block-size``, ``--symmetric``, ``--accuracy-level``, ``--quantize-lm-head``,
+    ``--quantize-embeddings`` (for ``--dtype int4/int8``); the command receives them as keyword
+    arguments."""
     options = [
         click.option("--block-size", type=int, default=None,
                      help="int4/int8: elements per quantization block along the input features "
@@ -29,6 +30,9 @@ def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      "may use (1 fp32, 2 fp16, 3 bf16, 4 int8; default 4, 0 leaves it unset)."),
         click.option("--quantize-lm-head", is_flag=True,
                      help="int4/int8: quantize lm_head too (default: kept in float)."),
+        click.option("--quantize-embeddings", is_flag=True,
+                     help="int4: embedding tables as GatherBlockQuantized (default: float; a "
+                     "table tied to the LM head keeps a float copy for the head)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -38,17 +42,19 @@ def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def quant_from_options(
     dtype: str | None, block_size: int | None, symmetric: bool, accuracy_level: int | None,
     quantize_lm_head: bool,
+    quantize_embeddings: bool = False,
 ) -> Any:
     """The :class:`~loraformat.export.quantize.QuantOptions` the flags ask for; None for float
     dtypes (where the flags are a usage error)."""
     from ..export.quantize import QuantOptions
 
-    given = block_size is not None or symmetric or accuracy_level is not None or quantize_lm_head
+    given = (block_size is not None or symmetric or accuracy_level is not None
+             or quantize_lm_head or quantize_embeddings)
     if dtype not in ("int4", "int8"):
         if given:
             raise click.UsageError(
-                "--block-size, --symmetric, --accuracy-level and --quantize-lm-head apply to "
-                "--dtype int4/int8"
+                "--block-size, --symmetric, --accuracy-level, --quantize-lm-head and "
+                "--quantize-embeddings apply to --dtype int4/int8"
             )
         return None
     try:
@@ -58,6 +64,7 @@ def quant_from_options(
             symmetric=symmetric,
             accuracy_level=4 if accuracy_level is None else (accuracy_level or None),
             lm_head=quantize_lm_head,
+            embeddings=quantize_embeddings,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -101,6 +108,7 @@ def export_command(
     as_json: bool, lora_slots: bool = False, targets: tuple[str, ...] = (),
     with_past: bool = False, optimize: bool = False, block_size: int | None = None,
     symmetric: bool = False, accuracy_level: int | None = None, quantize_lm_head: bool = False,
+    quantize_embeddings: bool = False,
 ) -> None:
     """Export the base checkpoint BASE to the ONNX model OUT (dynamic batch/sequence axes).
 
@@ -109,7 +117,9 @@ def export_command(
     """
     from ..export.onnx import DEFAULT_OPSET, export_onnx
 
-    quant = quant_from_options(dtype, block_size, symmetric, accuracy_level, quantize_lm_head)
+    quant = quant_from_options(
+        dtype, block_size, symmetric, accuracy_level, quantize_lm_head, quantize_embeddings
+    )
     if targets and not lora_slots:
         raise click.UsageError("--targets applies only with --lora-slots")
     if optimize and not with_past:

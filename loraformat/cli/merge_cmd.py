@@ -182,6 +182,7 @@ def merge_command(
     qtype: str | None = None, requantize: bool = False, from_: str | None = None,
     block_size: int | None = None, symmetric: bool = False, accuracy_level: int | None = None,
     quantize_lm_head: bool = False,
+    quantize_embeddings: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
@@ -195,7 +196,9 @@ def merge_command(
     product: a directory gets a merged checkpoint (same shards and names, config copied), a .onnx
     file an ONNX model with the same graph as the base and merged weights.
     """
-    quant = quant_from_options(dtype, block_size, symmetric, accuracy_level, quantize_lm_head)
+    quant = quant_from_options(
+        dtype, block_size, symmetric, accuracy_level, quantize_lm_head, quantize_embeddings
+    )
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
     quantized = _merge_quantized(base, adapters, out, weights, qtype, requantize, force,

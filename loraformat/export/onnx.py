@@ -48,7 +48,7 @@ from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
 from .graph_cache import cached_trace, code_digest
-from .quantize import QuantOptions, quantize_dense_layers
+from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
 from .stream import (
     STREAM_EXTERNAL_BYTES,
@@ -536,6 +536,8 @@ def export_onnx(
         )
         attach_weights(graph, model.checkpoint, plan, progress)
         quantized = quantize_dense_layers(graph, model.layers, quant) if quant else []
+        if quant is not None and quant.embeddings:
+            quantized += quantize_embeddings(graph, model.layers, quant)
         if rewrite is not None:
             graph = rewrite(graph)
         result = ExportResult(

@@ -11,6 +11,11 @@ bias stays the ``Add`` it was. The packing is :mod:`loraformat.quant.matmulnbits
 ONNX Runtime's quantizer). Weights used any other way (an embedding table also used as a tied
 LM head, say) stay in float. ``lm_head`` (a dense layer outside the blocks) is quantized only
 when asked: it decides the logits directly.
+
+Embedding tables (``--quantize-embeddings``, int4 only) become ``GatherBlockQuantized`` —
+``UINT4``/``INT4`` data, block scales (and zero points) along the hidden dimension, as ONNX
+Runtime's quantizer writes a ``Gather`` (:mod:`loraformat.quant.gather_block`, bit-exact with it).
+A table also read as a tied LM head keeps its float copy for the head.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..architecture import DenseLayer
-from ..quant import matmulnbits
+from ..quant import gather_block, matmulnbits
 
 MS_DOMAIN = "com.microsoft"
 #: Dense layers outside the transformer blocks whose quantization is opt-in.
@@ -43,9 +48,12 @@ class QuantOptions:
     symmetric: bool = False
     accuracy_level: int | None = 4
     lm_head: bool = False
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         matmulnbits.check_params(self.bits, self.block_size)
+        if self.embeddings and self.bits != 4:
+            raise ValueError("quantized embeddings are int4 only (GatherBlockQuantized)")
         if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy level must be 0-4, got {self.accuracy_level}")
 
@@ -176,4 +184,90 @@ def quantize_dense_layers(
     return done
 
 
-__all__ = ["HEAD_LAYERS", "MS_DOMAIN", "QuantOptions", "quantize_dense_layers"]
+def quantize_embeddings(
+    model: Any, layers: Mapping[str, DenseLayer], options: QuantOptions
+) -> list[str]:
+    """Replace every ``Gather`` from an embedding table (a dense layer of kind ``embedding``) by
+    ``GatherBlockQuantized`` (in place). Returns the tables' layer paths."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    graph = model.graph
+    done = []
+    block, symmetric = options.block_size, options.symmetric
+    for path, layer in layers.items():
+        weight = graph.initializers.get(layer.weight) if layer.kind == "embedding" else None
+        if weight is None or weight.const_value is None or len(weight.shape or ()) != 2:
+            continue
+        gathers = [
+            use.node for use in weight.uses()
+            if use.node.op_type == "Gather" and use.node.domain in ("", "ai.onnx")
+            and use.idx == 0 and use.node.attributes.get_int("axis", 0) == 0
+        ]
+        rows, dim = (int(d) for d in weight.shape)
+        if not gathers or dim % block:
+            continue
+        float_type = weight.const_value.dtype
+        name, source = layer.weight, weight.const_value
+        shared = _SharedTable(source, block, symmetric, 2 if symmetric else 3)
+        data_type = ir.DataType.INT4 if symmetric else ir.DataType.UINT4
+        data_np = ml_dtypes.int4 if symmetric else ml_dtypes.uint4
+        scale_np = float_type.numpy()
+        data = _initializer(graph, f"{name}_Q4", (rows, dim), data_type,
+                            lambda s=shared, t=data_np: ir.Tensor(s.part("data").astype(t)))
+        params = [_initializer(
+            graph, f"{name}_scales", (rows, dim // block), float_type,
+            lambda s=shared, dt=scale_np: ir.Tensor(s.part("scales").astype(dt)),
+        )]
+        if not symmetric:
+            params.append(_initializer(
+                graph, f"{name}_zero_points", (rows, dim // block), ir.DataType.UINT4,
+                lambda s=shared: ir.Tensor(s.part("zero_points").astype(ml_dtypes.uint4)),
+            ))
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block}
+        for node in gathers:
+            new = ir.node(
+                "GatherBlockQuantized", [data, node.inputs[1], *params],
+                attributes=attributes, domain=MS_DOMAIN, name=(node.name or name) + "_Q4",
+            )
+            new.outputs[0].shape = node.outputs[0].shape
+            new.outputs[0].type = node.outputs[0].type
+            ir.convenience.replace_nodes_and_values(
+                graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+            )
+        if not weight.uses():
+            graph.initializers.pop(name)
+        done.append(path)
+    if done:
+        model.opset_imports[MS_DOMAIN] = 1
+        model.ir_version = max(model.ir_version or 0, 10)  # INT4/UINT4 tensors
+    return done
+
+
+class _SharedTable:
+    """:class:`_Shared` for an embedding table."""
+
+    def __init__(self, source: Any, block: int, symmetric: bool, parts: int) -> None:
+        self.source, self.block, self.symmetric, self.remaining = source, block, symmetric, parts
+        self.result: gather_block.QuantizedTable | None = None
+
+    def part(self, which: str) -> np.ndarray:
+        if self.result is None:
+            table = np.asarray(self.source.numpy())
+            if table.dtype != np.float16:
+                table = table.astype(np.float32)
+            self.result = gather_block.quantize_table(table, self.block, self.symmetric)
+        value = getattr(self.result, which)
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.result = None
+        return value
+
+
+__all__ = [
+    "HEAD_LAYERS",
+    "MS_DOMAIN",
+    "QuantOptions",
+    "quantize_dense_layers",
+    "quantize_embeddings",
+]
