@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from loraformat.quant.matmulnbits import check_params, dequantize, quantize
+from loraformat.quant.matmulnbits import check_params, dequantize, quantize, quantize_numpy
 
 SHAPES = [(64, 256, 32), (33, 100, 16), (17, 96, 32), (40, 512, 128)]  # N, K, block (ragged K too)
 
@@ -42,7 +42,7 @@ def _ort_pybind(w: np.ndarray, bits: int, block: int, symmetric: bool):
 def test_bit_exact_against_onnxruntime(bits: int, symmetric: bool, shape: tuple[int, int, int]):
     n, k, block = shape
     w = _weight(n, k, block)
-    ours = quantize(w, bits=bits, block_size=block, symmetric=symmetric)
+    ours = quantize_numpy(w, bits=bits, block_size=block, symmetric=symmetric)
     packed, scales, zp = _ort_pybind(w, bits, block, symmetric)
     np.testing.assert_array_equal(ours.packed, packed)
     np.testing.assert_array_equal(ours.scales, scales)
@@ -53,6 +53,33 @@ def test_bit_exact_against_onnxruntime(bits: int, symmetric: bool, shape: tuple[
     # Dequantized error is bounded by half a step per block (the padding adds nothing).
     step = np.repeat(np.abs(ours.scales), block, axis=1)[:, :k]
     assert np.all(np.abs(dequantize(ours) - w) <= step * 0.5 + 1e-6 + (step if symmetric else 0))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_calls_onnxruntime_and_equals_the_numpy_reference(bits, symmetric, shape):
+    n, k, block = shape
+    w = _weight(n, k, block, seed=5)
+    ref = quantize_numpy(w, bits=bits, block_size=block, symmetric=symmetric)
+    for got in (quantize(w, bits=bits, block_size=block, symmetric=symmetric),
+                quantize(np.ascontiguousarray(w.T), bits=bits, block_size=block,
+                         symmetric=symmetric, weight_is_transposed=True)):
+        np.testing.assert_array_equal(got.packed, ref.packed)
+        np.testing.assert_array_equal(got.scales, ref.scales)
+        assert (got.zero_points is None) == (ref.zero_points is None)
+        if ref.zero_points is not None:
+            np.testing.assert_array_equal(got.zero_points, ref.zero_points)
+        assert got.k == ref.k == k
+
+
+def test_without_onnxruntime_quantize_is_the_numpy_reference(monkeypatch):
+    from loraformat.quant import matmulnbits
+
+    monkeypatch.setattr(matmulnbits, "_onnxruntime_quantizer", lambda bits: None)
+    w = _weight(33, 100, 16)
+    got = matmulnbits.quantize(w, block_size=16)
+    np.testing.assert_array_equal(got.packed, quantize_numpy(w, block_size=16).packed)
 
 
 def test_matmulnbits_quantizer_model_and_kernel(tmp_path):

@@ -71,8 +71,8 @@ class _Shared:
         if self.result is None:
             w = np.asarray(self.source.numpy(), dtype=np.float32)
             self.result = matmulnbits.quantize(
-                w.T if self.transpose else w, bits=self.options.bits,
-                block_size=self.options.block_size, symmetric=self.options.symmetric,
+                w, bits=self.options.bits, block_size=self.options.block_size,
+                symmetric=self.options.symmetric, weight_is_transposed=self.transpose,
             )
         value = getattr(self.result, which)
         self.remaining -= 1

@@ -28,11 +28,17 @@ so the output is bit-identical to ONNX Runtime's (``tests/test_quant_matmulnbits
   minimum), ``scale = −m / 2^(bits−1)``, ``zp = 2^(bits−1)``;
 * ``q = clamp(roundf(v · (1/scale) + zp), 0, 2^bits − 1)``, ``1/scale`` taken as 0 when scale is 0;
   ``roundf`` rounds halves away from zero (numpy's ``round`` does not).
+
+:func:`quantize` calls that same ONNX Runtime function when onnxruntime is installed (it is a
+runtime dependency; 2.6× faster than numpy on a 4096×1024 weight, which matters for an 8B model's
+thousands of weights) and the numpy code otherwise; :func:`quantize_numpy` is the reference the
+tests hold both to.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -77,11 +83,47 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return (values[..., 0::2] & 0xF) | (values[..., 1::2] << 4)
 
 
+def _onnxruntime_quantizer(bits: int) -> Any:
+    try:  # what MatMulNBitsQuantizer calls; absent from onnxruntime builds without it
+        from onnxruntime.capi import _pybind_state
+    except ImportError:
+        return None
+    return getattr(_pybind_state, f"quantize_matmul_{bits}bits", None)
+
+
 def quantize(
+    weight: np.ndarray, *, bits: int = 4, block_size: int = DEFAULT_BLOCK_SIZE,
+    symmetric: bool = False, weight_is_transposed: bool = False,
+) -> QuantizedWeight:
+    """Quantize ``weight`` [N, K] (out × in, float) blockwise along K, as ONNX Runtime does — with
+    ONNX Runtime's own quantizer when it is importable. ``weight_is_transposed``: ``weight`` is
+    given as [K, N] (a Conv1D weight, or Wᵀ), the layout that quantizer reads."""
+    check_params(bits, block_size)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
+    fast = _onnxruntime_quantizer(bits)
+    if fast is None:
+        return quantize_numpy(weight.T if weight_is_transposed else weight, bits=bits,
+                              block_size=block_size, symmetric=symmetric)
+    b = np.asarray(weight if weight_is_transposed else weight.T, dtype=np.float32)
+    k, n = b.shape
+    k_blocks = -(-k // block_size)
+    if k_blocks * block_size != k:
+        b = np.pad(b, ((0, k_blocks * block_size - k), (0, 0)))
+    b = np.ascontiguousarray(b)  # the C++ code reads row-major [K, N]; np.pad keeps F order
+    per_byte = 8 // bits
+    packed = np.zeros((n, k_blocks, block_size // per_byte), np.uint8)
+    scales = np.zeros((n, k_blocks), np.float32)
+    zero_points = np.zeros((n, -(-k_blocks // per_byte)), np.uint8)
+    fast(packed, b, scales, zero_points, block_size, n, k_blocks * block_size, symmetric)
+    return QuantizedWeight(packed, scales, None if symmetric else zero_points, bits, block_size, k)
+
+
+def quantize_numpy(
     weight: np.ndarray, *, bits: int = 4, block_size: int = DEFAULT_BLOCK_SIZE,
     symmetric: bool = False,
 ) -> QuantizedWeight:
-    """Quantize ``weight`` [N, K] (out × in, float) blockwise along K, as ONNX Runtime does."""
+    """:func:`quantize` in numpy, operation by operation as ONNX Runtime's C++ code does."""
     check_params(bits, block_size)
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
@@ -143,4 +185,5 @@ def dequantize(q: QuantizedWeight) -> np.ndarray:
 
 __all__ = [
     "BITS", "DEFAULT_BLOCK_SIZE", "QuantizedWeight", "check_params", "dequantize", "quantize",
+    "quantize_numpy",
 ]
