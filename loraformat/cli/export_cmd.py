@@ -12,7 +12,7 @@ from ..architecture import ExportOptions
 from ._common import echo_json, json_option, overwrite_option, progress
 
 #: ``--dtype`` of an ONNX export: floats, or weight-only int4/int8 (MatMulNBits) dense layers.
-EXPORT_DTYPES = ("float32", "float16", "int4", "int8")
+EXPORT_DTYPES = ("float32", "float16", "bfloat16", "int4", "int8")
 
 
 def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
