@@ -19,6 +19,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ..errors import LoraformatError
+
 #: The "provider" name for onnx's reference evaluator, in provider lists and results.
 REFERENCE_EVALUATOR = "onnx.reference.ReferenceEvaluator"
 #: Export dtypes ONNX Runtime's CPU provider cannot run.
@@ -73,13 +75,23 @@ class GraphRunner:
     provider: str
     names: frozenset[str]  # every graph input
     inputs: dict[str, np.dtype]
+    path: str = ""
 
     def run(self, feed: Mapping[str, Any]) -> list[np.ndarray]:
         """Run on ``feed`` (numpy arrays or CPU torch tensors, by graph input name; names the
         graph does not take are left out)."""
         feed = {k: as_numpy(v) for k, v in feed.items() if k in self.names}
         cast = {k: (v.astype(self.inputs[k]) if k in self.inputs else v) for k, v in feed.items()}
-        return list(self.session.run(None, cast))
+        if self.provider != REFERENCE_EVALUATOR:
+            return list(self.session.run(None, cast))
+        try:
+            return list(self.session.run(None, cast))
+        except Exception as exc:  # an op the evaluator lacks (e.g. a com.microsoft fusion)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LoraformatError(
+                self.path, f"verify: {REFERENCE_EVALUATOR} cannot run the graph ({reason}); "
+                "ONNX Runtime runs bfloat16 only on CUDAExecutionProvider",
+            ) from exc
 
 
 def open_runner(
@@ -100,14 +112,16 @@ def open_runner(
             for i in proto.graph.input if i.type.tensor_type.elem_type in floats
         }
         names = frozenset(i.name for i in proto.graph.input)
-        return GraphRunner(ReferenceEvaluator(proto), REFERENCE_EVALUATOR, names, inputs)
+        return GraphRunner(
+            ReferenceEvaluator(proto), REFERENCE_EVALUATOR, names, inputs, os.fspath(onnx_path)
+        )
     import onnxruntime
 
     session = onnxruntime.InferenceSession(os.fspath(onnx_path), providers=providers)
     inputs = {i.name: _ELEMENT_DTYPES[i.type] for i in session.get_inputs()
               if i.type in _ELEMENT_DTYPES}
     names = frozenset(i.name for i in session.get_inputs())
-    return GraphRunner(session, session.get_providers()[0], names, inputs)
+    return GraphRunner(session, session.get_providers()[0], names, inputs, os.fspath(onnx_path))
 
 
 __all__ = [
