@@ -71,6 +71,25 @@ def test_bf16_cast_is_torchs_round_to_nearest_even_bit_for_bit(tmp_path):
     assert np.isnan(merged_array(ckpt, "nan", None, BF16).astype(np.float32)[:2]).all()
 
 
+def test_reference_evaluator_failure_is_one_line(tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("FusedThing", ["x"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])],
+    )
+    path = tmp_path / "fused.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]), str(path))
+    with pytest.raises(LoraformatError) as info:
+        open_runner(path, [REFERENCE_EVALUATOR])
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "cannot run the graph" in message and "FusedThing" in message
+    assert "bfloat16 only on CUDAExecutionProvider" in message
+
+
 # -- tiny model exports ---------------------------------------------------------------------
 
 
@@ -225,6 +244,9 @@ def test_bf16_kv_cache_decoder_verifies(tmp_path):
     assert past and all(runner.inputs[n] == BF16 for n in past)
     with pytest.raises(LoraformatError, match="--optimize exports float32, float16 or int4/int8"):
         export_decoder(base, tmp_path / "o.onnx", dtype="bfloat16", optimize=True)
+    # generation runs ONNX Runtime's CPU provider, which has no bf16 kernels: one line, no trace
+    run = run_cli("generate", tmp_path / "kv.onnx", "--prompt-ids", "1,2,3")
+    assert run.code == 1 and "NOT_IMPLEMENTED" in run.error, run.err
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -243,6 +265,16 @@ def test_cli_merge_bfloat16_verify(llama, tmp_path):
                                             else "CUDAExecutionProvider")
     types = {t.data_type for t in onnx.load(str(out)).graph.initializer}
     assert onnx.TensorProto.BFLOAT16 in types and onnx.TensorProto.FLOAT16 not in types
+
+
+@pytest.mark.slow
+def test_cli_export_bfloat16_verify_names_the_evaluator(llama, tmp_path):
+    run = run_cli("export", llama["base"], "-o", tmp_path / "e.onnx", "--dtype", "bfloat16",
+                  "--verify")
+    assert run.code == 0, run.err
+    runner = REFERENCE_EVALUATOR if NO_CUDA else "ONNX Runtime (CUDAExecutionProvider)"
+    assert f"between {runner} and torch on random inputs" in run.out
+    assert ", bfloat16, " in run.out
 
 
 def test_cli_help_lists_bfloat16():

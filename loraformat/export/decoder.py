@@ -55,10 +55,9 @@ from .onnx import (
     cosine,
     export_onnx,
     quant_options,
-    runner_name,
 )
 from .quantize import QuantOptions
-from .runner import open_runner, providers_for
+from .runner import open_runner, providers_for, runner_name
 
 Progress = Callable[[int, int], None]
 

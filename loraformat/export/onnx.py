@@ -49,7 +49,7 @@ from ..merge.plan import MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
 from .quantize import QuantOptions, quantize_dense_layers
 from .repeat import cut_to_depth, repeated_graph
-from .runner import REFERENCE_EVALUATOR, open_runner, ort_providers, providers_for
+from .runner import open_runner, ort_providers, providers_for, runner_name
 from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
@@ -420,11 +420,6 @@ def quant_options(dtype: str, quant: QuantOptions | None) -> QuantOptions | None
     if quant is not None:
         raise LoraformatError(None, f"quantization options apply to --dtype int4/int8, not {dtype}")
     return None
-
-
-def runner_name(provider: str) -> str:
-    """How a message names what ran the graph."""
-    return provider if provider == REFERENCE_EVALUATOR else f"ONNX Runtime ({provider})"
 
 
 def cosine(a: Any, b: Any) -> float:

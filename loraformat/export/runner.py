@@ -66,6 +66,11 @@ def providers_for(dtype: str) -> list[str]:
     return providers
 
 
+def runner_name(provider: str) -> str:
+    """How a message names what ran the graph: an ONNX Runtime provider, or the evaluator."""
+    return provider if provider == REFERENCE_EVALUATOR else f"ONNX Runtime ({provider})"
+
+
 @dataclass
 class GraphRunner:
     """One loaded graph: ``run(feed)`` returns its outputs, floating inputs cast to the dtype the
@@ -83,15 +88,19 @@ class GraphRunner:
         feed = {k: as_numpy(v) for k, v in feed.items() if k in self.names}
         cast = {k: (v.astype(self.inputs[k]) if k in self.inputs else v) for k, v in feed.items()}
         if self.provider != REFERENCE_EVALUATOR:
-            return list(self.session.run(None, cast))
+            return list(self.session.run(None, cast))  # ONNX Runtime's errors: callers word them
         try:
             return list(self.session.run(None, cast))
-        except Exception as exc:  # an op the evaluator lacks (e.g. a com.microsoft fusion)
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise LoraformatError(
-                self.path, f"verify: {REFERENCE_EVALUATOR} cannot run the graph ({reason}); "
-                "ONNX Runtime runs bfloat16 only on CUDAExecutionProvider",
-            ) from exc
+        except Exception as exc:  # an op the evaluator cannot compute
+            raise _cannot_evaluate(self.path, exc) from exc
+
+
+def _cannot_evaluate(path: str, exc: Exception) -> LoraformatError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return LoraformatError(
+        path, f"verify: {REFERENCE_EVALUATOR} cannot run the graph ({reason}); ONNX Runtime "
+        "runs bfloat16 only on CUDAExecutionProvider",
+    )
 
 
 def open_runner(
@@ -112,9 +121,11 @@ def open_runner(
             for i in proto.graph.input if i.type.tensor_type.elem_type in floats
         }
         names = frozenset(i.name for i in proto.graph.input)
-        return GraphRunner(
-            ReferenceEvaluator(proto), REFERENCE_EVALUATOR, names, inputs, os.fspath(onnx_path)
-        )
+        try:
+            evaluator = ReferenceEvaluator(proto)
+        except Exception as exc:  # an op it does not know (a com.microsoft fusion)
+            raise _cannot_evaluate(os.fspath(onnx_path), exc) from exc
+        return GraphRunner(evaluator, REFERENCE_EVALUATOR, names, inputs, os.fspath(onnx_path))
     import onnxruntime
 
     session = onnxruntime.InferenceSession(os.fspath(onnx_path), providers=providers)
@@ -132,4 +143,5 @@ __all__ = [
     "open_runner",
     "ort_providers",
     "providers_for",
+    "runner_name",
 ]
