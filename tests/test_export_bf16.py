@@ -201,7 +201,7 @@ def test_bf16_verify_runs_where_ort_cpu_cannot(llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_verify_catches_a_wrong_weight(llama, tmp_path):
+def test_bf16_reference_check_tells_a_wrong_model_apart(llama, tmp_path):
     """The reference-evaluator check can fail: the export with the adapter, compared against the
     base's module (no adapter), exceeds the tolerance."""
     base = llama["base"]
