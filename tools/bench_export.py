@@ -2,6 +2,7 @@
 Runtime GenAI's model builder, in one run.
 
     .venv/bin/python tools/bench_export.py [WORKDIR] [--layers 24] [--builder-path DIR]
+        [--dtypes float32,float16,bfloat16,int4] [--skip-torch] [--skip-builder]
 
 Builds (numpy, streamed) the LLaMA-shaped fp32 checkpoint of ``tools/bench_merge.py`` — hidden
 1024, intermediate 4096, vocabulary 40960, untied head, 0.49B parameters at 24 layers (1.81 GiB)
@@ -10,10 +11,11 @@ comparison meaningless), its 12-layer sibling, and PEFT adapters with r=16 on al
 projections. Then, each in a fresh subprocess with the input already in the page cache, wall time
 and peak RSS (the child's ``ru_maxrss``) of:
 
-  1. ``loraformat merge BASE ADAPTER -o m.onnx`` with ``--dtype float32``, ``float16``, ``int4``
-     (24 layers) and ``float32`` (12 layers: peak RSS must be flat with depth), each *cold*
-     (``LORAFORMAT_CACHE=off``: the graph is traced), and fp32 and int4 once more *warm* (the
-     graph cache holds this base's trace, as after any earlier export of it);
+  1. ``loraformat merge BASE ADAPTER -o m.onnx`` with ``--dtype float32``, ``float16``,
+     ``bfloat16``, ``int4`` (24 layers; ``--dtypes`` picks) and ``float32`` (12 layers: peak RSS
+     must be flat with depth; run when float32 is picked), each *cold* (``LORAFORMAT_CACHE=off``:
+     the graph is traced), and float32 and int4 once more *warm* (the graph cache holds this
+     base's trace, as after any earlier export of it);
   2. a plain ``torch.onnx.export`` (dynamo, external data) of transformers' LlamaForCausalLM
      loaded from the same checkpoint, no adapter;
   3. ONNX Runtime GenAI's model builder (``-p fp32/int4 -e cpu``, no adapter) when
@@ -21,8 +23,10 @@ and peak RSS (the child's ``ru_maxrss``) of:
      benchmark-only dependency: ``pip install --no-deps --target .bench-genai onnxruntime-genai``);
      skipped when absent.
 
-Finally the int4 and fp16 exports' logits on a 32-token prompt are compared with the fp32
-export's in ONNX Runtime (CPU): cosine similarity and max abs difference.
+Finally the exports' logits on a 32-token prompt are compared with the fp32 export's (the fp16
+one's when fp32 was not picked) in ONNX Runtime (CPU): cosine similarity and max abs difference.
+ONNX Runtime's CPU provider has no bfloat16 kernels, so the bf16 export's logits come from
+``onnx.reference.ReferenceEvaluator`` (numpy), timed.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +129,12 @@ program.save(out, external_data=True)
 def logits(path: Path, ids: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
+    if path.name.startswith("bfloat16"):  # no CPU kernels in ONNX Runtime
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(onnx.load(str(path)))
+        return np.asarray(evaluator.run(None, {"input_ids": ids})[0]).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, {"input_ids": ids})[0], dtype=np.float32)
 
@@ -166,12 +177,18 @@ def main() -> int:
     parser.add_argument("--builder-path", default=str(ROOT / ".bench-genai"),
                         help="Directory holding onnxruntime_genai (put on PYTHONPATH).")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-builder", action="store_true")
+    parser.add_argument("--dtypes", default="float32,float16,bfloat16,int4",
+                        help="loraformat export dtypes to measure, comma-separated.")
     parser.add_argument("--keep", action="store_true", help="Keep the exported models.")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export-"))
     work.mkdir(parents=True, exist_ok=True)
     half = args.layers // 2
-    bases = {args.layers: work / f"base{args.layers}", half: work / f"base{half}"}
+    dtypes = args.dtypes.split(",")
+    bases = {args.layers: work / f"base{args.layers}"}
+    if "float32" in dtypes:  # the depth comparison
+        bases[half] = work / f"base{half}"
     for layers, path in bases.items():
         build_checkpoint(path, layers)
         if not (work / f"peft{layers}" / "adapter_config.json").is_file():
@@ -202,21 +219,21 @@ def main() -> int:
         rows.append((label, wall, rss))
         print(f"{label:<58} {wall:7.1f} s {rss / 1024:7.2f} GiB", flush=True)
 
-    big, small = bases[args.layers], bases[half]
+    big = bases[args.layers]
     cold = {"LORAFORMAT_CACHE": "off"}
-    for dtype in ("float32", "float16", "int4"):
+    for dtype in dtypes:
         run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers)",
             [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
              str(out / f"{dtype}.onnx"), "--dtype", dtype], cold)
-    run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
-        [*lf, "merge", str(small), str(work / f"peft{half}"), "-o", str(out / f"f32_{half}.onnx")],
-        cold)
-    cache = out / "cache-loraformat"
-    warm = {"LORAFORMAT_CACHE": str(cache)}
+    if "float32" in dtypes:
+        run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
+            [*lf, "merge", str(bases[half]), str(work / f"peft{half}"), "-o",
+             str(out / f"f32_{half}.onnx")], cold)
+    warm = {"LORAFORMAT_CACHE": str(out / "cache-loraformat")}
     subprocess.run([*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
                     str(out / "prime.onnx")], env={**os.environ, **warm}, check=True,
                    stdout=subprocess.DEVNULL)  # an earlier export of this base fills the cache
-    for dtype in ("float32", "int4"):
+    for dtype in [d for d in dtypes if d in ("float32", "int4")]:
         run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers), warm",
             [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
              str(out / f"{dtype}_warm.onnx"), "--dtype", dtype], warm)
@@ -224,7 +241,9 @@ def main() -> int:
         run(f"torch.onnx.export of transformers' model, fp32 ({args.layers} layers, no adapter)",
             [sys.executable, "-c", TORCH_EXPORT, str(big), str(out / "torch.onnx")])
     builder = Path(args.builder_path)
-    if (builder / "onnxruntime_genai").is_dir():
+    if args.skip_builder:
+        pass
+    elif (builder / "onnxruntime_genai").is_dir():
         add_tokenizer(big)
         env = {"PYTHONPATH": f"{builder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         for precision in ("fp32", "int4"):
@@ -236,12 +255,18 @@ def main() -> int:
         print(f"ORT GenAI builder: skipped (no onnxruntime_genai under {builder})")
 
     ids = np.random.default_rng(0).integers(0, VOCAB, (1, 32), dtype=np.int64)
-    ref = logits(out / "float32.onnx", ids)
-    for dtype in ("float16", "int4"):
+    base_dtype = "float32" if "float32" in dtypes else "float16"
+    ref = logits(out / f"{base_dtype}.onnx", ids)
+    for dtype in dtypes:
+        if dtype == base_dtype:
+            continue
+        start = time.perf_counter()
         got = logits(out / f"{dtype}.onnx", ids)
-        print(f"{dtype} vs float32 logits (32-token prompt, ONNX Runtime CPU): cosine "
-              f"{cosine(got, ref):.5f}, max abs diff {float(np.max(np.abs(got - ref))):.4g} "
-              f"(|logits| max {float(np.max(np.abs(ref))):.3g})")
+        runner = "onnx reference evaluator" if dtype == "bfloat16" else "ONNX Runtime CPU"
+        print(f"{dtype} vs {base_dtype} logits (32-token prompt, {runner}, "
+              f"{time.perf_counter() - start:.1f} s): cosine {cosine(got, ref):.5f}, max abs "
+              f"diff {float(np.max(np.abs(got - ref))):.4g} "
+              f"(|logits| max {float(np.max(np.abs(ref))):.3g})", flush=True)
     # The same comparison for the model builder's own int4 against its fp32: the quality a
     # round-to-nearest int4 quantizer reaches on this (random-weight) model.
     ref_b = builder_logits(out / "builder_fp32", ids)
@@ -252,10 +277,11 @@ def main() -> int:
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     print("output sizes (MiB):", {k: round(v / 2**20) for k, v in sorted(sizes.items())})
     by = {label: (wall, rss) for label, wall, rss in rows}
-    deep = by[f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers)"][1]
-    shallow = by[f"loraformat merge -o x.onnx --dtype float32 ({half} layers)"][1]
-    print(f"peak RSS {args.layers} vs {half} layers (fp32): {deep / shallow:.3f}x "
-          f"(target within 1.15x); fp32 peak {deep / 1024:.2f} GiB (target <= 1.5 GiB)")
+    deep = by.get(f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers)")
+    shallow = by.get(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)")
+    if deep and shallow:
+        print(f"peak RSS {args.layers} vs {half} layers (fp32): {deep[1] / shallow[1]:.3f}x "
+              f"(target within 1.15x); fp32 peak {deep[1] / 1024:.2f} GiB (target <= 1.5 GiB)")
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
     return 0

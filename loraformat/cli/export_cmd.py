@@ -9,10 +9,11 @@ from typing import Any
 import click
 
 from ..architecture import ExportOptions
+from ..export.runner import runner_name
 from ._common import echo_json, json_option, overwrite_option, progress
 
 #: ``--dtype`` of an ONNX export: floats, or weight-only int4/int8 (MatMulNBits) dense layers.
-EXPORT_DTYPES = ("float32", "float16", "int4", "int8")
+EXPORT_DTYPES = ("float32", "float16", "bfloat16", "int4", "int8")
 
 
 def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,7 +85,8 @@ def export_options(**kwargs: object) -> ExportOptions:
 @click.option("--dtype", type=click.Choice(EXPORT_DTYPES), default="float32",
               show_default=True,
               help="Weight and activation dtype; int4/int8: dense layers as ONNX Runtime "
-              "MatMulNBits (weight-only, blockwise), everything else float32.")
+              "MatMulNBits (weight-only, blockwise), everything else float32. bfloat16 runs "
+              "in ONNX Runtime on CUDA only (--verify on CPU uses onnx's reference evaluator).")
 @click.option("--opset", type=int, default=None, help="ONNX opset version (default 18).")
 @click.option("--verify", is_flag=True,
               help="Compare ONNX Runtime with torch on random inputs before writing.")
@@ -166,14 +168,14 @@ def echo_verify(result: Any) -> None:
         return
     if getattr(result, "min_cosine", None) is not None:
         click.echo(
-            f"verify: {result.dtype} logits in ONNX Runtime ({result.verify_provider}) vs fp32 "
+            f"verify: {result.dtype} logits in {runner_name(result.verify_provider)} vs fp32 "
             f"torch on random inputs: cosine {result.cosine:.5f} (needs {result.min_cosine}), "
             f"max abs diff {result.max_abs_diff:.3g}: ok"
         )
         return
     click.echo(
-        f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
-        f"({result.verify_provider}) and torch on random inputs (tolerance "
+        f"verify: max abs diff {result.max_abs_diff:.3g} between "
+        f"{runner_name(result.verify_provider)} and torch on random inputs (tolerance "
         f"{result.tolerance:.3g}): ok"
     )
 
@@ -230,7 +232,8 @@ def _export_decoder(
     )
     if result.max_abs_diff is not None:
         click.echo(
-            f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime "
-            f"({result.verify_provider}) and torch on a prefill and a decode step (tolerance "
+            f"verify: max abs diff {result.max_abs_diff:.3g} between "
+            f"{runner_name(result.verify_provider)} and torch on a prefill and a decode step "
+            f"(tolerance "
             f"{result.tolerance:.3g}): ok"
         )

@@ -148,7 +148,8 @@ def _merge_quantized(
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=_DTYPES, default=None,
               help="ONNX export: weight and activation dtype (default float32); int4/int8: "
-              "dense layers as ONNX Runtime MatMulNBits, the rest float32.")
+              "dense layers as ONNX Runtime MatMulNBits, the rest float32; bfloat16 runs in "
+              "ONNX Runtime on CUDA only.")
 @click.option("--opset", type=int, default=None,
               help="ONNX export: opset version (default 18).")
 @click.option("--verify", is_flag=True,

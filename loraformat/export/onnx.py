@@ -50,6 +50,7 @@ from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
 from .graph_cache import cached_trace, code_digest
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
+from .runner import open_runner, ort_providers, providers_for, runner_name
 from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
@@ -61,13 +62,17 @@ from .stream import (
 #: Opset used unless ``--opset`` says otherwise (ONNX Runtime ≥ 1.14 runs it; LayerNormalization
 #: is a single op from 17 on).
 DEFAULT_OPSET = 18
-DTYPES = ("float32", "float16", "int4", "int8")
+DTYPES = ("float32", "float16", "bfloat16", "int4", "int8")
 #: Quantized export dtypes and their bit widths (dense layers as MatMulNBits, the rest fp32).
 QUANT_DTYPES = {"int4": 4, "int8": 8}
 #: ``--verify`` of a quantized export refuses outputs whose cosine similarity to the fp32 torch
 #: module is below this: it catches a broken graph, it is not a quality claim (the figure itself
 #: is reported; a tiny random model with a large random DoRA adapter measures 0.97 in int4).
 VERIFY_MIN_COSINE = {4: 0.9, 8: 0.99}
+
+#: ``--verify`` of a float export: the largest abs difference to torch allowed, relative to
+#: max(1, max|reference|). bf16 keeps 8 significant bits (fp16 11): its rounding step is 8× fp16's.
+VERIFY_REL_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 8e-2}
 
 Progress = Callable[[int, int], None]
 
@@ -117,7 +122,7 @@ class ExportResult:
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    floats = {"float32": torch.float32, "float16": torch.float16}
+    floats = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in floats:
         raise LoraformatError(None, f"--dtype must be one of {', '.join(floats)}, got {name!r}")
     return floats[name]
@@ -330,18 +335,6 @@ def random_inputs(
     return inputs
 
 
-def ort_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it and a CUDA device is present, then CPU."""
-    import onnxruntime
-    import torch
-
-    available = onnxruntime.get_available_providers()
-    wanted = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
-        wanted.insert(0, "CUDAExecutionProvider")
-    return wanted
-
-
 @dataclass(frozen=True)
 class Comparison:
     """ONNX Runtime against torch on the same inputs."""
@@ -372,23 +365,16 @@ def compare(
     inputs: Mapping[str, Any],
     providers: Sequence[str] | None = None,
 ) -> Comparison:
-    """:func:`verify`'s run, with the first output's cosine similarity too."""
-    import onnxruntime
+    """:func:`verify`'s run, with the first output's cosine similarity too. ``providers`` may
+    name :data:`~.runner.REFERENCE_EVALUATOR` instead (:mod:`.runner`)."""
     import torch
 
-    session = onnxruntime.InferenceSession(
-        os.fspath(onnx_path), providers=list(providers or ort_providers())
-    )
-    feed_names = {i.name for i in session.get_inputs()}
+    session = open_runner(onnx_path, providers)
     # ``inputs`` are keyed by keyword; a graph name may differ (past_key_values.0.key ↔ _0_).
     graph_name = dict(zip(exported.example_inputs, exported.input_names, strict=False))
-    feed = {
-        graph_name.get(k, k): v.numpy()
-        for k, v in inputs.items()
-        if graph_name.get(k, k) in feed_names
-    }
-    got = session.run(None, feed)
-    provider = session.get_providers()[0]
+    feed = {graph_name.get(k, k): v for k, v in inputs.items()}
+    got = session.run(feed)
+    provider = session.provider
     del session  # its copy of the weights goes before the torch reference runs
     with torch.no_grad():
         ref = exported.module(**dict(inputs))
@@ -562,7 +548,7 @@ def export_onnx(
                     verifier(path, exported)
                     return
                 inputs = random_inputs(exported, model.config)
-                c = compare(path, exported, inputs)
+                c = compare(path, exported, inputs, providers_for(dtype))
             diff, scale, provider, cos = c.max_abs_diff, c.scale, c.provider, c.cosine
             result.max_abs_diff, result.verify_provider, result.cosine = diff, provider, cos
             if quant is not None:
@@ -575,11 +561,11 @@ def export_onnx(
                         f"max abs diff {diff:.3g}; nothing was written",
                     )
                 return
-            tol = (1e-4 if dtype == "float32" else 1e-2) * max(1.0, scale)
+            tol = VERIFY_REL_TOL[dtype] * max(1.0, scale)
             result.tolerance = tol
             if not diff <= tol:
                 raise LoraformatError(
-                    target, f"verify failed: ONNX Runtime ({provider}) differs from torch by "
+                    target, f"verify failed: {runner_name(provider)} differs from torch by "
                     f"{diff:.3g} (tolerance {tol:.3g}); nothing was written",
                 )
 
@@ -597,6 +583,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "QUANT_DTYPES",
     "VERIFY_MIN_COSINE",
+    "VERIFY_REL_TOL",
     "Comparison",
     "ExportResult",
     "build_graph",
@@ -607,6 +594,7 @@ __all__ = [
     "merged_tensors",
     "open_plan",
     "optimize_keeping_weights",
+    "ort_providers",
     "quant_options",
     "save_model",
     "verify",

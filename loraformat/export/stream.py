@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ..checkpoint import Checkpoint
@@ -86,6 +87,25 @@ def torch_dtype_for(stored: np.dtype | str, float_dtype: Any) -> Any:
     if dt.kind == "f" or dt.name == "bfloat16":
         return float_dtype
     return torch.from_numpy(np.zeros(1, dtype=dt)).dtype
+
+
+def numpy_dtype(torch_dtype: Any) -> np.dtype:
+    """The numpy dtype holding ``torch_dtype``'s values: ``ml_dtypes.bfloat16`` for bfloat16,
+    which numpy (and so ``torch.Tensor.numpy``) does not know."""
+    import torch
+
+    if torch_dtype == torch.bfloat16:
+        return np.dtype(ml_dtypes.bfloat16)
+    return torch.empty(0, dtype=torch_dtype).numpy().dtype
+
+
+def to_torch(array: np.ndarray) -> Any:
+    """A torch tensor sharing ``array``'s memory; bfloat16 reinterpreted through int16."""
+    import torch
+
+    if array.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def placeholder_tensors(checkpoint: Checkpoint, float_dtype: Any) -> dict[str, Any]:
@@ -159,7 +179,9 @@ def merged_array(
     checkpoint: Checkpoint, name: str, plan: MergePlan | None, dtype: np.dtype | None
 ) -> np.ndarray:
     """One tensor as the merged checkpoint holds it (plan applied in the base dtype), cast to
-    ``dtype`` (through fp32, so bf16/f16/f64 sources convert exactly as torch would)."""
+    ``dtype`` (through fp32, so bf16/f16/f64 sources convert exactly as torch would: fp32 →
+    bf16 is ``ml_dtypes``' round-to-nearest-even, bit for bit torch's ``.to(torch.bfloat16)``;
+    a tensor already in ``dtype`` is copied unchanged)."""
     value = read_tensor(checkpoint, name)
     op = plan.ops.get(name) if plan is not None else None
     if op is not None:
@@ -232,7 +254,6 @@ def load_real_weights(
 ) -> None:
     """Replace ``module``'s placeholder/meta parameters by the (merged) checkpoint tensors, for a
     torch reference run (``--verify``)."""
-    import torch
 
     state = module.state_dict(keep_vars=True)
     real = {}
@@ -240,8 +261,7 @@ def load_real_weights(
         if key not in checkpoint:
             continue
         target = torch_dtype_for(stored_dtype(checkpoint, key), float_dtype)
-        array = merged_array(checkpoint, key, plan, torch.empty(0, dtype=target).numpy().dtype)
-        real[key] = torch.from_numpy(array)
+        real[key] = to_torch(merged_array(checkpoint, key, plan, numpy_dtype(target)))
     module.load_state_dict(real, strict=False, assign=True)
 
 
@@ -283,8 +303,7 @@ def weights_on_demand(
         if key in checkpoint and tensor is not None:
             names.setdefault(id(tensor), key)
     wanted = {
-        key: torch.empty(0, dtype=torch_dtype_for(stored_dtype(checkpoint, key), float_dtype))
-        .numpy().dtype
+        key: numpy_dtype(torch_dtype_for(stored_dtype(checkpoint, key), float_dtype))
         for key in set(names.values())
     }
 
@@ -292,7 +311,7 @@ def weights_on_demand(
         key = names.get(id(value)) if isinstance(value, torch.Tensor) else None
         if key is None:
             return value
-        return torch.from_numpy(merged_array(checkpoint, key, plan, wanted[key]))
+        return to_torch(merged_array(checkpoint, key, plan, wanted[key]))
 
     def substitute(value: Any) -> Any:
         if type(value) in (list, tuple):  # torch.cat's list; not torch.Size, named tuples
@@ -320,10 +339,12 @@ __all__ = [
     "build_weightless",
     "load_real_weights",
     "merged_array",
+    "numpy_dtype",
     "placeholder_tensors",
     "read_tensor",
     "release_freed_buffers",
     "stored_dtype",
+    "to_torch",
     "torch_dtype_for",
     "weightless_parameters",
     "weights_on_demand",
