@@ -72,9 +72,7 @@ def _feed(session: ort.InferenceSession, vocab: int) -> dict[str, np.ndarray]:
     for i in session.get_inputs():
         sizes = {"batch": 2, "sequence": 5, "past_sequence": 3, "total_sequence": 8}
         dims = [d if isinstance(d, int) else sizes.get(d, 2) for d in i.shape]
-        if i.name == "pixel_values":
-            feed[i.name] = rng.standard_normal(dims).astype(np.float32)
-        elif "past" in i.name:
+        if i.name == "pixel_values" or "past" in i.name:
             feed[i.name] = rng.standard_normal(dims).astype(np.float32)
         elif i.name == "input_ids":
             feed[i.name] = rng.integers(0, vocab, dims).astype(np.int64)
@@ -123,6 +121,33 @@ def test_repeated_layers_give_the_graph_of_a_full_trace(case, tmp_path):
     assert got["nodes"] == want["nodes"]
     vocab = 96
     for a, b in zip(_run(fast.path, vocab), _run(full.path, vocab), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_lora_slot_graphs_repeat_too(tmp_path):
+    from loraformat.export.slots import export_with_slots
+
+    base = tiny_models.llama(tmp_path / "base", layers=4)
+    fast = export_with_slots(base, tmp_path / "repeated.onnx", with_past=True,
+                             targets=["q_proj", "down_proj"])
+    full = export_with_slots(base, tmp_path / "full.onnx", with_past=True,
+                             targets=["q_proj", "down_proj"], repeat_layers=False)
+    assert fast.traced.endswith("the rest repeated") and full.traced == "every layer traced"
+    got, want = canonical(fast.path), canonical(full.path)
+    assert got == want  # slot inputs with their own rank_<i> axes, per layer
+    # an adapter in the slots: rank 3 A/B on every slot, same outputs from both graphs
+    outputs = []
+    for path in (fast.path, full.path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = _feed(session, 96)
+        for n, i in enumerate(session.get_inputs()):
+            rng = np.random.default_rng(n)
+            if i.name.endswith(".lora_A"):
+                feed[i.name] = rng.standard_normal((i.shape[0], 3)).astype(np.float32)
+            elif i.name.endswith(".lora_B"):
+                feed[i.name] = rng.standard_normal((3, i.shape[1])).astype(np.float32)
+        outputs.append(session.run(None, feed))
+    for a, b in zip(*outputs, strict=True):
         assert np.array_equal(a, b)
 
 

@@ -32,7 +32,7 @@ from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..onnx_io import initializer_bytes, save_model
-from .onnx import DEFAULT_OPSET, export_graph, random_inputs, verify
+from .onnx import DEFAULT_OPSET, build_graph, random_inputs, verify
 from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
@@ -66,6 +66,7 @@ class SlotExport:
     external_data: Path | None = None
     max_abs_diff: float | None = None  # with verify: slot graph (no adapter) vs the torch base
     tolerance: float | None = None
+    traced: str = ""  # how the graph was traced (all layers, or a few repeated)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +79,7 @@ class SlotExport:
             "dtype": self.dtype,
             "external_data": str(self.external_data) if self.external_data else None,
             "max_abs_diff": self.max_abs_diff,
+            "traced": self.traced,
         }
 
 
@@ -131,6 +133,7 @@ def export_with_slots(
     verify_output: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    repeat_layers: bool = True,
 ) -> SlotExport:
     """Export ``base`` (a checkpoint directory or an open :class:`BaseModel`) with LoRA slots.
 
@@ -159,14 +162,22 @@ def export_with_slots(
 
         torch_dtype = getattr(torch, dtype)
         tensors = placeholder_tensors(model.checkpoint, torch_dtype)
-        plain = build_weightless(lambda: model.arch.export_model(
-            model.info,
-            tensors,
-            arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths)),
-        ), tensors)
+        options = arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths))
+        plain = build_weightless(
+            lambda: model.arch.export_model(model.info, tensors, options), tensors
+        )
         plain.example_inputs = {k: _cast(v, dtype) for k, v in plain.example_inputs.items()}
-        graph = export_graph(
-            slotted_export_model(plain, paths, model.layers, dtype), set(tensors), opset
+
+        def slotted(info: arch.CheckpointInfo, cut: Mapping[str, Any],
+                    cut_options: arch.ExportOptions) -> arch.ExportModel:
+            # the same wrapping for the few layers a repeated trace builds
+            small = model.arch.export_model(info, cut, cut_options)
+            small.example_inputs = {k: _cast(v, dtype) for k, v in small.example_inputs.items()}
+            return slotted_export_model(small, cut_options.lora_slots, model.layers, dtype)
+
+        graph, traced = build_graph(
+            model, slotted_export_model(plain, paths, model.layers, dtype), tensors, options,
+            torch_dtype, opset, repeat=repeat_layers, make=slotted,
         )
         if progress:
             progress(1, steps)
@@ -218,6 +229,7 @@ def export_with_slots(
             data,
             measured.get("diff"),
             measured.get("tol"),
+            traced,
         )
     finally:
         if owned:
