@@ -72,9 +72,7 @@ def _feed(session: ort.InferenceSession, vocab: int) -> dict[str, np.ndarray]:
     for i in session.get_inputs():
         sizes = {"batch": 2, "sequence": 5, "past_sequence": 3, "total_sequence": 8}
         dims = [d if isinstance(d, int) else sizes.get(d, 2) for d in i.shape]
-        if i.name == "pixel_values":
-            feed[i.name] = rng.standard_normal(dims).astype(np.float32)
-        elif "past" in i.name:
+        if i.name == "pixel_values" or "past" in i.name:
             feed[i.name] = rng.standard_normal(dims).astype(np.float32)
         elif i.name == "input_ids":
             feed[i.name] = rng.integers(0, vocab, dims).astype(np.int64)
@@ -126,6 +124,38 @@ def test_repeated_layers_give_the_graph_of_a_full_trace(case, tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_lora_slot_graphs_repeat_too(tmp_path):
+    from loraformat.export.slots import export_with_slots
+
+    base = tiny_models.llama(tmp_path / "base", layers=4)
+    fast = export_with_slots(base, tmp_path / "repeated.onnx", with_past=True,
+                             targets=["q_proj", "down_proj"])
+    full = export_with_slots(base, tmp_path / "full.onnx", with_past=True,
+                             targets=["q_proj", "down_proj"], repeat_layers=False)
+    assert fast.traced.endswith("the rest repeated") and full.traced == "every layer traced"
+    got, want = canonical(fast.path), canonical(full.path)
+    assert got == want  # slot inputs with their own rank_<i> axes, per layer
+    # an adapter in the slots: rank 3 A/B on every slot, same outputs from both graphs
+    outputs = []
+    for path in (fast.path, full.path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = _feed(session, 96)
+        # slot inputs have zero-rank defaults: ONNX Runtime lists them as overridable initializers
+        slots = session.get_overridable_initializers()
+        assert len(slots) == 2 * 2 * 4
+        for n, i in enumerate(slots):
+            rng = np.random.default_rng(n)
+            if i.name.endswith(".lora_A"):
+                feed[i.name] = rng.standard_normal((i.shape[0], 3)).astype(np.float32)
+            elif i.name.endswith(".lora_B"):
+                feed[i.name] = rng.standard_normal((3, i.shape[1])).astype(np.float32)
+        outputs.append(session.run(None, feed))
+    for a, b in zip(*outputs, strict=True):
+        assert np.array_equal(a, b)
+    plain = ort.InferenceSession(str(full.path), providers=["CPUExecutionProvider"])
+    assert not np.array_equal(plain.run(None, _feed(plain, 96))[0], outputs[1][0])  # slots used
+
+
 def test_a_layer_pattern_without_two_of_each_kind_is_traced_whole(tmp_path):
     # Qwen2 with max_window_layers=1: one full-attention layer, then sliding ones.
     base = tiny_families.qwen2(tmp_path / "base", layers=5, sliding_window=4)
@@ -152,3 +182,41 @@ def test_reindex_renames_the_one_layer_token():
         reindex("present.2.key", 2, 7, known)
     with pytest.raises(CannotRepeat, match="more than once"):
         reindex("cache.2.2", 2, 7, known)
+
+
+def test_int4_base_with_lora_slots(tmp_path):
+    """Adapters switched on an int4 base: MatMulNBits for the base, float slots beside it, and
+    an adapter in the slots moves the outputs as it does on the float slot graph."""
+    import json
+
+    from cli_harness import run_cli
+
+    base = tiny_models.llama(tmp_path / "base", layers=2)
+    run = run_cli("export", base, "--lora-slots", "--targets", "q_proj,v_proj", "--dtype", "int4",
+                  "-o", tmp_path / "slots4.onnx", "--verify", "--json")
+    assert run.code == 0, run.err
+    report = json.loads(run.out)
+    assert report["dtype"] == "int4" and 0.9 <= report["cosine"] <= 1
+    model = onnx.load(str(tmp_path / "slots4.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 2 * 7
+    float_run = run_cli("export", base, "--lora-slots", "--targets", "q_proj,v_proj",
+                        "-o", tmp_path / "slots.onnx")
+    assert float_run.code == 0, float_run.err
+    deltas = []
+    for path in (tmp_path / "slots4.onnx", tmp_path / "slots.onnx"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ids = np.array([[3, 9, 27, 81, 5]], dtype=np.int64)
+        plain = session.run(None, {"input_ids": ids})[0]
+        feed = {"input_ids": ids}
+        for n, i in enumerate(session.get_overridable_initializers()):
+            rng = np.random.default_rng(n)
+            if i.name.endswith(".lora_A"):
+                feed[i.name] = 0.3 * rng.standard_normal((i.shape[0], 4)).astype(np.float32)
+            elif i.name.endswith(".lora_B"):
+                feed[i.name] = 0.3 * rng.standard_normal((4, i.shape[1])).astype(np.float32)
+        deltas.append(session.run(None, feed)[0] - plain)
+    from loraformat.export.onnx import cosine
+
+    assert np.abs(deltas[1]).max() > 0.05  # the adapter changes the outputs
+    assert cosine(deltas[0], deltas[1]) >= 0.9  # and by about as much on the int4 base

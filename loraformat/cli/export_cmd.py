@@ -127,12 +127,10 @@ def export_command(
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
     if lora_slots:
-        if quant is not None:
-            raise click.UsageError("--lora-slots exports float32 or float16")
         if optimize:
             raise click.UsageError("--optimize cannot be combined with --lora-slots")
         _export_slots(base, out, dtype, opset or DEFAULT_OPSET, verify, overwrite, as_json, targets,
-                      with_past)
+                      with_past, quant)
         return
     if with_past:
         _export_decoder(base, out, dtype, opset or DEFAULT_OPSET, verify, optimize, overwrite,
@@ -182,7 +180,7 @@ def echo_verify(result: Any) -> None:
 
 def _export_slots(
     base: str, out: str, dtype: str, opset: int, verify: bool, overwrite: bool, as_json: bool,
-    targets: tuple[str, ...], with_past: bool = False,
+    targets: tuple[str, ...], with_past: bool = False, quant: Any = None,
 ) -> None:
     """``export --lora-slots [--with-past]``: see :func:`.slots.export_with_slots`."""
     from ..export.slots import export_with_slots
@@ -191,7 +189,7 @@ def _export_slots(
     with progress("exporting") as report:
         result = export_with_slots(
             base, out, targets=names or None, dtype=dtype, opset=opset, verify_output=verify,
-            overwrite=overwrite, progress=report, with_past=with_past,
+            overwrite=overwrite, progress=report, with_past=with_past, quant=quant,
         )
     if as_json:
         echo_json(result.to_json())

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import ExportModel, ExportOptions
+from ..architecture import CheckpointInfo, ExportModel, ExportOptions
 from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
@@ -250,11 +250,16 @@ def build_graph(
     torch_dtype: Any,
     opset: int = DEFAULT_OPSET,
     repeat: bool = True,
+    make: Callable[[CheckpointInfo, Mapping[str, Any], ExportOptions], ExportModel] | None = None,
 ) -> tuple[Any, str]:
-    """The optimized graph of ``exported`` (the plugin's full, weightless module) and a line
+    """The optimized graph of ``exported`` (the full, weightless export module) and a line
     saying how it was made: a few layers traced and repeated (:mod:`.repeat`) where the
     architecture says how its layers repeat and ``repeat`` is on, else every layer traced; the
-    trace itself comes from the graph cache (:mod:`.graph_cache`) when it holds it."""
+    trace itself comes from the graph cache (:mod:`.graph_cache`) when it holds it.
+
+    ``make(info, tensors, options)`` builds an export module like ``exported`` for a cut
+    checkpoint (default: the plugin's ``export_model``; the LoRA-slot export wraps it)."""
+    make = make or model.arch.export_model
     code = code_digest(getattr(model.arch, "impl", model.arch))
     hits: list[bool] = []
 
@@ -285,7 +290,9 @@ def build_graph(
             info = dataclasses.replace(
                 model.info, config=config, shapes={n: shapes[n] for n in cut if n in shapes}
             )
-            small = build_weightless(lambda: model.arch.export_model(info, cut, options), cut)
+            slots = tuple(cut_to_depth(list(options.lora_slots), path, depth))
+            cut_options = dataclasses.replace(options, lora_slots=slots)
+            small = build_weightless(lambda: make(info, cut, cut_options), cut)
             return _inputs_in(small, torch_dtype)
 
         graph, how = repeated_graph(

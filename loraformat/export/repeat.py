@@ -147,11 +147,13 @@ def repeat_layers(
     input_names: Sequence[str],
     output_names: Sequence[str],
     weights: Mapping[str, tuple[int, ...]],
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> None:
     """Extend the onnx_ir ``model`` traced with ``k`` layers to ``len(repeat.kinds)`` layers, in
     place (module docstring). ``input_names``/``output_names`` are the full module's graph inputs
-    and outputs, ``weights`` the checkpoint's tensor shapes by name.
-    Raises :class:`CannotRepeat`."""
+    and outputs, ``weights`` the checkpoint's tensor shapes by name, ``dynamic_axes`` the full
+    module's (a copied input's axis names are the full module's: LoRA slot ``rank_<i>`` axes are
+    numbered by slot, not by layer). Raises :class:`CannotRepeat`."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -207,11 +209,24 @@ def repeat_layers(
     outputs_by_name = {v.name: v for v in graph.outputs}
     new_nodes: list[Any] = []
     carry = last_traced
+    axes = dynamic_axes or {}
+
+    def renamed(shape: Any, names: Mapping[str, str]) -> Any:
+        if shape is None or not names:
+            return shape
+        return ir.Shape([ir.SymbolicDim(names.get(d.value, d.value))
+                         if isinstance(d, ir.SymbolicDim) and d.value is not None else d
+                         for d in shape])
+
     for i in range(depth, n_layers):
         t = template[repeat.kinds[i]]
         mapped: dict[int, Any] = {id(carry_in[t]): carry}
+        dim_names: dict[str, str] = {}  # the template's axis names → this layer's
 
-        def counterpart(v: Any, t: int = t, i: int = i, mapped: dict[int, Any] = mapped) -> Any:
+        def counterpart(
+            v: Any, t: int = t, i: int = i, mapped: dict[int, Any] = mapped,
+            dim_names: dict[str, str] = dim_names,
+        ) -> Any:
             if v is None or id(v) in mapped:
                 return None if v is None else mapped[id(v)]
             if v.is_initializer():
@@ -233,7 +248,12 @@ def repeat_layers(
                     return v  # input_ids, attention_mask, …
                 new = inputs_by_name.get(name)
                 if new is None:
-                    new = ir.Value(name=name, type=v.type, shape=v.shape)
+                    dims = list(v.shape) if v.shape is not None else []
+                    for axis, axis_name in axes.get(name, {}).items():
+                        old = dims[int(axis)] if int(axis) < len(dims) else None
+                        if isinstance(old, ir.SymbolicDim) and old.value != axis_name:
+                            dim_names[str(old.value)] = axis_name
+                    new = ir.Value(name=name, type=v.type, shape=renamed(v.shape, dim_names))
                     inputs_by_name[name] = new
                 mapped[id(v)] = new
                 return new
@@ -258,7 +278,7 @@ def repeat_layers(
                 doc_string=node.doc_string, metadata_props=metadata,
             )
             for old, new in zip(node.outputs, copy.outputs, strict=True):
-                new.type, new.shape = old.type, old.shape
+                new.type, new.shape = old.type, renamed(old.shape, dim_names)
                 name = reindex(old.name, t, i, known_io) if id(old) in graph_outputs else None
                 if name is None:
                     name = f"{old.name}.layer{i}"
@@ -337,7 +357,8 @@ def repeated_graph(
     model = trace(small, kept)
     try:
         repeat_layers(
-            model, repeat, template, path, full.input_names, full.output_names, weights
+            model, repeat, template, path, full.input_names, full.output_names, weights,
+            full.dynamic_axes,
         )
     except CannotRepeat as why:
         return None, f"every layer traced: {why}"

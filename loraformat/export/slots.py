@@ -32,7 +32,16 @@ from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..onnx_io import initializer_bytes, save_model
-from .onnx import DEFAULT_OPSET, export_graph, random_inputs, verify
+from .onnx import (
+    DEFAULT_OPSET,
+    QUANT_DTYPES,
+    VERIFY_MIN_COSINE,
+    build_graph,
+    compare,
+    quant_options,
+    random_inputs,
+)
+from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
@@ -41,7 +50,7 @@ from .stream import (
     weights_on_demand,
 )
 
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", *QUANT_DTYPES)
 
 SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 #: The rank used for the traced example slot tensors (0 and 1 would be specialised by torch.export).
@@ -66,6 +75,8 @@ class SlotExport:
     external_data: Path | None = None
     max_abs_diff: float | None = None  # with verify: slot graph (no adapter) vs the torch base
     tolerance: float | None = None
+    traced: str = ""  # how the graph was traced (all layers, or a few repeated)
+    cosine: float | None = None  # verify of int4/int8: the logits' cosine to fp32 torch
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +89,8 @@ class SlotExport:
             "dtype": self.dtype,
             "external_data": str(self.external_data) if self.external_data else None,
             "max_abs_diff": self.max_abs_diff,
+            "traced": self.traced,
+            "cosine": self.cosine,
         }
 
 
@@ -131,6 +144,8 @@ def export_with_slots(
     verify_output: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    repeat_layers: bool = True,
+    quant: QuantOptions | None = None,
 ) -> SlotExport:
     """Export ``base`` (a checkpoint directory or an open :class:`BaseModel`) with LoRA slots.
 
@@ -141,13 +156,22 @@ def export_with_slots(
     active) against the plugin's torch module on random inputs before the file is put in place,
     and refuses a difference over
     1e-4·max(1, max|ref|) (fp32) or 2e-2·max(1, max|ref|) (fp16). Writes ``output`` atomically;
-    refuses to replace it unless ``overwrite``.
+    refuses to replace it unless ``overwrite``. The graph is traced as a plain export's is (a few
+    layers repeated where the plugin allows — ``repeat_layers=False`` traces all — and the graph
+    cache).
+
+    ``dtype`` ``int4``/``int8`` (``quant`` says how) writes the base's dense layers as
+    MatMulNBits, as a plain quantized export does, while the slots stay float32: adapters are
+    switched on a quantized base (``verify`` then needs the logits' cosine to the fp32 torch base
+    to reach :data:`~.onnx.VERIFY_MIN_COSINE`).
     """
     out = check_output(output, overwrite)
     if out.suffix != ".onnx":
         raise LoraformatError(out, "an ONNX export's output must end in .onnx")
     if dtype not in DTYPES:
         raise LoraformatError(out, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    quant = quant_options(dtype, quant)
+    float_dtype = "float32" if quant is not None else dtype
     owned = not isinstance(base, BaseModel)
     model = open_base(base) if owned else base
     try:
@@ -157,21 +181,35 @@ def export_with_slots(
             progress(0, steps)
         import torch
 
-        torch_dtype = getattr(torch, dtype)
+        torch_dtype = getattr(torch, float_dtype)
         tensors = placeholder_tensors(model.checkpoint, torch_dtype)
-        plain = build_weightless(lambda: model.arch.export_model(
-            model.info,
-            tensors,
-            arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths)),
-        ), tensors)
-        plain.example_inputs = {k: _cast(v, dtype) for k, v in plain.example_inputs.items()}
-        graph = export_graph(
-            slotted_export_model(plain, paths, model.layers, dtype), set(tensors), opset
+        options = arch.ExportOptions(with_past=with_past, lora_slots=tuple(paths))
+        plain = build_weightless(
+            lambda: model.arch.export_model(model.info, tensors, options), tensors
+        )
+        plain.example_inputs = {k: _cast(v, float_dtype) for k, v in plain.example_inputs.items()}
+
+        def slotted(info: arch.CheckpointInfo, cut: Mapping[str, Any],
+                    cut_options: arch.ExportOptions) -> arch.ExportModel:
+            # the same wrapping for the few layers a repeated trace builds
+            small = model.arch.export_model(info, cut, cut_options)
+            small.example_inputs = {
+                k: _cast(v, float_dtype) for k, v in small.example_inputs.items()
+            }
+            return slotted_export_model(small, cut_options.lora_slots, model.layers, float_dtype)
+
+        graph, traced = build_graph(
+            model, slotted_export_model(plain, paths, model.layers, float_dtype), tensors, options,
+            torch_dtype, opset, repeat=repeat_layers, make=slotted,
         )
         if progress:
             progress(1, steps)
         add_slot_defaults(graph, paths)
         attach_weights(graph, model.checkpoint, None)
+        if quant is not None:
+            quantize_dense_layers(graph, model.layers, quant)
+            if quant.embeddings:
+                quantize_embeddings(graph, model.layers, quant)
         graph.metadata_props.update(
             {
                 META_ARCHITECTURE: model.architecture,
@@ -189,11 +227,20 @@ def export_with_slots(
             onnxruntime.set_default_logger_severity(3)
             try:
                 with weights_on_demand(plain.module, model.checkpoint, None, torch_dtype):
-                    diff, scale, provider = verify(
-                        path, plain, inputs, providers=["CPUExecutionProvider"]
-                    )
+                    c = compare(path, plain, inputs, providers=["CPUExecutionProvider"])
             finally:
                 onnxruntime.set_default_logger_severity(2)  # ORT's default
+            diff, scale, provider = c.max_abs_diff, c.scale, c.provider
+            if quant is not None:
+                floor = VERIFY_MIN_COSINE[quant.bits]
+                measured.update(diff=diff, cosine=c.cosine)
+                if not c.cosine >= floor:
+                    raise LoraformatError(
+                        out, f"verify failed: {dtype} outputs in ONNX Runtime ({provider}, no "
+                        f"adapter) have cosine {c.cosine:.4f} to fp32 torch (needs {floor}); "
+                        "nothing was written",
+                    )
+                return
             tol = (1e-4 if dtype == "float32" else 2e-2) * max(1.0, scale)
             measured.update(diff=diff, tol=tol)
             if not diff <= tol:
@@ -218,6 +265,8 @@ def export_with_slots(
             data,
             measured.get("diff"),
             measured.get("tol"),
+            traced,
+            measured.get("cosine"),
         )
     finally:
         if owned:
