@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,30 @@ def initializer_bytes(model: Any) -> int:
         if tensor is not None:
             total += int(tensor.nbytes)
     return total
+
+
+@contextlib.contextmanager
+def weights_as_inputs(model: Any, names: set[str]) -> Iterator[list[Any]]:
+    """While active, the initializers of the onnx_ir ``model`` named in ``names`` are graph inputs
+    without values (appended after the real inputs), and initializers again afterwards, in place.
+
+    A pass then cannot fold, rename or deduplicate them (onnxscript's optimizer), and a saved
+    graph holds no weights (the graph cache). Yields the values moved."""
+    graph = model.graph
+    hidden = []
+    for name in list(graph.initializers):
+        if name in names:
+            value = graph.initializers.pop(name)
+            hidden.append((value, value.const_value))
+            value.const_value = None
+            graph.inputs.append(value)
+    try:
+        yield [value for value, _ in hidden]
+    finally:
+        for value, tensor in hidden:
+            graph.inputs.remove(value)
+            value.const_value = tensor
+            graph.register_initializer(value)
 
 
 def save_model(

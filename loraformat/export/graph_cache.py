@@ -31,6 +31,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ..onnx_io import weights_as_inputs
+
 #: Environment variable naming the cache folder (``off`` disables the cache).
 CACHE_ENV = "LORAFORMAT_CACHE"
 #: Bumped whenever what an entry holds changes meaning.
@@ -156,33 +158,22 @@ def store(key: str, model: Any, weights: set[str]) -> None:
     folder = cache_dir()
     if folder is None:
         return
-    graph = model.graph
-    hidden = []
-    for name in list(graph.initializers):
-        if name in weights:
-            value = graph.initializers.pop(name)
-            hidden.append((value, value.const_value))
-            value.const_value = None
-            graph.inputs.append(value)
-    model.metadata_props[_WEIGHTS] = json.dumps([v.name for v, _ in hidden])
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-        os.close(fd)
+    with weights_as_inputs(model, weights) as hidden:
+        model.metadata_props[_WEIGHTS] = json.dumps([v.name for v in hidden])
         try:
-            ir.save(model, tmp)
-            os.replace(tmp, folder / f"{key}.onnx")
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
+            os.close(fd)
+            try:
+                ir.save(model, tmp)
+                os.replace(tmp, folder / f"{key}.onnx")
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        except OSError:
+            pass  # read-only home, full disk: the export itself is unaffected
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    except OSError:
-        pass  # read-only home, full disk: the export itself is unaffected
-    finally:
-        del model.metadata_props[_WEIGHTS]
-        for value, tensor in hidden:
-            graph.inputs.remove(value)
-            value.const_value = tensor
-            graph.register_initializer(value)
+            del model.metadata_props[_WEIGHTS]
 
 
 def cached_trace(

@@ -46,7 +46,7 @@ from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
-from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model, weights_as_inputs
 from .graph_cache import cached_trace, code_digest
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
@@ -187,24 +187,8 @@ def optimize_keeping_weights(model: Any, keep: set[str]) -> None:
     transposed, renamed or deduplicated) and initializers again afterwards."""
     import onnxscript.optimizer
 
-    graph = model.graph
-    hidden = []
-    for name in list(graph.initializers):
-        if name not in keep:
-            continue
-        value = graph.initializers[name]
-        tensor = value.const_value
-        graph.initializers.pop(name)
-        value.const_value = None
-        graph.inputs.append(value)
-        hidden.append((value, tensor))
-    try:
+    with weights_as_inputs(model, keep):
         onnxscript.optimizer.optimize(model)
-    finally:
-        for value, tensor in hidden:
-            graph.inputs.remove(value)
-            value.const_value = tensor
-            graph.register_initializer(value)
 
 
 def export_graph(
