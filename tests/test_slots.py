@@ -213,8 +213,9 @@ def test_target_resolution(toy_base):
 def test_refuses_existing_output_and_bad_dtype(toy_base, exported):
     with pytest.raises(LoraformatError, match="output already exists"):
         export_with_slots(toy_base, exported.path)
-    with pytest.raises(LoraformatError, match="dtype must be one of float32, float16, got 'int8'"):
-        export_with_slots(toy_base, exported.path.with_name("x.onnx"), dtype="int8")
+    with pytest.raises(LoraformatError,
+                       match="dtype must be one of float32, float16, int4, int8, got 'bfloat16'"):
+        export_with_slots(toy_base, exported.path.with_name("x.onnx"), dtype="bfloat16")
 
 
 def test_slotted_module_fills_and_clears_slots():
