@@ -146,16 +146,41 @@ def fingerprint(checkpoint: Checkpoint) -> str:
     of its name, the line ``name TAB dtype TAB shape TAB sha256(sample) LF``, where shape is
     comma-separated decimals and sample is the whole data if it is at most 2·4096 bytes, else its
     first 4096 bytes followed by its last 4096. Independent of sharding; reads ~8 KiB per tensor.
+
+    The samples are read with ``pread``, not through the memory map: a page fault on a mapped file
+    maps in the kernel's whole read-around window, which then counts toward the process's resident
+    set for as long as the checkpoint is open (338 MiB for the 219 tensors of a 0.49B checkpoint,
+    measured, against 8 KiB each read).
     """
     digest = hashlib.sha256()
-    for name in sorted(checkpoint.names(), key=lambda n: n.encode("utf-8")):
-        info = checkpoint.info(name)
-        data = checkpoint.raw(name)
-        if len(data) > 2 * FINGERPRINT_SAMPLE:
-            sample = bytes(data[:FINGERPRINT_SAMPLE]) + bytes(data[-FINGERPRINT_SAMPLE:])
-        else:
-            sample = bytes(data)
-        shape = ",".join(str(d) for d in info.shape)
-        line = f"{name}\t{info.dtype}\t{shape}\t{hashlib.sha256(sample).hexdigest()}\n"
-        digest.update(line.encode("utf-8"))
+    handles: dict[str, int] = {}
+    try:
+        for name in sorted(checkpoint.names(), key=lambda n: n.encode("utf-8")):
+            info = checkpoint.info(name)
+            st = checkpoint.shard_file(checkpoint.shard_of[name])
+            fd = handles.get(str(st.path))
+            if fd is None:
+                fd = handles[str(st.path)] = os.open(st.path, os.O_RDONLY)
+            begin, size = st.data_start + st.info(name).begin, st.info(name).nbytes
+            if size > 2 * FINGERPRINT_SAMPLE:
+                sample = _pread(fd, FINGERPRINT_SAMPLE, begin, st.path)
+                sample += _pread(fd, FINGERPRINT_SAMPLE, begin + size - FINGERPRINT_SAMPLE, st.path)
+            else:
+                sample = _pread(fd, size, begin, st.path)
+            shape = ",".join(str(d) for d in info.shape)
+            line = f"{name}\t{info.dtype}\t{shape}\t{hashlib.sha256(sample).hexdigest()}\n"
+            digest.update(line.encode("utf-8"))
+    finally:
+        for fd in handles.values():
+            os.close(fd)
     return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.pread(fd, size - len(data), offset + len(data))
+        if not chunk:
+            raise LoraformatError(path, "file ends inside a tensor")
+        data += chunk
+    return data
