@@ -187,3 +187,22 @@ def test_quantization_option_refusals(llama_exports, tmp_path):
     with pytest.raises(LoraformatError, match="--dtype must be one of"):
         export_onnx(base, tmp_path / "y.onnx", dtype="int3")
     assert not list(tmp_path.iterdir())
+
+
+def test_int4_conv1d_weights_are_quantized_as_their_transpose(tiny_checkpoint, tmp_path):
+    """GPT-2's Conv1D stores [in, out]: MatMulNBits must hold quantize(Wᵀ) — the numpy reference
+    on the checkpoint tensor, independent of the export's fast path."""
+    from safetensors.numpy import load_file
+
+    from loraformat.quant.matmulnbits import quantize_numpy
+
+    base = tiny_checkpoint("gpt2")
+    result = export_onnx(base, tmp_path / "g.onnx", dtype="int4", verify_output=True)
+    assert result.quantized_layers > 0 and 0.9 <= result.cosine <= 1
+    inits = _inits(onnx.load(str(result.path)))
+    weights = load_file(str(base / "model.safetensors"))
+    name = next(n for n in weights if n.endswith("h.0.attn.c_attn.weight"))
+    ref = quantize_numpy(weights[name].T.astype(np.float32), bits=4, block_size=32)
+    np.testing.assert_array_equal(inits[f"{name}_Q4"], ref.packed)
+    np.testing.assert_array_equal(inits[f"{name}_scales"], ref.scales)
+    np.testing.assert_array_equal(inits[f"{name}_zero_points"], ref.zero_points)

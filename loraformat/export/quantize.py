@@ -69,10 +69,16 @@ class _Shared:
 
     def part(self, which: str) -> np.ndarray:
         if self.result is None:
+            import torch
+
             w = np.asarray(self.source.numpy(), dtype=np.float32)
+            if not self.transpose:
+                # The quantizer reads [K, N]; torch's blocked transpose of an nn.Linear weight is
+                # 2.2× numpy's (4096×1024: 14 vs 30 ms, 2.5 s of a 0.49B int4 export).
+                w = torch.from_numpy(w).t().contiguous().numpy()
             self.result = matmulnbits.quantize(
                 w, bits=self.options.bits, block_size=self.options.block_size,
-                symmetric=self.options.symmetric, weight_is_transposed=self.transpose,
+                symmetric=self.options.symmetric, weight_is_transposed=True,
             )
         value = getattr(self.result, which)
         self.remaining -= 1
