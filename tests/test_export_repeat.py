@@ -96,6 +96,7 @@ CASES = {
     "gpt2": (lambda out: tiny_models.gpt2(out, layers=4), True),
     "bert": (lambda out: tiny_models.bert(out, layers=4), False),
     "vit": (lambda out: tiny_models.vit(out, layers=3), False),
+    "qwen2": (lambda out: tiny_families.qwen2(out, layers=3), True),  # tied, q/k/v biases
     "qwen3": (lambda out: tiny_families.qwen3(out, layers=3), True),
     "mistral": (lambda out: tiny_families.mistral(out, layers=3), True),
     "phi3": (lambda out: tiny_families.phi3(out, layers=4), True),
