@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LoraformatError
+from .onnx_io import ort_load_error
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -84,7 +85,7 @@ class DecoderSession:
                 providers=list(providers or ["CPUExecutionProvider"]),
             )
         except Exception as exc:  # ORT raises its own types for unreadable/invalid models
-            raise LoraformatError(self.path, f"ONNX Runtime cannot load the model: {exc}") from exc
+            raise LoraformatError(self.path, ort_load_error(self.path, exc, "load")) from exc
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in inputs]

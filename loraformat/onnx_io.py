@@ -56,6 +56,33 @@ def weights_as_inputs(model: Any, names: set[str]) -> Iterator[list[Any]]:
             graph.register_initializer(value)
 
 
+def ort_load_error(path: Path, exc: Exception, doing: str) -> str:
+    """The one-line message for ONNX Runtime failing to ``doing`` the model at ``path``, with the
+    likely reason where it is a known one: a bfloat16 model on a provider without bf16 kernels
+    (ONNX Runtime's CPU provider has none; CUDAExecutionProvider does)."""
+    text = " ".join(str(exc).split())
+    message = f"ONNX Runtime cannot {doing} the model: {text}"
+    if "NOT_IMPLEMENTED" in text and _is_bfloat16(path):
+        message += (
+            " — a bfloat16 model runs on CUDAExecutionProvider only (ONNX Runtime has no CPU "
+            "kernels for bfloat16); export with --dtype float32/float16/int4 for CPU"
+        )
+    return message
+
+
+def _is_bfloat16(path: Path) -> bool:
+    import onnx
+
+    try:
+        graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    except Exception:  # unreadable: no reason to add
+        return False
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(i.type.tensor_type.elem_type == bf16 for i in graph.input) or any(
+        t.data_type == bf16 for t in graph.initializer
+    )
+
+
 def save_model(
     model: Any,
     out: Path,

@@ -247,6 +247,8 @@ def test_bf16_kv_cache_decoder_verifies(tmp_path):
     # generation runs ONNX Runtime's CPU provider, which has no bf16 kernels: one line, no trace
     run = run_cli("generate", tmp_path / "kv.onnx", "--prompt-ids", "1,2,3")
     assert run.code == 1 and "NOT_IMPLEMENTED" in run.error, run.err
+    assert "bfloat16 model runs on CUDAExecutionProvider only" in run.error
+    assert len(run.err.strip().splitlines()) == 1
 
 
 # -- CLI ------------------------------------------------------------------------------------

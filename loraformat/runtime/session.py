@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
+from ..onnx_io import ort_load_error
 
 #: Suffixes of the two slot inputs of a layer (ONNX Runtime / Olive multi-LoRA convention).
 SLOT_A, SLOT_B = ".lora_A", ".lora_B"
@@ -111,7 +112,7 @@ class Session:
                 providers=list(providers or default_providers()),
             )
         except Exception as exc:  # ORT raises its own types for unreadable graphs
-            raise LoraformatError(self.path, f"ONNX Runtime cannot open the model: {exc}") from None
+            raise LoraformatError(self.path, ort_load_error(self.path, exc, "open")) from None
         self.slots: dict[str, Slot] = _find_slots(self._session)
         self._lock = threading.Lock()
         self._adapters: dict[str, LoadedAdapter] = {}
