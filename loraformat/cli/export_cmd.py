@@ -150,6 +150,7 @@ def export_command(
             "outputs": result.output_names, "max_abs_diff": result.max_abs_diff,
             "verify_provider": result.verify_provider, "tolerance": result.tolerance,
             "quantized_layers": result.quantized_layers, "cosine": result.cosine,
+            "traced": result.traced,
         })
         return
     click.echo(
@@ -157,6 +158,7 @@ def export_command(
         f"{result.nodes} nodes, inputs {', '.join(result.input_names)}"
         + (f", weights in {result.external_data}" if result.external_data else "")
     )
+    click.echo(f"graph: {result.traced}")
     echo_verify(result)
 
 

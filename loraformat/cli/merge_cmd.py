@@ -96,6 +96,8 @@ def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool
             + (f", {data['initializers']} initializers" if "initializers" in data else "")
             + (f", weights in {data['external_data']}" if data.get("external_data") else "")
         )
+    if data.get("traced"):
+        click.echo(f"graph: {data['traced']}")
     if getattr(result, "max_abs_diff", None) is not None:
         echo_verify(result)
     if survival is not None:
