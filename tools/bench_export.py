@@ -47,52 +47,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_merge import PROJECTIONS, build_peft_adapter, measure  # noqa: E402
-
-from loraformat.format.safetensors_io import TensorEntry, write_safetensors  # noqa: E402
+import bench_merge  # noqa: E402
+from bench_merge import build_peft_adapter, measure  # noqa: E402
 
 HIDDEN, INTER, VOCAB = 1024, 4096, 40960
 
 
-def _filled(shape: tuple[int, ...], seed: int, std: float, mean: float = 0.0):
-    def make() -> np.ndarray:
-        if std == 0:
-            return np.full(shape, mean, dtype=np.float32)
-        rng = np.random.default_rng(seed)
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
-
-    return make
-
-
 def build_checkpoint(out: Path, layers: int) -> None:
-    """config.json + model.safetensors, streamed (one tensor in memory at a time)."""
-    if (out / "model.safetensors").is_file():
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    dims = {"hidden": HIDDEN, "inter": INTER}
-    entries: list[TensorEntry] = []
-
-    def add(name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0) -> None:
-        entries.append(TensorEntry(name, "F32", shape, _filled(shape, len(entries) + 1, std, mean)))
-
-    add("model.embed_tokens.weight", (VOCAB, HIDDEN))
-    add("lm_head.weight", (VOCAB, HIDDEN))
-    add("model.norm.weight", (HIDDEN,), 0.0, 1.0)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        add(p + "input_layernorm.weight", (HIDDEN,), 0.0, 1.0)
-        add(p + "post_attention_layernorm.weight", (HIDDEN,), 0.0, 1.0)
-        for name, (src, dst) in PROJECTIONS.items():
-            add(p + name + ".weight", (dims[dst], dims[src]))
-    write_safetensors(out / "model.safetensors", entries, {"format": "pt"})
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "vocab_size": VOCAB, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    """bench_merge's checkpoint at this benchmark's sizes, RMSNorm weights 1 (see the module
+    docstring), with the token ids the model builder needs; kept if already there."""
+    if not (out / "model.safetensors").is_file():
+        bench_merge.build_checkpoint(
+            out, HIDDEN, INTER, layers, VOCAB, norm=1.0,
+            extra_config={"bos_token_id": 1, "eos_token_id": 2},
+        )
 
 
 def add_tokenizer(checkpoint: Path) -> None:

@@ -45,33 +45,40 @@ PROJECTIONS = {
 RANK, ALPHA = 16, 32
 
 
-def _random(shape: tuple[int, ...], seed: int, std: float = 0.02):
+def _random(shape: tuple[int, ...], seed: int, std: float = 0.02, mean: float = 0.0):
     def make() -> np.ndarray:
+        if std == 0:
+            return np.full(shape, mean, dtype=np.float32)
         rng = np.random.default_rng(seed)
         return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
 
     return make
 
 
-def build_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int) -> int:
-    """Write config.json + model.safetensors (streamed, one tensor in memory at a time)."""
+def build_checkpoint(
+    out: Path, hidden: int, inter: int, layers: int, vocab: int, *, norm: float = 0.0,
+    extra_config: dict | None = None,
+) -> int:
+    """Write config.json + model.safetensors (streamed, one tensor in memory at a time); RMSNorm
+    weights all ``norm``, ``extra_config``'s entries added to the config. Returns the parameter
+    count."""
     out.mkdir(parents=True, exist_ok=True)
     dims = {"hidden": hidden, "inter": inter}
     entries, seed, params = [], 0, 0
 
-    def add(name: str, shape: tuple[int, ...], std: float = 0.02) -> None:
+    def add(name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0) -> None:
         nonlocal seed, params
         seed += 1
         params += int(np.prod(shape))
-        entries.append(TensorEntry(name, "F32", shape, _random(shape, seed, std)))
+        entries.append(TensorEntry(name, "F32", shape, _random(shape, seed, std, mean)))
 
     add("model.embed_tokens.weight", (vocab, hidden))
     add("lm_head.weight", (vocab, hidden))
-    add("model.norm.weight", (hidden,), 0.0)
+    add("model.norm.weight", (hidden,), 0.0, norm)
     for i in range(layers):
         p = f"model.layers.{i}."
-        add(p + "input_layernorm.weight", (hidden,), 0.0)
-        add(p + "post_attention_layernorm.weight", (hidden,), 0.0)
+        add(p + "input_layernorm.weight", (hidden,), 0.0, norm)
+        add(p + "post_attention_layernorm.weight", (hidden,), 0.0, norm)
         for name, (src, dst) in PROJECTIONS.items():
             add(p + name + ".weight", (dims[dst], dims[src]))
     write_safetensors(out / "model.safetensors", entries, {"format": "pt"})
@@ -80,7 +87,7 @@ def build_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int
         "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
         "num_key_value_heads": 16, "vocab_size": vocab, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "hidden_act": "silu", "torch_dtype": "float32",
+        "hidden_act": "silu", "torch_dtype": "float32", **(extra_config or {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return params
