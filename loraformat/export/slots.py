@@ -191,11 +191,9 @@ def export_with_slots(
 
         def slotted(info: arch.CheckpointInfo, cut: Mapping[str, Any],
                     cut_options: arch.ExportOptions) -> arch.ExportModel:
-            # the same wrapping for the few layers a repeated trace builds
+            # the same wrapping for the few layers a repeated trace builds (build_graph casts
+            # the example inputs to the export dtype afterwards)
             small = model.arch.export_model(info, cut, cut_options)
-            small.example_inputs = {
-                k: _cast(v, float_dtype) for k, v in small.example_inputs.items()
-            }
             return slotted_export_model(small, cut_options.lora_slots, model.layers, float_dtype)
 
         graph, traced = build_graph(
