@@ -20,6 +20,9 @@ from .atomic import TMP_MARKER
 
 #: Above this many initializer bytes the weights go to an external data file (protobuf's cap).
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+#: With external data, initializers of at most this many bytes stay in the protobuf (what
+#: ``onnx_ir.save`` does by default; a writer that fills the data file itself does the same).
+STAGED_INLINE_BYTES = 256
 
 
 def initializer_bytes(model: Any) -> int:
@@ -83,42 +86,83 @@ def _is_bfloat16(path: Path) -> bool:
     )
 
 
+class Staging:
+    """The temporary directory beside ``out`` that a model and its data file are written into
+    before :func:`save_model` puts them in place, and the data file's name: ``<out name>.data``,
+    or ``<out name>.1.data`` while a file of the first name is in use (the two alternate, so a
+    replaced model's data is never overwritten before the new model is in place).
+
+    Made before anything is written, so that a writer may fill :attr:`data_path` while the graph
+    is still being built (:mod:`loraformat.export.prewrite`); :meth:`remove` deletes whatever is
+    left in it."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        names = [out.name + ".data", out.name + ".1.data"]
+        data_name = next((n for n in names if not out.with_name(n).exists()), names[0])
+        if out.with_name(data_name).exists():  # both exist (a leftover): reuse the unreferenced
+            data_name = names[1] if references(out, names[0]) else names[0]
+        self.data_names = names
+        self.data_name = data_name
+        self.dir = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
+
+    @property
+    def data_path(self) -> Path:
+        return self.dir / self.data_name
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / self.out.name
+
+    def remove(self) -> None:
+        if not self.dir.exists():
+            return
+        for file in self.dir.iterdir():
+            with contextlib.suppress(OSError):
+                file.unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
 def save_model(
     model: Any,
     out: Path,
     external_data: bool | None = None,
     check: Callable[[Path], None] | None = None,
+    staging: Staging | None = None,
+    prepared: bool = False,
 ) -> Path | None:
     """Write ``model`` atomically to ``out``.
 
     Weights go to an external data file next to it when ``external_data`` (``None``: when over
-    2 GB): ``<out name>.data``, or ``<out name>.1.data`` while a file of the first name is in use
-    (the two alternate, so a replaced model's data is never overwritten before the new model is in
-    place). Returns the data file, if any.
+    2 GB), named as :class:`Staging` says. Returns the data file, if any.
 
-    Both files are written into a temporary sibling directory, ``check(temporary model path)``
-    runs (it may raise to abandon the output), the data file is renamed into place, then the
-    model; only then is the previous model's data file (either name) removed. A reader — or a
-    kill at any moment — therefore sees the old model with its data, or the new one with its
-    data, never a model whose data is missing or foreign; at worst an unreferenced data file is
-    left behind.
+    Both files are written into the staging directory (``staging``, else one made here),
+    ``check(temporary model path)`` runs (it may raise to abandon the output), the data file is
+    renamed into place, then the model; only then is the previous model's data file (either
+    name) removed. A reader — or a kill at any moment — therefore sees the old model with its
+    data, or the new one with its data, never a model whose data is missing or foreign; at worst
+    an unreferenced data file is left behind. ``prepared``: the model's large initializers
+    already live in ``staging``'s data file (external tensors naming it), so the model is
+    written as it is; a given ``staging`` is the caller's to remove.
     """
     import onnx_ir as ir
 
     if external_data is None:
         external_data = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    names = [out.name + ".data", out.name + ".1.data"]
-    data_name = next((n for n in names if not out.with_name(n).exists()), names[0])
-    if out.with_name(data_name).exists():  # both exist (a leftover): reuse the unreferenced one
-        data_name = names[1] if references(out, names[0]) else names[0]
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
+    own = staging is None
+    stage = Staging(out) if staging is None else staging
+    data_name = stage.data_name
     try:
-        tmp_model = tmp / out.name
-        if external_data:
-            ir.save(model, tmp_model, external_data=data_name)
+        tmp_model = stage.model_path
+        if prepared:
+            ir.save(model, tmp_model)
+        elif external_data:
+            ir.save(model, tmp_model, external_data=data_name,
+                    size_threshold_bytes=STAGED_INLINE_BYTES)
         else:
             ir.save(model, tmp_model)
-        for file in (tmp / data_name, tmp_model):
+        for file in (stage.data_path, tmp_model):
             if file.exists():
                 with open(file, "rb+") as handle:
                     os.fsync(handle.fileno())
@@ -127,19 +171,16 @@ def save_model(
         data_path = None
         if external_data:
             data_path = out.with_name(data_name)
-            os.replace(tmp / data_name, data_path)
+            os.replace(stage.data_path, data_path)
         os.replace(tmp_model, out)
-        for name in names:  # the replaced model's data, now unreferenced
+        for name in stage.data_names:  # the replaced model's data, now unreferenced
             if name != (data_name if external_data else None):
                 with contextlib.suppress(OSError):
                     out.with_name(name).unlink()
         return data_path
     finally:
-        for file in tmp.iterdir():
-            with contextlib.suppress(OSError):
-                file.unlink()
-        with contextlib.suppress(OSError):
-            tmp.rmdir()
+        if own:
+            stage.remove()
 
 
 def references(model_path: Path, data_name: str) -> bool:
@@ -159,4 +200,11 @@ def references(model_path: Path, data_name: str) -> bool:
     return False
 
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "initializer_bytes", "references", "save_model"]
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "STAGED_INLINE_BYTES",
+    "Staging",
+    "initializer_bytes",
+    "references",
+    "save_model",
+]

@@ -9,13 +9,15 @@ Builds (numpy, streamed) the LLaMA-shaped fp32 checkpoint of ``tools/bench_merge
 — with RMSNorm weights of 1 (bench_merge's are 0, which makes every logit 0 and a logits
 comparison meaningless), its 12-layer sibling, and PEFT adapters with r=16 on all seven
 projections. Then, each in a fresh subprocess with the input already in the page cache, wall time
-and peak RSS (the child's ``ru_maxrss``) of:
+and peak RSS (of the process tree: loraformat's weight-writing child counts, summed) of:
 
   1. ``loraformat merge BASE ADAPTER -o m.onnx`` with ``--dtype float32``, ``float16``,
      ``bfloat16``, ``int4`` (24 layers; ``--dtypes`` picks) and ``float32`` (12 layers: peak RSS
      must be flat with depth; run when float32 is picked), each *cold* (``LORAFORMAT_CACHE=off``:
      the graph is traced), and float32 and int4 once more *warm* (the graph cache holds this
-     base's trace, as after any earlier export of it);
+     base's trace, as after any earlier export of it); float32 cold once more with
+     ``LORAFORMAT_PREWRITE=off`` (the weights written after tracing, not by a second process
+     while it runs: what the overlap saves);
   2. a plain ``torch.onnx.export`` (dynamo, external data) of transformers' LlamaForCausalLM
      loaded from the same checkpoint, no adapter;
   3. ONNX Runtime GenAI's model builder (``-p fp32/int4 -e cpu``, no adapter) when
@@ -194,6 +196,10 @@ def main() -> int:
             [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
              str(out / f"{dtype}.onnx"), "--dtype", dtype], cold)
     if "float32" in dtypes:
+        run(f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers), "
+            "LORAFORMAT_PREWRITE=off",
+            [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+             str(out / "f32_sequential.onnx")], {**cold, "LORAFORMAT_PREWRITE": "off"})
         run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
             [*lf, "merge", str(bases[half]), str(work / f"peft{half}"), "-o",
              str(out / f"f32_{half}.onnx")], cold)

@@ -127,16 +127,52 @@ model.save_pretrained(out)
 """
 
 RUSAGE_WRAPPER = """
-import resource, subprocess, sys, time
+import os, resource, subprocess, sys, time
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def rss(pid):
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+    except OSError:
+        return 0
+
+
 t = time.perf_counter()
-code = subprocess.run(sys.argv[1:]).returncode
+proc = subprocess.Popen(sys.argv[1:])
+peak = 0
+while True:
+    try:
+        proc.wait(timeout=0.05)
+        break
+    except subprocess.TimeoutExpired:
+        peak = max(peak, sum(rss(p) for p in tree(proc.pid)))
 wall = time.perf_counter() - t
-print(wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)
+largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(wall, max(largest, peak // 1024), proc.returncode)
 """
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of ``cmd`` run as a child of a fresh wrapper process."""
+    """(wall seconds, peak RSS in MiB) of ``cmd`` run as a child of a fresh wrapper process.
+
+    Peak RSS is that of the whole process tree — ``cmd`` and any process it starts, summed,
+    sampled every 50 ms from /proc — or the largest single process's exact peak if higher."""
     result = subprocess.run([sys.executable, "-c", RUSAGE_WRAPPER, *cmd],
                             capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()

@@ -48,6 +48,7 @@ from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model, weights_as_inputs
 from .graph_cache import cached_trace, code_digest
+from .prewrite import staged_weights
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
 from .runner import open_runner, ort_providers, providers_for, runner_name
@@ -95,6 +96,7 @@ class ExportResult:
     output_names: list[str] = field(default_factory=list)
     quantized_layers: int = 0
     traced: str = ""  # how the graph was traced (all layers, or a few repeated)
+    prewritten: bool = False  # the weights were written by a second process while tracing
     cosine: float | None = None  # verify: outputs' cosine similarity to torch's
     min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
 
@@ -112,6 +114,7 @@ class ExportResult:
             "tolerance": self.tolerance,
             "quantized_layers": self.quantized_layers,
             "traced": self.traced,
+            "prewritten": self.prewritten,
             "cosine": self.cosine,
         }
 
@@ -461,6 +464,7 @@ def export_onnx(
     rewrite: Callable[[Any], Any] | None = None,
     verifier: Callable[[Path, ExportModel], None] | None = None,
     repeat_layers: bool = True,
+    prewrite: bool | None = None,
 ) -> ExportResult:
     """Export ``base`` (with ``adapters`` merged, weighted) to the ONNX file ``out``, streamed.
 
@@ -483,7 +487,10 @@ def export_onnx(
     :data:`~.stream.STREAM_EXTERNAL_BYTES` unless ``external_data`` says otherwise. Merge
     refusals are :func:`~loraformat.merge.plan.plan_merge`'s. Where the architecture says how
     its layers repeat, a few are traced and the rest repeated (:mod:`.repeat`; the same graph);
-    ``repeat_layers=False`` traces every layer (``result.traced`` says which was done).
+    ``repeat_layers=False`` traces every layer (``result.traced`` says which was done). The
+    weights are written by a second process while the graph is traced (:mod:`.prewrite`) when
+    they go to an external data file and come to
+    :data:`~.prewrite.PREWRITE_MIN_BYTES` (``prewrite`` True/False forces it; same output).
     """
     target = check_output(out, overwrite)
     if target.suffix != ".onnx":
@@ -507,6 +514,10 @@ def export_onnx(
             else model.arch.export_model(model.info, tensors, options),
             tensors,
         ), torch_dtype)
+        writer_wanted = False if external_data is False else prewrite
+        staging, writer = stack.enter_context(staged_weights(
+            target, model.checkpoint, plan, exported.module, model.layers, quant, writer_wanted
+        ))
         graph, traced = build_graph(
             model, exported, tensors, options, torch_dtype, opset,
             repeat=repeat_layers and build is None,
@@ -517,6 +528,13 @@ def export_onnx(
             quantized += quantize_embeddings(graph, model.layers, quant)
         if rewrite is not None:
             graph = rewrite(graph)
+        if external_data is None:
+            external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
+        prewritten = False
+        if writer is not None:
+            prewritten = external_data and writer.adopt(graph, progress)
+            if not prewritten:
+                writer.abandon()
         result = ExportResult(
             path=target,
             external_data=None,
@@ -529,6 +547,7 @@ def export_onnx(
             output_names=list(exported.output_names),
             quantized_layers=len(quantized),
             traced=traced,
+            prewritten=prewritten,
         )
 
         def check(path: Path) -> None:
@@ -560,10 +579,9 @@ def export_onnx(
                     f"{diff:.3g} (tolerance {tol:.3g}); nothing was written",
                 )
 
-        if external_data is None:
-            external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
         result.external_data = save_model(
-            graph, target, external_data, check if verify_output or verifier else None
+            graph, target, external_data, check if verify_output or verifier else None,
+            staging=staging, prepared=prewritten,
         )
         return result
 

@@ -17,6 +17,7 @@ slot inputs and their MatMul/Add nodes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -41,6 +42,7 @@ from .onnx import (
     quant_options,
     random_inputs,
 )
+from .prewrite import staged_weights
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .stream import (
     STREAM_EXTERNAL_BYTES,
@@ -77,6 +79,7 @@ class SlotExport:
     tolerance: float | None = None
     traced: str = ""  # how the graph was traced (all layers, or a few repeated)
     cosine: float | None = None  # verify of int4/int8: the logits' cosine to fp32 torch
+    prewritten: bool = False  # the weights were written by a second process while tracing
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +93,7 @@ class SlotExport:
             "external_data": str(self.external_data) if self.external_data else None,
             "max_abs_diff": self.max_abs_diff,
             "traced": self.traced,
+            "prewritten": self.prewritten,
             "cosine": self.cosine,
         }
 
@@ -146,6 +150,7 @@ def export_with_slots(
     progress: Callable[[int, int], None] | None = None,
     repeat_layers: bool = True,
     quant: QuantOptions | None = None,
+    prewrite: bool | None = None,
 ) -> SlotExport:
     """Export ``base`` (a checkpoint directory or an open :class:`BaseModel`) with LoRA slots.
 
@@ -158,7 +163,8 @@ def export_with_slots(
     1e-4·max(1, max|ref|) (fp32) or 2e-2·max(1, max|ref|) (fp16). Writes ``output`` atomically;
     refuses to replace it unless ``overwrite``. The graph is traced as a plain export's is (a few
     layers repeated where the plugin allows — ``repeat_layers=False`` traces all — and the graph
-    cache).
+    cache); the weights are written while it is traced as :func:`~.onnx.export_onnx` writes them
+    (``prewrite``).
 
     ``dtype`` ``int4``/``int8`` (``quant`` says how) writes the base's dense layers as
     MatMulNBits, as a plain quantized export does, while the slots stay float32: adapters are
@@ -174,6 +180,7 @@ def export_with_slots(
     float_dtype = "float32" if quant is not None else dtype
     owned = not isinstance(base, BaseModel)
     model = open_base(base) if owned else base
+    stack = contextlib.ExitStack()  # the output's staging directory and weight writer
     try:
         paths = resolve_targets(model, targets)
         steps = 3
@@ -196,6 +203,9 @@ def export_with_slots(
             small = model.arch.export_model(info, cut, cut_options)
             return slotted_export_model(small, cut_options.lora_slots, model.layers, float_dtype)
 
+        staging, writer = stack.enter_context(staged_weights(
+            out, model.checkpoint, None, plain.module, model.layers, quant, prewrite
+        ))
         graph, traced = build_graph(
             model, slotted_export_model(plain, paths, model.layers, float_dtype), tensors, options,
             torch_dtype, opset, repeat=repeat_layers, make=slotted,
@@ -249,7 +259,11 @@ def export_with_slots(
                 )
 
         external = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
-        data = save_model(graph, out, external, check=check if verify_output else None)
+        prewritten = writer is not None and external and writer.adopt(graph)
+        if writer is not None and not prewritten:
+            writer.abandon()
+        data = save_model(graph, out, external, check=check if verify_output else None,
+                          staging=staging, prepared=prewritten)
         if progress:
             progress(steps, steps)
         return SlotExport(
@@ -265,8 +279,10 @@ def export_with_slots(
             measured.get("tol"),
             traced,
             measured.get("cosine"),
+            prewritten,
         )
     finally:
+        stack.close()
         if owned:
             model.close()
 

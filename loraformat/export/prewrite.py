@@ -1,0 +1,342 @@
+"""Write an export's weights in a second process while the first traces the graph.
+
+A streamed export (:mod:`.stream`) has two long steps that need nothing from each other: tracing
+the graph (pure Python, one core: ~6-8 s at any model size) and writing the weights (read, merge,
+cast or quantize, write: proportional to the model). One after the other they cost their sum; a
+thread cannot overlap them, because tracing holds the GIL and the writer needs it between every
+numpy call (measured on the 0.49B export: the writer thread took 13-15 s instead of 4). So the
+weights go to a child process — ``python -m loraformat.export.prewrite`` — that writes them into
+the output's staging directory (:class:`~loraformat.onnx_io.Staging`) while the parent traces:
+
+1. **Before tracing**, the parent predicts the initializers the graph will hold: every checkpoint
+   tensor the export module has as a parameter, in the export dtype — or, quantizing, the
+   MatMulNBits / GatherBlockQuantized parts of each weight the options ask to quantize
+   (:func:`~.quantize.quantized_targets`) plus the float copy of any weight also used otherwise.
+   It sends the child the checkpoint's path, those tensors' merge operations (the adapters'
+   factors, pickled) and the list (:class:`Job`).
+2. **The child** computes each tensor with the same functions the lazy initializers use
+   (:func:`~.stream.merged_array`, :func:`~.quantize.dense_parts`, :func:`~.quantize.table_parts`),
+   writes them one after another into the data file, fsyncs it and prints its index (name,
+   dtype, shape, offset, length).
+3. **After tracing** (and quantizing, and any rewrite) the parent adopts the file
+   (:meth:`Prewrite.adopt`): every initializer the child wrote becomes an external tensor at its
+   offset; any it did not (the prediction missed it) is appended by the parent.
+
+The prediction is an optimisation, never a condition of correctness: if the child wrote anything
+the graph does not hold, in another dtype or shape, or failed, the file is dropped and the weights
+are written in this process, as before — the output is the same either way (same initializers,
+same bytes; ``tests/test_export_prewrite.py``). Peak memory is the two processes' sum: the
+parent's graph and the child's one tensor at a time.
+
+``LORAFORMAT_PREWRITE=off`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..architecture import DenseLayer
+from ..checkpoint import Checkpoint
+from ..merge.plan import MergePlan
+from ..onnx_io import STAGED_INLINE_BYTES, Staging
+from .quantize import QuantOptions, dense_parts, quantized_targets, table_parts
+from .stream import merged_array, release_freed_buffers
+
+#: Environment variable that turns the weight-writing process off (``off``/``0``).
+PREWRITE_ENV = "LORAFORMAT_PREWRITE"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checkpoint tensor and what the child writes for it.
+
+    ``kind``: ``float`` (the merged tensor in ``dtype``), ``dense`` (MatMulNBits parts of the
+    merged tensor read in ``dtype``; ``layout`` is the weight's) or ``table``
+    (GatherBlockQuantized parts)."""
+
+    name: str
+    kind: str
+    dtype: str
+    layout: str = "out_in"
+
+
+@dataclass(frozen=True)
+class Written:
+    """Where the child put one initializer."""
+
+    name: str
+    dtype: str  # numpy dtype name (ml_dtypes names for bfloat16/int4/uint4)
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+
+def enabled() -> bool:
+    """Whether exports may use the weight-writing process (``LORAFORMAT_PREWRITE``)."""
+    return os.environ.get(PREWRITE_ENV, "").strip().lower() not in ("off", "0", "false", "no")
+
+
+def plan_jobs(
+    checkpoint: Checkpoint,
+    dtypes: Mapping[str, np.dtype],
+    layers: Mapping[str, DenseLayer],
+    quant: QuantOptions | None,
+) -> list[Job]:
+    """The jobs for the checkpoint tensors in ``dtypes`` (name → the export dtype of each: the
+    export module's parameters), in the checkpoint's file order (sequential reads)."""
+    dense: dict[str, DenseLayer] = {}
+    tables: dict[str, DenseLayer] = {}
+    users: dict[str, int] = {}
+    for layer in layers.values():
+        users[layer.weight] = users.get(layer.weight, 0) + 1
+    if quant is not None:
+        dense_layers, table_layers = quantized_targets(layers, quant)
+        # a weight shared by several layers (a tied head) has a use MatMulNBits cannot take
+        dense = {lay.weight: lay for lay in dense_layers.values() if users[lay.weight] == 1}
+        tables = {
+            lay.weight: lay for lay in table_layers.values()
+            if len(checkpoint.info(lay.weight).shape) == 2
+            and checkpoint.info(lay.weight).shape[1] % quant.block_size == 0
+        }
+    jobs = []
+    for name in sorted(dtypes, key=lambda n: (checkpoint.shard_of[n], checkpoint.info(n).begin)):
+        dtype = np.dtype(dtypes[name]).name
+        if name in dense:
+            jobs.append(Job(name, "dense", dtype, dense[name].layout))
+            continue
+        if name in tables:
+            jobs.append(Job(name, "table", dtype))
+            if users[name] == 1:  # only the embedding reads it: no float copy stays
+                continue
+        jobs.append(Job(name, "float", dtype))
+    return jobs
+
+
+def job_tensors(
+    checkpoint: Checkpoint, plan: MergePlan | None, job: Job, quant: QuantOptions | None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(initializer name, value) of everything ``job`` writes — the values the lazy
+    initializers of :mod:`.stream` and :mod:`.quantize` evaluate to."""
+    dtype = _numpy_dtype(job.dtype)
+    value = merged_array(checkpoint, job.name, plan, dtype)
+    if job.kind == "float":
+        yield job.name, value
+        return
+    assert quant is not None
+    parts = (dense_parts(value, job.layout, quant, dtype) if job.kind == "dense"
+             else table_parts(value, quant, dtype))
+    del value
+    for suffix, part in parts.items():
+        yield job.name + suffix, part
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
+
+
+class Prewrite:
+    """A running weight-writing process and what it was asked for."""
+
+    def __init__(self, staging: Staging, process: subprocess.Popen[bytes], jobs: list[Job],
+                 errors: Path) -> None:
+        self.staging, self.process, self.jobs, self.errors = staging, process, jobs, errors
+        self.failure: str | None = None  # why adopt() returned False, for tests and --json
+
+    def _index(self) -> list[Written] | None:
+        out, _ = self.process.communicate()
+        if self.process.returncode != 0:
+            tail = self.errors.read_text(errors="replace").strip().splitlines()[-1:]
+            self.failure = f"the writer exited {self.process.returncode}: {' '.join(tail)}"
+            return None
+        try:
+            return [Written(e["name"], e["dtype"], tuple(e["shape"]), e["offset"], e["length"])
+                    for e in json.loads(out)]
+        except (ValueError, KeyError, TypeError) as exc:
+            self.failure = f"the writer's index is unreadable ({exc})"
+            return None
+
+    def adopt(self, model: Any, progress: Callable[[int, int], None] | None = None) -> bool:
+        """Wait for the child; make every initializer of the onnx_ir ``model`` it wrote an
+        external tensor in the staging data file and append the others (over
+        :data:`~loraformat.onnx_io.STAGED_INLINE_BYTES`). False — nothing changed, the data file
+        removed — when the file does not fit the graph (:attr:`failure` says why)."""
+        import onnx_ir as ir
+
+        index = self._index()
+        if index is None:
+            self.abandon()
+            return False
+        graph = model.graph
+        written = {w.name: w for w in index}
+        for w in index:
+            value = graph.initializers.get(w.name)
+            tensor = value.const_value if value is not None else None
+            if tensor is None or tensor.dtype.numpy() != _numpy_dtype(w.dtype) or tuple(
+                int(d) for d in tensor.shape
+            ) != w.shape:
+                self.failure = f"the graph does not hold {w.name!r} as written"
+                self.abandon()
+                return False
+        data = self.staging.data_path
+        rest = [
+            v for name, v in graph.initializers.items()
+            if name not in written and v.const_value is not None
+            and v.const_value.nbytes > STAGED_INLINE_BYTES
+        ]
+        total, done = len(index) + len(rest), 0
+
+        def external(value: Any, offset: int, length: int) -> None:
+            nonlocal done
+            tensor = value.const_value
+            value.const_value = ir.ExternalTensor(
+                self.staging.data_name, offset, length, tensor.dtype, shape=tensor.shape,
+                name=value.name, base_dir=self.staging.dir,
+            )
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        for w in index:
+            external(graph.initializers[w.name], w.offset, w.length)
+        with open(data, "ab") as handle:
+            for value in rest:  # what the prediction missed, written here
+                offset = handle.seek(0, os.SEEK_END)
+                value.const_value.tofile(handle)
+                handle.flush()
+                external(value, offset, handle.tell() - offset)
+        return True
+
+    def abandon(self) -> None:
+        """Stop the child (if running) and delete what it wrote."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        with contextlib.suppress(OSError):
+            self.staging.data_path.unlink()
+
+
+def start(
+    staging: Staging,
+    checkpoint: Checkpoint,
+    plan: MergePlan | None,
+    dtypes: Mapping[str, np.dtype],
+    layers: Mapping[str, DenseLayer],
+    quant: QuantOptions | None,
+) -> Prewrite | None:
+    """Start the child writing ``staging``'s data file; None when it cannot be given the work
+    (a checkpoint or merge plan that does not pickle)."""
+    jobs = plan_jobs(checkpoint, dtypes, layers, quant)
+    ops = {j.name: plan.ops[j.name] for j in jobs if plan is not None and j.name in plan.ops}
+    payload = staging.dir / "prewrite.pickle"
+    try:
+        with open(payload, "wb") as handle:
+            pickle.dump((os.fspath(checkpoint.path), ops, jobs, quant,
+                         os.fspath(staging.data_path)), handle, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        payload.unlink(missing_ok=True)
+        return None
+    root = str(Path(__file__).resolve().parents[2])  # where this loraformat is imported from
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p
+    ))
+    # one core each: the parent traces on the other; BLAS threads would only contend
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    errors = staging.dir / "prewrite.log"
+    try:
+        with open(errors, "wb") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "loraformat.export.prewrite", os.fspath(payload)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
+            )
+    except OSError:  # no interpreter to start (an embedded Python): write in-process
+        return None
+    return Prewrite(staging, process, jobs, errors)
+
+
+#: Below this many weight bytes the export writes its weights itself: the child's start-up (about
+#: a second of imports on another core) would cost as much as it saves.
+PREWRITE_MIN_BYTES = 256 * 1024**2
+
+
+@contextlib.contextmanager
+def staged_weights(
+    out: Path,
+    checkpoint: Checkpoint,
+    plan: MergePlan | None,
+    module: Any,
+    layers: Mapping[str, DenseLayer],
+    quant: QuantOptions | None,
+    use: bool | None = None,
+) -> Iterator[tuple[Staging, Prewrite | None]]:
+    """The output's :class:`~loraformat.onnx_io.Staging` and, where it is used, the weight-writing
+    child already started on it: ``use`` True/False forces it on/off; ``None`` starts it when
+    :func:`enabled` and the export ``module``'s checkpoint parameters come to
+    :data:`PREWRITE_MIN_BYTES` or more. On leaving, a child still running is stopped and the
+    staging directory removed (the output, if saved, is out of it by then)."""
+    from .stream import numpy_dtype
+
+    staging = Staging(out)
+    writer = None
+    try:
+        dtypes = {
+            name: numpy_dtype(param.dtype) for name, param in module.named_parameters()
+            if name in checkpoint
+        }
+        size = sum(
+            int(np.prod(checkpoint.info(n).shape)) * dtypes[n].itemsize for n in dtypes
+        )
+        if use or (use is None and enabled() and size >= PREWRITE_MIN_BYTES):
+            writer = start(staging, checkpoint, plan, dtypes, layers, quant)
+        yield staging, writer
+    finally:
+        if writer is not None and writer.process.poll() is None:
+            writer.abandon()
+        staging.remove()
+
+
+def write(payload: Path) -> list[dict[str, Any]]:
+    """The child's work: every job of ``payload`` into its data file, fsynced; the index."""
+    import onnx_ir as ir
+
+    release_freed_buffers()  # one tensor-sized buffer after another, as in-process
+    path, ops, jobs, quant, data = pickle.loads(payload.read_bytes())
+    plan = MergePlan(ops=ops, layer_count=len(ops)) if ops else None
+    index = []
+    with Checkpoint(path) as checkpoint, open(data, "wb") as handle:
+        for job in jobs:
+            for name, value in job_tensors(checkpoint, plan, job, quant):
+                offset = handle.tell()
+                ir.Tensor(value, name=name).tofile(handle)  # the bytes onnx_ir itself writes
+                handle.flush()
+                index.append({"name": name, "dtype": value.dtype.name,
+                              "shape": list(value.shape), "offset": offset,
+                              "length": handle.tell() - offset})
+        handle.flush()
+        os.fsync(handle.fileno())
+    return index
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m loraformat.export.prewrite PAYLOAD", file=sys.stderr)
+        return 2
+    index = write(Path(argv[0]))
+    sys.stdout.write(json.dumps(index))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
