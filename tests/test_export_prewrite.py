@@ -221,3 +221,25 @@ def test_blocked_transpose_is_the_transpose(shape):
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     got = transposed(w)
     assert got.flags.c_contiguous and np.array_equal(got, w.T)
+
+
+@pytest.mark.parametrize("source", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("target", ["float32", "float16", "bfloat16"])
+def test_blocked_cast_is_the_one_shot_cast(monkeypatch, source, target):
+    """merged_array casts in blocks (bounded memory); every bit as one cast through fp32."""
+    import ml_dtypes
+
+    from loraformat.export import stream
+
+    def dtype(name: str) -> np.dtype:
+        return np.dtype(getattr(ml_dtypes, name, None) or name)
+
+    values = (np.random.default_rng(0).standard_normal(10_007) * 300).astype(np.float32)
+    values[:4] = [np.inf, -np.inf, np.nan, 1e-9]
+    stored = values.astype(dtype(source))
+    monkeypatch.setattr(stream, "CAST_BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(stream, "read_tensor", lambda checkpoint, name: stored.copy())
+    with np.errstate(over="ignore"):
+        got = stream.merged_array(None, "w", None, dtype(target))
+        want = stored if source == target else stored.astype(np.float32).astype(dtype(target))
+    assert got.dtype == dtype(target) and got.tobytes() == want.tobytes()
