@@ -2,26 +2,42 @@
 
 ``torch.onnx.export`` and onnxscript's optimizer take time that grows faster than the depth
 (a 12-layer decoder: 46 s to trace, 13 s to optimize; 3 layers: 9 s and 1 s, measured), while
-the graph of layer 20 is the graph of layer 2 with other names. An architecture that says how its
-layers repeat (:class:`~loraformat.architecture.LayerRepeat`) is exported like this:
+the graph of layer 20 is layer 0's with other names, less what all layers share. An
+architecture that says how its layers repeat (:class:`~loraformat.architecture.LayerRepeat`) is
+exported like this:
 
-1. **Choose the depth to trace.** The second layer of each kind is its *template*: it can stand
-   for every later layer of its kind. Not the first: the first layer of a kind is where the
-   exporter's common-subexpression elimination leaves what all layers of that kind share (rotary
-   tables, mask shapes), which a copy must read, not recompute. The traced depth ``k`` is one past
-   the last template (2 where all layers are alike).
+1. **Choose the depth to trace.** The first layer of each kind is its *template*: it stands for
+   every later layer of its kind. The traced depth ``k`` is one past the last template: 1 where
+   all layers are alike, 2 for Gemma 2's alternation.
 2. **Trace** the plugin's module built for ``k`` layers (the config's ``depth_key`` and the
    tensors cut to the first ``k`` layers), optimized as a full export is.
 3. **Repeat**: the nodes of each layer are found by the module scope the exporter records on every
-   node (``pkg.torch.onnx.name_scopes``); layers ``k .. n-1`` are copies of their kind's template,
-   with that layer's weights (checkpoint names), cache inputs and outputs (the full module's
-   names), and the previous layer's hidden state as input. What the suffix (final norm, head)
-   read from the last traced layer it reads from the last copy.
+   node (``pkg.torch.onnx.name_scopes``). A template's nodes that depend, transitively, on nothing
+   of the layer's own — its hidden state, its weights, its per-layer inputs (cache, LoRA slots) —
+   compute what every layer of the kind computes alike (rotary tables, mask shapes): a full
+   trace's common-subexpression elimination leaves them once, in the kind's first layer, so the
+   copies read them there. The others are copied for layers ``k .. n-1``, with that layer's
+   weights (checkpoint names), cache inputs and outputs (the full module's names), and the
+   previous layer's hidden state as input. What the suffix (final norm, head) read from the last
+   traced layer it reads from the last copy.
+
+A layer's hidden state is the one value it reads from the layer before that the layer before
+does not read itself; layer 0 has no layer before, and its hidden state is the one value from
+before the layers that it reads, typed and shaped as the one value it passes on, and on which
+that value depends (the embeddings; not a mask or a rotary table).
 
 Every assumption is checked — one carried value per layer, nothing else read across layers, the
-full module's input and output names reproduced, every node's inputs defined before it — and
-any that fails returns ``None``: the caller then traces every layer, which is always right. The
-result equals the graph of a full trace, node for node (``tests/test_export_repeat.py``).
+full module's input and output names reproduced, every node's inputs defined before it. Where a
+check fails with the first layers (layer 0 reads two values that could be its hidden state),
+the second layer of each kind is the template (``k`` = 2 where all layers are alike: the trace
+itself has put the shared nodes in layer 0 then); where that fails too, ``None`` is returned and
+the caller traces every layer, which is always right. The result equals the graph of a full
+trace, node for node (``tests/test_export_repeat.py``).
+
+One thing no 1-layer graph shows: a layer that reads its hidden state in a second role (an "x0"
+skip connection that reads the embeddings again) gives layer 0 one value where the others read
+two. Layer 0 then differs from the others, so by the contract (spec/PLUGINS.md §6.1) it is a
+kind of its own, and layer 1 is the template of the rest.
 """
 
 from __future__ import annotations
@@ -180,15 +196,16 @@ def repeat_layers(
             return m is not None and int(m.group(1)) == j
         return v.is_graph_input() and bool(_index_tokens(v.name or "", j))
 
-    def per_layer(j: int, seeds: Sequence[Any]) -> set[int]:
-        """The nodes of layer ``j`` that depend, transitively, on ``seeds`` or on what is layer
-        ``j``'s alone. The others compute what every layer of the kind computes alike: a full
-        trace's common-subexpression elimination leaves them once, in the kind's first layer,
-        and the copies read them there."""
+    def per_layer(j: int, seeds: Sequence[Any], owned: bool = True) -> set[int]:
+        """The nodes of layer ``j`` that depend, transitively, on ``seeds`` or (``owned``) on
+        what is layer ``j``'s alone. The others compute what every layer of the kind computes
+        alike: a full trace's common-subexpression elimination leaves them once, in the kind's
+        first layer, and the copies read them there."""
         reached = {id(v) for v in seeds}
         found: set[int] = set()
         for node in layers.blocks[j]:  # in graph order: producers come first
-            if any(v is not None and (id(v) in reached or own(v, j)) for v in node.inputs):
+            if any(v is not None and (id(v) in reached or (owned and own(v, j)))
+                   for v in node.inputs):
                 found.add(id(node))
                 reached.update(id(v) for v in node.outputs)
         return found
@@ -237,7 +254,7 @@ def repeat_layers(
                         or (v.producer() is not None and producer_block(v) != -1)
                         or id(v) in found):
                     continue
-                if id(out.producer()) in per_layer(0, [v]):
+                if id(out.producer()) in per_layer(0, [v], owned=False):
                     found[id(v)] = v
         if len(found) != 1:
             raise CannotRepeat(f"layer 0 reads {len(found)} values like its hidden state")
