@@ -91,29 +91,34 @@ def _run(path: Path, vocab: int) -> list[np.ndarray]:
 
 
 CASES = {
-    # name: (builder, layers, with_past)
-    "llama": (lambda out: tiny_models.llama(out, layers=4), True),
-    "gpt2": (lambda out: tiny_models.gpt2(out, layers=4), True),
-    "bert": (lambda out: tiny_models.bert(out, layers=4), False),
-    "vit": (lambda out: tiny_models.vit(out, layers=3), False),
-    "qwen2": (lambda out: tiny_families.qwen2(out, layers=3), True),  # tied, q/k/v biases
-    "qwen3": (lambda out: tiny_families.qwen3(out, layers=3), True),
-    "mistral": (lambda out: tiny_families.mistral(out, layers=3), True),
-    "phi3": (lambda out: tiny_families.phi3(out, layers=4), True),
-    # sliding and global layers alternating, each with its own rope (Gemma 3) or window
-    "gemma2": (lambda out: tiny_families.gemma2(out, layers=6), True),
-    "gemma3": (lambda out: tiny_families.gemma3(out, layers=5), False),
+    # name: (builder, with_past, the line saying how many layers were traced)
+    "llama": (lambda out: tiny_models.llama(out, layers=4), True, "1 of 4"),
+    "gpt2": (lambda out: tiny_models.gpt2(out, layers=4), True, "1 of 4"),
+    "bert": (lambda out: tiny_models.bert(out, layers=4), False, "1 of 4"),
+    "vit": (lambda out: tiny_models.vit(out, layers=3), False, "1 of 3"),
+    "qwen2": (lambda out: tiny_families.qwen2(out, layers=3), True, "1 of 3"),  # tied, biases
+    "qwen3": (lambda out: tiny_families.qwen3(out, layers=3), True, "1 of 3"),
+    "mistral": (lambda out: tiny_families.mistral(out, layers=3), True, "1 of 3"),
+    "phi3": (lambda out: tiny_families.phi3(out, layers=4), True, "1 of 4"),
+    # sliding and global layers alternating, each with its own rope (Gemma 3) or window: the
+    # first layer of each kind is traced
+    "gemma2": (lambda out: tiny_families.gemma2(out, layers=6), True, "2 of 6"),
+    "gemma3": (lambda out: tiny_families.gemma3(out, layers=5), False, "2 of 5"),
+    # Qwen2 with max_window_layers=1: one full-attention layer, then sliding ones
+    "qwen2-window": (lambda out: tiny_families.qwen2(out, layers=5, sliding_window=4), True,
+                     "2 of 5"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_repeated_layers_give_the_graph_of_a_full_trace(case, tmp_path):
-    build, with_past = CASES[case]
+    build, with_past, traced = CASES[case]
     base = build(tmp_path / "base")
     options = ExportOptions(with_past=with_past)
     fast = export_onnx(base, tmp_path / "repeated.onnx", options=options)
     full = export_onnx(base, tmp_path / "full.onnx", options=options, repeat_layers=False)
-    assert fast.traced.endswith("the rest repeated"), fast.traced
+    # the first layer of each kind was the template: no fallback to its second
+    assert fast.traced == f"{traced} layers traced, the rest repeated", fast.traced
     assert full.traced == "every layer traced"
     got, want = canonical(fast.path), canonical(full.path)
     assert got["inputs"] == want["inputs"] and got["outputs"] == want["outputs"]
@@ -133,7 +138,8 @@ def test_lora_slot_graphs_repeat_too(tmp_path):
                              targets=["q_proj", "down_proj"])
     full = export_with_slots(base, tmp_path / "full.onnx", with_past=True,
                              targets=["q_proj", "down_proj"], repeat_layers=False)
-    assert fast.traced.endswith("the rest repeated") and full.traced == "every layer traced"
+    assert fast.traced == "1 of 4 layers traced, the rest repeated", fast.traced
+    assert full.traced == "every layer traced"
     got, want = canonical(fast.path), canonical(full.path)
     assert got == want  # slot inputs with their own rank_<i> axes, per layer
     # an adapter in the slots: rank 3 A/B on every slot, same outputs from both graphs
@@ -157,22 +163,29 @@ def test_lora_slot_graphs_repeat_too(tmp_path):
     assert not np.array_equal(plain.run(None, _feed(plain, 96))[0], outputs[1][0])  # slots used
 
 
-def test_a_layer_pattern_without_two_of_each_kind_is_traced_whole(tmp_path):
-    # Qwen2 with max_window_layers=1: one full-attention layer, then sliding ones.
-    base = tiny_families.qwen2(tmp_path / "base", layers=5, sliding_window=4)
+def test_a_layer_pattern_whose_last_layer_is_new_is_traced_whole(tmp_path):
+    # Gemma 3 with a sliding layer, then a global one: nothing left to repeat
+    base = tiny_families.gemma3(tmp_path / "base", layers=2)
     result = export_onnx(base, tmp_path / "m.onnx")
-    assert result.traced == "every layer traced: too few layers of each kind to repeat"
+    assert result.traced == "every layer traced: the last layer is the first of its kind"
 
 
 def test_plan_depth():
-    assert plan_depth(["a"] * 24) == (2, {"a": 1})
-    assert plan_depth(["a"] * 2) is None  # nothing saved
-    # alternating: each kind's second layer is its template
-    assert plan_depth(["s", "f"] * 6) == (4, {"s": 2, "f": 3})
+    # the first layer of each kind is its template; the second is the fallback's
+    assert plan_depth(["a"] * 24) == (1, {"a": 0})
+    assert plan_depth(["a"] * 24, 2) == (2, {"a": 1})
+    assert plan_depth(["a"] * 2) == (1, {"a": 0})
+    assert plan_depth(["a"] * 2, 2) is None  # nothing saved
+    assert plan_depth(["s", "f"] * 6) == (2, {"s": 0, "f": 1})
+    assert plan_depth(["s", "f"] * 6, 2) == (4, {"s": 2, "f": 3})
     # Gemma 3's five sliding layers to one global one
     kinds = (["s"] * 5 + ["f"]) * 6
-    assert plan_depth(kinds) == (12, {"s": 1, "f": 11})
-    assert plan_depth(["f"] + ["s"] * 10) is None  # one full layer: no second to copy
+    assert plan_depth(kinds) == (6, {"s": 0, "f": 5})
+    assert plan_depth(kinds, 2) == (12, {"s": 1, "f": 11})
+    # one full layer, then sliding ones: only the first has no second to copy
+    assert plan_depth(["f"] + ["s"] * 10) == (2, {"f": 0, "s": 1})
+    assert plan_depth(["f"] + ["s"] * 10, 2) is None
+    assert plan_depth(["s", "s", "f"]) is None  # the last layer is the first of its kind
 
 
 def test_reindex_renames_the_one_layer_token():
@@ -221,3 +234,102 @@ def test_int4_base_with_lora_slots(tmp_path):
 
     assert np.abs(deltas[1]).max() > 0.05  # the adapter changes the outputs
     assert cosine(deltas[0], deltas[1]) >= 0.9  # and by about as much on the int4 base
+
+
+class _Gated:
+    """A stack whose layers read, beside the hidden state, a context computed once before them
+    and shaped like it (``skip``: the embeddings themselves, an "x0" skip connection)."""
+
+    @staticmethod
+    def module(depth: int, state: dict | None = None, skip: bool = False):
+        import torch
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.mix, self.gate = nn.Linear(8, 8), nn.Linear(8, 8)
+
+            def forward(self, x, context):
+                return x + self.mix(x) * torch.sigmoid(self.gate(context))
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed = nn.Embedding(16, 8)
+                self.context = nn.Identity() if skip else nn.Linear(8, 8)
+                self.layers = nn.ModuleList(Block() for _ in range(depth))
+                self.head = nn.Linear(8, 16)
+
+            def forward(self, input_ids):
+                x = self.embed(input_ids)
+                context = self.context(x)
+                for layer in self.layers:
+                    x = layer(x, context)
+                return self.head(x)
+
+        torch.manual_seed(0)
+        net = Net().eval()
+        if state is not None:
+            net.load_state_dict(state)
+        return net
+
+    @staticmethod
+    def export_model(module):
+        import torch
+
+        from loraformat.architecture import ExportModel
+
+        return ExportModel(
+            module=module, example_inputs={"input_ids": torch.tensor([[1, 2, 3]])},
+            input_names=["input_ids"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                          "logits": {0: "batch", 1: "sequence"}},
+        )
+
+
+@pytest.mark.parametrize(("skip", "kinds", "traced"), [
+    # layer 0 reads two values that could be its hidden state: the second layer is the template
+    (False, ("a",) * 4, "2 of 4 layers traced, the rest repeated "
+                        "(not 1 traced, layer 0 reads 2 values like its hidden state)"),
+    # layer 0 reads its hidden state in two roles, which no graph shows: by the contract
+    # (spec/PLUGINS.md §6.1) it is a kind of its own, and layer 1 the template of the rest
+    (True, ("first",) + ("a",) * 3, "2 of 4 layers traced, the rest repeated"),
+])
+def test_a_first_layer_that_cannot_stand_for_the_others(skip, kinds, traced, tmp_path):
+    import onnx_ir as ir
+
+    from loraformat.architecture import LayerRepeat
+    from loraformat.export.onnx import export_graph
+    from loraformat.export.repeat import cut_to_depth, repeated_graph
+
+    full_module = _Gated.module(4, skip=skip)
+    state = full_module.state_dict()
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+
+    def build_at(depth: int, path: str):
+        assert path == "layers"
+        cut = {n: state[n] for n in cut_to_depth(list(state), path, depth)}
+        return _Gated.export_model(_Gated.module(depth, cut, skip=skip))
+
+    full = _Gated.export_model(full_module)
+    graph, how = repeated_graph(full, LayerRepeat(kinds=kinds), shapes, build_at,
+                                lambda small, keep: export_graph(small, keep))
+    assert how == traced
+    want = export_graph(full, set(state))
+    for name, tensor in state.items():  # the copies' weights: the checkpoint's, by name
+        graph.graph.initializers[name].const_value = ir.tensor(tensor.numpy())
+    ir.save(graph, tmp_path / "repeated.onnx")
+    ir.save(want, tmp_path / "full.onnx")
+    assert canonical(tmp_path / "repeated.onnx") == canonical(tmp_path / "full.onnx")
+    ids = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], dtype=np.int64)
+    got, expected = (
+        ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"])
+        .run(None, {"input_ids": ids})[0] for p in ("repeated.onnx", "full.onnx")
+    )
+    assert np.array_equal(got, expected)
+    import torch
+
+    with torch.no_grad():  # and the graph computes the module
+        reference = full_module(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)

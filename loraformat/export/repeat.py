@@ -2,26 +2,42 @@
 
 ``torch.onnx.export`` and onnxscript's optimizer take time that grows faster than the depth
 (a 12-layer decoder: 46 s to trace, 13 s to optimize; 3 layers: 9 s and 1 s, measured), while
-the graph of layer 20 is the graph of layer 2 with other names. An architecture that says how its
-layers repeat (:class:`~loraformat.architecture.LayerRepeat`) is exported like this:
+the graph of layer 20 is layer 0's with other names, less what all layers share. An
+architecture that says how its layers repeat (:class:`~loraformat.architecture.LayerRepeat`) is
+exported like this:
 
-1. **Choose the depth to trace.** The second layer of each kind is its *template*: it can stand
-   for every later layer of its kind. Not the first: the first layer of a kind is where the
-   exporter's common-subexpression elimination leaves what all layers of that kind share (rotary
-   tables, mask shapes), which a copy must read, not recompute. The traced depth ``k`` is one past
-   the last template (2 where all layers are alike).
+1. **Choose the depth to trace.** The first layer of each kind is its *template*: it stands for
+   every later layer of its kind. The traced depth ``k`` is one past the last template: 1 where
+   all layers are alike, 2 for Gemma 2's alternation.
 2. **Trace** the plugin's module built for ``k`` layers (the config's ``depth_key`` and the
    tensors cut to the first ``k`` layers), optimized as a full export is.
 3. **Repeat**: the nodes of each layer are found by the module scope the exporter records on every
-   node (``pkg.torch.onnx.name_scopes``); layers ``k .. n-1`` are copies of their kind's template,
-   with that layer's weights (checkpoint names), cache inputs and outputs (the full module's
-   names), and the previous layer's hidden state as input. What the suffix (final norm, head)
-   read from the last traced layer it reads from the last copy.
+   node (``pkg.torch.onnx.name_scopes``). A template's nodes that depend, transitively, on nothing
+   of the layer's own — its hidden state, its weights, its per-layer inputs (cache, LoRA slots) —
+   compute what every layer of the kind computes alike (rotary tables, mask shapes): a full
+   trace's common-subexpression elimination leaves them once, in the kind's first layer, so the
+   copies read them there. The others are copied for layers ``k .. n-1``, with that layer's
+   weights (checkpoint names), cache inputs and outputs (the full module's names), and the
+   previous layer's hidden state as input. What the suffix (final norm, head) read from the last
+   traced layer it reads from the last copy.
+
+A layer's hidden state is the one value it reads from the layer before that the layer before
+does not read itself; layer 0 has no layer before, and its hidden state is the one value from
+before the layers that it reads, typed and shaped as the one value it passes on, and on which
+that value depends (the embeddings; not a mask or a rotary table).
 
 Every assumption is checked — one carried value per layer, nothing else read across layers, the
-full module's input and output names reproduced, every node's inputs defined before it — and
-any that fails returns ``None``: the caller then traces every layer, which is always right. The
-result equals the graph of a full trace, node for node (``tests/test_export_repeat.py``).
+full module's input and output names reproduced, every node's inputs defined before it. Where a
+check fails with the first layers (layer 0 reads two values that could be its hidden state),
+the second layer of each kind is the template (``k`` = 2 where all layers are alike: the trace
+itself has put the shared nodes in layer 0 then); where that fails too, ``None`` is returned and
+the caller traces every layer, which is always right. The result equals the graph of a full
+trace, node for node (``tests/test_export_repeat.py``).
+
+One thing no 1-layer graph shows: a layer that reads its hidden state in a second role (an "x0"
+skip connection that reads the embeddings again) gives layer 0 one value where the others read
+two. Layer 0 then differs from the others, so by the contract (spec/PLUGINS.md §6.1) it is a
+kind of its own, and layer 1 is the template of the rest.
 """
 
 from __future__ import annotations
@@ -42,17 +58,19 @@ class CannotRepeat(Exception):
     falls back to tracing every layer)."""
 
 
-def plan_depth(kinds: Sequence[Hashable]) -> tuple[int, dict[Hashable, int]] | None:
+def plan_depth(
+    kinds: Sequence[Hashable], occurrence: int = 1
+) -> tuple[int, dict[Hashable, int]] | None:
     """``(k, template of each kind)``: trace ``k`` layers, repeat ``template[kind]`` (the kind's
-    second layer) for layers ``k ..``; ``None`` when a kind has one layer only, or when tracing
-    fewer layers than all would not be shorter."""
-    seen: set[Hashable] = set()
+    ``occurrence``-th layer: 1, its first, or 2, its second) for layers ``k ..``; ``None`` when a
+    kind has fewer layers than that, or when tracing fewer layers than all would not be shorter."""
+    count: dict[Hashable, int] = {}
     template: dict[Hashable, int] = {}
     for i, kind in enumerate(kinds):
-        if kind in seen:
-            template.setdefault(kind, i)
-        seen.add(kind)
-    if set(template) != seen:
+        count[kind] = count.get(kind, 0) + 1
+        if count[kind] == occurrence:
+            template[kind] = i
+    if set(template) != set(count):
         return None
     k = max(template.values()) + 1
     return (k, template) if k < len(kinds) else None
@@ -170,6 +188,28 @@ def repeat_layers(
         node = value.producer()
         return None if node is None else owner[id(node)]
 
+    def own(v: Any, j: int) -> bool:
+        """Whether ``v`` is layer ``j``'s alone: one of its checkpoint tensors or a graph input
+        with its index (its cache, its LoRA slot)."""
+        if v.is_initializer():
+            m = layer_prefix.match(v.name or "")
+            return m is not None and int(m.group(1)) == j
+        return v.is_graph_input() and bool(_index_tokens(v.name or "", j))
+
+    def per_layer(j: int, seeds: Sequence[Any], owned: bool = True) -> set[int]:
+        """The nodes of layer ``j`` that depend, transitively, on ``seeds`` or (``owned``) on
+        what is layer ``j``'s alone. The others compute what every layer of the kind computes
+        alike: a full trace's common-subexpression elimination leaves them once, in the kind's
+        first layer, and the copies read them there."""
+        reached = {id(v) for v in seeds}
+        found: set[int] = set()
+        for node in layers.blocks[j]:  # in graph order: producers come first
+            if any(v is not None and (id(v) in reached or (owned and own(v, j)))
+                   for v in node.inputs):
+                found.add(id(node))
+                reached.update(id(v) for v in node.outputs)
+        return found
+
     def carried_in(j: int) -> Any:
         """The one value layer ``j`` reads from layer ``j - 1`` that layer ``j - 1`` does not
         read itself: its hidden state. What ``j - 1`` computed for itself and ``j`` reads too
@@ -181,26 +221,61 @@ def repeat_layers(
             raise CannotRepeat(f"layer {j} reads {len(read)} values from layer {j - 1}")
         return next(iter(read.values()))
 
-    def carried_out(j: int) -> Any:
-        """The one value of layer ``j`` read after it: by layer ``j + 1``, the suffix, or as a
-        graph output shared by all layers (an encoder's last hidden state)."""
+    def carried_out(j: int, mine: set[int]) -> Any:
+        """The one value of layer ``j``'s own nodes (``mine``) read after it: by layer
+        ``j + 1``, the suffix, or as a graph output shared by all layers (an encoder's last
+        hidden state)."""
         out: dict[int, Any] = {}
         for node in layers.blocks[j]:
             for v in node.outputs:
-                for user, _ in v.uses():
-                    b = owner[id(user)]
-                    if b not in (j, j + 1, depth):
-                        raise CannotRepeat(f"layer {j}'s {v.name} is read by layer {b}")
-                    if b != j:
-                        out[id(v)] = v
+                if id(node) in mine:
+                    for user, _ in v.uses():
+                        b = owner[id(user)]
+                        if b not in (j, j + 1, depth):
+                            raise CannotRepeat(f"layer {j}'s {v.name} is read by layer {b}")
+                        if b != j:
+                            out[id(v)] = v
                 if id(v) in graph_outputs and _index_tokens(v.name or "", j) == []:
                     out[id(v)] = v
         if len(out) != 1:
             raise CannotRepeat(f"layer {j} passes on {len(out)} values")
         return next(iter(out.values()))
 
-    carry_in = {j: carried_in(j) for j in set(template.values())}
-    carry_out = {j: carried_out(j) for j in set(template.values())}
+    def first_carried_in(out: Any) -> Any:
+        """Layer 0's hidden state, which no earlier layer passes on: the one value from before
+        the layers, read by layer 0, typed and shaped as the value it passes on, and on which
+        that value depends."""
+        found: dict[int, Any] = {}
+        for node in layers.blocks[0]:
+            for v in node.inputs:
+                if (v is None or v.is_initializer() or v.type != out.type
+                        or v.shape != out.shape
+                        or (v.producer() is None and not v.is_graph_input())
+                        or (v.producer() is not None and producer_block(v) != -1)
+                        or id(v) in found):
+                    continue
+                if id(out.producer()) in per_layer(0, [v], owned=False):
+                    found[id(v)] = v
+        if len(found) != 1:
+            raise CannotRepeat(f"layer 0 reads {len(found)} values like its hidden state")
+        return next(iter(found.values()))
+
+    carry_in: dict[int, Any] = {}
+    mine: dict[int, set[int]] = {}  # template → its nodes that are copied per layer
+    carry_out: dict[int, Any] = {}
+    for j in sorted(set(template.values())):
+        if j == 0:
+            # What layer 0 passes on depends on its weights: find it by them, then what it read.
+            passed = carried_out(0, per_layer(0, []))
+            carry_in[0] = first_carried_in(passed)
+        else:
+            carry_in[j] = carried_in(j)
+        mine[j] = per_layer(j, [carry_in[j]])
+        carry_out[j] = carried_out(j, mine[j])
+        if j == 0 and carry_out[0] is not passed:
+            raise CannotRepeat(f"layer 0 passes on {passed.name} or {carry_out[0].name}")
+        if id(carry_out[j].producer()) not in mine[j]:
+            raise CannotRepeat(f"layer {j} passes on {carry_out[j].name}, which it shares")
     last_traced = carry_out[depth - 1]
 
     used = {v.name for node in nodes for v in node.outputs} | set(graph.initializers)
@@ -258,11 +333,13 @@ def repeat_layers(
                 mapped[id(v)] = new
                 return new
             b = producer_block(v)
-            if b is not None and b >= t:
+            if b is not None and b >= 0 and (b > t or id(v.producer()) in mine.get(b, ())):
                 raise CannotRepeat(f"layer {t} reads {v.name} of layer {b}")
-            return v  # computed once, before: shared by all layers of the kind
+            return v  # computed once, by an earlier node: shared by all layers of the kind
 
         for node in layers.blocks[t]:
+            if id(node) not in mine[t]:
+                continue  # shared: the copies read its outputs
             if any(isinstance(a.value, (ir.Graph, list)) and a.type in (
                 ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
                 raise CannotRepeat(f"{node.op_type} has a subgraph")
@@ -345,24 +422,29 @@ def repeated_graph(
     ``<path>.<i>.`` for ``i >= k`` left out); ``trace(export model, weight names)`` is the
     exporter's trace-and-optimize; ``weights`` the checkpoint's tensor shapes by name.
     """
-    plan = plan_depth(repeat.kinds)
-    if plan is None:
-        return None, "every layer traced: too few layers of each kind to repeat"
-    depth, template = plan
-    path = layer_list_path(full.module, len(repeat.kinds))
+    n = len(repeat.kinds)
+    path = layer_list_path(full.module, n)
+    plans = [p for p in (plan_depth(repeat.kinds, 1), plan_depth(repeat.kinds, 2)) if p]
+    if not plans:
+        return None, "every layer traced: the last layer is the first of its kind"
     if path is None:
         return None, "every layer traced: the module has no single list of its layers"
-    small = build_at(depth, path)
-    kept = set(cut_to_depth(list(weights), path, depth))
-    model = trace(small, kept)
-    try:
-        repeat_layers(
-            model, repeat, template, path, full.input_names, full.output_names, weights,
-            full.dynamic_axes,
-        )
-    except CannotRepeat as why:
-        return None, f"every layer traced: {why}"
-    return model, f"{depth} of {len(repeat.kinds)} layers traced, the rest repeated"
+    why: list[str] = []
+    for depth, template in plans:
+        small = build_at(depth, path)
+        kept = set(cut_to_depth(list(weights), path, depth))
+        model = trace(small, kept)
+        try:
+            repeat_layers(
+                model, repeat, template, path, full.input_names, full.output_names, weights,
+                full.dynamic_axes,
+            )
+        except CannotRepeat as error:
+            why.append(f"{depth} traced, {error}")
+            continue
+        failed = f" (not {why[0]})" if why else ""
+        return model, f"{depth} of {n} layers traced, the rest repeated{failed}"
+    return None, f"every layer traced: {'; '.join(why)}"
 
 
 __all__ = [
