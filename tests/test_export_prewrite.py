@@ -158,8 +158,8 @@ def test_a_failing_writer_falls_back(llama, tmp_path, monkeypatch):
         *plan_jobs(*a), prewrite.Job("no.such.tensor", "float", "float32")
     ])
     started = []
-    start = prewrite.start
-    monkeypatch.setattr(prewrite, "start", lambda *a: started.append(start(*a)) or started[-1])
+    spawn = prewrite.spawn
+    monkeypatch.setattr(prewrite, "spawn", lambda *a: started.append(spawn(*a)) or started[-1])
     result = export_onnx(base, tmp_path / "m.onnx", adapters=[adapter], external_data=True,
                          prewrite=True)
     assert not result.prewritten
@@ -177,8 +177,8 @@ def test_a_failing_trace_stops_the_writer_and_leaves_nothing(llama, tmp_path, mo
 
     base, adapter = llama
     started = []
-    start = prewrite.start
-    monkeypatch.setattr(prewrite, "start", lambda *a: started.append(start(*a)) or started[-1])
+    spawn = prewrite.spawn
+    monkeypatch.setattr(prewrite, "spawn", lambda *a: started.append(spawn(*a)) or started[-1])
 
     def broken(*args, **kwargs):
         raise RuntimeError("the exporter broke")
@@ -243,3 +243,16 @@ def test_blocked_cast_is_the_one_shot_cast(monkeypatch, source, target):
         got = stream.merged_array(None, "w", None, dtype(target))
         want = stored if source == target else stored.astype(np.float32).astype(dtype(target))
     assert got.dtype == dtype(target) and got.tobytes() == want.tobytes()
+
+
+def test_a_writer_given_no_work_exits_quietly(tmp_path):
+    from loraformat.onnx_io import Staging
+
+    staging = Staging(tmp_path / "m.onnx")
+    writer = prewrite.spawn(staging)
+    assert writer is not None
+    writer.process.stdin.close()  # what the parent's exit does when it writes in-process
+    assert writer.process.wait(timeout=60) == 0
+    assert writer.errors.read_text() == ""
+    staging.remove()
+    assert list(tmp_path.iterdir()) == []

@@ -295,6 +295,9 @@ class _Gated:
     # layer 0 reads its hidden state in two roles, which no graph shows: by the contract
     # (spec/PLUGINS.md §6.1) it is a kind of its own, and layer 1 the template of the rest
     (True, ("first",) + ("a",) * 3, "2 of 4 layers traced, the rest repeated"),
+    # a plugin that does not say so: layer 0 is given one tensor twice, which the exporter sees
+    (True, ("a",) * 4, "2 of 4 layers traced, the rest repeated "
+                       "(not 1 traced, layer 0 is given one tensor in two arguments)"),
 ])
 def test_a_first_layer_that_cannot_stand_for_the_others(skip, kinds, traced, tmp_path):
     import onnx_ir as ir
@@ -313,8 +316,12 @@ def test_a_first_layer_that_cannot_stand_for_the_others(skip, kinds, traced, tmp
         return _Gated.export_model(_Gated.module(depth, cut, skip=skip))
 
     full = _Gated.export_model(full_module)
-    graph, how = repeated_graph(full, LayerRepeat(kinds=kinds), shapes, build_at,
-                                lambda small, keep: export_graph(small, keep))
+    def trace(small, keep, annotate):
+        graph = export_graph(small, keep)
+        annotate(graph)
+        return graph
+
+    graph, how = repeated_graph(full, LayerRepeat(kinds=kinds), shapes, build_at, trace)
     assert how == traced
     want = export_graph(full, set(state))
     for name, tensor in state.items():  # the copies' weights: the checkpoint's, by name

@@ -2,7 +2,7 @@
 Runtime GenAI's model builder, in one run.
 
     .venv/bin/python tools/bench_export.py [WORKDIR] [--layers 24] [--builder-path DIR]
-        [--dtypes float32,float16,bfloat16,int4] [--skip-torch] [--skip-builder]
+        [--dtypes float32,float16,bfloat16,int4] [--skip-torch] [--skip-builder] [--repeat 3]
 
 Builds (numpy, streamed) the LLaMA-shaped fp32 checkpoint of ``tools/bench_merge.py`` — hidden
 1024, intermediate 4096, vocabulary 40960, untied head, 0.49B parameters at 24 layers (1.81 GiB)
@@ -25,6 +25,11 @@ and peak RSS (of the process tree: loraformat's weight-writing child counts, sum
      benchmark-only dependency: ``pip install --no-deps --target .bench-genai onnxruntime-genai``);
      skipped when absent.
 
+Every row but the torch export runs ``--repeat`` times (default 3), the rows interleaved round by
+round so a slow spell of the (shared) machine does not fall on one tool; the summary gives each
+row's median wall time (min-max) and largest peak RSS, and the ratios of loraformat's medians to
+the model builder's.
+
 Finally the exports' logits on a 32-token prompt are compared with the fp32 export's (the fp16
 one's when fp32 was not picked) in ONNX Runtime (CPU): cosine similarity and max abs difference.
 ONNX Runtime's CPU provider has no bfloat16 kernels, so the bf16 export's logits come from
@@ -37,6 +42,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,6 +157,8 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float32,float16,bfloat16,int4",
                         help="loraformat export dtypes to measure, comma-separated.")
     parser.add_argument("--keep", action="store_true", help="Keep the exported models.")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="Interleaved rounds of every row (the torch export runs once).")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,9 +180,13 @@ def main() -> int:
     subprocess.run(["cat", str(bases[args.layers] / "model.safetensors")],
                    stdout=subprocess.DEVNULL, check=True)  # page cache warm for everyone
     lf = [str(Path(sys.executable).parent / "loraformat")]
-    rows: list[tuple[str, float, float]] = []
+    rows: dict[str, list[tuple[float, float]]] = {}
 
     def run(label: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        if "-o" in cmd and cmd[cmd.index("-o") + 1].endswith(".onnx"):
+            target = Path(cmd[cmd.index("-o") + 1])  # the last round's output: gone, untimed
+            for stale in (target, target.with_name(target.name + ".data")):
+                stale.unlink(missing_ok=True)
         old = dict(os.environ)
         if env:
             os.environ.update(env)
@@ -186,47 +198,68 @@ def main() -> int:
         finally:
             os.environ.clear()
             os.environ.update(old)
-        rows.append((label, wall, rss))
+        rows.setdefault(label, []).append((wall, rss))
         print(f"{label:<58} {wall:7.1f} s {rss / 1024:7.2f} GiB", flush=True)
 
     big = bases[args.layers]
     cold = {"LORAFORMAT_CACHE": "off"}
-    for dtype in dtypes:
-        run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers)",
-            [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-             str(out / f"{dtype}.onnx"), "--dtype", dtype], cold)
-    if "float32" in dtypes:
-        run(f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers), "
-            "LORAFORMAT_PREWRITE=off",
-            [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-             str(out / "f32_sequential.onnx")], {**cold, "LORAFORMAT_PREWRITE": "off"})
-        run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
-            [*lf, "merge", str(bases[half]), str(work / f"peft{half}"), "-o",
-             str(out / f"f32_{half}.onnx")], cold)
     warm = {"LORAFORMAT_CACHE": str(out / "cache-loraformat")}
-    subprocess.run([*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-                    str(out / "prime.onnx")], env={**os.environ, **warm}, check=True,
-                   stdout=subprocess.DEVNULL)  # an earlier export of this base fills the cache
-    for dtype in [d for d in dtypes if d in ("float32", "int4")]:
-        run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers), warm",
-            [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-             str(out / f"{dtype}_warm.onnx"), "--dtype", dtype], warm)
-    if not args.skip_torch:
-        run(f"torch.onnx.export of transformers' model, fp32 ({args.layers} layers, no adapter)",
-            [sys.executable, "-c", TORCH_EXPORT, str(big), str(out / "torch.onnx")])
     builder = Path(args.builder_path)
-    if args.skip_builder:
-        pass
-    elif (builder / "onnxruntime_genai").is_dir():
+    has_builder = not args.skip_builder and (builder / "onnxruntime_genai").is_dir()
+    if has_builder:
         add_tokenizer(big)
-        env = {"PYTHONPATH": f"{builder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        for precision in ("fp32", "int4"):
-            target = out / f"builder_{precision}"
-            run(f"ORT GenAI builder -p {precision} -e cpu ({args.layers} layers, no adapter)",
-                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(big), "-o",
-                 str(target), "-p", precision, "-e", "cpu", "-c", str(out / "cache")], env)
-    else:
+    elif not args.skip_builder:
         print(f"ORT GenAI builder: skipped (no onnxruntime_genai under {builder})")
+    for round_ in range(args.repeat):  # interleaved: a slow spell of the machine hits all rows
+        print(f"-- round {round_ + 1} of {args.repeat}", flush=True)
+        for dtype in dtypes:
+            run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers)",
+                [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+                 str(out / f"{dtype}.onnx"), "--dtype", dtype], cold)
+        if "float32" in dtypes:
+            run(f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers), "
+                "LORAFORMAT_PREWRITE=off",
+                [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+                 str(out / "f32_sequential.onnx")],
+                {**cold, "LORAFORMAT_PREWRITE": "off"})
+            run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
+                [*lf, "merge", str(bases[half]), str(work / f"peft{half}"), "-o",
+                 str(out / f"f32_{half}.onnx")], cold)
+        if round_ == 0:  # an earlier export of this base fills the cache
+            subprocess.run([*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+                            str(out / "prime.onnx")], env={**os.environ, **warm}, check=True,
+                           stdout=subprocess.DEVNULL)
+        for dtype in [d for d in dtypes if d in ("float32", "int4")]:
+            run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers), warm",
+                [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
+                 str(out / f"{dtype}_warm.onnx"), "--dtype", dtype], warm)
+        if has_builder:
+            env = {"PYTHONPATH": f"{builder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            for precision in ("fp32", "int4"):
+                target = out / f"builder_{precision}"
+                shutil.rmtree(target, ignore_errors=True)
+                run(f"ORT GenAI builder -p {precision} -e cpu ({args.layers} layers, no adapter)",
+                    [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(big),
+                     "-o", str(target), "-p", precision, "-e", "cpu", "-c", str(out / "cache")],
+                    env)
+        if round_ == 0 and not args.skip_torch:  # far slower than the rest: once
+            run(f"torch.onnx.export of transformers' model, fp32 ({args.layers} layers, no "
+                "adapter)", [sys.executable, "-c", TORCH_EXPORT, str(big), str(out / "torch.onnx")])
+
+    print(f"\nmedian (min-max) of {args.repeat} interleaved run(s); peak RSS: the largest")
+    for label, values in rows.items():
+        walls = sorted(w for w, _ in values)
+        print(f"{label:<58} {statistics.median(walls):7.1f} s ({walls[0]:.1f}-{walls[-1]:.1f})"
+              f" {max(r for _, r in values) / 1024:7.2f} GiB")
+    median = {label: statistics.median(w for w, _ in v) for label, v in rows.items()}
+    for ours, theirs in (("float32", "fp32"), ("int4", "int4")):
+        for how, suffix in (("cold", ""), ("warm", ", warm")):
+            a = median.get(f"loraformat merge -o x.onnx --dtype {ours} ({args.layers} layers)"
+                           f"{suffix}")
+            b = median.get(f"ORT GenAI builder -p {theirs} -e cpu ({args.layers} layers, no "
+                           "adapter)")
+            if a and b:
+                print(f"loraformat {ours} {how} / builder {theirs}: {a / b:.2f}x (median wall)")
 
     ids = np.random.default_rng(0).integers(0, VOCAB, (1, 32), dtype=np.int64)
     base_dtype = "float32" if "float32" in dtypes else "float16"
@@ -250,7 +283,7 @@ def main() -> int:
               f"{cosine(got_b, ref_b):.5f}")
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     print("output sizes (MiB):", {k: round(v / 2**20) for k, v in sorted(sizes.items())})
-    by = {label: (wall, rss) for label, wall, rss in rows}
+    by = {label: (0.0, max(r for _, r in v)) for label, v in rows.items()}
     deep = by.get(f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers)")
     shallow = by.get(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)")
     if deep and shallow:

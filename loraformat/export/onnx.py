@@ -48,7 +48,7 @@ from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model, weights_as_inputs
 from .graph_cache import cached_trace, code_digest
-from .prewrite import staged_weights
+from .prewrite import parameter_dtypes, staged_weights
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
 from .runner import open_runner, ort_providers, providers_for, runner_name
@@ -250,12 +250,20 @@ def build_graph(
     code = code_digest(getattr(model.arch, "impl", model.arch))
     hits: list[bool] = []
 
-    def trace(module: ExportModel, keep: set[str], config: Mapping[str, Any]) -> Any:
+    def trace(
+        module: ExportModel, keep: set[str], config: Mapping[str, Any],
+        annotate: Callable[[Any], None] | None = None,
+    ) -> Any:
         identity = {"architecture": model.arch.id, "code": code, "config": dict(config),
                     "options": repr(options)}
-        graph, hit = cached_trace(
-            module, keep, opset, identity, lambda: export_graph(module, keep, opset)
-        )
+
+        def produce() -> Any:
+            graph = export_graph(module, keep, opset)
+            if annotate is not None:  # what the trace showed, kept with it in the cache
+                annotate(graph)
+            return graph
+
+        graph, hit = cached_trace(module, keep, opset, identity, produce)
         hits.append(hit)
         return graph
 
@@ -284,7 +292,7 @@ def build_graph(
 
         graph, how = repeated_graph(
             exported, layer_repeat, shapes, build_at,
-            lambda small, keep: trace(small, keep, built[-1]),
+            lambda small, keep, annotate: trace(small, keep, built[-1], annotate),
         )
         if graph is not None:
             return graph, said(how)
@@ -507,6 +515,10 @@ def export_onnx(
                 stack, model, adapters, weights=weights, force=force,
                 allow_nonfinite=allow_nonfinite,
             )
+        # the weight writer starts first: its imports overlap torch's and the module's build
+        staging, writer = stack.enter_context(staged_weights(
+            target, model.checkpoint, False if external_data is False else prewrite
+        ))
         torch_dtype = _torch_dtype(float_dtype)
         tensors = placeholder_tensors(model.checkpoint, torch_dtype)
         exported = _inputs_in(build_weightless(
@@ -514,10 +526,11 @@ def export_onnx(
             else model.arch.export_model(model.info, tensors, options),
             tensors,
         ), torch_dtype)
-        writer_wanted = False if external_data is False else prewrite
-        staging, writer = stack.enter_context(staged_weights(
-            target, model.checkpoint, plan, exported.module, model.layers, quant, writer_wanted
-        ))
+        if writer is not None and not writer.submit(
+            model.checkpoint, plan, parameter_dtypes(exported.module, model.checkpoint),
+            model.layers, quant,
+        ):
+            writer = None
         graph, traced = build_graph(
             model, exported, tensors, options, torch_dtype, opset,
             repeat=repeat_layers and build is None,

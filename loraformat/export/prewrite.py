@@ -8,12 +8,14 @@ numpy call (measured on the 0.49B export: the writer thread took 13-15 s instead
 weights go to a child process — ``python -m loraformat.export.prewrite`` — that writes them into
 the output's staging directory (:class:`~loraformat.onnx_io.Staging`) while the parent traces:
 
-1. **Before tracing**, the parent predicts the initializers the graph will hold: every checkpoint
-   tensor the export module has as a parameter, in the export dtype — or, quantizing, the
-   MatMulNBits / GatherBlockQuantized parts of each weight the options ask to quantize
-   (:func:`~.quantize.quantized_targets`) plus the float copy of any weight also used otherwise.
-   It sends the child the checkpoint's path, those tensors' merge operations (the adapters'
-   factors, pickled) and the list (:class:`Job`).
+1. **The child starts first** (:func:`spawn`), so its imports overlap the parent's (torch) and
+   the export module's construction. **Before tracing**, the parent predicts the initializers the
+   graph will hold: every checkpoint tensor the export module has as a parameter, in the export
+   dtype — or, quantizing, the MatMulNBits / GatherBlockQuantized parts of each weight the options
+   ask to quantize (:func:`~.quantize.quantized_targets`) plus the float copy of any weight also
+   used otherwise — and gives the child (:meth:`Prewrite.submit`) the checkpoint's path, those
+   tensors' merge operations (the adapters' factors) and the list (:class:`Job`), pickled into
+   the staging directory (private to this process: ``mkdtemp``'s mode 0700).
 2. **The child** computes each tensor with the same functions the lazy initializers use
    (:func:`~.stream.merged_array`, :func:`~.quantize.dense_parts`, :func:`~.quantize.table_parts`),
    writes them one after another into the data file, fsyncs it and prints its index (name,
@@ -148,12 +150,44 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 
 class Prewrite:
-    """A running weight-writing process and what it was asked for."""
+    """A weight-writing process: started (:func:`spawn`) before the export module is built, so
+    its imports overlap the parent's, and given its work by :meth:`submit` once the module says
+    which tensors the graph will hold."""
 
-    def __init__(self, staging: Staging, process: subprocess.Popen[bytes], jobs: list[Job],
-                 errors: Path) -> None:
-        self.staging, self.process, self.jobs, self.errors = staging, process, jobs, errors
+    def __init__(self, staging: Staging, process: subprocess.Popen[bytes], errors: Path) -> None:
+        self.staging, self.process, self.errors = staging, process, errors
+        self.jobs: list[Job] = []
         self.failure: str | None = None  # why adopt() returned False, for tests and --json
+
+    def submit(
+        self,
+        checkpoint: Checkpoint,
+        plan: MergePlan | None,
+        dtypes: Mapping[str, np.dtype],
+        layers: Mapping[str, DenseLayer],
+        quant: QuantOptions | None,
+    ) -> bool:
+        """Send the child its jobs for the checkpoint tensors in ``dtypes`` (name → export dtype:
+        the export module's parameters). False (the child stopped) when they cannot be sent: a
+        checkpoint or merge plan that does not pickle, or a child that has died."""
+        self.jobs = plan_jobs(checkpoint, dtypes, layers, quant)
+        ops = {j.name: plan.ops[j.name] for j in self.jobs
+               if plan is not None and j.name in plan.ops}
+        payload = self.staging.dir / "prewrite.pickle"
+        try:
+            with open(payload, "wb") as handle:
+                pickle.dump((os.fspath(checkpoint.path), ops, self.jobs, quant,
+                             os.fspath(self.staging.data_path)), handle,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+            assert self.process.stdin is not None
+            self.process.stdin.write(os.fsencode(payload) + b"\n")
+            self.process.stdin.close()
+            self.process.stdin = None  # sent: communicate() has nothing more to write
+        except (pickle.PicklingError, TypeError, AttributeError, OSError) as exc:
+            self.failure = f"the writer could not be given its work ({exc})"
+            self.abandon()
+            return False
+        return True
 
     def _index(self) -> list[Written] | None:
         out, _ = self.process.communicate()
@@ -223,31 +257,26 @@ class Prewrite:
         """Stop the child (if running) and delete what it wrote."""
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        with contextlib.suppress(OSError):
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        self.process.wait()
         with contextlib.suppress(OSError):
             self.staging.data_path.unlink()
 
 
-def start(
-    staging: Staging,
-    checkpoint: Checkpoint,
-    plan: MergePlan | None,
-    dtypes: Mapping[str, np.dtype],
-    layers: Mapping[str, DenseLayer],
-    quant: QuantOptions | None,
-) -> Prewrite | None:
-    """Start the child writing ``staging``'s data file; None when it cannot be given the work
-    (a checkpoint or merge plan that does not pickle)."""
-    jobs = plan_jobs(checkpoint, dtypes, layers, quant)
-    ops = {j.name: plan.ops[j.name] for j in jobs if plan is not None and j.name in plan.ops}
-    payload = staging.dir / "prewrite.pickle"
-    try:
-        with open(payload, "wb") as handle:
-            pickle.dump((os.fspath(checkpoint.path), ops, jobs, quant,
-                         os.fspath(staging.data_path)), handle, protocol=pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        payload.unlink(missing_ok=True)
-        return None
+def parameter_dtypes(module: Any, checkpoint: Checkpoint) -> dict[str, np.dtype]:
+    """Export dtype of each checkpoint tensor the torch export ``module`` has as a parameter:
+    the initializers its graph will hold (what :meth:`Prewrite.submit` is given)."""
+    from .stream import numpy_dtype
+
+    return {name: numpy_dtype(param.dtype) for name, param in module.named_parameters()
+            if name in checkpoint}
+
+
+def spawn(staging: Staging) -> Prewrite | None:
+    """Start the child; it imports what it needs and waits for :meth:`Prewrite.submit`. None
+    when no interpreter can be started (an embedded Python): the export writes in-process."""
     root = str(Path(__file__).resolve().parents[2])  # where this loraformat is imported from
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p
@@ -258,12 +287,12 @@ def start(
     try:
         with open(errors, "wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "loraformat.export.prewrite", os.fspath(payload)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env,
+                [sys.executable, "-m", "loraformat.export.prewrite"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
             )
-    except OSError:  # no interpreter to start (an embedded Python): write in-process
+    except OSError:
         return None
-    return Prewrite(staging, process, jobs, errors)
+    return Prewrite(staging, process, errors)
 
 
 #: Below this many weight bytes the export writes its weights itself: the child's start-up (about
@@ -273,33 +302,19 @@ PREWRITE_MIN_BYTES = 256 * 1024**2
 
 @contextlib.contextmanager
 def staged_weights(
-    out: Path,
-    checkpoint: Checkpoint,
-    plan: MergePlan | None,
-    module: Any,
-    layers: Mapping[str, DenseLayer],
-    quant: QuantOptions | None,
-    use: bool | None = None,
+    out: Path, checkpoint: Checkpoint, use: bool | None = None
 ) -> Iterator[tuple[Staging, Prewrite | None]]:
-    """The output's :class:`~loraformat.onnx_io.Staging` and, where it is used, the weight-writing
-    child already started on it: ``use`` True/False forces it on/off; ``None`` starts it when
-    :func:`enabled` and the export ``module``'s checkpoint parameters come to
+    """The output's :class:`~loraformat.onnx_io.Staging` and, where it is used, the
+    weight-writing child, started and waiting for :meth:`Prewrite.submit`: ``use`` True/False
+    forces it on/off; ``None`` starts it when :func:`enabled` and the checkpoint holds
     :data:`PREWRITE_MIN_BYTES` or more. On leaving, a child still running is stopped and the
     staging directory removed (the output, if saved, is out of it by then)."""
-    from .stream import numpy_dtype
-
     staging = Staging(out)
     writer = None
     try:
-        dtypes = {
-            name: numpy_dtype(param.dtype) for name, param in module.named_parameters()
-            if name in checkpoint
-        }
-        size = sum(
-            int(np.prod(checkpoint.info(n).shape)) * dtypes[n].itemsize for n in dtypes
-        )
+        size = sum(checkpoint.info(n).nbytes for n in checkpoint.names())
         if use or (use is None and enabled() and size >= PREWRITE_MIN_BYTES):
-            writer = start(staging, checkpoint, plan, dtypes, layers, quant)
+            writer = spawn(staging)
         yield staging, writer
     finally:
         if writer is not None and writer.process.poll() is None:
@@ -330,10 +345,14 @@ def write(payload: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m loraformat.export.prewrite PAYLOAD", file=sys.stderr)
+    """``python -m loraformat.export.prewrite``: the path of the work on stdin (none: exit)."""
+    if argv:
+        print("usage: python -m loraformat.export.prewrite < PAYLOAD-PATH", file=sys.stderr)
         return 2
-    index = write(Path(argv[0]))
+    line = sys.stdin.buffer.readline().strip()
+    if not line:  # the parent wrote its weights itself
+        return 0
+    index = write(Path(os.fsdecode(line)))
     sys.stdout.write(json.dumps(index))
     return 0
 

@@ -37,13 +37,17 @@ trace, node for node (``tests/test_export_repeat.py``).
 One thing no 1-layer graph shows: a layer that reads its hidden state in a second role (an "x0"
 skip connection that reads the embeddings again) gives layer 0 one value where the others read
 two. Layer 0 then differs from the others, so by the contract (spec/PLUGINS.md §6.1) it is a
-kind of its own, and layer 1 is the template of the rest.
+kind of its own, and layer 1 is the template of the rest. Where a plugin does not say so and
+passes the tensor to layer 0 twice (``layer(h, x0=h)``), a hook on layer 0 sees it while the
+layer is traced (the verdict is kept with the trace, in the graph cache too) and the second
+layer is the template.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -407,20 +411,53 @@ def _check_order(graph: Any) -> None:
             raise CannotRepeat(f"graph output {v.name} is not computed")
 
 
+#: Model metadata a first-layer trace carries (into the graph cache too): whether layer 0 was
+#: given one tensor in two arguments ("1"/"0").
+LAYER0_ALIASED = "loraformat.layer0_aliased"
+
+
+@contextlib.contextmanager
+def _watch_first_layer(module: Any, path: str) -> Iterator[dict[str, bool]]:
+    """While active, record whether layer 0 of ``module``'s layer list is called with one tensor
+    in two arguments (``seen["aliased"]``). That is the one thing a graph of layer 0 alone
+    cannot show: a layer that reads its hidden state in a second role (an "x0" skip connection
+    reading the embeddings) is given the same tensor twice there, a different one everywhere
+    else."""
+    import torch
+
+    seen: dict[str, bool] = {}
+
+    def hook(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        flat: list[Any] = []
+        for value in (*args, *kwargs.values()):
+            flat.extend(value if isinstance(value, (tuple, list)) else [value])
+        ids = [id(v) for v in flat if isinstance(v, torch.Tensor)]
+        seen["aliased"] = seen.get("aliased", False) or len(ids) != len(set(ids))
+
+    handle = module.get_submodule(path)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 def repeated_graph(
     full: Any,
     repeat: LayerRepeat,
     weights: Mapping[str, tuple[int, ...]],
     build_at: Callable[[int, str], Any],
-    trace: Callable[[Any, set[str]], Any],
+    trace: Callable[[Any, set[str], Callable[[Any], None]], Any],
 ) -> tuple[Any, str] | tuple[None, str]:
     """The graph of ``full`` (an :class:`~loraformat.architecture.ExportModel`) by tracing a few
     layers and repeating them, and a line saying what was done; ``(None, why)`` where it cannot
     (the caller traces every layer).
 
     ``build_at(k, path)`` builds the export model cut to ``k`` layers (tensors under
-    ``<path>.<i>.`` for ``i >= k`` left out); ``trace(export model, weight names)`` is the
-    exporter's trace-and-optimize; ``weights`` the checkpoint's tensor shapes by name.
+    ``<path>.<i>.`` for ``i >= k`` left out); ``trace(export model, weight names, annotate)`` is
+    the exporter's trace-and-optimize, which calls ``annotate(graph)`` on a graph it traces
+    (before caching it; not on one from the cache); ``weights`` the checkpoint's tensor shapes by
+    name. The first-layer plan is refused where layer 0 was given one tensor in two arguments
+    (:func:`_watch_first_layer`), or where that is not known.
     """
     n = len(repeat.kinds)
     path = layer_list_path(full.module, n)
@@ -433,8 +470,15 @@ def repeated_graph(
     for depth, template in plans:
         small = build_at(depth, path)
         kept = set(cut_to_depth(list(weights), path, depth))
-        model = trace(small, kept)
+        with _watch_first_layer(small.module, path) as seen:
+            model = trace(small, kept, lambda graph, seen=seen: graph.metadata_props.update(
+                {LAYER0_ALIASED: "1" if seen.get("aliased", True) else "0"}
+            ))
+        aliased = model.metadata_props.pop(LAYER0_ALIASED, "1") != "0"
         try:
+            copied = template.get(repeat.kinds[0]) == 0 and repeat.kinds[0] in repeat.kinds[depth:]
+            if aliased and copied:  # layer 0 stands for later layers
+                raise CannotRepeat("layer 0 is given one tensor in two arguments")
             repeat_layers(
                 model, repeat, template, path, full.input_names, full.output_names, weights,
                 full.dynamic_axes,
@@ -448,6 +492,7 @@ def repeated_graph(
 
 
 __all__ = [
+    "LAYER0_ALIASED",
     "SCOPES",
     "CannotRepeat",
     "cut_to_depth",

@@ -42,7 +42,7 @@ from .onnx import (
     quant_options,
     random_inputs,
 )
-from .prewrite import staged_weights
+from .prewrite import parameter_dtypes, staged_weights
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .stream import (
     STREAM_EXTERNAL_BYTES,
@@ -186,6 +186,7 @@ def export_with_slots(
         steps = 3
         if progress:
             progress(0, steps)
+        staging, writer = stack.enter_context(staged_weights(out, model.checkpoint, prewrite))
         import torch
 
         torch_dtype = getattr(torch, float_dtype)
@@ -203,9 +204,11 @@ def export_with_slots(
             small = model.arch.export_model(info, cut, cut_options)
             return slotted_export_model(small, cut_options.lora_slots, model.layers, float_dtype)
 
-        staging, writer = stack.enter_context(staged_weights(
-            out, model.checkpoint, None, plain.module, model.layers, quant, prewrite
-        ))
+        if writer is not None and not writer.submit(
+            model.checkpoint, None, parameter_dtypes(plain.module, model.checkpoint),
+            model.layers, quant,
+        ):
+            writer = None
         graph, traced = build_graph(
             model, slotted_export_model(plain, paths, model.layers, float_dtype), tensors, options,
             torch_dtype, opset, repeat=repeat_layers, make=slotted,
