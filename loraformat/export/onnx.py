@@ -48,7 +48,7 @@ from ..merge.checkpoint import plan_for_base
 from ..merge.plan import MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model, weights_as_inputs
 from .graph_cache import cached_trace, code_digest
-from .prewrite import parameter_dtypes, staged_weights
+from .prewrite import finish, parameter_dtypes, staged_weights
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
 from .runner import open_runner, ort_providers, providers_for, runner_name
@@ -543,11 +543,7 @@ def export_onnx(
             graph = rewrite(graph)
         if external_data is None:
             external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
-        prewritten = False
-        if writer is not None:
-            prewritten = external_data and writer.adopt(graph, progress)
-            if not prewritten:
-                writer.abandon()
+        prewritten = finish(writer, graph, external_data, progress)
         result = ExportResult(
             path=target,
             external_data=None,

@@ -14,8 +14,8 @@ the output's staging directory (:class:`~loraformat.onnx_io.Staging`) while the 
    dtype — or, quantizing, the MatMulNBits / GatherBlockQuantized parts of each weight the options
    ask to quantize (:func:`~.quantize.quantized_targets`) plus the float copy of any weight also
    used otherwise — and gives the child (:meth:`Prewrite.submit`) the checkpoint's path, those
-   tensors' merge operations (the adapters' factors) and the list (:class:`Job`), pickled into
-   the staging directory (private to this process: ``mkdtemp``'s mode 0700).
+   tensors' merge operations (the adapters' factors) and the list (:class:`Job`), as JSON and
+   safetensors in the staging directory (nothing is unpickled).
 2. **The child** computes each tensor with the same functions the lazy initializers use
    (:func:`~.stream.merged_array`, :func:`~.quantize.dense_parts`, :func:`~.quantize.table_parts`),
    writes them one after another into the data file, fsyncs it and prints its index (name,
@@ -36,9 +36,9 @@ parent's graph and the child's one tensor at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,7 +50,10 @@ import numpy as np
 
 from ..architecture import DenseLayer
 from ..checkpoint import Checkpoint
-from ..merge.plan import MergePlan
+from ..format.adapter import LoraLayer
+from ..format.safetensors_io import SafetensorsFile, write_safetensors
+from ..merge.plan import MergePlan, TensorOp
+from ..merge.weights import Contribution
 from ..onnx_io import STAGED_INLINE_BYTES, Staging
 from .quantize import QuantOptions, dense_parts, quantized_targets, table_parts
 from .stream import merged_array, release_freed_buffers
@@ -149,6 +152,56 @@ def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else np.dtype(name)
 
 
+def _op_to_json(op: TensorOp, key: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``op`` as JSON, its arrays put in ``arrays`` under names derived from ``key``: the child
+    is given its work as JSON and safetensors (nothing is ever unpickled)."""
+
+    def put(array: np.ndarray | None, name: str) -> str | None:
+        if array is None:
+            return None
+        arrays[name] = np.ascontiguousarray(array)
+        return name
+
+    contributions = []
+    for i, c in enumerate(op.contributions):
+        layer, at = c.layer, f"{key}/{i}/"
+        contributions.append({
+            "scale": float(c.scale), "weight": float(c.weight), "sign": int(c.sign),
+            "A": put(layer.A, at + "A"), "B": put(layer.B, at + "B"),
+            "alpha": float(layer.alpha), "in_features": int(layer.in_features),
+            "out_features": int(layer.out_features), "kind": layer.kind,
+            "out_rows": [[int(a), int(b)] for a, b in layer.out_rows]
+            if layer.out_rows is not None else None,
+            "magnitude": put(layer.magnitude, at + "magnitude"),
+            "lora_bias": put(layer.lora_bias, at + "lora_bias"),
+        })
+    return {"name": op.name, "kind": op.kind, "layer_path": op.layer_path, "layout": op.layout,
+            "replacement": put(op.replacement, key + "/replacement"), "source": op.source,
+            "contributions": contributions}
+
+
+def _op_from_json(entry: dict[str, Any], arrays: SafetensorsFile) -> TensorOp:
+    def get(name: str | None) -> np.ndarray | None:
+        return None if name is None else np.array(arrays.numpy(name))
+
+    contributions = [
+        Contribution(
+            layer=LoraLayer(
+                A=get(c["A"]), B=get(c["B"]), alpha=c["alpha"], in_features=c["in_features"],
+                out_features=c["out_features"], kind=c["kind"],
+                out_rows=[tuple(r) for r in c["out_rows"]] if c["out_rows"] is not None
+                else None,
+                magnitude=get(c["magnitude"]), lora_bias=get(c["lora_bias"]),
+            ),
+            scale=c["scale"], weight=c["weight"], sign=c["sign"],
+        )
+        for c in entry["contributions"]
+    ]
+    return TensorOp(name=entry["name"], kind=entry["kind"], layer_path=entry["layer_path"],
+                    layout=entry["layout"], contributions=contributions,
+                    replacement=get(entry["replacement"]), source=entry["source"])
+
+
 class Prewrite:
     """A weight-writing process: started (:func:`spawn`) before the export module is built, so
     its imports overlap the parent's, and given its work by :meth:`submit` once the module says
@@ -169,21 +222,27 @@ class Prewrite:
     ) -> bool:
         """Send the child its jobs for the checkpoint tensors in ``dtypes`` (name → export dtype:
         the export module's parameters). False (the child stopped) when they cannot be sent: a
-        checkpoint or merge plan that does not pickle, or a child that has died."""
+        merge plan that does not serialize, or a child that has died."""
         self.jobs = plan_jobs(checkpoint, dtypes, layers, quant)
         ops = {j.name: plan.ops[j.name] for j in self.jobs
                if plan is not None and j.name in plan.ops}
-        payload = self.staging.dir / "prewrite.pickle"
+        payload = self.staging.dir / "prewrite.json"
         try:
-            with open(payload, "wb") as handle:
-                pickle.dump((os.fspath(checkpoint.path), ops, self.jobs, quant,
-                             os.fspath(self.staging.data_path)), handle,
-                            protocol=pickle.HIGHEST_PROTOCOL)
+            arrays: dict[str, np.ndarray] = {}
+            work = {
+                "checkpoint": os.fspath(checkpoint.path),
+                "data": os.fspath(self.staging.data_path),
+                "quant": dataclasses.asdict(quant) if quant is not None else None,
+                "jobs": [dataclasses.asdict(j) for j in self.jobs],
+                "ops": {name: _op_to_json(op, name, arrays) for name, op in ops.items()},
+            }
+            write_safetensors(payload.with_suffix(".safetensors"), arrays)
+            payload.write_text(json.dumps(work), encoding="utf-8")
             assert self.process.stdin is not None
             self.process.stdin.write(os.fsencode(payload) + b"\n")
             self.process.stdin.close()
             self.process.stdin = None  # sent: communicate() has nothing more to write
-        except (pickle.PicklingError, TypeError, AttributeError, OSError) as exc:
+        except (TypeError, ValueError, OSError) as exc:
             self.failure = f"the writer could not be given its work ({exc})"
             self.abandon()
             return False
@@ -265,6 +324,21 @@ class Prewrite:
             self.staging.data_path.unlink()
 
 
+def finish(
+    writer: Prewrite | None, model: Any, external: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> bool:
+    """Whether ``model``'s weights are in the staging data file now: ``writer``'s, adopted
+    (:meth:`Prewrite.adopt`) where the export keeps its weights in an external data file;
+    otherwise the writer, if any, is stopped and its file deleted."""
+    if writer is None:
+        return False
+    if external and writer.adopt(model, progress):
+        return True
+    writer.abandon()
+    return False
+
+
 def parameter_dtypes(module: Any, checkpoint: Checkpoint) -> dict[str, np.dtype]:
     """Export dtype of each checkpoint tensor the torch export ``module`` has as a parameter:
     the initializers its graph will hold (what :meth:`Prewrite.submit` is given)."""
@@ -327,8 +401,13 @@ def write(payload: Path) -> list[dict[str, Any]]:
     import onnx_ir as ir
 
     release_freed_buffers()  # one tensor-sized buffer after another, as in-process
-    path, ops, jobs, quant, data = pickle.loads(payload.read_bytes())
+    work = json.loads(payload.read_text(encoding="utf-8"))
+    with SafetensorsFile(payload.with_suffix(".safetensors")) as arrays:
+        ops = {name: _op_from_json(e, arrays) for name, e in work["ops"].items()}
     plan = MergePlan(ops=ops, layer_count=len(ops)) if ops else None
+    quant = QuantOptions(**work["quant"]) if work["quant"] is not None else None
+    jobs = [Job(**j) for j in work["jobs"]]
+    path, data = work["checkpoint"], work["data"]
     index = []
     with Checkpoint(path) as checkpoint, open(data, "wb") as handle:
         for job in jobs:

@@ -42,7 +42,7 @@ from .onnx import (
     quant_options,
     random_inputs,
 )
-from .prewrite import parameter_dtypes, staged_weights
+from .prewrite import finish, parameter_dtypes, staged_weights
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
 from .stream import (
     STREAM_EXTERNAL_BYTES,
@@ -262,9 +262,7 @@ def export_with_slots(
                 )
 
         external = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
-        prewritten = writer is not None and external and writer.adopt(graph)
-        if writer is not None and not prewritten:
-            writer.abandon()
+        prewritten = finish(writer, graph, external)
         data = save_model(graph, out, external, check=check if verify_output else None,
                           staging=staging, prepared=prewritten)
         if progress:
