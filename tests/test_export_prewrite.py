@@ -256,3 +256,19 @@ def test_a_writer_given_no_work_exits_quietly(tmp_path):
     assert writer.errors.read_text() == ""
     staging.remove()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_loraformat_folder_in_the_working_directory_does_not_stand_in(llama, tmp_path,
+                                                                        monkeypatch):
+    """The writer imports the loraformat the parent runs, not one in the working directory
+    (`python -m` would put it first on sys.path)."""
+    base, _ = llama
+    shadow = tmp_path / "cwd" / "loraformat"
+    (shadow / "export").mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise SystemExit("the wrong loraformat")\n')
+    monkeypatch.chdir(tmp_path / "cwd")
+    started = []
+    spawn = prewrite.spawn
+    monkeypatch.setattr(prewrite, "spawn", lambda *a: started.append(spawn(*a)) or started[-1])
+    result = export_onnx(base, tmp_path / "m.onnx", external_data=True, prewrite=True)
+    assert result.prewritten, started[0].failure

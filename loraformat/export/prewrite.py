@@ -357,6 +357,9 @@ def spawn(staging: Staging) -> Prewrite | None:
     ))
     # one core each: the parent traces on the other; BLAS threads would only contend
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # `-m` would put the working directory first on sys.path, where another `loraformat` folder
+    # could stand in for this one (Python 3.11+ honours this; older ones import from PYTHONPATH)
+    env["PYTHONSAFEPATH"] = "1"
     errors = staging.dir / "prewrite.log"
     try:
         with open(errors, "wb") as err:
