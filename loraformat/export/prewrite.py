@@ -5,7 +5,7 @@ the graph (pure Python, one core: ~6-8 s at any model size) and writing the weig
 cast or quantize, write: proportional to the model). One after the other they cost their sum; a
 thread cannot overlap them, because tracing holds the GIL and the writer needs it between every
 numpy call (measured on the 0.49B export: the writer thread took 13-15 s instead of 4). So the
-weights go to a child process — ``python -m loraformat.export.prewrite`` — that writes them into
+weights go to a child process (:func:`main`, run by ``sys.executable``) that writes them into
 the output's staging directory (:class:`~loraformat.onnx_io.Staging`) while the parent traces:
 
 1. **The child starts first** (:func:`spawn`), so its imports overlap the parent's (torch) and
@@ -352,19 +352,17 @@ def spawn(staging: Staging) -> Prewrite | None:
     """Start the child; it imports what it needs and waits for :meth:`Prewrite.submit`. None
     when no interpreter can be started (an embedded Python): the export writes in-process."""
     root = str(Path(__file__).resolve().parents[2])  # where this loraformat is imported from
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p
-    ))
+    # First on sys.path, before the working directory `-m`/`-c` would put there: another
+    # `loraformat` folder in it must not stand in for this one.
+    start = (f"import sys; sys.path.insert(0, {root!r}); "
+             "from loraformat.export.prewrite import main; sys.exit(main([]))")
     # one core each: the parent traces on the other; BLAS threads would only contend
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    # `-m` would put the working directory first on sys.path, where another `loraformat` folder
-    # could stand in for this one (Python 3.11+ honours this; older ones import from PYTHONPATH)
-    env["PYTHONSAFEPATH"] = "1"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     errors = staging.dir / "prewrite.log"
     try:
         with open(errors, "wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "loraformat.export.prewrite"],
+                [sys.executable, "-c", start],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
             )
     except OSError:
@@ -427,7 +425,8 @@ def write(payload: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m loraformat.export.prewrite``: the path of the work on stdin (none: exit)."""
+    """The child: the path of its work on stdin (none: exit). Run by :func:`spawn` (or ``python
+    -m loraformat.export.prewrite``)."""
     if argv:
         print("usage: python -m loraformat.export.prewrite < PAYLOAD-PATH", file=sys.stderr)
         return 2
