@@ -155,12 +155,10 @@ def save_model(
     data_name = stage.data_name
     try:
         tmp_model = stage.model_path
-        if prepared:
-            ir.save(model, tmp_model)
-        elif external_data:
+        if external_data and not prepared:
             ir.save(model, tmp_model, external_data=data_name,
                     size_threshold_bytes=STAGED_INLINE_BYTES)
-        else:
+        else:  # inline, or already external in the staging data file
             ir.save(model, tmp_model)
         for file in (stage.data_path, tmp_model):
             if file.exists():

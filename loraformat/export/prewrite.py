@@ -209,7 +209,6 @@ class Prewrite:
 
     def __init__(self, staging: Staging, process: subprocess.Popen[bytes], errors: Path) -> None:
         self.staging, self.process, self.errors = staging, process, errors
-        self.jobs: list[Job] = []
         self.failure: str | None = None  # why adopt() returned False, for tests and --json
 
     def submit(
@@ -223,8 +222,8 @@ class Prewrite:
         """Send the child its jobs for the checkpoint tensors in ``dtypes`` (name → export dtype:
         the export module's parameters). False (the child stopped) when they cannot be sent: a
         merge plan that does not serialize, or a child that has died."""
-        self.jobs = plan_jobs(checkpoint, dtypes, layers, quant)
-        ops = {j.name: plan.ops[j.name] for j in self.jobs
+        jobs = plan_jobs(checkpoint, dtypes, layers, quant)
+        ops = {j.name: plan.ops[j.name] for j in jobs
                if plan is not None and j.name in plan.ops}
         payload = self.staging.dir / "prewrite.json"
         try:
@@ -233,7 +232,7 @@ class Prewrite:
                 "checkpoint": os.fspath(checkpoint.path),
                 "data": os.fspath(self.staging.data_path),
                 "quant": dataclasses.asdict(quant) if quant is not None else None,
-                "jobs": [dataclasses.asdict(j) for j in self.jobs],
+                "jobs": [dataclasses.asdict(j) for j in jobs],
                 "ops": {name: _op_to_json(op, name, arrays) for name, op in ops.items()},
             }
             write_safetensors(payload.with_suffix(".safetensors"), arrays)
