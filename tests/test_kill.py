@@ -118,6 +118,25 @@ class ForkServer:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
         self.runs = 0
+        self._pending = b""  # reply bytes read but not yet returned as lines
+
+    def _reply(self, timeout: float | None = None) -> dict | None:
+        """The server's next reply line, or None when none is complete within ``timeout``.
+
+        Read from the raw pipe, not the text wrapper: a wrapper's readline may buffer the next
+        reply too (a command that ends at once sends both), and a select() on the pipe would
+        then wait forever for bytes already read."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._pending:
+            if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise EOFError("the fork server exited")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return json.loads(line)
 
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -143,13 +162,14 @@ class ForkServer:
         log = self.log_dir / f"run-{self.runs}.log"
         before = set(os.listdir(watch)) if watch is not None else set()
         request = {"argv": argv, "cwd": str(cwd), "log": str(log), "kill_after": kill_after}
-        assert self.proc.stdout is not None
         self._send(json.dumps(request))
-        started = json.loads(self.proc.stdout.readline())
+        started = self._reply()
+        assert started is not None
         t0 = time.monotonic()
         tmp_seen = kill_at = None
+        done = None
         if watch is not None:
-            while not select.select([self.proc.stdout], [], [], 0.001)[0]:
+            while (done := self._reply(timeout=0.001)) is None:
                 now = time.monotonic()
                 if tmp_seen is None and any(
                     n.startswith(TMP_MARKER) and n not in before for n in os.listdir(watch)
@@ -160,7 +180,9 @@ class ForkServer:
                 if kill_at is not None and now >= kill_at:
                     self._send("kill")
                     kill_at = float("inf")
-        done = json.loads(self.proc.stdout.readline())
+        if done is None:
+            done = self._reply()
+        assert done is not None
         text = log.read_text(errors="replace") if log.exists() else ""  # killed before opening
         done.update(pid=started["pid"], tmp_seen=tmp_seen, log=text)
         done["exit_code"] = -9 if done["killed"] else os.waitstatus_to_exitcode(done["status"])
