@@ -6,10 +6,13 @@ Each command lives in its own module and is imported only when run, so ``inspect
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import sys
+import threading
 import traceback
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import click
 
@@ -103,3 +106,42 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: click's standalone mode (one line and exit 1 for an error, 2 for a usage
     error; the traceback only with --debug)."""
     cli.main(args=argv, prog_name="loraformat")
+
+
+def run() -> NoReturn:
+    """The ``loraformat`` executable: :func:`main`, then end the process without tearing the
+    interpreter down.
+
+    Teardown after an export frees the object graphs torch, its exporter and sympy built up:
+    1.5 s of the 0.49B export's 12 s (measured), spent after the output is complete, renamed and
+    synced. So once :func:`main` returns, the exit handlers run as usual (temporary
+    directories, logging, child processes), stdout and stderr are flushed, and the process ends
+    with :func:`os._exit`. With a non-daemon thread still running, it exits the ordinary way,
+    which waits for that thread."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = _exit_status(exit_.code)
+    threads = [t for t in threading.enumerate()
+               if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if threads:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what interpreter shutdown would run first
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: what Python reports then
+            code = code or 120
+    os._exit(code)
+
+
+def _exit_status(code: object) -> int:
+    """The process status ``sys.exit(code)`` gives: None is 0, an int itself, anything else is
+    printed to stderr and gives 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
