@@ -21,7 +21,9 @@ share the CPU: under contention the medians move by tens of percent between runs
 With ``--int4 CHECKPOINT [--adapter ADAPTER]`` it instead compares two fused KV-cache exports of
 that checkpoint (adapter merged) in ONNX Runtime CPU: fp32 against int4 (MatMulNBits, block 32,
 asymmetric, accuracy level 4; lm_head kept fp32), same prompt and threads, interleaved repeats:
-prefill, decode per token, the fp32/int4 ratios, and how many greedy tokens agree.
+prefill, decode per token, the fp32/int4 ratios, how many greedy tokens agree, and the logits'
+cosine to fp32's position by position (``--text``: a text prompt for a byte-level model such as
+``tools/build_trained_lm.py`` trains).
 
     .venv/bin/python tools/bench_decode.py --int4 /tmp/bench/base24 --adapter /tmp/bench/peft24
 """
@@ -119,6 +121,9 @@ def main() -> None:
     parser.add_argument("--int4", type=Path, default=None, metavar="CHECKPOINT",
                         help="Compare fp32 and int4 exports of this decoder checkpoint instead.")
     parser.add_argument("--adapter", type=Path, default=None, help="With --int4: merge this.")
+    parser.add_argument("--text", default=None,
+                        help="With --int4: the prompt as text, for a byte-level model (ids = its "
+                             "UTF-8 bytes; tools/build_trained_lm.py builds one).")
     args = parser.parse_args()
     import transformers
 
@@ -221,7 +226,13 @@ def compare_int4(checkpoint: Path, work: Path, args: argparse.Namespace) -> None
             print(f"export {dtype} (with past, fused): {time.perf_counter() - start:.1f} s",
                   flush=True)
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
-    ids = np.random.default_rng(0).integers(0, vocab, (1, args.prompt), dtype=np.int64)
+    if args.text is not None:  # a byte-level model's prompt: its UTF-8 bytes are the ids
+        ids = np.frombuffer(args.text.encode(), dtype=np.uint8).astype(np.int64)[None]
+        if vocab < 256:
+            sys.exit(f"--text needs a byte-level vocabulary (256 ids); {checkpoint} has {vocab}")
+    else:
+        ids = np.random.default_rng(0).integers(0, vocab, (1, args.prompt), dtype=np.int64)
+    logits_agreement(paths, ids, args.decode_tokens)
     for threads in args.threads:
         engines = [Ort("ORT fp32", paths["float32"], threads),
                    Ort("ORT int4", paths["int4"], threads)]
@@ -254,6 +265,32 @@ def compare_int4(checkpoint: Path, work: Path, args: argparse.Namespace) -> None
                       if a != b), len(tokens[f32]))
         print(f"greedy tokens, int4 vs fp32: {same}/{len(tokens[f32])} equal, identical prefix "
               f"{first} (random weights: near-ties flip)", flush=True)
+
+
+def logits_agreement(paths: dict[str, Path], ids: np.ndarray, steps: int) -> None:
+    """How close int4's logits are to fp32's: the prompt, then ``steps`` tokens fed to both
+    (fp32's greedy choices, so both see the same text); cosine of each position's logits and
+    whether the top token agrees."""
+    from loraformat.export.onnx import cosine
+
+    f32, i4 = (DecoderSession(paths[d], intra_op_threads=2) for d in ("float32", "int4"))
+    logits = {}
+    for name, session in (("fp32", f32), ("int4", i4)):
+        rows, past = [], session.empty_past(1)
+        step_ids, fed = ids, 0
+        for n in range(steps + 1):
+            out, past = session.step(step_ids, past, fed)
+            fed += step_ids.shape[1]
+            rows.append(out[0])
+            token = logits["fp32"][n].argmax() if name == "int4" else out[0].argmax()
+            step_ids = np.array([[token]], dtype=np.int64)
+        logits[name] = rows
+    cos = [cosine(a, b) for a, b in zip(logits["fp32"], logits["int4"], strict=True)]
+    top = sum(int(a.argmax() == b.argmax())
+              for a, b in zip(logits["fp32"], logits["int4"], strict=True))
+    print(f"logits, int4 vs fp32 at the prompt's last position and {steps} fed tokens: cosine "
+          f"{cos[0]:.5f} after the prompt, median {statistics.median(cos):.5f}, "
+          f"min {min(cos):.5f}; top token equal at {top}/{len(cos)} positions", flush=True)
 
 
 if __name__ == "__main__":
