@@ -20,7 +20,7 @@ A table also read as a tied LM head keeps its float copy for the head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +178,27 @@ def _initializer(graph: Any, name: str, shape: tuple[int, ...], dtype: Any, func
     return value
 
 
+def _lazy_parts(
+    graph: Any,
+    name: str,
+    shapes: Mapping[str, tuple[tuple[int, ...], Any]],
+    compute: Callable[[], dict[str, np.ndarray]],
+) -> list[Any]:
+    """One lazy initializer ``name + suffix`` per entry of ``shapes`` (suffix → (shape, onnx_ir
+    dtype)), in its order: the parts ``compute()`` returns (:func:`dense_parts`,
+    :func:`table_parts`), computed once for all of them (:class:`_Shared`)."""
+    import onnx_ir as ir
+
+    shared = _Shared(compute, len(shapes))
+    return [
+        _initializer(
+            graph, name + suffix, shape, dtype,
+            lambda x=suffix, nm=name + suffix: ir.Tensor(shared.part(x), name=nm),
+        )
+        for suffix, (shape, dtype) in shapes.items()
+    ]
+
+
 def quantize_dense_layers(
     model: Any, layers: Mapping[str, DenseLayer], options: QuantOptions
 ) -> list[str]:
@@ -202,23 +223,16 @@ def quantize_dense_layers(
         k_blocks = -(-k // block)
         float_type = weight.const_value.dtype
         source, name, scale_np = weight.const_value, layer.weight, float_type.numpy()
-        suffixes = [f"_Q{bits}", "_scales"] + ([] if options.symmetric else ["_zero_points"])
-        shared = _Shared(
+        shapes = {f"_Q{bits}": ((n, k_blocks, block * bits // 8), ir.DataType.UINT8),
+                  "_scales": ((n, k_blocks), float_type)}
+        if not options.symmetric:
+            shapes["_zero_points"] = ((n, -(-k_blocks * bits // 8)), ir.DataType.UINT8)
+        inputs = _lazy_parts(
+            graph, name, shapes,
             lambda s=source, lay=layer.layout, dt=scale_np: dense_parts(
                 s.numpy(), lay, options, dt
             ),
-            len(suffixes),
         )
-        shapes = {f"_Q{bits}": ((n, k_blocks, block * bits // 8), ir.DataType.UINT8),
-                  "_scales": ((n, k_blocks), float_type),
-                  "_zero_points": ((n, -(-k_blocks * bits // 8)), ir.DataType.UINT8)}
-        inputs = [
-            _initializer(
-                graph, name + suffix, *shapes[suffix],
-                lambda s=shared, x=suffix, nm=name + suffix: ir.Tensor(s.part(x), name=nm),
-            )
-            for suffix in suffixes
-        ]
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
         if options.accuracy_level:
             attributes["accuracy_level"] = options.accuracy_level
@@ -267,21 +281,14 @@ def quantize_embeddings(
             continue
         float_type = weight.const_value.dtype
         source, name, scale_np = weight.const_value, layer.weight, float_type.numpy()
-        suffixes = ["_Q4", "_scales"] + ([] if symmetric else ["_zero_points"])
-        shared = _Shared(
-            lambda s=source, dt=scale_np: table_parts(s.numpy(), options, dt),
-            len(suffixes),
-        )
         shapes = {"_Q4": ((rows, dim), ir.DataType.INT4 if symmetric else ir.DataType.UINT4),
-                  "_scales": ((rows, dim // block), float_type),
-                  "_zero_points": ((rows, dim // block), ir.DataType.UINT4)}
-        data, *params = [
-            _initializer(
-                graph, name + suffix, *shapes[suffix],
-                lambda s=shared, x=suffix, nm=name + suffix: ir.Tensor(s.part(x), name=nm),
-            )
-            for suffix in suffixes
-        ]
+                  "_scales": ((rows, dim // block), float_type)}
+        if not symmetric:
+            shapes["_zero_points"] = ((rows, dim // block), ir.DataType.UINT4)
+        data, *params = _lazy_parts(
+            graph, name, shapes,
+            lambda s=source, dt=scale_np: table_parts(s.numpy(), options, dt),
+        )
         attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block}
         for node in gathers:
             new = ir.node(
