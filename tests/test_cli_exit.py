@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from loraformat.cli import _exit_status
-from loraformat.format.adapter import Adapter, LoraLayer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def executable(*args: str, prelude: str = "", cwd: Path | None = None):
@@ -26,19 +26,8 @@ def executable(*args: str, prelude: str = "", cwd: Path | None = None):
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(3)
-    layers = {
-        f"model.layers.{i}.mlp.down_proj": LoraLayer(
-            A=rng.standard_normal((2, 16)).astype(np.float32),
-            B=rng.standard_normal((8, 2)).astype(np.float32),
-            alpha=4, in_features=16, out_features=8,
-        )
-        for i in range(40)
-    }
-    out = tmp_path_factory.mktemp("exit") / "adapter"
-    Adapter.from_layers("llama", layers, base_name="tiny").save(out)
-    return out
+def adapter() -> Path:
+    return ROOT / "spec" / "vectors" / "basic"
 
 
 def test_console_script_is_run():
@@ -53,7 +42,8 @@ def test_output_is_complete_and_status_zero(adapter: Path):
     result = executable("inspect", str(adapter), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # the whole document arrived
-    assert len(report["layers"]) == 40
+    expected = json.loads((adapter / "adapter.json").read_text())["layers"]
+    assert sorted(row["path"] for row in report["layers"]) == sorted(expected)
 
 
 def test_error_keeps_status_and_one_line(tmp_path: Path):
