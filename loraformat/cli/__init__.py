@@ -116,8 +116,8 @@ def run() -> NoReturn:
     1.5 s of the 0.49B export's 12 s (measured), spent after the output is complete, renamed and
     synced. So once :func:`main` returns, the exit handlers run as usual (temporary
     directories, logging, child processes), stdout and stderr are flushed, and the process ends
-    with :func:`os._exit`. With a non-daemon thread still running, it exits the ordinary way,
-    which waits for that thread."""
+    with :func:`os._exit`. With a non-daemon thread still running (or on a Python without
+    CPython's ``atexit._run_exitfuncs``), it exits the ordinary way."""
     try:
         main()
         code = 0
@@ -125,9 +125,10 @@ def run() -> NoReturn:
         code = _exit_status(exit_.code)
     threads = [t for t in threading.enumerate()
                if t is not threading.main_thread() and t.is_alive() and not t.daemon]
-    if threads:
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; others may lack it
+    if threads or run_exit_handlers is None:
         sys.exit(code)
-    atexit._run_exitfuncs()  # what interpreter shutdown would run first
+    run_exit_handlers()  # what interpreter shutdown would run first
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
