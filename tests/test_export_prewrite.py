@@ -9,6 +9,7 @@ failing trace must cost nothing but time: same output, nothing left behind.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,55 @@ def test_blocked_cast_is_the_one_shot_cast(monkeypatch, source, target):
         got = stream.merged_array(None, "w", None, dtype(target))
         want = stored if source == target else stored.astype(np.float32).astype(dtype(target))
     assert got.dtype == dtype(target) and got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("how", ["kernel", "no copy_file_range", "it fails", "fails midway"])
+def test_copy_tensor_writes_merged_arrays_bytes(monkeypatch, tmp_path, how):
+    """The writer copies unmerged tensors through in blocks (the kernel's copy where the dtype
+    stays): the bytes merged_array's value would be, at the file's position, in every dtype
+    pair, and whatever copy_file_range does."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    from loraformat.checkpoint import Checkpoint
+    from loraformat.export import stream
+    from loraformat.format.safetensors_io import write_safetensors
+
+    values = (np.random.default_rng(1).standard_normal((97, 31)) * 300).astype(np.float32)
+    values[0, :4] = [np.inf, -np.inf, np.nan, 1e-9]
+    sources = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+               "float64": np.float64}
+    with np.errstate(over="ignore"):
+        write_safetensors(tmp_path / "model.safetensors",
+                          {f"w.{k}": values.astype(v) for k, v in sources.items()})
+    real = os.copy_file_range
+    if how == "no copy_file_range":
+        monkeypatch.delattr(os, "copy_file_range")
+    elif how == "it fails":
+        monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError()))
+    elif how == "fails midway":
+        calls = []
+
+        def midway(src, dst, count, offset_src, offset_dst):
+            calls.append(count)
+            if len(calls) > 2:
+                raise OSError("not on this filesystem")
+            return real(src, dst, 100, offset_src, offset_dst)
+
+        monkeypatch.setattr(os, "copy_file_range", midway)
+    monkeypatch.setattr(stream, "CAST_BLOCK_ELEMENTS", 500)
+    with Checkpoint(tmp_path / "model.safetensors") as checkpoint:
+        for source in sources:
+            for target in ("float32", "float16", "bfloat16"):
+                dtype = np.dtype(sources[target])
+                with open(tmp_path / "out", "wb") as out:
+                    out.write(b"head")
+                    stream.copy_tensor(checkpoint, f"w.{source}", dtype, out)
+                    out.write(b"tail")
+                with np.errstate(over="ignore"):
+                    want = ir.Tensor(stream.merged_array(checkpoint, f"w.{source}", None, dtype))
+                got = (tmp_path / "out").read_bytes()
+                assert got == b"head" + want.tobytes() + b"tail", (source, target)
 
 
 def test_a_writer_given_no_work_exits_quietly(tmp_path):

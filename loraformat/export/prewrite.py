@@ -56,7 +56,7 @@ from ..merge.plan import MergePlan, TensorOp
 from ..merge.weights import Contribution
 from ..onnx_io import STAGED_INLINE_BYTES, Staging
 from .quantize import QuantOptions, dense_parts, quantized_targets, table_parts
-from .stream import merged_array, release_freed_buffers
+from .stream import copy_tensor, merged_array, release_freed_buffers
 
 #: Environment variable that turns the weight-writing process off (``off``/``0``).
 PREWRITE_ENV = "LORAFORMAT_PREWRITE"
@@ -410,14 +410,23 @@ def write(payload: Path) -> list[dict[str, Any]]:
     path, data = work["checkpoint"], work["data"]
     index = []
     with Checkpoint(path) as checkpoint, open(data, "wb") as handle:
+
+        def written(name: str, dtype: str, shape: Sequence[int], offset: int) -> None:
+            handle.flush()
+            index.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset,
+                          "length": handle.tell() - offset})
+
         for job in jobs:
+            if job.kind == "float" and (plan is None or job.name not in plan.ops):
+                # unmerged: copied through, never whole in memory (an 8B table is 1-2 GiB)
+                offset = handle.tell()
+                copy_tensor(checkpoint, job.name, _numpy_dtype(job.dtype), handle)
+                written(job.name, job.dtype, checkpoint.info(job.name).shape, offset)
+                continue
             for name, value in job_tensors(checkpoint, plan, job, quant):
                 offset = handle.tell()
                 ir.Tensor(value, name=name).tofile(handle)  # the bytes onnx_ir itself writes
-                handle.flush()
-                index.append({"name": name, "dtype": value.dtype.name,
-                              "shape": list(value.shape), "offset": offset,
-                              "length": handle.tell() - offset})
+                written(name, value.dtype.name, value.shape, offset)
         handle.flush()
         os.fsync(handle.fileno())
     return index

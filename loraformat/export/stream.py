@@ -30,6 +30,7 @@ is the same file an in-memory export writes (``tests/test_export_stream.py``).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -159,6 +160,16 @@ def stored_dtype(checkpoint: Checkpoint, name: str) -> np.dtype:
     return DTYPES[checkpoint.info(name).dtype]
 
 
+def _read_into(handle: Any, view: memoryview, path: Any, name: str) -> None:
+    """Fill ``view`` from ``handle`` (``readinto`` may return less than asked)."""
+    got = 0
+    while got < len(view):
+        n = handle.readinto(view[got:])
+        if not n:
+            raise LoraformatError(path, f"file ends inside tensor {name!r}")
+        got += n
+
+
 def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
     """A private, writable copy of one checkpoint tensor, read with ``readinto``.
 
@@ -170,13 +181,14 @@ def read_tensor(checkpoint: Checkpoint, name: str) -> np.ndarray:
     buffer = np.empty(info.nbytes, dtype=np.uint8)
     with open(st.path, "rb") as handle:
         handle.seek(st.data_start + info.begin)
-        view, got = memoryview(buffer), 0
-        while got < info.nbytes:
-            n = handle.readinto(view[got:])
-            if not n:
-                raise LoraformatError(st.path, f"file ends inside tensor {name!r}")
-            got += n
+        _read_into(handle, memoryview(buffer), st.path, name)
     return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``block`` in ``dtype``: floats through fp32 (see :func:`merged_array`)."""
+    through_fp32 = block.dtype.kind == "f" or block.dtype.name == "bfloat16"
+    return (block.astype(np.float32) if through_fp32 else block).astype(dtype)
 
 
 def merged_array(
@@ -194,15 +206,52 @@ def merged_array(
         value = op.apply(value, inplace=op.kind == "weight")
     if dtype is None or value.dtype == dtype:
         return np.ascontiguousarray(value)
-    through_fp32 = value.dtype.kind == "f" or value.dtype.name == "bfloat16"
     out = np.empty(value.shape, dtype)
     source, target = np.ascontiguousarray(value).reshape(-1), out.reshape(-1)
     for start in range(0, source.size, CAST_BLOCK_ELEMENTS):
-        block = source[start:start + CAST_BLOCK_ELEMENTS]
-        target[start:start + CAST_BLOCK_ELEMENTS] = (
-            block.astype(np.float32) if through_fp32 else block
-        ).astype(dtype)
+        target[start:start + CAST_BLOCK_ELEMENTS] = _cast(
+            source[start:start + CAST_BLOCK_ELEMENTS], dtype
+        )
     return out
+
+
+def copy_tensor(checkpoint: Checkpoint, name: str, dtype: np.dtype, out: Any) -> None:
+    """Write one checkpoint tensor, unmerged, in ``dtype`` to the binary file ``out`` at its
+    position: the bytes of ``merged_array(checkpoint, name, None, dtype)`` (little-endian, as
+    ONNX external data holds them), without the tensor ever in memory. In its own dtype the
+    kernel copies it (``copy_file_range``, where the platform has it); otherwise it is read,
+    cast and written :data:`CAST_BLOCK_ELEMENTS` at a time — an 8B model's 1 GiB embedding
+    table costs two blocks of memory."""
+    st = checkpoint.shard_file(checkpoint.shard_of[name])
+    info = st.info(name)
+    source = np.dtype(DTYPES[info.dtype])
+    start = st.data_start + info.begin
+    with open(st.path, "rb") as handle:
+        if source == dtype and hasattr(os, "copy_file_range"):
+            out.flush()
+            position, left = out.tell(), info.nbytes
+            with contextlib.suppress(OSError):  # a filesystem without it: copy below
+                while left:
+                    n = os.copy_file_range(handle.fileno(), out.fileno(), left,
+                                           start + info.nbytes - left, position)
+                    if not n:
+                        raise OSError("copy_file_range copied nothing")
+                    left -= n
+                    position += n
+            out.seek(position)
+            start += info.nbytes - left
+            if not left:
+                return
+        else:
+            left = info.nbytes
+        handle.seek(start)
+        buffer = np.empty(min(left, CAST_BLOCK_ELEMENTS * source.itemsize), np.uint8)
+        while left:
+            view = memoryview(buffer)[:min(left, buffer.size)]
+            _read_into(handle, view, st.path, name)
+            left -= len(view)
+            block = buffer[:len(view)].view(source)
+            out.write((block if source == dtype else _cast(block, dtype)).tobytes())
 
 
 def release_freed_buffers() -> None:
