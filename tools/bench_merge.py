@@ -35,8 +35,8 @@ from loraformat.format.safetensors_io import TensorEntry, write_safetensors
 
 PROJECTIONS = {
     "self_attn.q_proj": ("hidden", "hidden"),
-    "self_attn.k_proj": ("hidden", "hidden"),
-    "self_attn.v_proj": ("hidden", "hidden"),
+    "self_attn.k_proj": ("hidden", "kv"),  # kv: hidden unless grouped-query attention
+    "self_attn.v_proj": ("hidden", "kv"),
     "self_attn.o_proj": ("hidden", "hidden"),
     "mlp.gate_proj": ("hidden", "inter"),
     "mlp.up_proj": ("hidden", "inter"),
@@ -45,32 +45,43 @@ PROJECTIONS = {
 RANK, ALPHA = 16, 32
 
 
-def _random(shape: tuple[int, ...], seed: int, std: float = 0.02, mean: float = 0.0):
+def _random(shape: tuple[int, ...], seed: int, std: float = 0.02, mean: float = 0.0,
+            dtype: str = "F32"):
     def make() -> np.ndarray:
         if std == 0:
-            return np.full(shape, mean, dtype=np.float32)
-        rng = np.random.default_rng(seed)
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+            value = np.full(shape, mean, dtype=np.float32)
+        else:
+            rng = np.random.default_rng(seed)
+            value = rng.standard_normal(shape, dtype=np.float32)
+            value *= np.float32(std)
+        if dtype == "BF16":
+            import ml_dtypes
+
+            return value.astype(ml_dtypes.bfloat16)
+        return value
 
     return make
 
 
 def build_checkpoint(
     out: Path, hidden: int, inter: int, layers: int, vocab: int, *, norm: float = 0.0,
-    extra_config: dict | None = None,
+    extra_config: dict | None = None, heads: int = 16, kv_heads: int | None = None,
+    dtype: str = "F32",
 ) -> int:
     """Write config.json + model.safetensors (streamed, one tensor in memory at a time); RMSNorm
-    weights all ``norm``, ``extra_config``'s entries added to the config. Returns the parameter
+    weights all ``norm``, ``extra_config``'s entries added to the config; ``kv_heads`` fewer
+    than ``heads`` for grouped-query attention; ``dtype`` F32 or BF16. Returns the parameter
     count."""
     out.mkdir(parents=True, exist_ok=True)
-    dims = {"hidden": hidden, "inter": inter}
+    kv_heads = kv_heads or heads
+    dims = {"hidden": hidden, "inter": inter, "kv": hidden // heads * kv_heads}
     entries, seed, params = [], 0, 0
 
     def add(name: str, shape: tuple[int, ...], std: float = 0.02, mean: float = 0.0) -> None:
         nonlocal seed, params
         seed += 1
         params += int(np.prod(shape))
-        entries.append(TensorEntry(name, "F32", shape, _random(shape, seed, std, mean)))
+        entries.append(TensorEntry(name, dtype, shape, _random(shape, seed, std, mean, dtype)))
 
     add("model.embed_tokens.weight", (vocab, hidden))
     add("lm_head.weight", (vocab, hidden))
@@ -84,19 +95,23 @@ def build_checkpoint(
     write_safetensors(out / "model.safetensors", entries, {"format": "pt"})
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "hidden_act": "silu", "torch_dtype": "float32", **(extra_config or {}),
+        "hidden_act": "silu", "torch_dtype": {"F32": "float32", "BF16": "bfloat16"}[dtype],
+        **(extra_config or {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return params
 
 
-def build_peft_adapter(out: Path, hidden: int, inter: int, layers: int) -> None:
-    """A PEFT LoRA directory (the files ``save_pretrained`` writes), r=16 on all 7 projections."""
+def build_peft_adapter(
+    out: Path, hidden: int, inter: int, layers: int, kv: int | None = None
+) -> None:
+    """A PEFT LoRA directory (the files ``save_pretrained`` writes), r=16 on all 7 projections;
+    ``kv``: k_proj/v_proj's output width (grouped-query attention), default ``hidden``."""
     out.mkdir(parents=True, exist_ok=True)
-    dims = {"hidden": hidden, "inter": inter}
+    dims = {"hidden": hidden, "inter": inter, "kv": kv or hidden}
     rng = np.random.default_rng(123)
     tensors = {}
     for i in range(layers):
