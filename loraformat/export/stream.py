@@ -225,12 +225,12 @@ def copy_tensor(checkpoint: Checkpoint, name: str, dtype: np.dtype, out: Any) ->
     st = checkpoint.shard_file(checkpoint.shard_of[name])
     info = st.info(name)
     source = np.dtype(DTYPES[info.dtype])
-    start = st.data_start + info.begin
+    start, left = st.data_start + info.begin, info.nbytes
     with open(st.path, "rb") as handle:
         if source == dtype and hasattr(os, "copy_file_range"):
             out.flush()
-            position, left = out.tell(), info.nbytes
-            with contextlib.suppress(OSError):  # a filesystem without it: copy below
+            position = out.tell()
+            with contextlib.suppress(OSError):  # not on this filesystem: the rest is read below
                 while left:
                     n = os.copy_file_range(handle.fileno(), out.fileno(), left,
                                            start + info.nbytes - left, position)
@@ -239,19 +239,14 @@ def copy_tensor(checkpoint: Checkpoint, name: str, dtype: np.dtype, out: Any) ->
                     left -= n
                     position += n
             out.seek(position)
-            start += info.nbytes - left
-            if not left:
-                return
-        else:
-            left = info.nbytes
-        handle.seek(start)
+        handle.seek(start + info.nbytes - left)
         buffer = np.empty(min(left, CAST_BLOCK_ELEMENTS * source.itemsize), np.uint8)
         while left:
             view = memoryview(buffer)[:min(left, buffer.size)]
             _read_into(handle, view, st.path, name)
             left -= len(view)
             block = buffer[:len(view)].view(source)
-            out.write((block if source == dtype else _cast(block, dtype)).tobytes())
+            out.write(view if source == dtype else _cast(block, dtype).tobytes())
 
 
 def release_freed_buffers() -> None:
