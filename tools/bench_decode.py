@@ -215,6 +215,13 @@ def measure(engines: list, ids: np.ndarray, args: argparse.Namespace) -> None:
 def compare_int4(checkpoint: Path, work: Path, args: argparse.Namespace) -> None:
     import json
 
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    if args.text is not None:  # a byte-level model's prompt: its UTF-8 bytes are the ids
+        ids = np.frombuffer(args.text.encode(), dtype=np.uint8).astype(np.int64)[None]
+        if vocab < 256:
+            sys.exit(f"--text needs a byte-level vocabulary (256 ids); {checkpoint} has {vocab}")
+    else:
+        ids = np.random.default_rng(0).integers(0, vocab, (1, args.prompt), dtype=np.int64)
     adapters = [args.adapter] if args.adapter else []
     paths = {}
     for dtype in ("float32", "int4"):
@@ -225,13 +232,6 @@ def compare_int4(checkpoint: Path, work: Path, args: argparse.Namespace) -> None
                            optimize=True)
             print(f"export {dtype} (with past, fused): {time.perf_counter() - start:.1f} s",
                   flush=True)
-    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
-    if args.text is not None:  # a byte-level model's prompt: its UTF-8 bytes are the ids
-        ids = np.frombuffer(args.text.encode(), dtype=np.uint8).astype(np.int64)[None]
-        if vocab < 256:
-            sys.exit(f"--text needs a byte-level vocabulary (256 ids); {checkpoint} has {vocab}")
-    else:
-        ids = np.random.default_rng(0).integers(0, vocab, (1, args.prompt), dtype=np.int64)
     logits_agreement(paths, ids, args.decode_tokens)
     for threads in args.threads:
         engines = [Ort("ORT fp32", paths["float32"], threads),
