@@ -27,6 +27,7 @@ from .safetensors_io import (
     SafetensorsFile,
     TensorEntry,
     dtype_name,
+    refuse_special_file,
     strict_json,
     write_safetensors,
 )
@@ -617,15 +618,24 @@ def structural_problems(manifest: dict[str, Any], store: TensorStore) -> list[st
     newer_minor = mf.is_newer_minor(manifest)
     for key in store:
         if key not in expected:
-            layer, _, role = key.rpartition(".")
-            if newer_minor and layer in specs and role not in mf.LAYER_ROLES:
+            if newer_minor and mf.is_future_role(key, specs):
                 continue  # §8: a newer minor version's optional tensor role, ignored
             problems.append(f"tensor {key!r}: not declared by the manifest")
+    if problems and newer_minor:
+        # §8: what a newer minor version adds is either ignored or refused by an older rule;
+        # the refusal says why the file may still be fine for a newer reader.
+        problems.append(
+            f"format_version: {manifest['format_version']} is newer than this reader "
+            f"({mf.FORMAT_VERSION}); a newer loraformat may read this file"
+        )
     return problems
 
 
 def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
-    """Checks that read tensor bytes: the checksum, and NaN/Inf values."""
+    """Checks that read tensor bytes: the checksum, and NaN/Inf values of the tensors the manifest
+    implies (a newer minor version's ignored roles mean nothing to this reader: §8)."""
+    specs, _ = _layer_specs(manifest)
+    implied = dict(_expected_tensors(specs, list(manifest.get("replacements", []))))
     problems = []
     actual = _store_checksum(store)
     if manifest.get("tensors_sha256") != actual:
@@ -634,7 +644,7 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
             f"(manifest {str(manifest.get('tensors_sha256'))[:12]}…, data {actual[:12]}…)"
         )
     for key in store:
-        if store.dtype(key) in FLOAT_DTYPES:
+        if key in implied and store.dtype(key) in FLOAT_DTYPES:
             # isfinite in the stored dtype: casting F64 to F32 would turn large values into Inf.
             finite = np.isfinite(store[key])
             if not finite.all():
@@ -649,7 +659,9 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
 
 
 def refuse_escape(adapter_dir: Path, member: Path) -> None:
-    """An adapter's files must lie inside it: a symbolic link may not lead out of the directory."""
+    """An adapter's files must lie inside it (spec §9): a member that is a symbolic link must
+    resolve, every link on the way followed, to a place inside the adapter directory's own
+    resolved path (a member that is no link is a name in the directory, so inside)."""
     if member.is_symlink():
         target = member.resolve()
         if adapter_dir.resolve() not in target.parents:
@@ -660,13 +672,14 @@ def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
     """(manifest, open tensor file, the file to name in messages about the manifest)."""
     if path.is_dir():
         manifest_path = path / mf.MANIFEST_FILE
-        if not manifest_path.is_file():
+        if not manifest_path.exists():
             raise LoraformatError(
                 path, f"not a loraformat adapter directory: no {mf.MANIFEST_FILE}"
             )
         tensors_path = path / mf.TENSORS_FILE
         for member in (manifest_path, tensors_path):
             refuse_escape(path, member)
+        refuse_special_file(manifest_path)
         try:
             size = manifest_path.stat().st_size
             if size > mf.MAX_MANIFEST_BYTES:

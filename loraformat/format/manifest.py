@@ -50,6 +50,21 @@ def tensor_key(path: str, role: str) -> str:
     return f"{path}.{role}"
 
 
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def is_future_role(key: str, layers: Any) -> bool:
+    """spec §8 step 4: ``<layer>.<role>`` with ``<layer>`` a declared layer path and ``<role>``
+    a segment of §3's grammar that is none of §3's roles (``replacement`` included)."""
+    layer, _, role = key.rpartition(".")
+    return (
+        layer in layers
+        and _SEGMENT_RE.fullmatch(role) is not None
+        and role not in LAYER_ROLES
+        and role != ROLE_REPLACEMENT
+    )
+
+
 def split_key(key: str) -> tuple[str, str]:
     """``'a.b.lora_A'`` → ``('a.b', 'lora_A')``; unknown roles give ``(key, '')``."""
     path, _, role = key.rpartition(".")
