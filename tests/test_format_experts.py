@@ -108,3 +108,18 @@ def test_inspect_shows_experts(tmp_path: Path):
     text = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a")]).output
     assert "1 layer(s) of 3 experts" in text
     assert f"[3 experts, ‖ΔW_e‖ {per_expert.min():.4g}…{per_expert.max():.4g}]" in text
+
+
+def test_the_spec_worked_example(tmp_path: Path):
+    """spec/FORMAT.md §4.7's numbers, by loraformat and by the independent reader."""
+    import independent_reader as ir
+
+    layer = LoraLayer(A=np.array([[[1, 0]], [[0, 1]]], np.float32),
+                      B=np.array([[[1], [2]], [[3], [0]]], np.float32), alpha=2,
+                      in_features=2, out_features=4, out_rows=[(2, 4)], experts=2)
+    Adapter.from_layers("qwen3_moe", {PATH: layer}).save(tmp_path / "a")
+    expected = np.array([[[0, 0], [0, 0], [2, 0], [4, 0]], [[0, 0], [0, 0], [0, 6], [0, 0]]])
+    with load(tmp_path / "a") as adapter:
+        np.testing.assert_array_equal(adapter.delta(PATH), expected)
+    manifest, tensors = ir.read(tmp_path / "a")
+    np.testing.assert_array_equal(ir.delta(manifest, tensors, PATH), expected)
