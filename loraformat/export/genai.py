@@ -121,11 +121,11 @@ def genai_config(
         raise LoraformatError(path, "not a KV-cache decoder (input_ids and past_key_values.N.key "
                               "inputs for layers 0..N-1): GenAI cannot run it")
     kv_heads, head_size = (_static_dim(inputs["past_key_values.0.key"], axis) for axis in (1, 3))
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
+    heads = _config_int(config, path, "num_attention_heads")
+    hidden = _config_int(config, path, "hidden_size")
     kv_heads = kv_heads or int(config.get("num_key_value_heads") or heads)
     head_size = head_size or int(config.get("head_dim") or hidden // heads)
-    context = int(config.get("seq_length") or config["max_position_embeddings"])
+    context = _config_int(config, path, "seq_length", "max_position_embeddings")
     share_buffer = any(node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
                        for node in graph.node)
     merged = {**config, **{k: v for k, v in (generation or {}).items() if v is not None}}
@@ -229,6 +229,16 @@ def write_genai_folder(
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _config_int(config: Mapping[str, Any], model: Path, *keys: str) -> int:
+    """The first of ``keys`` the base's config.json gives, as an int."""
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise LoraformatError(model, f"the base's config.json gives no {' or '.join(keys)} (an "
+                          "integer): cannot write genai_config.json")
 
 
 def _static_dim(value: Any, axis: int) -> int | None:
