@@ -308,3 +308,14 @@ def test_not_a_decoder_refused(tmp_path):
     with pytest.raises(LoraformatError, match="not a KV-cache decoder"):
         genai_config(tmp_path / "m.onnx", {"num_attention_heads": 1, "hidden_size": 8,
                                            "max_position_embeddings": 8})
+
+
+def test_base_without_config_json_refused(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    with pytest.raises(LoraformatError, match=r"no config\.json: cannot write genai_config\.json"):
+        write_genai_folder(gqa_graph(tmp_path / "m.onnx"), base)
+    (base / "config.json").write_text(json.dumps({"n_embd": 64, "n_positions": 32}))
+    with pytest.raises(LoraformatError, match="gives no num_attention_heads or n_head"):
+        write_genai_folder(gqa_graph(tmp_path / "m.onnx"), base)
+    assert not (tmp_path / GENAI_CONFIG).exists()

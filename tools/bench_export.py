@@ -170,6 +170,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="Keep the exported models.")
     parser.add_argument("--repeat", type=int, default=3,
                         help="Interleaved rounds of every row (the torch export runs once).")
+    parser.add_argument("--core", action="store_true",
+                        help="Only the rows compared with the builder: loraformat cold per dtype "
+                        "and the builder (no PREWRITE=off, half-depth or warm rows).")
     parser.add_argument("--logits-only", action="store_true",
                         help="loraformat's rows export the plain logits graph, not the KV-cache "
                         "decoder the builder writes (not the same artefact).")
@@ -179,7 +182,7 @@ def main() -> int:
     half = args.layers // 2
     dtypes = args.dtypes.split(",")
     bases = {args.layers: work / f"base{args.layers}"}
-    if "float32" in dtypes:  # the depth comparison
+    if "float32" in dtypes and not args.core:  # the depth comparison
         bases[half] = work / f"base{half}"
     for layers, path in bases.items():
         build_checkpoint(path, layers)
@@ -244,7 +247,7 @@ def main() -> int:
             run(f"loraformat merge -o {artefact} --dtype {dtype} ({args.layers} layers)",
                 [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
                  model(dtype), "--dtype", dtype, *kv], cold)
-        if "float32" in dtypes:
+        if "float32" in dtypes and not args.core:
             run(f"loraformat merge -o {artefact} --dtype float32 ({args.layers} layers), "
                 "LORAFORMAT_PREWRITE=off",
                 [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
@@ -253,12 +256,12 @@ def main() -> int:
             run(f"loraformat merge -o {artefact} --dtype float32 ({half} layers)",
                 [*lf, "merge", str(bases[half]), str(work / f"peft{half}"), "-o",
                  model(f"f32_{half}"), *kv], cold)
-        if round_ == 0:  # an earlier export of this base fills the cache
+        if round_ == 0 and not args.core:  # an earlier export of this base fills the cache
             (out / "prime").mkdir()
             subprocess.run([*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
                             model("prime"), *kv], env={**os.environ, **warm}, check=True,
                            stdout=subprocess.DEVNULL)
-        for dtype in [d for d in dtypes if d in ("float32", "int4")]:
+        for dtype in [d for d in dtypes if d in ("float32", "int4") and not args.core]:
             run(f"loraformat merge -o {artefact} --dtype {dtype} ({args.layers} layers), warm",
                 [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
                  model(f"{dtype}_warm"), "--dtype", dtype, *kv], warm)

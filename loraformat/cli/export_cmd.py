@@ -84,22 +84,28 @@ def genai_base_dir(base: str) -> Path:
 
 
 def check_genai(out: str, base: str, overwrite: bool, no_genai: bool) -> None:
-    """Before a --with-past export: refuse to replace GenAI files beside OUT without
-    --overwrite (see :func:`loraformat.export.genai.check_genai_outputs`)."""
+    """Before a --with-past export: refuse to replace OUT, then the GenAI files beside it,
+    without --overwrite (see :func:`loraformat.export.genai.check_genai_outputs`)."""
     if not no_genai:
+        from ..atomic import check_output
         from ..export.genai import check_genai_outputs
 
+        check_output(out, overwrite)
         check_genai_outputs(out, genai_base_dir(base), overwrite)
 
 
 def write_genai(out: Path, base: str, no_genai: bool) -> Any:
     """After a --with-past export: genai_config.json and the tokenizer beside OUT (None with
-    --no-genai-config)."""
+    --no-genai-config). The model is written by then: what stops the config is a warning."""
     if no_genai:
         return None
-    from ..export.genai import write_genai_folder
+    from ..errors import LoraformatError
+    from ..export.genai import GenaiFolder, write_genai_folder
 
-    return write_genai_folder(out, genai_base_dir(base), overwrite=True)
+    try:
+        return write_genai_folder(out, genai_base_dir(base), overwrite=True)
+    except LoraformatError as exc:
+        return GenaiFolder(None, note=f"no genai_config.json written: {exc}")
 
 
 def echo_genai(folder: Any) -> None:
@@ -107,8 +113,9 @@ def echo_genai(folder: Any) -> None:
     if folder is None:
         return
     files = folder.tokenizer_files
-    click.echo(f"genai: {folder.config} (model.type {folder.model_type})"
-               + (f", tokenizer: {', '.join(files)}" if files else ", no tokenizer files"))
+    if folder.config is not None:
+        click.echo(f"genai: {folder.config} (model.type {folder.model_type})"
+                   + (f", tokenizer: {', '.join(files)}" if files else ", no tokenizer files"))
     if folder.note:
         click.echo(f"warning: {folder.note}", err=True)
 

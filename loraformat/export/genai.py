@@ -64,7 +64,7 @@ PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 class GenaiFolder:
     """What :func:`write_genai_folder` wrote beside the model."""
 
-    config: Path
+    config: Path | None  # None: none written (``note`` says why)
     tokenizer_files: list[str] = field(default_factory=list)
     model_type: str = ""
     past_present_share_buffer: bool = False
@@ -72,7 +72,8 @@ class GenaiFolder:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "config": str(self.config), "model_type": self.model_type,
+            "config": str(self.config) if self.config else None,
+            "model_type": self.model_type,
             "tokenizer_files": self.tokenizer_files,
             "past_present_share_buffer": self.past_present_share_buffer, "note": self.note,
         }
@@ -121,11 +122,11 @@ def genai_config(
         raise LoraformatError(path, "not a KV-cache decoder (input_ids and past_key_values.N.key "
                               "inputs for layers 0..N-1): GenAI cannot run it")
     kv_heads, head_size = (_static_dim(inputs["past_key_values.0.key"], axis) for axis in (1, 3))
-    heads = _config_int(config, path, "num_attention_heads")
-    hidden = _config_int(config, path, "hidden_size")
+    heads = _config_int(config, path, "num_attention_heads", "n_head")
+    hidden = _config_int(config, path, "hidden_size", "n_embd")
     kv_heads = kv_heads or int(config.get("num_key_value_heads") or heads)
     head_size = head_size or int(config.get("head_dim") or hidden // heads)
-    context = _config_int(config, path, "seq_length", "max_position_embeddings")
+    context = _config_int(config, path, "seq_length", "max_position_embeddings", "n_positions")
     share_buffer = any(node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
                        for node in graph.node)
     merged = {**config, **{k: v for k, v in (generation or {}).items() if v is not None}}
