@@ -168,6 +168,64 @@ def detect_architecture(
     return found.id if found is not None else None
 
 
+def architectures_naming(layer_paths: list[str]) -> list[str]:
+    """The installed architectures whose name table holds every one of ``layer_paths``."""
+    from ..architecture import registry
+
+    return sorted(
+        arch_id for arch_id, arch in registry().architectures().items()
+        if layer_paths and all(arch.names.foreign(p, "checkpoint") for p in layer_paths)
+    )
+
+
+def adapter_architecture(
+    path: str | os.PathLike[str], ctx: Context, layer_paths: list[str], what: str,
+    *, said: str | None = None, config: Mapping[str, Any] | None = None,
+    given: str | None = None,
+) -> str:
+    """The architecture an adapter being read is for, decided the same way for every format.
+
+    What the adapter itself says (``said``: an id it records; ``config``: a partial model config
+    such as PEFT's ``auto_mapping``) must agree with the base (``ctx.base``) and the
+    ``architecture`` option; a disagreement is refused naming both. Without a base or the option,
+    the adapter's own word decides, else its layer names, but only when they are one installed
+    architecture's: names many families share (``model.layers.N.self_attn.q_proj``) leave it
+    unknown, and the reader is refused rather than guess. ``given`` overrides the option.
+    """
+    if said is None and config:
+        said = detect_architecture(config, [])
+    given = given or ctx.options.get("architecture")
+    if ctx.base is not None:
+        base_arch = ctx.base.architecture
+        if given and given != base_arch:
+            raise LoraformatError(
+                path, f"architecture {given!r} given, but the base {ctx.base.path} is {base_arch!r}"
+            )
+        if said and said != base_arch:
+            raise LoraformatError(
+                path, f"adapter is for architecture {said!r}, but the base {ctx.base.path} is "
+                f"{base_arch!r}",
+            )
+        return base_arch
+    if given:
+        if said and said != given:
+            raise LoraformatError(
+                path, f"adapter is for architecture {said!r}, but {given!r} was given"
+            )
+        return given
+    if said:
+        return said
+    fitting = architectures_naming(layer_paths)
+    found = detect_architecture({}, [p + ".weight" for p in layer_paths])
+    if found is not None and fitting in ([], [found]):
+        return found
+    shared = f" (its layer names fit {', '.join(fitting)})" if len(fitting) > 1 else ""
+    raise LoraformatError(
+        path, f"architecture unknown: {what} does not say which model it is for{shared}; "
+        "pass the base model (--base BASE)",
+    )
+
+
 # -- arrays -------------------------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from ..format.safetensors_io import write_safetensors
 from ._common import (
     Context,
     Names,
-    detect_architecture,
+    adapter_architecture,
     read_safetensors,
     refuse_escape,
     scaled,
@@ -116,16 +116,9 @@ def read_mlx(path: Path, ctx: Context) -> Adapter:
     modules = sorted(k[: -len(".lora_a")] for k in tensors if k.endswith(".lora_a"))
     if not modules:
         raise LoraformatError(path / WEIGHTS_FILE, "no '<module>.lora_a' tensors")
-    if ctx.base is not None:
-        architecture = ctx.base.architecture
-    else:
-        architecture = ctx.options.get("architecture") or extra.get("architecture")
-        if architecture is None:
-            architecture = detect_architecture({}, [m + ".weight" for m in modules])
-        if architecture is None:
-            raise LoraformatError(
-                path, "cannot tell which architecture this MLX adapter is for: give --base BASE"
-            )
+    architecture = adapter_architecture(
+        path, ctx, modules, "an MLX adapter", said=extra.get("architecture")
+    )
     names = Names(architecture, ctx.config, "mlx", identity_fallback=False, present=ctx.present)
     rule = extra.get("scaling") if extra.get("scaling") in ("alpha/r", "alpha/sqrt(r)") else (
         "alpha/r"

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
-from ._common import Context, atomic_path, detect_architecture, scaled
+from ._common import Context, adapter_architecture, atomic_path, scaled
 
 NAME = "onnx_adapter"
 SUFFIX = ".onnx_adapter"
@@ -162,16 +162,8 @@ def read_onnx_adapter(path: Path, ctx: Context) -> Adapter:
     for name in params:
         if name.endswith(SLOT_B) and name[: -len(SLOT_B)] + SLOT_A not in params:
             raise LoraformatError(path, f"{name} has no matching {SLOT_A}")
-    architecture = ctx.options.get("architecture")
-    if ctx.base is not None:
-        architecture = ctx.base.architecture
-    if architecture is None:  # parameters are named by layer path: the plugins may know them
-        architecture = detect_architecture({}, [layer + ".weight" for layer in layers])
-    if architecture is None:
-        raise LoraformatError(
-            path, "an .onnx_adapter does not say its model, and its layer names do not tell "
-            "which installed architecture it is for: give --base BASE (or architecture)"
-        )
+    # parameters are named by layer path: only names one architecture owns tell it
+    architecture = adapter_architecture(path, ctx, sorted(layers), "an .onnx_adapter")
     ctx.report.layers = len(layers)
     ctx.note("ONNX Runtime adapters fold the scale into B: read back with alpha = rank (scale 1)")
     return Adapter.from_layers(

@@ -43,7 +43,7 @@ from ..format.safetensors_io import write_safetensors
 from ._common import (
     Context,
     Names,
-    detect_architecture,
+    adapter_architecture,
     read_safetensors,
     refuse_escape,
     torch_load_weights_only,
@@ -170,32 +170,17 @@ def read_peft(
 def _resolve_architecture(
     path: Path, config: Mapping[str, Any], modules: list[str], ctx: Context, given: str | None
 ) -> str:
-    if ctx.base is not None:
-        if given and given != ctx.base.architecture:
-            raise LoraformatError(
-                path, f"architecture {given!r} given, but the base is {ctx.base.architecture!r}"
-            )
-        return ctx.base.architecture
-    if given:
-        return given
     # PEFT records the model class and its module (transformers.models.<model_type>.modeling_…):
-    # enough for the plugins' detection without the base checkpoint.
-    fake_config: dict[str, Any] = {}
+    # what the adapter says it is for, checked against the base (adapter_architecture).
+    said: dict[str, Any] = {}
     mapping = config.get("auto_mapping") or {}
     if isinstance(mapping.get("base_model_class"), str):
-        fake_config["architectures"] = [mapping["base_model_class"]]
+        said["architectures"] = [mapping["base_model_class"]]
     library = mapping.get("parent_library")
     match = re.fullmatch(r"transformers\.models\.(\w+)\.modeling_\w+", str(library or ""))
     if match:
-        fake_config["model_type"] = match.group(1)
-    found = detect_architecture(fake_config, [m + ".weight" for m in modules])
-    if found is None:
-        raise LoraformatError(
-            path,
-            "cannot tell which architecture this PEFT adapter is for; pass the base model "
-            "(--base BASE) or the architecture",
-        )
-    return found
+        said["model_type"] = match.group(1)
+    return adapter_architecture(path, ctx, modules, "this PEFT adapter", config=said, given=given)
 
 
 def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
