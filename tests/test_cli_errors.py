@@ -244,10 +244,11 @@ def test_onnx_inputs(env: Env) -> None:
         assert_one_line_error(run(*argv, inputs=env.inputs), path, needle)
 
 
-def test_output_folder_missing(env: Env) -> None:
-    out = env.root / "no-such-folder" / "merged"
+def test_output_under_a_file(env: Env) -> None:
+    """A missing output folder is made (tests/test_walkthrough.py); one under a file cannot be."""
+    out = env.base / "config.json" / "deep" / "merged"
     assert_one_line_error(run("merge", env.base, env.adapter, "-o", out, inputs=env.inputs),
-                          out, "output folder", "does not exist")
+                          out, "config.json is a file, not a folder to write into")
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"merge-onnx"} | {"generate",

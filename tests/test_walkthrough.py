@@ -76,3 +76,112 @@ def test_mlx_adapter_recording_its_architecture_is_refused_by_another_base(model
                    "--to", "mlx").code == 0
     r = run_cli("convert", mlx, "--base", models["llama"], "-o", tmp_path / "x.safetensors")
     _one_error(r, "adapter is for architecture 'qwen2'", "is 'llama'")
+
+
+# -- 3. double merge ----------------------------------------------------------------------------
+
+
+def _merge_twice(base, adapter, first, second):
+    r = run_cli("merge", base, adapter, "-o", first)
+    assert r.code == 0, r.err
+    r = run_cli("merge", first, adapter, "-o", second)
+    _one_error(r, f"error: {first}: already has the adapter", "merged into it",
+               "use --force to merge it again")
+    assert not second.exists()
+    forced = run_cli("merge", first, adapter, "-o", second, "--force")
+    assert forced.code == 0, forced.err
+
+
+def test_double_merge_refused_checkpoint_and_its_onnx_export(models, tmp_path):
+    """The safetensors record survives export: a merged checkpoint's ONNX export refuses too;
+    unmerging takes the adapter off the record."""
+    once = tmp_path / "once"
+    _merge_twice(models["llama"], models["llama_peft"], once, tmp_path / "twice")
+    assert run_cli("export", once, "-o", tmp_path / "once.onnx").code == 0
+    r = run_cli("merge", tmp_path / "once.onnx", models["llama_peft"], "-o", tmp_path / "x.onnx")
+    _one_error(r, "already has the adapter")
+    unmerged = tmp_path / "unmerged"
+    assert run_cli("unmerge", once, models["llama_peft"], "-o", unmerged).code == 0
+    assert run_cli("merge", unmerged, models["llama_peft"], "-o", tmp_path / "again").code == 0
+
+
+def test_double_merge_refused_onnx(models, tmp_path):
+    base = tmp_path / "base.onnx"
+    assert run_cli("export", models["llama"], "-o", base).code == 0
+    _merge_twice(base, models["llama_peft"], tmp_path / "once.onnx", tmp_path / "twice.onnx")
+    # the checkpoint → ONNX merge records it as well
+    int4 = tmp_path / "int4.onnx"
+    r = run_cli("merge", models["llama"], models["llama_peft"], "-o", int4, "--dtype", "int4")
+    assert r.code == 0, r.err
+    _one_error(run_cli("merge", int4, models["llama_peft"], "-o", tmp_path / "y.onnx"),
+               "already has the adapter")
+
+
+def test_double_merge_refused_gguf(models, tmp_path):
+    import json
+
+    import gguf
+    from test_merge_gguf import hf_tensors, write_model
+
+    from loraformat.merge.plan import MERGED_KEY
+
+    config = json.loads((models["llama"] / "config.json").read_text())
+    base = write_model(hf_tensors(models["llama"]), config, tmp_path / "base.gguf", "Q8_0")
+    once, twice = tmp_path / "once.gguf", tmp_path / "twice.gguf"
+    _merge_twice(base, models["llama_peft"], once, twice)
+    before, after = gguf.GGUFReader(str(base)), gguf.GGUFReader(str(twice))
+    assert len(json.loads(after.fields[MERGED_KEY].contents())) == 2
+    for name, field in before.fields.items():  # every other key-value kept
+        if not name.startswith("GGUF."):
+            assert after.fields[name].contents() == field.contents(), name
+
+
+def test_double_merge_refused_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from test_merge_bnb import TARGETS, _llama64, _quantize
+
+    base = _llama64(tmp_path / "float")
+    adapter = tiny_models.peft_adapter(base, "llama", tmp_path / "peft", target_modules=TARGETS)
+    nf4 = _quantize(base, tmp_path / "nf4", "nf4", True)
+    _merge_twice(nf4, adapter, tmp_path / "once", tmp_path / "twice")
+    requantized = tmp_path / "requantized"
+    assert run_cli("merge", nf4, adapter, "-o", requantized, "--requantize").code == 0
+    _one_error(run_cli("merge", requantized, adapter, "-o", tmp_path / "x"),
+               "already has the adapter")
+
+
+# -- 6. missing parent folders ------------------------------------------------------------------
+
+
+def test_missing_parent_folders_are_made(models, tmp_path):
+    adapter = tmp_path / "deep" / "lf" / "adapter"
+    commands = [
+        ["convert", models["llama_peft"], "--base", models["llama"], "-o", adapter],
+        ["merge", models["llama"], adapter, "-o", tmp_path / "a" / "b" / "merged"],
+        ["merge", models["llama"], adapter, "-o", tmp_path / "c" / "d" / "model.onnx"],
+        ["export", models["llama"], "-o", tmp_path / "e" / "f" / "base.onnx"],
+        ["scale", adapter, "0.5", "-o", tmp_path / "g" / "h" / "half"],
+        ["stack", adapter, adapter, "-o", tmp_path / "i" / "j" / "stacked"],
+    ]
+    for argv in commands:
+        r = run_cli(*argv)
+        assert r.code == 0, (argv, r.err)
+        assert argv[-1].exists(), argv
+
+
+def test_failed_write_leaves_no_folders(models, tmp_path):
+    """A refused merge (another architecture) made no folders, even though the output's parent
+    folders did not exist."""
+    out = tmp_path / "x" / "y" / "merged"
+    r = run_cli("merge", models["llama"], models["qwen2_peft"], "-o", out)
+    assert r.code == 1 and not (tmp_path / "x").exists()
+
+
+def test_atomic_writers_remove_the_folders_they_made_when_the_write_fails(tmp_path):
+    from loraformat.atomic import atomic_dir, atomic_file
+
+    for writer in (atomic_file, atomic_dir):
+        with pytest.raises(RuntimeError), writer(tmp_path / "p" / "q" / "out"):
+            assert (tmp_path / "p" / "q").is_dir()
+            raise RuntimeError("killed mid-write")
+        assert list(tmp_path.iterdir()) == []

@@ -157,7 +157,8 @@ def _merge_quantized(
 @click.option("--verify", is_flag=True,
               help="ONNX export: compare ONNX Runtime with torch on random inputs before writing.")
 @click.option("--force", is_flag=True,
-              help="Merge even if the adapter names a different base fingerprint.")
+              help="Merge even if the adapter names a different base fingerprint, or BASE "
+                   "records it as merged already.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if an adapter holds NaN/Inf.")
 @click.option("--unshare", is_flag=True,
               help="ONNX surgery: give an adapted layer its own copy of a weight the graph shares "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import warnings
@@ -44,8 +45,8 @@ from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from ..merge.checkpoint import plan_for_base
-from ..merge.plan import MergePlan, open_adapters
+from ..merge.checkpoint import merged_in, plan_for_base
+from ..merge.plan import MERGED_KEY, MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model, weights_as_inputs
 from .graph_cache import cached_trace, code_digest
 from .prewrite import finish, parameter_dtypes, staged_weights
@@ -541,6 +542,9 @@ def export_onnx(
             quantized += quantize_embeddings(graph, model.layers, quant)
         if rewrite is not None:
             graph = rewrite(graph)
+        record = plan.merged if plan is not None else merged_in(model.checkpoint)
+        if record:  # the adapters in these weights, so a second merge of one is refused
+            graph.metadata_props[MERGED_KEY] = json.dumps(record)
         if external_data is None:
             external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
         prewritten = finish(writer, graph, external_data, progress)

@@ -341,8 +341,9 @@ def float_dtype_name(array: np.ndarray) -> str:
 def atomic_path(out: Path) -> Iterator[Path]:
     """A temporary sibling path for writers that insist on opening the file themselves (gguf,
     onnxruntime); on success it is fsynced and renamed onto ``out`` in one step."""
-    from ..atomic import TMP_MARKER, default_mode
+    from ..atomic import TMP_MARKER, default_mode, make_parents, remove_made
 
+    made = make_parents(out)
     fd, name = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent)
     os.close(fd)
     tmp = Path(name)
@@ -355,4 +356,5 @@ def atomic_path(out: Path) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        remove_made(made)
         raise

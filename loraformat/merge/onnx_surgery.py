@@ -60,7 +60,7 @@ from ..format.adapter import Adapter
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport
 from . import onnx_int4
-from .plan import MergePlan, open_adapters, plan_merge
+from .plan import MERGED_KEY, MergePlan, open_adapters, plan_merge, read_merged
 
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -585,7 +585,8 @@ def merge_onnx(
     ``base`` and write ``out`` atomically; the graph's nodes are unchanged (except the rewired
     inputs of layers ``unshare`` gives their own copy). See the module docstring for how layers
     are found and oriented, and :func:`~loraformat.merge.plan.plan_merge` for the refusals.
-    ``force`` is accepted for symmetry and ignored: an ONNX file has no fingerprint to compare.
+    An ONNX file has no fingerprint to compare; ``force`` merges an adapter the model records as
+    merged already (``metadata_props``).
     Weights stored in MatMulNBits nodes are requantized (:mod:`~loraformat.merge.onnx_int4`) and
     the result carries the survival report; ``threshold`` is its warning's share.
     """
@@ -625,9 +626,11 @@ def merge_onnx(
             )
         plan: MergePlan = plan_merge(
             layout.layers, layout.shapes, opened, architecture=detected, base_path=source,
-            weights=weights, subtract=subtract, fingerprint=None, force=True,
+            weights=weights, subtract=subtract, fingerprint=None, force=force,
             allow_nonfinite=allow_nonfinite,
+            merged=read_merged(model.metadata_props.get(MERGED_KEY), source),
         )
+        model.metadata_props[MERGED_KEY] = plan.merged_record
         total = len(plan.ops)
         external = False
         size = 0
