@@ -53,7 +53,7 @@ def check_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
     file. Missing folders above it are fine: the writer makes them (:func:`parent_folders`)."""
     out = Path(path)
     if out.exists() and not overwrite:
-        raise LoraformatError(out, "output already exists (use --overwrite to replace it)")
+        raise LoraformatError(out, "output already exists (use [[overwrite]] to replace it)")
     folder = _lowest_existing(out)
     if not folder.is_dir():
         raise LoraformatError(out, f"{folder} is a file, not a folder to write into")

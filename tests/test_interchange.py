@@ -187,7 +187,7 @@ def test_peft_out_rows_refused_then_expanded_with_lossy(bases, tmp_path):
     base = bases["gpt2"]
     path = "transformer.h.0.attn.c_attn"
     adapter = make_adapter(base, [path], per_layer={path: {"out_rows": [(0, 32), (64, 96)]}})
-    with pytest.raises(LoraformatError, match=r"out_rows.*PEFT has no such form.*--lossy"):
+    with pytest.raises(LoraformatError, match=r"out_rows.*PEFT has no such form.*lossy=True"):
         interchange.from_adapter(adapter, tmp_path / "p", "peft", base=base)
     assert not (tmp_path / "p").exists()
     report = interchange.from_adapter(adapter, tmp_path / "p", "peft", base=base, lossy=True)
@@ -296,7 +296,7 @@ def test_onnx_adapter_refuses_dora_unless_lossy(bases, tmp_path):
     base = bases["llama"]
     paths = linear_paths(base, 2)
     adapter = make_adapter(base, paths, per_layer={paths[0]: {"dora": True}})
-    with pytest.raises(LoraformatError, match=r"DoRA magnitudes on 1 layer.*--lossy"):
+    with pytest.raises(LoraformatError, match=r"DoRA magnitudes on 1 layer.*lossy=True"):
         interchange.from_adapter(adapter, tmp_path / "a.onnx_adapter", base=base)
     assert not (tmp_path / "a.onnx_adapter").exists()
     report = interchange.from_adapter(adapter, tmp_path / "a.onnx_adapter", base=base, lossy=True)

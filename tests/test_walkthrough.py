@@ -185,3 +185,84 @@ def test_atomic_writers_remove_the_folders_they_made_when_the_write_fails(tmp_pa
             assert (tmp_path / "p" / "q").is_dir()
             raise RuntimeError("killed mid-write")
         assert list(tmp_path.iterdir()) == []
+
+
+# -- 9. the small list --------------------------------------------------------------------------
+
+
+def test_algebra_commands_report_json(models, tmp_path):
+    import json
+
+    adapter = tmp_path / "lf"
+    assert run_cli("convert", models["llama_peft"], "--base", models["llama"], "-o",
+                   adapter).code == 0
+    for argv in (["stack", adapter, adapter, "-w", "0.5", "-w", "0.5"],
+                 ["subtract", adapter, adapter], ["scale", adapter, "2"]):
+        out = tmp_path / argv[0]
+        r = run_cli(*argv, "-o", out, "--json")
+        assert r.code == 0, r.err
+        report = json.loads(r.out)
+        assert report["output"] == str(out) and len(report["layers"]) == 4
+        want = 8 if argv[0] in ("stack", "subtract") else 4  # ranks concatenate
+        assert {row["rank"] for row in report["layers"]} == {want}
+
+
+def test_merge_takes_w_like_stack(models, tmp_path):
+    half = run_cli("merge", models["llama"], models["llama_peft"], "-w", "0.5", "-o",
+                   tmp_path / "half")
+    assert half.code == 0, half.err
+
+
+def test_inspect_json_error_is_json(tmp_path):
+    import json
+
+    junk = tmp_path / "junk.txt"
+    junk.write_text("junk")
+    r = run_cli("inspect", junk, "--json")
+    assert r.code == 1 and json.loads(r.out)["error"].startswith(f"{junk}: is a file of no format")
+    assert r.error.startswith(f"error: {junk}: is a file of no format")
+
+
+def test_plugins_checkpoint_prints_only_the_answer(models):
+    import json
+
+    r = run_cli("plugins", "--checkpoint", models["qwen2"])
+    assert r.out == f"{models['qwen2']}: architecture 'qwen2' from plugin 'qwen2'\n"
+    data = json.loads(run_cli("plugins", "--checkpoint", models["qwen2"], "--json").out)
+    assert data == {"checkpoint": str(models["qwen2"]), "architecture": "qwen2",
+                    "plugin": "qwen2", "generic": False}
+
+
+def test_errors_name_options_in_each_callers_words(models, tmp_path):
+    """The command line says --lossy / --overwrite; Python says lossy=True / overwrite=True."""
+    import loraformat
+    from loraformat import interchange
+    from loraformat.errors import LoraformatError
+
+    native = tmp_path / "lf"
+    assert run_cli("convert", models["llama_peft"], "--base", models["llama"], "-o",
+                   native).code == 0
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"keep")
+    with pytest.raises(LoraformatError) as python:
+        loraformat.repack(native, taken)
+    assert str(python.value).endswith("output already exists (use overwrite=True to replace it)")
+    cli = run_cli("convert", native, "-o", taken)
+    assert cli.error.endswith("output already exists (use --overwrite to replace it)")
+    # a lossy conversion: a DoRA adapter to an ONNX Runtime adapter
+    from loraformat.format.adapter import load
+
+    with load(native) as adapter:
+        layers = {p: adapter.layer(p) for p in adapter.layer_paths}
+    import numpy as np
+
+    for layer in layers.values():
+        layer.magnitude = np.ones(layer.out_features, np.float32)
+    from loraformat.format.adapter import Adapter
+
+    Adapter.from_layers("llama", layers).save(tmp_path / "dora")
+    with pytest.raises(LoraformatError) as python:
+        interchange.convert(tmp_path / "dora", tmp_path / "x.onnx_adapter")
+    assert str(python.value).endswith("rerun with lossy=True to convert anyway")
+    cli = run_cli("convert", tmp_path / "dora", "-o", tmp_path / "x.onnx_adapter")
+    assert cli.error.endswith("rerun with --lossy to convert anyway")

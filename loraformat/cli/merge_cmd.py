@@ -146,7 +146,7 @@ def _merge_quantized(
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (merged checkpoint), a .safetensors file (single-file base), "
                    "a .onnx file (ONNX model), or a .gguf file (GGUF base).")
-@click.option("--weight", "weights", multiple=True, type=float,
+@click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=_DTYPES, default=None,
               help="ONNX export: weight and activation dtype (default float32); int4/int8: "
@@ -273,7 +273,7 @@ def merge_command(
                 callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (checkpoint), .safetensors file, or .onnx file (ONNX base).")
-@click.option("--weight", "weights", multiple=True, type=float,
+@click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="The weights the adapters were merged with (default 1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Proceed even if an adapter holds NaN/Inf.")
 @from_option

@@ -88,7 +88,7 @@ class Context:
             raise LoraformatError(
                 path,
                 f"cannot be carried to {target} without loss: " + "; ".join(pending)
-                + "; rerun with --lossy (lossy=True) to convert anyway",
+                + "; rerun with [[lossy]] to convert anyway",
             )
         for message in pending:
             if message not in self.report.lossy:

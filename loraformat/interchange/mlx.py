@@ -193,16 +193,16 @@ def write_mlx(adapter: Adapter, out: Path, ctx: Context) -> None:
     biased = [p for p, s in specs.items() if s.lora_bias]
     if unnamed:
         ctx.lossy(f"{len(unnamed)} layer(s) MLX-LM has no module for (e.g. {unnamed[0]}) "
-                  "(--lossy drops them)")
+                  "([[lossy]] drops them)")
     if dora and len(dora) != len(specs):
-        ctx.lossy("DoRA on some layers only: an MLX adapter is all DoRA or all LoRA (--lossy "
+        ctx.lossy("DoRA on some layers only: an MLX adapter is all DoRA or all LoRA ([[lossy]] "
                   "drops the magnitudes)")
     if biased:
         ctx.lossy(f"lora_bias on {len(biased)} layer(s) (e.g. {biased[0]}): MLX LoRA has no "
-                  "bias (--lossy drops it)")
+                  "bias ([[lossy]] drops it)")
     if adapter.replacement_names:
         ctx.lossy(f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
-                  f"{adapter.replacement_names[0]}): not carried to MLX (--lossy drops them)")
+                  f"{adapter.replacement_names[0]}): not carried to MLX ([[lossy]] drops them)")
     ctx.check_lossy(out, "MLX-LM")
     use_dora = bool(dora) and len(dora) == len(specs)
     named = [p for p in specs if p not in unnamed]

@@ -50,7 +50,8 @@ def adapter_arrays(
     if adapter.replacement_names:
         ctx.lossy(
             f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
-            f"{adapter.replacement_names[0]}): a LoRA slot holds only A and B (--lossy drops them)"
+            f"{adapter.replacement_names[0]}): a LoRA slot holds only A and B ([[lossy]] drops "
+            "them)"
         )
     kinds = {"dora": [], "lora_bias": [], "embedding": []}
     for path, spec in adapter.specs.items():
@@ -62,13 +63,13 @@ def adapter_arrays(
             kinds["lora_bias"].append(path)
     if kinds["dora"]:
         ctx.lossy(f"DoRA magnitudes on {len(kinds['dora'])} layer(s) (e.g. {kinds['dora'][0]}): "
-                  "a slot adds x·A·B only (--lossy drops the magnitudes: outputs change)")
+                  "a slot adds x·A·B only ([[lossy]] drops the magnitudes: outputs change)")
     if kinds["lora_bias"]:
         ctx.lossy(f"lora_bias on {len(kinds['lora_bias'])} layer(s) (e.g. "
-                  f"{kinds['lora_bias'][0]}): slots have no bias input (--lossy drops it)")
+                  f"{kinds['lora_bias'][0]}): slots have no bias input ([[lossy]] drops it)")
     if kinds["embedding"]:
         ctx.lossy(f"embedding LoRA on {', '.join(kinds['embedding'])}: slots are for linear "
-                  "layers (--lossy drops these layers)")
+                  "layers ([[lossy]] drops these layers)")
     ctx.check_lossy(where, "an ONNX Runtime adapter")
     out: dict[str, np.ndarray] = {}
     total = len(adapter.specs)

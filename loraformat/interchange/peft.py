@@ -216,7 +216,7 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
     if config.get("alora_invocation_tokens"):
         ctx.lossy(
             "aLoRA invocation tokens: the adapter acts only after them, loraformat applies it "
-            "to every token (--lossy drops the invocation sequence)"
+            "to every token ([[lossy]] drops the invocation sequence)"
         )
     arch = _resolve_architecture(path, config, sorted(grouped), ctx, architecture)
     names = Names(arch, ctx.config, "peft", identity_fallback=True, present=ctx.present)
@@ -346,7 +346,7 @@ def _replacements(
                 if base_weight.shape != array.shape or not np.array_equal(base_weight, array):
                     ctx.lossy(
                         f"PEFT's copy of {target} differs from the base weight and the layer is "
-                        "also adapted (--lossy keeps the base weight)"
+                        "also adapted ([[lossy]] keeps the base weight)"
                     )
                 else:
                     ctx.note(f"dropped PEFT's saved copy of {target} (identical to the base)")
@@ -437,12 +437,12 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
     if fused:
         ctx.lossy(
             f"{len(fused)} layer(s) adapt only some output rows (out_rows, e.g. {fused[0]}); "
-            "PEFT has no such form (--lossy writes B with zero rows elsewhere: same outputs, "
+            "PEFT has no such form ([[lossy]] writes B with zero rows elsewhere: same outputs, "
             "larger file)"
         )
     if any_dora and not all(dora.values()):
         ctx.lossy(
-            "DoRA on some layers only; PEFT's use_dora applies to all (--lossy drops the "
+            "DoRA on some layers only; PEFT's use_dora applies to all ([[lossy]] drops the "
             "DoRA magnitudes)"
         )
     ctx.check_lossy(out, "PEFT")

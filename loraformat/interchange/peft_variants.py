@@ -309,6 +309,9 @@ def read_variant(
         text = f"{row.path}: {peft_type} exact rank {row.exact_rank} → rank {row.rank}"
         if rank is not None or energy is not None:
             text += f" (relative error {row.relative_error:.3e})"
+        elif row.rank >= min(layers[row.path].in_features, layers[row.path].out_features):
+            text += (" (full rank: as large as the weight itself; a rank or energy — --rank N or "
+                     "--energy E, rank=/energy= in Python — makes it low-rank, as `reduce` does)")
         ctx.note(text)
     ctx.report.layers = len(layers)
     provenance = {

@@ -335,7 +335,7 @@ def locate(
                     raise LoraformatError(
                         adapter.path, f"layer {path!r}: its weight {value.name!r} is shared by "
                         f"{len(compute)} nodes ({', '.join(n.name for n, _, _ in compute[:3])}); "
-                        "merging would change them all (use --unshare to give this layer its "
+                        "merging would change them all (use [[unshare]] to give this layer its "
                         "own copy)",
                     )
                 value = _unshare(
@@ -364,7 +364,7 @@ def locate(
                             raise LoraformatError(
                                 adapter.path, f"layer {path!r}: its bias {bias_value.name!r} is "
                                 f"shared by {len(list(bias_value.uses()))} nodes; merging would "
-                                "change them all (use --unshare to give this layer its own copy)",
+                                "change them all (use [[unshare]] to give this layer its own copy)",
                             )
                         users = {id(n) for n, _, _ in compute}
                         bias_value = _unshare_bias(index, bias_value, compute, users, path)
@@ -466,7 +466,7 @@ def _bias_of_weight(
             raise LoraformatError(
                 adapter.path, f"replacement {name!r}: its initializer {bias.name!r} is shared by "
                 f"{len(list(bias.uses()))} nodes; replacing it would change them all (use "
-                "--unshare to give this layer its own copy)",
+                "[[unshare]] to give this layer its own copy)",
             )
         bias = _unshare_bias(index, bias, compute, set(), path)
         unshared.append(bias.name)

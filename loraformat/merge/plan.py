@@ -193,7 +193,7 @@ def plan_merge(
         elif ident in record and not force:
             raise LoraformatError(
                 base_path, f"already has the adapter {where or ''} merged into it (it records "
-                f"adapter {ident[:12]}…); use --force to merge it again".replace("  ", " "),
+                f"adapter {ident[:12]}…); use [[force]] to merge it again",
             )
         else:
             record.append(ident)
@@ -208,14 +208,14 @@ def plan_merge(
             if base_fp is not None and base_fp != adapter.fingerprint:
                 raise LoraformatError(
                     where, f"adapter was made for base fingerprint {adapter.fingerprint[:17]}…, "
-                    f"but {base_path} has {base_fp[:17]}… (a different base; use --force to merge "
-                    "anyway)",
+                    f"but {base_path} has {base_fp[:17]}… (a different base; use [[force]] to "
+                    "merge anyway)",
                 )
         if not allow_nonfinite:
             problem = _nonfinite(adapter)
             if problem:
                 raise LoraformatError(
-                    where, f"{problem}; refusing to merge (use --allow-nonfinite to merge anyway)"
+                    where, f"{problem}; refusing to merge (use [[allow_nonfinite]] to merge anyway)"
                 )
         for path, spec in adapter.specs.items():
             dense = layers.get(path)
