@@ -175,7 +175,7 @@ def test_peft_names_are_transformers_in_memory_names_for_vit(bases, tmp_path):
 def test_peft_pattern_semantics_first_match_wins():
     from peft.utils.other import get_pattern_key as reference
 
-    from loraformat.interchange.peft import get_pattern_key
+    from loraformat.interchange.peft_keys import get_pattern_key
 
     keys = ["layers.1.self_attn.q_proj", "q_proj", "v_proj"]
     for name in ["model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",

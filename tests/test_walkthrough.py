@@ -266,3 +266,31 @@ def test_errors_name_options_in_each_callers_words(models, tmp_path):
     assert str(python.value).endswith("rerun with lossy=True to convert anyway")
     cli = run_cli("convert", tmp_path / "dora", "-o", tmp_path / "x.onnx_adapter")
     assert cli.error.endswith("rerun with --lossy to convert anyway")
+
+
+# -- code health --------------------------------------------------------------------------------
+
+
+def test_write_peft_is_loaded_by_peft_with_the_same_outputs(models, tmp_path):
+    """``write_peft`` (the Python API of the PEFT writer): PEFT loads what it writes, with the
+    logits of the adapter it was read from; an existing output is refused in Python's words."""
+    import torch
+    from loraformat.errors import LoraformatError
+    from loraformat.interchange.peft import read_peft, write_peft
+    from peft import PeftModel
+
+    adapter = read_peft(models["llama_peft"], base=models["llama"])
+    out = write_peft(adapter, tmp_path / "peft")
+    with pytest.raises(LoraformatError, match="use overwrite=True"):
+        write_peft(adapter, out)
+    inputs = tiny_models.example_inputs("llama")
+    logits = []
+    for path in (models["llama_peft"], out):
+        model = PeftModel.from_pretrained(tiny_models.load_transformers(models["llama"], "llama"),
+                                          path)
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    base = tiny_models.load_transformers(models["llama"], "llama")
+    with torch.no_grad():
+        assert (base(**inputs).logits - logits[0]).abs().max() > 1e-3  # the adapter matters

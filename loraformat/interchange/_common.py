@@ -10,7 +10,6 @@ the caller asked for ``lossy=True``. Changes of *representation* that keep the a
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -326,15 +325,6 @@ def scaled(array: np.ndarray, factor: float) -> np.ndarray:
         return array
     wide = np.float64 if array.dtype == np.float64 else np.float32
     return (array.astype(wide) * wide(factor)).astype(array.dtype)
-
-
-def is_power_of_two(value: float) -> bool:
-    mantissa, _ = math.frexp(abs(value))
-    return value != 0 and mantissa == 0.5
-
-
-def float_dtype_name(array: np.ndarray) -> str:
-    return str(array.dtype)
 
 
 @contextlib.contextmanager

@@ -48,12 +48,13 @@ from ._common import (
     refuse_escape,
     torch_load_weights_only,
 )
+from .peft_keys import PREFIX, get_pattern_key
+from .peft_variants import read_variant
 
 NAME = "peft"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
-PREFIX = "base_model.model."
 #: PEFT methods converted by :mod:`loraformat.interchange.peft_variants` (exact low-rank forms).
 VARIANTS = ("LOHA", "LOKR", "ADALORA", "VERA")
 
@@ -66,15 +67,6 @@ _LAYER_SUFFIXES = {
     ".lora_embedding_A": "embA",
     ".lora_embedding_B": "embB",
 }
-
-
-def get_pattern_key(pattern_keys: list[str], key_to_match: str) -> str:
-    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first pattern (in dict order)
-    that matches the end of the module name at a dot boundary, else the name itself."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -187,8 +179,6 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
     config = _read_config(path)
     raw, weights_path = _read_tensors(path)
     if config["peft_type"] in VARIANTS:
-        from .peft_variants import read_variant
-
         return read_variant(
             path, config, raw, weights_path, ctx,
             lambda modules: _resolve_architecture(path, config, modules, ctx, architecture),

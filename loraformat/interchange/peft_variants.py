@@ -33,7 +33,7 @@ from ..algebra.reduce import LayerReduction, reduce_layer, relative_error
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
 from ._common import Context, Names
-from .peft import PREFIX, get_pattern_key
+from .peft_keys import PREFIX, get_pattern_key
 
 _ROLES = {
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
