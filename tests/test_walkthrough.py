@@ -275,9 +275,10 @@ def test_write_peft_is_loaded_by_peft_with_the_same_outputs(models, tmp_path):
     """``write_peft`` (the Python API of the PEFT writer): PEFT loads what it writes, with the
     logits of the adapter it was read from; an existing output is refused in Python's words."""
     import torch
+    from peft import PeftModel
+
     from loraformat.errors import LoraformatError
     from loraformat.interchange.peft import read_peft, write_peft
-    from peft import PeftModel
 
     adapter = read_peft(models["llama_peft"], base=models["llama"])
     out = write_peft(adapter, tmp_path / "peft")
