@@ -295,3 +295,62 @@ def test_write_peft_is_loaded_by_peft_with_the_same_outputs(models, tmp_path):
     base = tiny_models.load_transformers(models["llama"], "llama")
     with torch.no_grad():
         assert (base(**inputs).logits - logits[0]).abs().max() > 1e-3  # the adapter matters
+
+
+# -- 4. survival of an int4 export --------------------------------------------------------------
+
+
+def _dequantize_matmulnbits(model, weight: str):
+    """W (out × in) from a MatMulNBits node's initializers, by the operator's definition:
+    4-bit values low nibble first, per block of K, w = (q − zero point) · scale."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = next(n for n in model.graph.node
+                if n.op_type == "MatMulNBits" and n.input[1] == weight + "_Q4")
+    k = next(a.i for a in node.attribute if a.name == "K")
+    block = next(a.i for a in node.attribute if a.name == "block_size")
+    packed = inits[weight + "_Q4"]
+    n, blocks = packed.shape[:2]
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32)
+    scales = inits[weight + "_scales"].reshape(n, blocks, 1).astype(np.float32)
+    zp = inits[weight + "_zero_points"].reshape(n, -1)
+    zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks, None]
+    return ((q - zero) * scales).reshape(n, blocks * block)[:, :k]
+
+
+def test_int4_export_reports_survival_like_an_int4_base(models, tmp_path):
+    """Share = ⟨Q(W') − Q(W), ΔW⟩ / ‖ΔW‖², recomputed from the two written files (the base and
+    the merged model, both int4) and PEFT's merged weights."""
+    import json
+
+    import numpy as np
+    import onnx
+    import torch
+    from peft import PeftModel
+
+    base, merged = tmp_path / "base.onnx", tmp_path / "merged.onnx"
+    assert run_cli("export", models["llama"], "-o", base, "--dtype", "int4").code == 0
+    r = run_cli("merge", models["llama"], models["llama_peft"], "-o", merged, "--dtype", "int4",
+                "--json")
+    assert r.code == 0, r.err
+    survival = json.loads(r.out)["survival"]
+    text = run_cli("merge", models["llama"], models["llama_peft"], "-o", tmp_path / "t.onnx",
+                   "--dtype", "int4")
+    assert "overall" in text.out and "share" in text.out
+    peft = PeftModel.from_pretrained(tiny_models.load_transformers(models["llama"], "llama"),
+                                     models["llama_peft"])
+    with torch.no_grad():
+        want_w = {k: v.numpy().copy() for k, v in peft.merge_and_unload().state_dict().items()}
+    plain = {k: v.numpy() for k, v in
+             tiny_models.load_transformers(models["llama"], "llama").state_dict().items()}
+    before, after = onnx.load(str(base)), onnx.load(str(merged))
+    assert len(survival["layers"]) == 4
+    for row in survival["layers"]:
+        name = row["tensor"]
+        delta = want_w[name] - plain[name]
+        change = _dequantize_matmulnbits(after, name) - _dequantize_matmulnbits(before, name)
+        share = float(np.sum(change * delta) / np.sum(delta * delta))
+        assert row["share"] == pytest.approx(min(1.0, share), abs=1e-4), name
+        assert row["delta_norm"] == pytest.approx(float(np.linalg.norm(delta)), rel=1e-4)

@@ -48,9 +48,10 @@ from ..format.adapter import Adapter
 from ..merge.checkpoint import merged_in, plan_for_base
 from ..merge.plan import MERGED_KEY, MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model, weights_as_inputs
+from ..quant.survival import SurvivalReport
 from .graph_cache import cached_trace, code_digest
 from .prewrite import finish, parameter_dtypes, staged_weights
-from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
+from .quantize import QuantOptions, merge_survival, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
 from .runner import open_runner, ort_providers, providers_for, runner_name
 from .stream import (
@@ -100,6 +101,7 @@ class ExportResult:
     prewritten: bool = False  # the weights were written by a second process while tracing
     cosine: float | None = None  # verify: outputs' cosine similarity to torch's
     min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
+    survival: SurvivalReport | None = None  # int4/int8: how much of the merged adapters kept
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,7 +119,7 @@ class ExportResult:
             "traced": self.traced,
             "prewritten": self.prewritten,
             "cosine": self.cosine,
-        }
+        } | ({"survival": self.survival.to_json()} if self.survival is not None else {})
 
 
 # -- tensors ------------------------------------------------------------------------------------
@@ -561,6 +563,8 @@ def export_onnx(
             quantized_layers=len(quantized),
             traced=traced,
             prewritten=prewritten,
+            survival=merge_survival(model.checkpoint, plan, model.layers, quantized, quant,
+                                    np.dtype(float_dtype)) if quant is not None else None,
         )
 
         def check(path: Path) -> None:
