@@ -442,6 +442,7 @@ def test_overwrite_replaces_the_output(env: Env) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".lf-tmp-")]
 
 
+@pytest.mark.slow
 def test_successful_commands_leave_inputs_unchanged(env: Env, tmp_path: Path) -> None:
     """The happy path of every writing command, each hashing its inputs before and after."""
     a, b = env.adapter, env.base

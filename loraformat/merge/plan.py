@@ -190,7 +190,7 @@ def plan_merge(
         if subtract:
             if ident in record:
                 record.remove(ident)
-        elif ident in record and not force:
+        elif ident in merged and not force:  # the base's record (one call may repeat one)
             raise LoraformatError(
                 base_path, f"already has the adapter {where or ''} merged into it (it records "
                 f"adapter {ident[:12]}…); use [[force]] to merge it again",
