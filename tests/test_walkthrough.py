@@ -354,3 +354,110 @@ def test_int4_export_reports_survival_like_an_int4_base(models, tmp_path):
         share = float(np.sum(change * delta) / np.sum(delta * delta))
         assert row["share"] == pytest.approx(min(1.0, share), abs=1e-4), name
         assert row["delta_norm"] == pytest.approx(float(np.linalg.norm(delta)), rel=1e-4)
+
+
+# -- 5. generate --------------------------------------------------------------------------------
+
+
+def _sentencepiece_model(folder):
+    """A tiny SentencePiece model (40 pieces, inside the tiny models' 96-token vocabulary),
+    trained here: a base with only tokenizer.model, as many LLaMA-family checkpoints ship."""
+    import io
+
+    sentencepiece = pytest.importorskip("sentencepiece")
+    text = ["the quick brown fox jumps over the lazy dog", "a merged adapter answers in kind",
+            "low rank updates to every projection", "tokens stream out one by one"] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=model, vocab_size=40, model_type="unigram",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def decoder(models):
+    """A with-past export of the merged tiny LLaMA, beside a copy of the base's folder with only
+    a SentencePiece tokenizer.model."""
+    import shutil
+
+    root = models["root"] / "decoder"
+    folder = root / "checkpoint"
+    shutil.copytree(models["llama"], folder)
+    _sentencepiece_model(folder)
+    model = root / "model.onnx"
+    r = run_cli("merge", folder, models["llama_peft"], "-o", model, "--with-past")
+    assert r.code == 0, r.err
+    return model, folder
+
+
+@pytest.mark.slow
+def test_generate_prompt_with_only_a_sentencepiece_model(decoder):
+    """--prompt encodes as transformers' LlamaTokenizer does with the same tokenizer.model (BOS
+    first, as tokenizer_config.json asks), through --tokenizer DIR and --tokenizer FILE alike."""
+    import json
+
+    from transformers import LlamaTokenizer
+
+    from loraformat.generate import greedy_generate
+
+    model, folder = decoder
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    reference = LlamaTokenizer.from_pretrained(folder)
+    prompt = "the lazy fox"
+    want = reference.encode(prompt)
+    assert want[0] == 1 and len(want) > 2
+    expected = greedy_generate(model, want, 5).new_ids[0]
+    for given in (folder, folder / "tokenizer.model"):
+        r = run_cli("generate", model, "--prompt", prompt, "--tokenizer", given,
+                    "--max-new-tokens", "5", "--eos-id", "-1", "--json")
+        assert r.code == 0, r.err
+        report = json.loads(r.out)
+        assert report["prompt_ids"] == want and report["new_ids"] == expected
+        assert report["text"] == reference.decode(expected)
+
+
+@pytest.mark.slow
+def test_generate_stops_at_the_generation_config_eos(decoder):
+    import json
+
+    from loraformat.generate import greedy_generate
+
+    model, folder = decoder
+    free = greedy_generate(model, [1, 5, 9], 12).new_ids[0]
+    stop = free[3]
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = 95 if stop != 95 else 94  # generation_config.json wins
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop, 93]}))
+    r = run_cli("generate", model, "--prompt-ids", "1,5,9", "--tokenizer", folder,
+                "--max-new-tokens", "12", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["new_ids"] == free[: free.index(stop) + 1]
+
+
+def test_generate_names_a_gguf_model_and_what_runs_it(models, tmp_path):
+    import json
+
+    from test_merge_gguf import hf_tensors, write_model
+
+    config = json.loads((models["llama"] / "config.json").read_text())
+    gguf_model = write_model(hf_tensors(models["llama"]), config, tmp_path / "m.gguf", "F32")
+    r = run_cli("generate", gguf_model, "--prompt-ids", "1,2")
+    assert r.error == (f"error: {gguf_model}: is a llama.cpp GGUF model, not an ONNX decoder: "
+                       "run it with llama.cpp (llama-cli -m FILE)")
+
+
+def test_sentencepiece_tokenizer_without_the_package_names_it(tmp_path, monkeypatch):
+    import sys
+
+    from loraformat.errors import LoraformatError
+    from loraformat.generate import load_tokenizer
+
+    path = _sentencepiece_model(tmp_path)
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    with pytest.raises(LoraformatError) as err:
+        load_tokenizer(path)
+    assert str(err.value) == (f"{path}: reading this tokenizer needs the `sentencepiece` "
+                              "package (pip install sentencepiece)")
