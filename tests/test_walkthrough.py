@@ -461,3 +461,43 @@ def test_sentencepiece_tokenizer_without_the_package_names_it(tmp_path, monkeypa
         load_tokenizer(path)
     assert str(err.value) == (f"{path}: reading this tokenizer needs the `sentencepiece` "
                               "package (pip install sentencepiece)")
+
+
+# -- 7. attention_mask in the plain export -------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_plain_export_takes_a_padded_batch(models, tmp_path, family):
+    """A left-padded and a right-padded row give, at their real tokens, the logits transformers
+    gives for the unpadded rows — and the logits transformers gives for the padded batch with
+    its mask and positions counted from it."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    base = models.get(family) or tiny_models.gpt2(tmp_path / "gpt2")
+    out = tmp_path / "model.onnx"
+    assert run_cli("export", base, "-o", out).code == 0
+    model = (tiny_families.load_transformers(base) if family == "qwen2"
+             else tiny_models.load_transformers(base, family))
+    session = ort.InferenceSession(str(out))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    short, full = [7, 3, 41, 9], [12, 5, 60, 2, 33, 8]
+    ids = np.array([[0, 0, *short], full])  # left padding
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6])
+    right = np.array([[*short, 0, 0], full])
+    right_mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6])
+    got_left = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    got_right = session.run(None, {"input_ids": right, "attention_mask": right_mask})[0]
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([row])).logits[0].numpy() for row in (short, full)]
+        positions = torch.tensor((mask.cumsum(-1) - 1).clip(min=0))
+        batch = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      position_ids=positions).logits.numpy()
+    for got, at in ((got_left, slice(2, 6)), (got_right, slice(0, 4))):
+        np.testing.assert_allclose(got[0, at], alone[0], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got[1], alone[1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_left[0, 2:], batch[0, 2:], atol=1e-4, rtol=0)
+    # the padding matters: without the mask the short row's logits differ
+    unmasked = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    assert np.abs(unmasked[0, 2:] - alone[0]).max() > 1e-3

@@ -112,9 +112,14 @@ def logits(path: Path, ids: np.ndarray) -> np.ndarray:
         from onnx.reference import ReferenceEvaluator
 
         evaluator = ReferenceEvaluator(onnx.load(str(path)))
-        return np.asarray(evaluator.run(None, {"input_ids": ids})[0]).astype(np.float32)
+        return np.asarray(evaluator.run(None, decoder_feed(ids))[0]).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"input_ids": ids})[0], dtype=np.float32)
+    return np.asarray(session.run(None, decoder_feed(ids))[0], dtype=np.float32)
+
+
+def decoder_feed(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The plain decoder export's inputs for an unpadded batch."""
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
 def builder_logits(folder: Path, ids: np.ndarray) -> np.ndarray | None:
