@@ -120,9 +120,9 @@ def run() -> NoReturn:
     Teardown after an export frees the object graphs torch, its exporter and sympy built up, a
     noticeable share of an export's time (README, "Why the design is as it is") spent after the
     output is complete, renamed and synced. So once :func:`main` returns, the exit handlers run
-    as usual (temporary directories, logging, child processes), stdout and stderr are flushed, and the process ends
-    with :func:`os._exit`. With a non-daemon thread still running (or on a Python without
-    CPython's ``atexit._run_exitfuncs``), it exits the ordinary way."""
+    as usual (temporary directories, logging, child processes), stdout and stderr are flushed,
+    and the process ends with :func:`os._exit`. With a non-daemon thread still running (or on a
+    Python without CPython's ``atexit._run_exitfuncs``), it exits the ordinary way."""
     try:
         main()
         code = 0
