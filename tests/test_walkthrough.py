@@ -501,3 +501,72 @@ def test_plain_export_takes_a_padded_batch(models, tmp_path, family):
     # the padding matters: without the mask the short row's logits differ
     unmasked = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
     assert np.abs(unmasked[0, 2:] - alone[0]).max() > 1e-3
+
+
+# -- 8. the README's Session snippet --------------------------------------------------------------
+
+
+def _readme_blocks(language: str) -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+@pytest.mark.slow
+def test_readme_session_snippet_runs_as_written(models, tmp_path, monkeypatch):
+    """The README's shell lines for the slot graph and the adapter, then its Python block, run
+    as written in a folder holding base/ and adapter/ (an adapter on all seven projections):
+    the task's logits are PEFT's for the same adapter."""
+    import shlex
+    import shutil
+
+    import numpy as np
+    import torch
+    from peft import PeftModel
+
+    shell = "\n".join(_readme_blocks("sh"))
+    wanted = ("loraformat export base/ --lora-slots -o slots.onnx",
+              "loraformat convert adapter/ -o task.onnx_adapter --base base/")
+    lines = [line.split("#")[0].strip() for line in shell.splitlines()]
+    assert all(w in lines for w in wanted), "the README's slot lines changed"
+    (snippet,) = [b for b in _readme_blocks("python") if "Session(" in b and "adapter=" in b]
+    shutil.copytree(models["llama"], tmp_path / "base")
+    peft_dir = tiny_models.peft_adapter(
+        models["llama"], "llama", tmp_path / "peft",
+        target_modules=list(tiny_families.PROJECTIONS["qwen2"]),
+    )
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("convert", "peft", "-o", "adapter/", "--base", "base/").code == 0
+    for line in wanted:
+        r = run_cli(*shlex.split(line)[1:])
+        assert r.code == 0, (line, r.err)
+    scope: dict = {}
+    exec(snippet, scope)
+    peft = PeftModel.from_pretrained(tiny_models.load_transformers(models["llama"], "llama"),
+                                     peft_dir)
+    with torch.no_grad():
+        want = peft(input_ids=torch.tensor([[1, 2, 3]])).logits.numpy()
+    np.testing.assert_allclose(scope["task_logits"], want, atol=1e-4, rtol=0)
+    assert np.abs(scope["base_logits"] - want).max() > 1e-3
+
+
+def test_quantized_base_declares_the_architecture_of_a_silent_adapter(models, tmp_path):
+    """A PEFT adapter without auto_mapping (as hand-made configs have it) merged into a GGUF
+    model takes the architecture the GGUF declares; one whose auto_mapping names another family
+    is refused naming both."""
+    import json
+    import shutil
+
+    from test_merge_gguf import hf_tensors, write_model
+
+    config = json.loads((models["llama"] / "config.json").read_text())
+    base = write_model(hf_tensors(models["llama"]), config, tmp_path / "base.gguf", "Q8_0")
+    silent = shutil.copytree(models["llama_peft"], tmp_path / "silent")
+    peft_config = json.loads((silent / "adapter_config.json").read_text())
+    peft_config["auto_mapping"] = None
+    (silent / "adapter_config.json").write_text(json.dumps(peft_config))
+    assert run_cli("merge", base, silent, "-o", tmp_path / "m.gguf").code == 0
+    r = run_cli("merge", base, models["qwen2_peft"], "-o", tmp_path / "x.gguf")
+    _one_error(r, "adapter is for architecture 'qwen2'", "'llama'")

@@ -151,6 +151,15 @@ def gguf_architecture(arch_name: str, where: Path) -> PluginArchitecture:
     return next((a for a in found if a.id == arch_name), found[0])
 
 
+def model_architecture(path: str | os.PathLike[str]) -> str:
+    """The installed architecture id of a GGUF model (its ``general.architecture``)."""
+    where = Path(path)
+    name = _field(_open_reader(where), "general.architecture")
+    if not isinstance(name, str):
+        raise LoraformatError(where, "GGUF file has no general.architecture")
+    return gguf_architecture(name, where).id
+
+
 def _open_reader(path: Path) -> Any:
     import gguf
 
@@ -362,4 +371,4 @@ def merge_gguf(
 
 
 __all__ = ["GgufMergeResult", "gguf_config", "gguf_layers",
-           "merge_gguf"]
+           "merge_gguf", "model_architecture"]
