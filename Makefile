@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   builds a tiny GPT-2-shaped example and merges an adapter into it as ONNX
 #   make test   runs the linter and the test suite
+#   make test-fast  the same without the tests marked slow (ONNX exports, reference models)
 # Both create .venv and install what they need. torch==2.13.0 is installed first so pip never
 # resolves a multi-GB CUDA build of torch.
 
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 THIRD_PARTY := $(if $(wildcard tests/third_party_plugin/pyproject.toml),-e tests/third_party_plugin,)
 EXAMPLE := build/example
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +33,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+test-fast: lint
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -41,21 +41,72 @@ def default_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~_umask()
 
 
+def _lowest_existing(out: Path) -> Path:
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def check_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``overwrite`` is set."""
+    """Refuse to replace an existing output unless ``overwrite`` is set, or to write under a
+    file. Missing folders above it are fine: the writer makes them (:func:`parent_folders`)."""
     out = Path(path)
     if out.exists() and not overwrite:
-        raise LoraformatError(out, "output already exists (use --overwrite to replace it)")
-    if not out.parent.exists():
-        raise LoraformatError(out, f"output folder {out.parent} does not exist")
+        raise LoraformatError(out, "output already exists (use [[overwrite]] to replace it)")
+    folder = _lowest_existing(out)
+    if not folder.is_dir():
+        raise LoraformatError(out, f"{folder} is a file, not a folder to write into")
     return out
+
+
+def make_parents(path: str | os.PathLike[str]) -> list[Path]:
+    """Make the missing folders above ``path``; the ones made, deepest first."""
+    out = Path(path)
+    made: list[Path] = []
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    for folder in reversed(made):
+        try:
+            folder.mkdir(mode=0o777)
+        except FileExistsError:  # made meanwhile by another writer
+            made.remove(folder)
+        except NotADirectoryError:
+            raise LoraformatError(out, f"{folder.parent} is a file, not a folder") from None
+    return made
+
+
+def remove_made(folders: list[Path]) -> None:
+    """Remove folders :func:`make_parents` made (deepest first), where still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def parent_folders(path: str | os.PathLike[str]) -> Iterator[None]:
+    """The missing folders above ``path`` exist inside the block; if it fails they are removed
+    again, so a failed write leaves nothing behind."""
+    made = make_parents(path)
+    try:
+        yield
+    except BaseException:
+        remove_made(made)
+        raise
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Open a temporary sibling of ``path`` for binary writing; rename it into place on success."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + target.name, dir=target.parent)
+    with parent_folders(target):
+        fd, tmp = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + target.name, dir=target.parent)
+        yield from _fill_file(fd, tmp, target)
+
+
+def _fill_file(fd: int, tmp: str, target: Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -79,7 +130,13 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     only after the new one is in place.
     """
     target = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + target.name, dir=target.parent))
+    with parent_folders(target):
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + target.name,
+                                    dir=target.parent))
+        yield from _fill_dir(tmp, target)
+
+
+def _fill_dir(tmp: Path, target: Path) -> Iterator[Path]:
     try:
         yield tmp
         for file in tmp.rglob("*"):

@@ -14,12 +14,15 @@ next token is the arg-max of the last position's logits (greedy; ties go to the 
 ``torch.argmax``).
 
 Token ids in, token ids out: no tokenizer is needed. :func:`load_tokenizer` returns a
-``tokenizers.Tokenizer`` only when a ``tokenizer.json`` is present and the ``tokenizers`` package
-is importable, for callers that want text.
+:class:`TextTokenizer` for callers that want text: a checkpoint's ``tokenizer.json`` (the
+``tokenizers`` package) or, where it has only that, its SentencePiece ``tokenizer.model`` (the
+``sentencepiece`` package). :func:`eos_token_ids` reads the end-of-sequence ids a checkpoint's
+``generation_config.json`` (else ``config.json``) gives, where generation stops by default.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -73,6 +76,7 @@ class DecoderSession:
         self.path = Path(path)
         if not self.path.is_file():
             raise LoraformatError(self.path, "no such ONNX model")
+        _refuse_other_models(self.path)
         options = onnxruntime.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
@@ -175,16 +179,18 @@ def greedy_generate(
     prompt_ids: Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     providers: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> GenerationResult:
     """Greedy decoding of ``max_new_tokens`` tokens after ``prompt_ids``.
 
     ``prompt_ids`` is one prompt (a list of ids) or a batch of prompts of equal length. Generation
-    stops early only when every row has produced ``eos_token_id`` (rows that finished first are
-    padded with ``eos_token_id``). Token ids outside the vocabulary are refused.
+    stops early only when every row has produced an end id (``eos_token_id``: one or several, as
+    ``generation_config.json`` may list; rows that finished first are padded with the first).
+    Token ids outside the vocabulary are refused.
     """
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     session = model if isinstance(model, DecoderSession) else DecoderSession(model, providers)
     rows = _as_batch(prompt_ids)
     if max_new_tokens < 0:
@@ -207,9 +213,9 @@ def greedy_generate(
     result.prefill_s = time.perf_counter() - start
     for n in range(max_new_tokens):
         token = logits.argmax(-1)
-        if eos_token_id is not None:
-            token = np.where(done, eos_token_id, token)
-            done |= token == eos_token_id
+        if stops:
+            token = np.where(done, stops[0], token)
+            done |= np.isin(token, stops)
         for row, t in zip(result.new_ids, token.tolist(), strict=True):
             row.append(int(t))
         if progress is not None:
@@ -222,25 +228,114 @@ def greedy_generate(
     return result
 
 
-def load_tokenizer(where: str | os.PathLike[str]) -> Any | None:
-    """A ``tokenizers.Tokenizer`` from ``where`` (a ``tokenizer.json`` or a directory holding one).
+def _refuse_other_models(path: Path) -> None:
+    """One line for a file that is some other model (a GGUF file, a checkpoint), saying what runs
+    it, before ONNX Runtime answers with a raw protobuf error."""
+    from . import sniff
 
-    ``None`` when there is no tokenizer.json or the ``tokenizers`` package is not installed:
-    generation works on ids alone.
-    """
-    path = Path(where)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        return None
+    kind = sniff.identify(path)
+    if kind.format == sniff.ONNX_MODEL or (kind.format == sniff.UNKNOWN and path.suffix == ".onnx"):
+        return
+    if kind.format == sniff.GGUF_MODEL:
+        instead = "run it with llama.cpp (llama-cli -m FILE)"
+    else:
+        instead = "generate runs a decoder exported with `loraformat merge BASE ADAPTER -o x.onnx "
+        instead += "--with-past` (or `loraformat export BASE -o x.onnx --with-past`)"
+    raise LoraformatError(path, f"is {kind.what}, not an ONNX decoder: {instead}")
+
+
+class TextTokenizer:
+    """Text ↔ token ids through a checkpoint's tokenizer: ``encode(text) -> list[int]``,
+    ``decode(ids) -> str``."""
+
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+                 path: Path) -> None:
+        self.encode, self.decode, self.path = encode, decode, path
+
+
+def _needs(package: str, path: Path) -> LoraformatError:
+    return LoraformatError(path, f"reading this tokenizer needs the `{package}` package "
+                                 f"(pip install {package})")
+
+
+def _huggingface_tokenizer(path: Path) -> TextTokenizer:
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        return None
+        raise _needs("tokenizers", path) from None
     try:
-        return Tokenizer.from_file(os.fspath(path))
+        tok = Tokenizer.from_file(os.fspath(path))
     except Exception as exc:  # tokenizers raises its own exception type for bad JSON
         raise LoraformatError(path, f"cannot read the tokenizer: {exc}") from exc
+    return TextTokenizer(lambda text: tok.encode(text).ids, tok.decode, path)
 
 
-__all__ = ["DecoderSession", "GenerationResult", "greedy_generate", "load_tokenizer"]
+def _sentencepiece_tokenizer(path: Path) -> TextTokenizer:
+    """A SentencePiece ``tokenizer.model`` as transformers' LlamaTokenizer uses it: BOS first
+    when the folder's tokenizer_config.json says ``add_bos_token: true`` (as LLaMA's does)."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise _needs("sentencepiece", path) from None
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(os.fspath(path))
+    except Exception as exc:  # sentencepiece raises OSError/RuntimeError for a bad model
+        raise LoraformatError(path, f"not a SentencePiece tokenizer model ({exc})") from exc
+    add_bos = _json(path.parent / "tokenizer_config.json").get("add_bos_token") is True
+    bos = [sp.bos_id()] if add_bos and sp.bos_id() >= 0 else []
+    size = sp.GetPieceSize()  # a model's vocabulary may be padded beyond the tokenizer's
+
+    def decode(ids: list[int]) -> str:
+        return sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < size])
+
+    return TextTokenizer(lambda text: bos + list(sp.EncodeAsIds(text)), decode, path)
+
+
+def load_tokenizer(where: str | os.PathLike[str]) -> TextTokenizer | None:
+    """The tokenizer at ``where``: a ``tokenizer.json``, a SentencePiece ``tokenizer.model``, or a
+    directory holding one (tokenizer.json first). ``None`` when there is none: generation works
+    on ids alone. A tokenizer whose package is missing is refused naming the package."""
+    path = Path(where)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "tokenizer.model") if (path / n).is_file()]
+        if not found:
+            return None
+        path = found[0]
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        first = handle.read(1)
+    if first == b"{":
+        return _huggingface_tokenizer(path)
+    return _sentencepiece_tokenizer(path)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def eos_token_ids(folder: str | os.PathLike[str]) -> list[int]:
+    """The end-of-sequence ids of the checkpoint in ``folder``: ``generation_config.json``'s
+    ``eos_token_id`` (an id or a list), else ``config.json``'s; empty when neither says."""
+    for name in ("generation_config.json", "config.json"):
+        value = _json(Path(folder) / name).get("eos_token_id")
+        ids = value if isinstance(value, list) else [value]
+        ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+        if ids:
+            return ids
+    return []
+
+
+__all__ = [
+    "DecoderSession",
+    "GenerationResult",
+    "TextTokenizer",
+    "eos_token_ids",
+    "greedy_generate",
+    "load_tokenizer",
+]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .atomic import TMP_MARKER
+from .atomic import TMP_MARKER, make_parents, remove_made
 
 #: Above this many initializer bytes the weights go to an external data file (protobuf's cap).
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
@@ -104,6 +104,7 @@ class Staging:
             data_name = names[1] if references(out, names[0]) else names[0]
         self.data_names = names
         self.data_name = data_name
+        self.made = make_parents(out)  # removed again if the model never lands
         self.dir = Path(tempfile.mkdtemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent))
 
     @property
@@ -122,6 +123,8 @@ class Staging:
                 file.unlink()
         with contextlib.suppress(OSError):
             self.dir.rmdir()
+        if not self.out.exists():
+            remove_made(self.made)
 
 
 def save_model(

@@ -211,7 +211,9 @@ def decoder_export_model(
     """The :class:`ExportModel` for a decoder LM whose forward is
     ``(input_ids, attention_mask=None, position_ids=None, **past_key_values)``.
 
-    Plain: input ``input_ids`` [batch, sequence] → ``logits``. With past (optimum naming):
+    Plain: inputs ``input_ids`` and ``attention_mask`` [batch, sequence] (0 at padding) →
+    ``logits``; positions follow the mask, so a padded row's logits are the unpadded row's. With
+    past (optimum naming):
     inputs ``input_ids``, ``attention_mask`` [batch, total_sequence], ``position_ids``,
     ``past_key_values.N.key/value`` [batch, kv_heads, past_sequence, head_dim]; outputs ``logits``,
     ``present.N.key/value`` [batch, kv_heads, total_sequence, head_dim]. Python keywords cannot
@@ -226,10 +228,10 @@ def decoder_export_model(
     if not with_past:
         return ExportModel(
             module,
-            {"input_ids": ids},
-            ["input_ids"],
+            {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)},
+            ["input_ids", "attention_mask"],
             ["logits"],
-            {"input_ids": seq_axes, "logits": seq_axes},
+            {"input_ids": seq_axes, "attention_mask": seq_axes, "logits": seq_axes},
         )
     inputs: dict[str, Any] = {
         "input_ids": ids,

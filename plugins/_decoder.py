@@ -368,6 +368,7 @@ def build(
         additive_mask,
         attend,
         attention_mask_4d,
+        mask_and_positions,
     )
 
     GemmaRMSNorm, CappedDense, TiedCappedHead = torch_modules()
@@ -521,9 +522,9 @@ def build(
         def hidden(self, input_ids, attention_mask, position_ids, pairs):
             b, s = input_ids.shape
             past_len = pairs[0][0].shape[2] if pairs[0] is not None else 0
-            if position_ids is None:
-                position_ids = (torch.arange(s, device=input_ids.device) + past_len)[None, :]
-                position_ids = position_ids.expand(b, s)
+            attention_mask, position_ids = mask_and_positions(
+                attention_mask, position_ids, b, s, past_len, input_ids.device
+            )
             allowed = attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
             # One additive mask per distinct window, built once per forward.
             masks = {None: additive_mask(allowed)}

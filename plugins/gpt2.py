@@ -130,7 +130,13 @@ def _build(
     import torch
     from torch import nn
 
-    from loraformat.architecture.modules import Dense, additive_mask, attend, attention_mask_4d
+    from loraformat.architecture.modules import (
+        Dense,
+        additive_mask,
+        attend,
+        attention_mask_4d,
+        mask_and_positions,
+    )
 
     names = list(tensors)
     prefix = find_prefix(names, r"h\.\d+\.attn\.c_attn\.weight$")
@@ -214,8 +220,9 @@ def _build(
         def hidden(self, input_ids, attention_mask, position_ids, pairs):
             b, s = input_ids.shape
             past_len = pairs[0][0].shape[2] if pairs[0] is not None else 0
-            if position_ids is None:
-                position_ids = (torch.arange(s, device=input_ids.device) + past_len)[None, :]
+            attention_mask, position_ids = mask_and_positions(
+                attention_mask, position_ids, b, s, past_len, input_ids.device
+            )
             mask_bias = additive_mask(
                 attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
             )

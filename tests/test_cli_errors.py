@@ -244,10 +244,11 @@ def test_onnx_inputs(env: Env) -> None:
         assert_one_line_error(run(*argv, inputs=env.inputs), path, needle)
 
 
-def test_output_folder_missing(env: Env) -> None:
-    out = env.root / "no-such-folder" / "merged"
+def test_output_under_a_file(env: Env) -> None:
+    """A missing output folder is made (tests/test_walkthrough.py); one under a file cannot be."""
+    out = env.base / "config.json" / "deep" / "merged"
     assert_one_line_error(run("merge", env.base, env.adapter, "-o", out, inputs=env.inputs),
-                          out, "output folder", "does not exist")
+                          out, "config.json is a file, not a folder to write into")
 
 
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"merge-onnx"} | {"generate",
@@ -441,6 +442,7 @@ def test_overwrite_replaces_the_output(env: Env) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".lf-tmp-")]
 
 
+@pytest.mark.slow
 def test_successful_commands_leave_inputs_unchanged(env: Env, tmp_path: Path) -> None:
     """The happy path of every writing command, each hashing its inputs before and after."""
     a, b = env.adapter, env.base

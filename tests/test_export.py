@@ -268,7 +268,7 @@ def test_demo_example_merges_and_matches_transformers(tmp_path):
 
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"),
                                            providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input_ids": ids.numpy()})[0]
+    got = session.run(None, tiny_models.feed(session, ids))[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 

@@ -221,8 +221,8 @@ def test_int4_base_with_lora_slots(tmp_path):
     for path in (tmp_path / "slots4.onnx", tmp_path / "slots.onnx"):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         ids = np.array([[3, 9, 27, 81, 5]], dtype=np.int64)
-        plain = session.run(None, {"input_ids": ids})[0]
-        feed = {"input_ids": ids}
+        plain = session.run(None, tiny_models.feed(session, ids))[0]
+        feed = tiny_models.feed(session, ids)
         for n, i in enumerate(session.get_overridable_initializers()):
             rng = np.random.default_rng(n)
             if i.name.endswith(".lora_A"):
@@ -330,10 +330,9 @@ def test_a_first_layer_that_cannot_stand_for_the_others(skip, kinds, traced, tmp
     ir.save(want, tmp_path / "full.onnx")
     assert canonical(tmp_path / "repeated.onnx") == canonical(tmp_path / "full.onnx")
     ids = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], dtype=np.int64)
-    got, expected = (
-        ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"])
-        .run(None, {"input_ids": ids})[0] for p in ("repeated.onnx", "full.onnx")
-    )
+    sessions = [ort.InferenceSession(str(tmp_path / p), providers=["CPUExecutionProvider"])
+                for p in ("repeated.onnx", "full.onnx")]
+    got, expected = (s.run(None, tiny_models.feed(s, ids))[0] for s in sessions)
     assert np.array_equal(got, expected)
     import torch
 

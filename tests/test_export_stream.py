@@ -89,7 +89,7 @@ def test_weightless_build_holds_no_parameter_memory():
 
 def _llama_logits(path: Path, ids: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input_ids": ids})[0]
+    return session.run(None, tiny_models.feed(session, ids))[0]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tiny_families
+import tiny_models
 import torch
 from click.testing import CliRunner
 
@@ -57,7 +58,7 @@ def test_merge_to_onnx_equals_peft_merge(family):
     out = root / "merged.onnx"
     run("merge", base, adapter, "-o", out)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"input_ids": IDS})
+    (logits,) = session.run(["logits"], tiny_models.feed(session, IDS))
     expected = merged_logits(merged, IDS)
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
     base_logits = merged_logits(tiny_families.load_transformers(base), IDS)

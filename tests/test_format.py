@@ -581,7 +581,7 @@ def test_existing_output_refused_without_overwrite(saved: Path, tmp_path: Path):
         with pytest.raises(LoraformatError, match="output already exists"):
             adapter.save(target)
         (tmp_path / "x.safetensors").write_bytes(b"keep")
-        with pytest.raises(LoraformatError, match=r"use --overwrite"):
+        with pytest.raises(LoraformatError, match=r"use overwrite=True"):  # Python words
             adapter.save(tmp_path / "x.safetensors")
         assert (tmp_path / "x.safetensors").read_bytes() == b"keep"
         assert (target / "adapter.safetensors").read_bytes() == before

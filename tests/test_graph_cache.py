@@ -29,7 +29,7 @@ def cache(tmp_path, monkeypatch):
 
 def _logits(path, ids):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input_ids": ids})[0]
+    return session.run(None, tiny_models.feed(session, ids))[0]
 
 
 def test_the_second_export_of_a_base_uses_the_cached_graph(cache, tmp_path, monkeypatch):

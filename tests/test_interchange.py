@@ -175,7 +175,7 @@ def test_peft_names_are_transformers_in_memory_names_for_vit(bases, tmp_path):
 def test_peft_pattern_semantics_first_match_wins():
     from peft.utils.other import get_pattern_key as reference
 
-    from loraformat.interchange.peft import get_pattern_key
+    from loraformat.interchange.peft_keys import get_pattern_key
 
     keys = ["layers.1.self_attn.q_proj", "q_proj", "v_proj"]
     for name in ["model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
@@ -187,7 +187,7 @@ def test_peft_out_rows_refused_then_expanded_with_lossy(bases, tmp_path):
     base = bases["gpt2"]
     path = "transformer.h.0.attn.c_attn"
     adapter = make_adapter(base, [path], per_layer={path: {"out_rows": [(0, 32), (64, 96)]}})
-    with pytest.raises(LoraformatError, match=r"out_rows.*PEFT has no such form.*--lossy"):
+    with pytest.raises(LoraformatError, match=r"out_rows.*PEFT has no such form.*lossy=True"):
         interchange.from_adapter(adapter, tmp_path / "p", "peft", base=base)
     assert not (tmp_path / "p").exists()
     report = interchange.from_adapter(adapter, tmp_path / "p", "peft", base=base, lossy=True)
@@ -296,7 +296,7 @@ def test_onnx_adapter_refuses_dora_unless_lossy(bases, tmp_path):
     base = bases["llama"]
     paths = linear_paths(base, 2)
     adapter = make_adapter(base, paths, per_layer={paths[0]: {"dora": True}})
-    with pytest.raises(LoraformatError, match=r"DoRA magnitudes on 1 layer.*--lossy"):
+    with pytest.raises(LoraformatError, match=r"DoRA magnitudes on 1 layer.*lossy=True"):
         interchange.from_adapter(adapter, tmp_path / "a.onnx_adapter", base=base)
     assert not (tmp_path / "a.onnx_adapter").exists()
     report = interchange.from_adapter(adapter, tmp_path / "a.onnx_adapter", base=base, lossy=True)
@@ -307,7 +307,7 @@ def test_onnx_adapter_needs_architecture(tmp_path, bases):
     adapter = make_adapter(bases["llama"], linear_paths(bases["llama"], 1), alpha=4)
     out = tmp_path / "a.onnx_adapter"
     interchange.from_adapter(adapter, out)
-    with pytest.raises(LoraformatError, match="does not say its model"):
+    with pytest.raises(LoraformatError, match=r"architecture unknown: an \.onnx_adapter"):
         interchange.to_adapter(out)
 
 

@@ -78,9 +78,9 @@ def test_activated_onnx_adapter_equals_merged_model(graph, scaling):
     lora.Load(str(out))
     options = ort.RunOptions()
     options.add_active_adapter(lora)
-    got = session.run(None, {"input_ids": ids}, options)[0]
+    got = session.run(None, tiny_models.feed(session, ids), options)[0]
     assert np.abs(expected - plain).max() > 1e-2  # the adapter matters
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     # With no adapter active, the same session is the base model.
-    np.testing.assert_allclose(session.run(None, {"input_ids": ids})[0], plain, atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(session.run(None, tiny_models.feed(session, ids))[0], plain,
+                               atol=1e-4, rtol=0)

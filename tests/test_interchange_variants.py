@@ -116,8 +116,11 @@ def test_converted_and_merged_equals_peft(variant, llama):
             np.testing.assert_allclose(converted.delta(path, np.float64), deltas[path],
                                        rtol=0, atol=1e-6 * np.abs(deltas[path]).max())
             rank = converted.specs[path].rank
-            assert any(note.startswith(f"{path}: ") and note.endswith(f"→ rank {rank}")
-                       for note in ctx.report.notes)
+            note = next(n for n in ctx.report.notes if n.startswith(f"{path}: "))
+            assert note.endswith(f"→ rank {rank}") or f"→ rank {rank} (" in note
+            # a layer as large as its weight says so, with the way to a low-rank one
+            full = rank == min(*deltas[path].shape)
+            assert ("full rank" in note and "--rank N" in note) == full
             assert rank == min(_exact_rank(name, deltas[path].shape), *deltas[path].shape)
 
 

@@ -376,6 +376,7 @@ def sharded(tmp_path_factory):
 # -- tests --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kill_merge_to_directory(server, sharded, tmp_path):
     from loraformat.checkpoint import Checkpoint
 
@@ -485,6 +486,7 @@ def test_kill_merge_to_single_file(server, tiny_checkpoint, tmp_path):
     assert sha256_tree(base, adapter) == hashes
 
 
+@pytest.mark.slow
 def test_kill_merge_onnx_surgery(server, tiny_checkpoint, tmp_path):
     """An ONNX base merged into an ONNX output (initializer surgery, no torch), killed."""
     import onnx

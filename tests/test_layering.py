@@ -1,5 +1,6 @@
-"""Imports only go down: no import cycle between loraformat's packages, and no module imports
-another module's underscore name (what two modules share is public where it lives).
+"""Imports only go down: no import cycle between loraformat's packages, nor between two modules
+(inside one package too), and no module imports another module's underscore name (what two
+modules share is public where it lives).
 
 Every import counts, including those inside functions (a lazy import is still a dependency). The
 root ``loraformat/__init__.py`` is the public facade re-exporting the packages below it, so it is
@@ -101,9 +102,29 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def module_graph() -> dict[str, set[str]]:
+    """loraformat module → the loraformat modules it imports (``from pkg import mod`` is the
+    module ``pkg.mod``; a package is its ``__init__``)."""
+    modules = {importer for importer, _, _, _ in ALL}
+    graph: dict[str, set[str]] = defaultdict(set)
+    for importer, target, name, _ in ALL:
+        if unit(importer) is None:
+            continue
+        dest = f"{target}.{name}" if name and f"{target}.{name}" in modules else target
+        if dest in modules and dest != importer and unit(dest) is not None:
+            graph[importer].add(dest)
+    return graph
+
+
 def test_no_import_cycle_between_packages():
     graph = package_graph()
     assert "loraformat.base" in graph and "loraformat.architecture" in graph["loraformat.base"]
+    assert cycles(graph) == []
+
+
+def test_no_import_cycle_between_modules():
+    graph = module_graph()
+    assert "loraformat.interchange.peft_keys" in graph["loraformat.interchange.peft_variants"]
     assert cycles(graph) == []
 
 

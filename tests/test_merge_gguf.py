@@ -22,6 +22,7 @@ from test_cli_errors import assert_one_line_error, run
 from loraformat.errors import LoraformatError
 from loraformat.interchange import open_adapter
 from loraformat.merge.gguf import merge_gguf
+from loraformat.merge.plan import MERGED_KEY, adapter_id
 
 pytestmark = pytest.mark.slow  # PEFT references
 
@@ -113,9 +114,13 @@ def lm(tmp_path_factory):
                            merged=merged)
 
 
-def _header_end(path: Path) -> int:
-    reader = gguf.GGUFReader(str(path))
-    return reader.data_offset
+def _same_metadata_and_record(merged: Path, model: Path, adapter: Path) -> None:
+    """Every key-value of the base, plus the record of the adapter merged in."""
+    written, source = gguf.GGUFReader(str(merged)), gguf.GGUFReader(str(model))
+    got = {n: f.contents() for n, f in written.fields.items() if not n.startswith("GGUF.")}
+    want = {n: f.contents() for n, f in source.fields.items() if not n.startswith("GGUF.")}
+    assert got.pop(MERGED_KEY) == json.dumps([adapter_id(open_adapter(adapter))])
+    assert got == want
 
 
 def test_f32_merge_equals_peft(lm, tmp_path):
@@ -135,9 +140,7 @@ def test_f32_merge_equals_peft(lm, tmp_path):
             assert not np.array_equal(values, before[name][1])
         else:
             assert raw == before[name][2], name
-    # header and metadata are copied verbatim
-    end = _header_end(model)
-    assert (tmp_path / "merged.gguf").read_bytes()[:end] == model.read_bytes()[:end]
+    _same_metadata_and_record(tmp_path / "merged.gguf", model, adapter)
     assert result.survival is None  # F32 stores the merge exactly: no report
 
 
@@ -174,8 +177,7 @@ def test_quantized_merge_keeps_types_and_requantizes(lm, tmp_path, kind):
                     if kind != "F16" else (-1,)), gguf.GGMLQuantizationType[kind]).reshape(shape)
             mismatched += int(np.count_nonzero(a != b))
     assert mismatched <= 2, mismatched
-    end = _header_end(model)
-    assert (tmp_path / "merged.gguf").read_bytes()[:end] == model.read_bytes()[:end]
+    _same_metadata_and_record(tmp_path / "merged.gguf", model, adapter)
     assert len(result.survival.layers) == 14
 
 
@@ -185,13 +187,7 @@ def test_type_option_relayouts_and_round_trips(lm, tmp_path):
     result = merge_gguf(model, [open_adapter(adapter)], tmp_path / "merged.gguf", qtype="q8_0")
     assert set(result.types.values()) == {"Q8_0"}
     got, before = read_model(tmp_path / "merged.gguf"), read_model(model)
-    reader = gguf.GGUFReader(str(tmp_path / "merged.gguf"))
-    src = gguf.GGUFReader(str(model))
-    assert {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")} == \
-        {k: v.contents() for k, v in src.fields.items() if not k.startswith("GGUF.")}
-    kv_end = src.tensors[0].field.offset  # header and every KV entry: the same bytes
-    assert reader.tensors[0].field.offset == kv_end
-    assert (tmp_path / "merged.gguf").read_bytes()[:kv_end] == model.read_bytes()[:kv_end]
+    _same_metadata_and_record(tmp_path / "merged.gguf", model, adapter)
     for hf in tensors:
         name = gguf_name(hf)
         if "proj" in hf:

@@ -277,7 +277,7 @@ def test_onnx_export_runs_in_onnxruntime(untied, tmp_path):
         ids = torch.randint(0, 96, (batch, seq))
         with torch.no_grad():
             expected = em.module(input_ids=ids).numpy()
-        (got,) = session.run(None, {"input_ids": ids.numpy()})
+        (got,) = session.run(None, tiny_models.feed(session, ids))
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 

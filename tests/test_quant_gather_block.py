@@ -93,7 +93,7 @@ def test_refusals():
 
 def _logits(path, ids):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input_ids": ids})[0]
+    return session.run(None, tiny_models.feed(session, ids))[0]
 
 
 @pytest.mark.slow

@@ -29,8 +29,12 @@ def test_change_below_half_a_step_does_not_survive():
 def test_change_above_half_a_step_overshoots():
     w = np.zeros((3, 4), np.float32)
     figures, _ = measure("t", w, w + 0.7, _round, _back)
-    # the stored change is 1 everywhere: ⟨1, 0.7⟩ / ‖0.7‖² = 1/0.7
-    assert figures.share == pytest.approx(1 / 0.7, rel=1e-6)
+    # the stored change is 1 everywhere: ⟨1, 0.7⟩ / ‖0.7‖² = 1/0.7, more than all of ΔW: the
+    # share says all of it (capped at 1, in the table too: never "142.9%")
+    assert figures.carried / figures.delta_norm**2 == pytest.approx(1 / 0.7, rel=1e-6)
+    assert figures.share == 1.0
+    report = SurvivalReport([figures])
+    assert report.share == 1.0 and report.table()[-1].endswith("100.0%")
     assert figures.error_norm == pytest.approx(0.3 * np.sqrt(12), rel=1e-6)
 
 

@@ -67,6 +67,7 @@ def adapters(tiny_checkpoint, tmp_path_factory):
 PICKLES = ["torch-zip", "torch-legacy", "plain-pickle"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", PICKLES)
 def test_payload_runs_when_unpickled_unsafely(tmp_path, how):
     """The control: the same payload does create its marker under an unsafe load."""
@@ -80,6 +81,7 @@ def test_payload_runs_when_unpickled_unsafely(tmp_path, how):
     assert marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", PICKLES)
 def test_malicious_peft_bin_refused(adapters, tmp_path, how):
     base, _, peft, _ = adapters

@@ -129,3 +129,17 @@ def peft_adapter(base: Path, architecture: str, out: Path, seed: int = 1, **lora
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out)
     return out
+
+
+def feed(runner: Any, ids: Any) -> dict[str, Any]:
+    """``{"input_ids": ids}`` for an ONNX Runtime session (or onnx ReferenceEvaluator), with an
+    all-ones ``attention_mask`` where the graph takes one (a plain decoder export)."""
+    import numpy as np
+
+    ids = ids.numpy() if hasattr(ids, "numpy") else np.asarray(ids)
+    names = ([i.name for i in runner.get_inputs()] if hasattr(runner, "get_inputs")
+             else list(runner.input_names))
+    inputs = {"input_ids": ids}
+    if "attention_mask" in names:
+        inputs["attention_mask"] = np.ones(ids.shape, dtype=np.int64)
+    return inputs

@@ -9,9 +9,10 @@ alpha 32 on all seven projections, then measures, each in a fresh subprocess:
 
   1. ``cp`` of the model file (the floor: read and write every byte);
   2. ``loraformat merge base.gguf PEFT_DIR -o out.gguf --json`` (streamed, one tensor at a time);
-  3. the recipe by hand with gguf-py: read every tensor, dequantize the adapted ones and keep
-     them, merge, requantize, write everything with ``GGUFWriter`` (what a script built on
-     gguf-py does; it holds the dequantized model in memory).
+  3. the recipe by hand with gguf-py, streamed the way gguf-py's writer streams: tensor infos
+     first (``add_tensor_info``), then each tensor written when it is ready
+     (``write_tensor_data``): an adapted one dequantized, merged and requantized, the others
+     straight from the reader's memory map (what a careful script built on gguf-py does).
 
 Wall time and peak RSS (the child's ``ru_maxrss``) are printed with their ratios, and the
 survival report's overall share for each type. The two outputs are checked to hold the same
@@ -97,7 +98,9 @@ def build_peft(out: Path, hidden: int, inter: int, layers: int) -> None:
     (out / "adapter_config.json").write_text(json.dumps(config))
 
 
-#: The in-memory recipe with gguf-py alone (llama.cpp's q/k permutation applied to ΔW's rows).
+#: The recipe with gguf-py alone, streamed as gguf-py streams (tensor infos first, then each
+#: tensor's data written when it is ready: ``add_tensor_info`` / ``write_tensor_data``), with
+#: llama.cpp's q/k permutation applied to ΔW's rows.
 BY_HAND = """
 import sys, numpy as np, gguf
 from safetensors.numpy import load_file
@@ -107,30 +110,32 @@ HF = {HF!r}
 lora = load_file(adapter + "/adapter_model.safetensors")
 scale = {ALPHA} / {RANK}
 reader = gguf.GGUFReader(base)
-arrays = {{}}
-for t in reader.tensors:
+
+def merged(t):
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    name = t.name
-    parts = name.split(".")
-    if len(parts) == 4 and parts[2] in PROJ:
-        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-        key = f"base_model.model.model.layers.{{parts[1]}}.{{HF[parts[2]]}}.{{PROJ[parts[2]][0]}}"
-        delta = scale * (lora[key + ".lora_B.weight"] @ lora[key + ".lora_A.weight"])
-        if parts[2] in ("attn_q", "attn_k"):
-            rows = delta.shape[0]
-            delta = delta.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(rows, -1)
-        arrays[name] = (gguf.quants.quantize(w + delta, t.tensor_type), t.tensor_type)
-    else:
-        arrays[name] = (np.array(t.data), t.tensor_type)
+    parts = t.name.split(".")
+    if not (len(parts) == 4 and parts[2] in PROJ):
+        return np.asarray(t.data)  # a view of the reader's map: nothing copied
+    w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+    key = f"base_model.model.model.layers.{{parts[1]}}.{{HF[parts[2]]}}.{{PROJ[parts[2]][0]}}"
+    delta = scale * (lora[key + ".lora_B.weight"] @ lora[key + ".lora_A.weight"])
+    if parts[2] in ("attn_q", "attn_k"):
+        rows = delta.shape[0]
+        delta = delta.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(rows, -1)
+    return gguf.quants.quantize(w + delta, t.tensor_type)
+
 writer = gguf.GGUFWriter(out, "llama")
 for key, field in reader.fields.items():
     if key.startswith("GGUF.") or key == "general.architecture":
         continue
     writer.add_key_value(key, field.contents(), field.types[0],
                          field.types[-1] if len(field.types) > 1 else None)
-for name, (data, kind) in arrays.items():
-    writer.add_tensor(name, data, raw_dtype=kind)
-writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file()
+for t in reader.tensors:
+    data = np.asarray(t.data)
+    writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, raw_dtype=t.tensor_type)
+writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_ti_data_to_file()
+for t in reader.tensors:
+    writer.write_tensor_data(merged(t))
 writer.close()
 """
 

@@ -140,7 +140,7 @@ def build(work: Path, args: argparse.Namespace) -> dict:
 
 def inputs(args: argparse.Namespace) -> dict:
     ids = np.random.default_rng(2).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int64)
-    return {"input_ids": ids}
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}  # a decoder export's inputs
 
 
 def timed(fn, n: int) -> list[float]:

@@ -92,6 +92,33 @@ class EncoderSelfAttention(nn.Module):
         return torch.matmul(probs, v).transpose(1, 2).reshape(b, s, -1)
 
 
+def mask_and_positions(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    batch: int,
+    seq: int,
+    past: int | torch.SymInt,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The [batch, past+seq] attention mask and the [batch, seq] position ids a decoder uses.
+
+    A mask of shape [1, 1] (the plain export's default input, ones) is broadcast to every row.
+    Without ``position_ids``, a given mask decides them: each row counts only its own tokens, so
+    a padded row's tokens sit where the unpadded row's do (transformers' rule when it generates
+    from a padded batch: cumulative sum of the mask, minus one); without a mask they are
+    ``past .. past+seq-1``.
+    """
+    if attention_mask is not None:
+        attention_mask = attention_mask.expand(batch, seq + past)
+    if position_ids is None:
+        if attention_mask is not None:
+            counted = attention_mask.to(torch.int64).cumsum(-1) - 1
+            position_ids = counted.clamp(min=0)[:, past:]
+        else:
+            position_ids = (torch.arange(seq, device=device) + past)[None, :].expand(batch, seq)
+    return attention_mask, position_ids
+
+
 def attention_mask_4d(
     attention_mask: torch.Tensor | None,
     batch: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import json
 import os
 import sys
 import threading
@@ -45,11 +46,12 @@ class CommandError(click.ClickException):
 
     exit_code = 1
 
-    def __init__(self, error: BaseException, debug: bool = False) -> None:
+    def __init__(self, error: BaseException, debug: bool = False, as_json: bool = False) -> None:
         self.error = error
         self.debug = debug
+        self.as_json = as_json
         if isinstance(error, LoraformatError):
-            message = str(error)
+            message = error.for_cli()
         else:
             message = (
                 f"internal error {type(error).__name__}: {error} (rerun with --debug for details)"
@@ -59,6 +61,8 @@ class CommandError(click.ClickException):
     def show(self, file: IO[Any] | None = None) -> None:
         if self.debug:
             traceback.print_exception(self.error, file=file or sys.stderr)
+        if self.as_json:  # a --json caller reads stdout: the error is JSON there as well
+            click.echo(json.dumps({"error": self.message}, indent=2))
         click.echo(f"error: {self.message}", err=True, file=file)
 
 
@@ -71,7 +75,8 @@ class LazyGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
-            raise CommandError(exc, debug=bool(ctx.params.get("debug"))) from exc
+            raise CommandError(exc, debug=bool(ctx.params.get("debug")),
+                               as_json=bool(ctx.meta.get("as_json"))) from exc
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in COMMANDS if self._importable(name))
@@ -112,12 +117,12 @@ def run() -> NoReturn:
     """The ``loraformat`` executable: :func:`main`, then end the process without tearing the
     interpreter down.
 
-    Teardown after an export frees the object graphs torch, its exporter and sympy built up:
-    1.5 s of the 0.49B export's 12 s (measured), spent after the output is complete, renamed and
-    synced. So once :func:`main` returns, the exit handlers run as usual (temporary
-    directories, logging, child processes), stdout and stderr are flushed, and the process ends
-    with :func:`os._exit`. With a non-daemon thread still running (or on a Python without
-    CPython's ``atexit._run_exitfuncs``), it exits the ordinary way."""
+    Teardown after an export frees the object graphs torch, its exporter and sympy built up, a
+    noticeable share of an export's time (README, "Why the design is as it is") spent after the
+    output is complete, renamed and synced. So once :func:`main` returns, the exit handlers run
+    as usual (temporary directories, logging, child processes), stdout and stderr are flushed,
+    and the process ends with :func:`os._exit`. With a non-daemon thread still running (or on a
+    Python without CPython's ``atexit._run_exitfuncs``), it exits the ordinary way."""
     try:
         main()
         code = 0

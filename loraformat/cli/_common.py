@@ -13,7 +13,14 @@ import click
 from ..format.adapter import Adapter
 from ..interchange import CODECS
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    ctx.meta["as_json"] = value  # meta is shared with the group, which reports errors as JSON too
+    return value
+
+
+json_option = click.option("--json", "as_json", is_flag=True, callback=_remember_json,
+                           help="Print a JSON report (an error too: {\"error\": ...}).")
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse)."
 )

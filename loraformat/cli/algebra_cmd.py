@@ -58,7 +58,15 @@ def _save(adapter: Adapter, out: str, overwrite: bool) -> None:
     adapter.save(out, overwrite=overwrite)
 
 
-def _wrote(out: str, adapter: Adapter) -> None:
+def _wrote(out: str, adapter: Adapter, as_json: bool = False) -> None:
+    if as_json:
+        echo_json({
+            "output": out,
+            "layers": [{"path": s.path, "rank": s.rank, "alpha": s.alpha}
+                       for s in adapter.specs.values()],
+            "replacements": list(adapter.replacement_names),
+        })
+        return
     layers = len(adapter.layer_paths)
     extra = (
         f", {len(adapter.replacement_names)} replacement(s)" if adapter.replacement_names else ""
@@ -102,6 +110,7 @@ def _report_layers(
 @from_option
 @adapter_base_option
 @overwrite_option
+@json_option
 def stack_command(
     adapters: tuple[str, ...],
     weights: tuple[float, ...],
@@ -110,6 +119,7 @@ def stack_command(
     overwrite: bool,
     from_: str | None,
     base: str | None,
+    as_json: bool = False,
 ) -> None:
     """Stack ADAPTERS into one whose ΔW is exactly Σ wᵢ·ΔWᵢ (ranks are concatenated).
 
@@ -119,7 +129,7 @@ def stack_command(
     with opened_adapters(adapters, from_, base) as loaded, progress("stack") as update:
         result = ops.stack(loaded, list(weights) or None, dtype=dtype, progress=update)
         _save(result, out, overwrite)
-    _wrote(out, result)
+    _wrote(out, result, as_json)
 
 
 @click.command("subtract")
@@ -130,16 +140,17 @@ def stack_command(
 @from_option
 @adapter_base_option
 @overwrite_option
+@json_option
 def subtract_command(
     a: str, b: str, out: str, dtype: str | None, overwrite: bool, from_: str | None,
-    base: str | None,
+    base: str | None, as_json: bool = False,
 ) -> None:
     """An adapter whose ΔW is exactly ΔW_A − ΔW_B."""
     check_output(out, overwrite)
     with opened_adapters([a, b], from_, base) as (first, second):
         result = ops.subtract(first, second, dtype=dtype)
         _save(result, out, overwrite)
-    _wrote(out, result)
+    _wrote(out, result, as_json)
 
 
 @click.command("scale", context_settings={"ignore_unknown_options": True})
@@ -150,16 +161,17 @@ def subtract_command(
 @from_option
 @adapter_base_option
 @overwrite_option
+@json_option
 def scale_command(
     adapter: str, weight: float, out: str, dtype: str | None, overwrite: bool, from_: str | None,
-    base: str | None,
+    base: str | None, as_json: bool = False,
 ) -> None:
     """An adapter whose ΔW is WEIGHT·ΔW of ADAPTER (WEIGHT may be negative)."""
     check_output(out, overwrite)
     with opened_adapters([adapter], from_, base) as (loaded,):
         result = ops.scale(loaded, weight, dtype=dtype)
         _save(result, out, overwrite)
-    _wrote(out, result)
+    _wrote(out, result, as_json)
 
 
 @click.command("reduce")

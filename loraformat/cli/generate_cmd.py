@@ -26,13 +26,15 @@ def _parse_ids(text: str) -> list[int]:
 @click.argument("model", type=click.Path())
 @click.option("--prompt-ids", help="Prompt token ids, comma-separated (e.g. 1,2,3).")
 @click.option("--prompt", "prompt_text",
-              help="Prompt text (needs --tokenizer, or a tokenizer.json next to MODEL, and the "
-                   "`tokenizers` package).")
+              help="Prompt text (needs --tokenizer, or a tokenizer.json or SentencePiece "
+                   "tokenizer.model next to MODEL; packages `tokenizers` / `sentencepiece`).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True)
 @click.option("--eos-id", type=int, default=None,
-              help="Stop when this token is generated (default: generate all tokens).")
+              help="Stop when this token is generated (default: the eos_token_id of "
+                   "generation_config.json, else config.json, beside the tokenizer or MODEL).")
 @click.option("--tokenizer", type=click.Path(),
-              help="A checkpoint directory with tokenizer.json (or the file) to decode the output.")
+              help="A checkpoint directory with tokenizer.json or tokenizer.model (or the file) "
+                   "to encode --prompt and decode the output.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime intra-op threads (default: its own choice).")
 @json_option
@@ -45,7 +47,7 @@ def generate_command(
     Token ids in, token ids out; with a tokenizer (a checkpoint's tokenizer.json and the
     `tokenizers` package) the text is shown too.
     """
-    from ..generate import DecoderSession, greedy_generate, load_tokenizer
+    from ..generate import DecoderSession, eos_token_ids, greedy_generate, load_tokenizer
 
     if (prompt_ids is None) == (prompt_text is None):
         raise click.UsageError("give exactly one of --prompt-ids and --prompt")
@@ -53,21 +55,26 @@ def generate_command(
     tok = load_tokenizer(where)
     if tokenizer and tok is None:
         raise LoraformatError(
-            tokenizer, "no usable tokenizer: needs a tokenizer.json and the `tokenizers` package"
+            tokenizer, "no tokenizer here: give a tokenizer.json, a SentencePiece tokenizer.model "
+            "or the checkpoint folder holding one"
         )
     if prompt_text is not None:
         if tok is None:
             raise click.UsageError(
-                "--prompt needs a tokenizer (--tokenizer DIR with tokenizer.json, and the "
-                "`tokenizers` package); use --prompt-ids otherwise"
+                "--prompt needs a tokenizer (--tokenizer DIR with tokenizer.json or "
+                "tokenizer.model); use --prompt-ids otherwise"
             )
-        ids = tok.encode(prompt_text).ids
+        ids = tok.encode(prompt_text)
     else:
         ids = _parse_ids(prompt_ids or "")
+    folders = [where if where.is_dir() else where.parent, Path(model).parent]
+    stops = [eos_id] if eos_id is not None else next(
+        (found for folder in folders if (found := eos_token_ids(folder))), []
+    )
     session = DecoderSession(model, intra_op_threads=threads)
     with progress("generating") as report:
         result = greedy_generate(
-            session, ids, max_new_tokens, eos_token_id=eos_id, progress=report
+            session, ids, max_new_tokens, eos_token_id=stops, progress=report
         )
     new = result.new_ids[0]
     text = tok.decode(new) if tok is not None else None

@@ -46,6 +46,21 @@ def _base_kind(base: str) -> str:
     return BNB4_CHECKPOINT if kind == sniff.CHECKPOINT and is_bnb4(base) else kind
 
 
+def _quantized_architecture(base: str, kind: str) -> str | None:
+    """The architecture a GGUF model (``general.architecture``) or a bitsandbytes checkpoint
+    (its config.json) declares, by installed id; None when no plugin knows it."""
+    if kind == sniff.GGUF_MODEL:
+        from ..merge.gguf import model_architecture
+
+        return model_architecture(base)
+    from ..architecture import CheckpointInfo, detect
+    from ..checkpoint import Checkpoint
+
+    with Checkpoint(base) as checkpoint:
+        found = detect(CheckpointInfo(config=checkpoint.config))
+    return found.id if found is not None else None
+
+
 def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple:
     """The ADAPTER arguments as loraformat adapters, converted here at the boundary (a PEFT
     directory or any other format, named through BASE unless BASE is an ONNX graph), closed when
@@ -60,10 +75,13 @@ def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str
     # Foreign adapters are read through a float checkpoint BASE (names, row order); a quantized
     # base (GGUF model, bitsandbytes 4-bit) has no such checkpoint to read them through.
     names_from = None if base is None or onnx or kind in _QUANTIZED else base
+    # ... but it says its architecture, which an adapter that does not say its own takes
+    declared = _quantized_architecture(base, kind) if kind in _QUANTIZED else None
     opened = []
     for value in values:
         try:
-            adapter = open_adapter(value, base=names_from, from_=ctx.params.get("from_"))
+            adapter = open_adapter(value, base=names_from, from_=ctx.params.get("from_"),
+                                   architecture=declared)
         except NeedsBase as exc:  # say how to give it here: merge has no --base
             if not onnx:
                 raise
@@ -161,7 +179,7 @@ def _merge_quantized(
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (merged checkpoint), a .safetensors file (single-file base), "
                    "a .onnx file (ONNX model), or a .gguf file (GGUF base).")
-@click.option("--weight", "weights", multiple=True, type=float,
+@click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
 @click.option("--dtype", type=_DTYPES, default=None,
               help="ONNX export: weight and activation dtype (default float32); int4/int8: "
@@ -172,7 +190,8 @@ def _merge_quantized(
 @click.option("--verify", is_flag=True,
               help="ONNX export: compare ONNX Runtime with torch on random inputs before writing.")
 @click.option("--force", is_flag=True,
-              help="Merge even if the adapter names a different base fingerprint.")
+              help="Merge even if the adapter names a different base fingerprint, or BASE "
+                   "records it as merged already.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if an adapter holds NaN/Inf.")
 @click.option("--unshare", is_flag=True,
               help="ONNX surgery: give an adapted layer its own copy of a weight the graph shares "
@@ -291,7 +310,7 @@ def merge_command(
                 callback=_open_adapters)
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="A directory (checkpoint), .safetensors file, or .onnx file (ONNX base).")
-@click.option("--weight", "weights", multiple=True, type=float,
+@click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="The weights the adapters were merged with (default 1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Proceed even if an adapter holds NaN/Inf.")
 @from_option

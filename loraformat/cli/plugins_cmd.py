@@ -23,17 +23,19 @@ def _handled_by(path: str) -> dict[str, object]:
 
 @click.command("plugins")
 @click.option("--checkpoint", type=click.Path(exists=True),
-              help="Also say which architecture reads this checkpoint, and whether a plugin does.")
+              help="Say only which architecture reads this checkpoint, and whether a plugin does.")
 @json_option
 def plugins_command(checkpoint: str | None, as_json: bool) -> None:
     """List architecture plugins (entry-point group 'loraformat.plugins'): distribution, version
     and architectures. A plugin that failed to load, declares another plugin API version, or
     raised is listed as FAILED with its error; the others work regardless. A checkpoint no plugin
     recognises is handled generically (merge, unmerge, PEFT conversion)."""
+    if checkpoint:  # the question asked, answered alone
+        _echo_handled(_handled_by(checkpoint), as_json)
+        return
     records = plugin_report()
-    handled = _handled_by(checkpoint) if checkpoint else None
     if as_json:
-        echo_json({"plugins": records, "checkpoint": handled} if handled else records)
+        echo_json(records)
         return
     click.echo(f"{'plugin':<12} {'distribution':<22} {'version':<9} {'status':<7} architectures")
     for record in records:
@@ -44,9 +46,13 @@ def plugins_command(checkpoint: str | None, as_json: bool) -> None:
         )
         for error in record["errors"]:
             click.echo(f"    {error}")
-    if handled is None:
-        return
-    if handled["generic"]:
+
+
+def _echo_handled(handled: dict[str, object], as_json: bool) -> None:
+    checkpoint = handled["checkpoint"]
+    if as_json:
+        echo_json(handled)
+    elif handled["generic"]:
         click.echo(
             f"{checkpoint}: no installed plugin recognises it; handled generically as "
             f"{handled['architecture']!r} (merge, unmerge and PEFT conversion work; ONNX export, "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import warnings
@@ -44,12 +45,13 @@ from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from ..merge.checkpoint import plan_for_base
-from ..merge.plan import MergePlan, open_adapters
+from ..merge.checkpoint import merged_in, plan_for_base
+from ..merge.plan import MERGED_KEY, MergePlan, open_adapters
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model, weights_as_inputs
+from ..quant.survival import SurvivalReport
 from .graph_cache import cached_trace, code_digest
 from .prewrite import finish, parameter_dtypes, staged_weights
-from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
+from .quantize import QuantOptions, merge_survival, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
 from .runner import open_runner, ort_providers, providers_for, runner_name
 from .stream import (
@@ -99,6 +101,7 @@ class ExportResult:
     prewritten: bool = False  # the weights were written by a second process while tracing
     cosine: float | None = None  # verify: outputs' cosine similarity to torch's
     min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
+    survival: SurvivalReport | None = None  # int4/int8: how much of the merged adapters kept
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -116,7 +119,7 @@ class ExportResult:
             "traced": self.traced,
             "prewritten": self.prewritten,
             "cosine": self.cosine,
-        }
+        } | ({"survival": self.survival.to_json()} if self.survival is not None else {})
 
 
 # -- tensors ------------------------------------------------------------------------------------
@@ -541,6 +544,9 @@ def export_onnx(
             quantized += quantize_embeddings(graph, model.layers, quant)
         if rewrite is not None:
             graph = rewrite(graph)
+        record = plan.merged if plan is not None else merged_in(model.checkpoint)
+        if record:  # the adapters in these weights, so a second merge of one is refused
+            graph.metadata_props[MERGED_KEY] = json.dumps(record)
         if external_data is None:
             external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
         prewritten = finish(writer, graph, external_data, progress)
@@ -557,6 +563,8 @@ def export_onnx(
             quantized_layers=len(quantized),
             traced=traced,
             prewritten=prewritten,
+            survival=merge_survival(model.checkpoint, plan, model.layers, quantized, quant,
+                                    np.dtype(float_dtype)) if quant is not None else None,
         )
 
         def check(path: Path) -> None:

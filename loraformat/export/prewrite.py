@@ -4,7 +4,7 @@ A streamed export (:mod:`.stream`) has two long steps that need nothing from eac
 the graph (pure Python, one core: ~6-8 s at any model size) and writing the weights (read, merge,
 cast or quantize, write: proportional to the model). One after the other they cost their sum; a
 thread cannot overlap them, because tracing holds the GIL and the writer needs it between every
-numpy call (measured on the 0.49B export: the writer thread took 13-15 s instead of 4). So the
+numpy call (a writer thread was 3-4× slower: README, "Why the design is as it is"). So the
 weights go to a child process (:func:`main`, run by ``sys.executable``) that writes them into
 the output's staging directory (:class:`~loraformat.onnx_io.Staging`) while the parent traces:
 

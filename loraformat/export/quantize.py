@@ -20,7 +20,7 @@ A table also read as a tied LM head keeps its float copy for the head.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from ..architecture import DenseLayer
 from ..quant import gather_block, matmulnbits
+from ..quant.survival import SurvivalReport, measure
 
 MS_DOMAIN = "com.microsoft"
 #: Dense layers outside the transformer blocks whose quantization is opt-in.
@@ -64,9 +65,8 @@ TRANSPOSE_ROWS = 128
 
 def transposed(w: np.ndarray) -> np.ndarray:
     """``w.T`` as a C-contiguous array, copied in blocks of :data:`TRANSPOSE_ROWS` rows: each
-    block's columns land in cache-sized runs. 3.7× ``np.ascontiguousarray(w.T)`` and 1.4-2.3×
-    torch's on the weights of 0.49B-8B models (4864×896 fp32: 6.7 vs 25 ms; 14336×4096: 125 vs
-    512 ms, measured)."""
+    block's columns land in cache-sized runs (faster than ``np.ascontiguousarray(w.T)`` and
+    torch's: README, "Why the design is as it is")."""
     rows, cols = w.shape
     out = np.empty((cols, rows), w.dtype)
     for i in range(0, rows, TRANSPOSE_ROWS):
@@ -199,6 +199,41 @@ def _lazy_parts(
     ]
 
 
+def merge_survival(
+    checkpoint: Any, plan: Any, layers: Mapping[str, DenseLayer], quantized: Sequence[str],
+    options: QuantOptions, float_dtype: np.dtype,
+) -> SurvivalReport | None:
+    """How much of the merged adapters the quantized weights keep
+    (:mod:`loraformat.quant.survival`), as merging into an int4 ONNX base reports it: each merged
+    weight of a layer in ``quantized``, W from the checkpoint and W' = W + ΔW through the same
+    MatMulNBits quantizer (its scales in ``float_dtype``, as written). Merged layers only, each
+    quantized twice more here; ``None`` when no merged weight was quantized."""
+    from ..merge.onnx_int4 import ADVICE
+
+    chosen = set(quantized)
+    report = SurvivalReport(advice=ADVICE)
+    for name, op in (plan.ops.items() if plan is not None else ()):
+        layer = layers.get(op.layer_path)
+        if op.kind != "weight" or op.layer_path not in chosen or layer is None:
+            continue
+        w = np.asarray(checkpoint.numpy(name), dtype=np.float32)
+        merged = op.apply(np.array(w, copy=True))
+        if layer.layout == "in_out":  # the quantizer reads out × in
+            w, merged = transposed(w), transposed(merged)
+
+        def quantize(x: np.ndarray) -> matmulnbits.QuantizedWeight:
+            q = matmulnbits.quantize(x, bits=options.bits, block_size=options.block_size,
+                                     symmetric=options.symmetric)
+            scales = q.scales.astype(float_dtype).astype(np.float32)  # what the file holds
+            return matmulnbits.QuantizedWeight(q.packed, scales, q.zero_points, q.bits,
+                                               q.block_size, q.k)
+
+        figures, _ = measure(name, w, merged, quantize, matmulnbits.dequantize,
+                             qtype=f"int{options.bits}")
+        report.add(figures)
+    return report if report.layers else None
+
+
 def quantize_dense_layers(
     model: Any, layers: Mapping[str, DenseLayer], options: QuantOptions
 ) -> list[str]:
@@ -314,6 +349,7 @@ __all__ = [
     "MS_DOMAIN",
     "QuantOptions",
     "dense_parts",
+    "merge_survival",
     "quantize_dense_layers",
     "quantize_embeddings",
     "quantized_targets",

@@ -255,9 +255,9 @@ def release_freed_buffers() -> None:
     Streaming allocates and frees one tensor-sized buffer after another, in several sizes (read,
     cast, quantization temporaries). glibc raises its mmap threshold after the first such free
     (up to 32 MiB), so later buffers come from the heap, whose holes it does not give back: peak
-    RSS then drifts from 0.8 to 1.6 GiB between identical runs of the 0.49B export (measured).
-    A fixed threshold (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, what ``MALLOC_MMAP_THRESHOLD_`` sets)
-    keeps it at 0.8 GiB. Process-wide and permanent; a no-op where libc is not glibc.
+    RSS then drifts between identical runs. A fixed threshold (``mallopt(M_MMAP_THRESHOLD,
+    1 MiB)``, what ``MALLOC_MMAP_THRESHOLD_`` sets) keeps it flat (figures: README, "Why the
+    design is as it is"). Process-wide and permanent; a no-op where libc is not glibc.
     """
     import ctypes
     import ctypes.util

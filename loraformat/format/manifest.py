@@ -65,14 +65,6 @@ def is_future_role(key: str, layers: Any) -> bool:
     )
 
 
-def split_key(key: str) -> tuple[str, str]:
-    """``'a.b.lora_A'`` → ``('a.b', 'lora_A')``; unknown roles give ``(key, '')``."""
-    path, _, role = key.rpartition(".")
-    if role in LAYER_ROLES or role == ROLE_REPLACEMENT:
-        return path, role
-    return key, ""
-
-
 @functools.cache
 def schema() -> dict[str, Any]:
     text = resources.files("loraformat.format").joinpath("schemas/adapter.v1.schema.json")

@@ -438,6 +438,3 @@ def read_header_only(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo
         return dict(st.tensors), dict(st.metadata)
 
 
-def iter_arrays(st: SafetensorsFile) -> Iterator[tuple[str, np.ndarray]]:
-    for name in st:
-        yield name, st.numpy(name)

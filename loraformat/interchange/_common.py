@@ -10,7 +10,6 @@ the caller asked for ``lossy=True``. Changes of *representation* that keep the a
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -88,7 +87,7 @@ class Context:
             raise LoraformatError(
                 path,
                 f"cannot be carried to {target} without loss: " + "; ".join(pending)
-                + "; rerun with --lossy (lossy=True) to convert anyway",
+                + "; rerun with [[lossy]] to convert anyway",
             )
         for message in pending:
             if message not in self.report.lossy:
@@ -166,6 +165,64 @@ def detect_architecture(
 
     found = detect(CheckpointInfo(config=config, shapes=dict.fromkeys(tensor_names, ())))
     return found.id if found is not None else None
+
+
+def architectures_naming(layer_paths: list[str]) -> list[str]:
+    """The installed architectures whose name table holds every one of ``layer_paths``."""
+    from ..architecture import registry
+
+    return sorted(
+        arch_id for arch_id, arch in registry().architectures().items()
+        if layer_paths and all(arch.names.foreign(p, "checkpoint") for p in layer_paths)
+    )
+
+
+def adapter_architecture(
+    path: str | os.PathLike[str], ctx: Context, layer_paths: list[str], what: str,
+    *, said: str | None = None, config: Mapping[str, Any] | None = None,
+    given: str | None = None,
+) -> str:
+    """The architecture an adapter being read is for, decided the same way for every format.
+
+    What the adapter itself says (``said``: an id it records; ``config``: a partial model config
+    such as PEFT's ``auto_mapping``) must agree with the base (``ctx.base``) and the
+    ``architecture`` option; a disagreement is refused naming both. Without a base or the option,
+    the adapter's own word decides, else its layer names, but only when they are one installed
+    architecture's: names many families share (``model.layers.N.self_attn.q_proj``) leave it
+    unknown, and the reader is refused rather than guess. ``given`` overrides the option.
+    """
+    if said is None and config:
+        said = detect_architecture(config, [])
+    given = given or ctx.options.get("architecture")
+    if ctx.base is not None:
+        base_arch = ctx.base.architecture
+        if given and given != base_arch:
+            raise LoraformatError(
+                path, f"architecture {given!r} given, but the base {ctx.base.path} is {base_arch!r}"
+            )
+        if said and said != base_arch:
+            raise LoraformatError(
+                path, f"adapter is for architecture {said!r}, but the base {ctx.base.path} is "
+                f"{base_arch!r}",
+            )
+        return base_arch
+    if given:
+        if said and said != given:
+            raise LoraformatError(
+                path, f"adapter is for architecture {said!r}, but {given!r} was given"
+            )
+        return given
+    if said:
+        return said
+    fitting = architectures_naming(layer_paths)
+    found = detect_architecture({}, [p + ".weight" for p in layer_paths])
+    if found is not None and fitting in ([], [found]):
+        return found
+    shared = f" (its layer names fit {', '.join(fitting)})" if len(fitting) > 1 else ""
+    raise LoraformatError(
+        path, f"architecture unknown: {what} does not say which model it is for{shared}; "
+        "pass the base model (--base BASE)",
+    )
 
 
 # -- arrays -------------------------------------------------------------------------------------
@@ -270,21 +327,13 @@ def scaled(array: np.ndarray, factor: float) -> np.ndarray:
     return (array.astype(wide) * wide(factor)).astype(array.dtype)
 
 
-def is_power_of_two(value: float) -> bool:
-    mantissa, _ = math.frexp(abs(value))
-    return value != 0 and mantissa == 0.5
-
-
-def float_dtype_name(array: np.ndarray) -> str:
-    return str(array.dtype)
-
-
 @contextlib.contextmanager
 def atomic_path(out: Path) -> Iterator[Path]:
     """A temporary sibling path for writers that insist on opening the file themselves (gguf,
     onnxruntime); on success it is fsynced and renamed onto ``out`` in one step."""
-    from ..atomic import TMP_MARKER, default_mode
+    from ..atomic import TMP_MARKER, default_mode, make_parents, remove_made
 
+    made = make_parents(out)
     fd, name = tempfile.mkstemp(prefix=TMP_MARKER, suffix="-" + out.name, dir=out.parent)
     os.close(fd)
     tmp = Path(name)
@@ -297,4 +346,5 @@ def atomic_path(out: Path) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        remove_made(made)
         raise

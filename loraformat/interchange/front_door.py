@@ -33,8 +33,8 @@ from .. import sniff
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, load, validate
 from ..format.safetensors_io import FLOAT_DTYPES
-from . import ALIASES, CODECS, codec
 from ._common import Context, Progress, Report
+from .formats import ALIASES, CODECS, codec
 
 #: what each adapter format is called in messages ("file of format X given where Y is expected").
 FORMAT_WHAT = {

@@ -124,17 +124,17 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
         )
     if dora:
         ctx.lossy(f"DoRA magnitudes on {len(dora)} layer(s) (e.g. {dora[0]}): llama.cpp LoRA "
-                  "has no DoRA (--lossy drops them: outputs change)")
+                  "has no DoRA ([[lossy]] drops them: outputs change)")
     if biased:
         ctx.lossy(f"lora_bias on {len(biased)} layer(s) (e.g. {biased[0]}): llama.cpp LoRA has "
-                  "no bias (--lossy drops it)")
+                  "no bias ([[lossy]] drops it)")
     if adapter.replacement_names:
         ctx.lossy(f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
                   f"{adapter.replacement_names[0]}): llama.cpp LoRA carries only A and B "
-                  "(--lossy drops them)")
+                  "([[lossy]] drops them)")
     if unnamed:
         ctx.lossy(f"{len(unnamed)} layer(s) llama.cpp has no tensor for (e.g. {unnamed[0]}) "
-                  "(--lossy drops them)")
+                  "([[lossy]] drops them)")
     ctx.check_lossy(out, "GGUF")
 
     alpha, folds = _file_alpha(adapter)
@@ -244,7 +244,7 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
                 break
         else:
             if name.endswith("_norm.weight"):
-                ctx.lossy(f"norm tensor {name} (llama.cpp ignores it too; --lossy drops it)")
+                ctx.lossy(f"norm tensor {name} (llama.cpp ignores it too; [[lossy]] drops it)")
                 continue
             raise LoraformatError(path, f"tensor {name!r} is neither .lora_a nor .lora_b")
     layers: dict[str, LoraLayer] = {}

@@ -241,13 +241,13 @@ def write_loralib(adapter: Adapter, out: Path, ctx: Context) -> None:
     biased = [p for p, s in specs.items() if s.lora_bias]
     if dora:
         ctx.lossy(f"DoRA magnitudes on {len(dora)} layer(s) (e.g. {dora[0]}): loralib has no "
-                  "DoRA (--lossy drops them: outputs change)")
+                  "DoRA ([[lossy]] drops them: outputs change)")
     if biased:
         ctx.lossy(f"lora_bias on {len(biased)} layer(s) (e.g. {biased[0]}): loralib has none "
-                  "(--lossy drops it)")
+                  "([[lossy]] drops it)")
     if adapter.replacement_names:
         ctx.lossy(f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
-                  f"{adapter.replacement_names[0]}): not part of a loralib checkpoint (--lossy "
+                  f"{adapter.replacement_names[0]}): not part of a loralib checkpoint ([[lossy]] "
                   "drops them)")
     ctx.check_lossy(out, "loralib")
     # (path, A, [B blocks], enable or None, scale): the layer as loralib sees it.

@@ -40,7 +40,7 @@ from ..format.safetensors_io import write_safetensors
 from ._common import (
     Context,
     Names,
-    detect_architecture,
+    adapter_architecture,
     read_safetensors,
     refuse_escape,
     scaled,
@@ -116,16 +116,9 @@ def read_mlx(path: Path, ctx: Context) -> Adapter:
     modules = sorted(k[: -len(".lora_a")] for k in tensors if k.endswith(".lora_a"))
     if not modules:
         raise LoraformatError(path / WEIGHTS_FILE, "no '<module>.lora_a' tensors")
-    if ctx.base is not None:
-        architecture = ctx.base.architecture
-    else:
-        architecture = ctx.options.get("architecture") or extra.get("architecture")
-        if architecture is None:
-            architecture = detect_architecture({}, [m + ".weight" for m in modules])
-        if architecture is None:
-            raise LoraformatError(
-                path, "cannot tell which architecture this MLX adapter is for: give --base BASE"
-            )
+    architecture = adapter_architecture(
+        path, ctx, modules, "an MLX adapter", said=extra.get("architecture")
+    )
     names = Names(architecture, ctx.config, "mlx", identity_fallback=False, present=ctx.present)
     rule = extra.get("scaling") if extra.get("scaling") in ("alpha/r", "alpha/sqrt(r)") else (
         "alpha/r"
@@ -200,16 +193,16 @@ def write_mlx(adapter: Adapter, out: Path, ctx: Context) -> None:
     biased = [p for p, s in specs.items() if s.lora_bias]
     if unnamed:
         ctx.lossy(f"{len(unnamed)} layer(s) MLX-LM has no module for (e.g. {unnamed[0]}) "
-                  "(--lossy drops them)")
+                  "([[lossy]] drops them)")
     if dora and len(dora) != len(specs):
-        ctx.lossy("DoRA on some layers only: an MLX adapter is all DoRA or all LoRA (--lossy "
+        ctx.lossy("DoRA on some layers only: an MLX adapter is all DoRA or all LoRA ([[lossy]] "
                   "drops the magnitudes)")
     if biased:
         ctx.lossy(f"lora_bias on {len(biased)} layer(s) (e.g. {biased[0]}): MLX LoRA has no "
-                  "bias (--lossy drops it)")
+                  "bias ([[lossy]] drops it)")
     if adapter.replacement_names:
         ctx.lossy(f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
-                  f"{adapter.replacement_names[0]}): not carried to MLX (--lossy drops them)")
+                  f"{adapter.replacement_names[0]}): not carried to MLX ([[lossy]] drops them)")
     ctx.check_lossy(out, "MLX-LM")
     use_dora = bool(dora) and len(dora) == len(specs)
     named = [p for p in specs if p not in unnamed]

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
-from ._common import Context, atomic_path, detect_architecture, scaled
+from ._common import Context, adapter_architecture, atomic_path, scaled
 
 NAME = "onnx_adapter"
 SUFFIX = ".onnx_adapter"
@@ -50,7 +50,8 @@ def adapter_arrays(
     if adapter.replacement_names:
         ctx.lossy(
             f"{len(adapter.replacement_names)} replaced tensor(s) (e.g. "
-            f"{adapter.replacement_names[0]}): a LoRA slot holds only A and B (--lossy drops them)"
+            f"{adapter.replacement_names[0]}): a LoRA slot holds only A and B ([[lossy]] drops "
+            "them)"
         )
     kinds = {"dora": [], "lora_bias": [], "embedding": []}
     for path, spec in adapter.specs.items():
@@ -62,13 +63,13 @@ def adapter_arrays(
             kinds["lora_bias"].append(path)
     if kinds["dora"]:
         ctx.lossy(f"DoRA magnitudes on {len(kinds['dora'])} layer(s) (e.g. {kinds['dora'][0]}): "
-                  "a slot adds x·A·B only (--lossy drops the magnitudes: outputs change)")
+                  "a slot adds x·A·B only ([[lossy]] drops the magnitudes: outputs change)")
     if kinds["lora_bias"]:
         ctx.lossy(f"lora_bias on {len(kinds['lora_bias'])} layer(s) (e.g. "
-                  f"{kinds['lora_bias'][0]}): slots have no bias input (--lossy drops it)")
+                  f"{kinds['lora_bias'][0]}): slots have no bias input ([[lossy]] drops it)")
     if kinds["embedding"]:
         ctx.lossy(f"embedding LoRA on {', '.join(kinds['embedding'])}: slots are for linear "
-                  "layers (--lossy drops these layers)")
+                  "layers ([[lossy]] drops these layers)")
     ctx.check_lossy(where, "an ONNX Runtime adapter")
     out: dict[str, np.ndarray] = {}
     total = len(adapter.specs)
@@ -162,16 +163,8 @@ def read_onnx_adapter(path: Path, ctx: Context) -> Adapter:
     for name in params:
         if name.endswith(SLOT_B) and name[: -len(SLOT_B)] + SLOT_A not in params:
             raise LoraformatError(path, f"{name} has no matching {SLOT_A}")
-    architecture = ctx.options.get("architecture")
-    if ctx.base is not None:
-        architecture = ctx.base.architecture
-    if architecture is None:  # parameters are named by layer path: the plugins may know them
-        architecture = detect_architecture({}, [layer + ".weight" for layer in layers])
-    if architecture is None:
-        raise LoraformatError(
-            path, "an .onnx_adapter does not say its model, and its layer names do not tell "
-            "which installed architecture it is for: give --base BASE (or architecture)"
-        )
+    # parameters are named by layer path: only names one architecture owns tell it
+    architecture = adapter_architecture(path, ctx, sorted(layers), "an .onnx_adapter")
     ctx.report.layers = len(layers)
     ctx.note("ONNX Runtime adapters fold the scale into B: read back with alpha = rank (scale 1)")
     return Adapter.from_layers(

@@ -43,17 +43,18 @@ from ..format.safetensors_io import write_safetensors
 from ._common import (
     Context,
     Names,
-    detect_architecture,
+    adapter_architecture,
     read_safetensors,
     refuse_escape,
     torch_load_weights_only,
 )
+from .peft_keys import PREFIX, get_pattern_key
+from .peft_variants import read_variant
 
 NAME = "peft"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
-PREFIX = "base_model.model."
 #: PEFT methods converted by :mod:`loraformat.interchange.peft_variants` (exact low-rank forms).
 VARIANTS = ("LOHA", "LOKR", "ADALORA", "VERA")
 
@@ -66,15 +67,6 @@ _LAYER_SUFFIXES = {
     ".lora_embedding_A": "embA",
     ".lora_embedding_B": "embB",
 }
-
-
-def get_pattern_key(pattern_keys: list[str], key_to_match: str) -> str:
-    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first pattern (in dict order)
-    that matches the end of the module name at a dot boundary, else the name itself."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
-    return key_to_match
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -170,40 +162,23 @@ def read_peft(
 def _resolve_architecture(
     path: Path, config: Mapping[str, Any], modules: list[str], ctx: Context, given: str | None
 ) -> str:
-    if ctx.base is not None:
-        if given and given != ctx.base.architecture:
-            raise LoraformatError(
-                path, f"architecture {given!r} given, but the base is {ctx.base.architecture!r}"
-            )
-        return ctx.base.architecture
-    if given:
-        return given
     # PEFT records the model class and its module (transformers.models.<model_type>.modeling_…):
-    # enough for the plugins' detection without the base checkpoint.
-    fake_config: dict[str, Any] = {}
+    # what the adapter says it is for, checked against the base (adapter_architecture).
+    said: dict[str, Any] = {}
     mapping = config.get("auto_mapping") or {}
     if isinstance(mapping.get("base_model_class"), str):
-        fake_config["architectures"] = [mapping["base_model_class"]]
+        said["architectures"] = [mapping["base_model_class"]]
     library = mapping.get("parent_library")
     match = re.fullmatch(r"transformers\.models\.(\w+)\.modeling_\w+", str(library or ""))
     if match:
-        fake_config["model_type"] = match.group(1)
-    found = detect_architecture(fake_config, [m + ".weight" for m in modules])
-    if found is None:
-        raise LoraformatError(
-            path,
-            "cannot tell which architecture this PEFT adapter is for; pass the base model "
-            "(--base BASE) or the architecture",
-        )
-    return found
+        said["model_type"] = match.group(1)
+    return adapter_architecture(path, ctx, modules, "this PEFT adapter", config=said, given=given)
 
 
 def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
     config = _read_config(path)
     raw, weights_path = _read_tensors(path)
     if config["peft_type"] in VARIANTS:
-        from .peft_variants import read_variant
-
         return read_variant(
             path, config, raw, weights_path, ctx,
             lambda modules: _resolve_architecture(path, config, modules, ctx, architecture),
@@ -231,7 +206,7 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
     if config.get("alora_invocation_tokens"):
         ctx.lossy(
             "aLoRA invocation tokens: the adapter acts only after them, loraformat applies it "
-            "to every token (--lossy drops the invocation sequence)"
+            "to every token ([[lossy]] drops the invocation sequence)"
         )
     arch = _resolve_architecture(path, config, sorted(grouped), ctx, architecture)
     names = Names(arch, ctx.config, "peft", identity_fallback=True, present=ctx.present)
@@ -361,7 +336,7 @@ def _replacements(
                 if base_weight.shape != array.shape or not np.array_equal(base_weight, array):
                     ctx.lossy(
                         f"PEFT's copy of {target} differs from the base weight and the layer is "
-                        "also adapted (--lossy keeps the base weight)"
+                        "also adapted ([[lossy]] keeps the base weight)"
                     )
                 else:
                     ctx.note(f"dropped PEFT's saved copy of {target} (identical to the base)")
@@ -452,12 +427,12 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
     if fused:
         ctx.lossy(
             f"{len(fused)} layer(s) adapt only some output rows (out_rows, e.g. {fused[0]}); "
-            "PEFT has no such form (--lossy writes B with zero rows elsewhere: same outputs, "
+            "PEFT has no such form ([[lossy]] writes B with zero rows elsewhere: same outputs, "
             "larger file)"
         )
     if any_dora and not all(dora.values()):
         ctx.lossy(
-            "DoRA on some layers only; PEFT's use_dora applies to all (--lossy drops the "
+            "DoRA on some layers only; PEFT's use_dora applies to all ([[lossy]] drops the "
             "DoRA magnitudes)"
         )
     ctx.check_lossy(out, "PEFT")

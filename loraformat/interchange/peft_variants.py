@@ -33,7 +33,7 @@ from ..algebra.reduce import LayerReduction, reduce_layer, relative_error
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
 from ._common import Context, Names
-from .peft import PREFIX, get_pattern_key
+from .peft_keys import PREFIX, get_pattern_key
 
 _ROLES = {
     "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
@@ -309,6 +309,9 @@ def read_variant(
         text = f"{row.path}: {peft_type} exact rank {row.exact_rank} → rank {row.rank}"
         if rank is not None or energy is not None:
             text += f" (relative error {row.relative_error:.3e})"
+        elif row.rank >= min(layers[row.path].in_features, layers[row.path].out_features):
+            text += (" (full rank: as large as the weight itself; a rank or energy — --rank N or "
+                     "--energy E, rank=/energy= in Python — makes it low-rank, as `reduce` does)")
         ctx.note(text)
     ctx.report.layers = len(layers)
     provenance = {

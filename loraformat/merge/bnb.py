@@ -41,7 +41,8 @@ from ..format.adapter import Adapter
 from ..format.safetensors_io import DTYPES, TensorEntry, read_header_only, write_safetensors
 from ..quant import bnb4
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
-from .plan import MergePlan, open_adapters, plan_merge
+from .checkpoint import merged_in
+from .plan import MERGED_KEY, MergePlan, open_adapters, plan_merge
 
 Progress = Callable[[int, int], None]
 ADVICE = (
@@ -149,7 +150,7 @@ def _plan(ckpt: Checkpoint, quantized: _Quantized, adapters: Sequence[Adapter], 
                     )
     return plan_merge(layers, shapes, adapters, architecture=arch.id, base_path=where,
                       weights=weights, fingerprint=None, force=force,
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, merged=merged_in(ckpt))
 
 
 def merge_bnb(
@@ -212,7 +213,8 @@ def merge_bnb(
                                             where, step))
                 for entry in entries:
                     weight_map[entry.name] = shard
-                write_safetensors(tmp / shard, entries, metadata=st.metadata or None)
+                write_safetensors(tmp / shard, entries,
+                                  metadata={**st.metadata, MERGED_KEY: plan.merged_record})
             _side_files(where, tmp, set(ckpt.shards), requantize, weight_map, ckpt)
         return BnbMergeResult(target, plan.layer_count, len(plan.ops), len(ckpt.shards),
                               requantize, report)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ..quant import ggml
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
-from .plan import TensorOp, open_adapters, plan_merge
+from .plan import MERGED_KEY, TensorOp, open_adapters, plan_merge, read_merged
 
 Progress = Callable[[int, int], None]
 ADVICE = (
@@ -152,6 +151,15 @@ def gguf_architecture(arch_name: str, where: Path) -> PluginArchitecture:
     return next((a for a in found if a.id == arch_name), found[0])
 
 
+def model_architecture(path: str | os.PathLike[str]) -> str:
+    """The installed architecture id of a GGUF model (its ``general.architecture``)."""
+    where = Path(path)
+    name = _field(_open_reader(where), "general.architecture")
+    if not isinstance(name, str):
+        raise LoraformatError(where, "GGUF file has no general.architecture")
+    return gguf_architecture(name, where).id
+
+
 def _open_reader(path: Path) -> Any:
     import gguf
 
@@ -193,35 +201,40 @@ def _merge_tensor(
     return w, np.ascontiguousarray(np.take(merged, perm, axis=axis))
 
 
-def _write_same_layout(base: Path, out: Path, changed: Mapping[str, object],
-                       tensors: Mapping[str, Any], produce: Callable[[str], np.ndarray]) -> None:
-    """Copy ``base`` to ``out`` (atomically), then overwrite each changed tensor's bytes in
-    place, one tensor at a time."""
-    with atomic_file(out) as handle:
-        with open(base, "rb") as src:
-            shutil.copyfileobj(src, handle, _COPY_CHUNK)
-        handle.flush()
-        for name in changed:
-            data = produce(name)
-            assert data.nbytes == tensors[name].n_bytes
-            os.pwrite(handle.fileno(), memoryview(data), tensors[name].data_offset)
-
-
 def _pad(n: int, alignment: int) -> int:
     return -n % alignment
 
 
+def _key_values(reader: Any, strings: Mapping[str, str]) -> bytes:
+    """The header up to the tensor infos: the base's key-values verbatim but those in
+    ``strings``, which are (re)written as string values at the end."""
+    import gguf
+
+    kept = [f for name, f in reader.fields.items()
+            if not name.startswith("GGUF.") and name not in strings]
+    head = bytearray(reader.data[:8].tobytes())  # magic, version
+    head += struct.pack("<QQ", len(reader.tensors), len(kept) + len(strings))
+    for f in kept:
+        head += reader.data[f.offset : f.offset + sum(p.nbytes for p in f.parts)].tobytes()
+    for key, value in strings.items():
+        name = key.encode("utf-8")
+        head += struct.pack("<Q", len(name)) + name
+        encoded = value.encode("utf-8")
+        head += struct.pack("<IQ", int(gguf.GGUFValueType.STRING), len(encoded)) + encoded
+    return bytes(head)
+
+
 def _write_relayout(reader: Any, base: Path, out: Path, types: Mapping[str, Any],
-                    produce: Callable[[str], np.ndarray]) -> None:
-    """Write the KV section verbatim, a new tensor-info table (sizes follow from the types), and
-    the data at the new offsets, producing each changed tensor when its turn comes."""
+                    produce: Callable[[str], np.ndarray], strings: Mapping[str, str]) -> None:
+    """Write the key-values (``strings`` set), a new tensor-info table (sizes follow from the
+    types), and the data at the new offsets, producing each changed tensor when its turn comes."""
     import gguf
 
     if reader.endianess != gguf.GGUFEndian.LITTLE:
-        raise LoraformatError(base, "a big-endian GGUF file cannot change tensor types here")
+        raise LoraformatError(base, "a big-endian GGUF file cannot be rewritten here")
     alignment = int(reader.alignment)
     tensors = list(reader.tensors)
-    kv_end = tensors[0].field.offset if tensors else reader.data_offset
+    head = _key_values(reader, strings)
     infos = bytearray()
     offset = 0
     for t in tensors:
@@ -233,9 +246,9 @@ def _write_relayout(reader: Any, base: Path, out: Path, types: Mapping[str, Any]
         infos += struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", int(kind), offset)
         offset += size + _pad(size, alignment)
     with atomic_file(out) as handle, open(base, "rb") as src:
-        handle.write(src.read(kv_end))
+        handle.write(head)
         handle.write(bytes(infos))
-        handle.write(b"\0" * _pad(kv_end + len(infos), alignment))
+        handle.write(b"\0" * _pad(len(head) + len(infos), alignment))
         for t in tensors:
             if t.name in types:
                 data = produce(t.name)
@@ -305,6 +318,7 @@ def merge_gguf(
             {d.weight: d.stored_shape() for d, _, _ in layers.values()},
             opened, architecture=architecture.id, base_path=base_path, weights=weights,
             fingerprint=None, force=force, allow_nonfinite=allow_nonfinite,
+            merged=read_merged(_field(reader, MERGED_KEY), base_path),
         )
         by_weight = {d.weight: (d, name, perm) for d, name, perm in layers.values()}
         for op in plan.ops.values():
@@ -348,10 +362,8 @@ def merge_gguf(
                 progress(done, total)
             return data
 
-        if all(kind == by_name[name].tensor_type for name, kind in types.items()):
-            _write_same_layout(base_path, target, changed, by_name, produce)
-        else:
-            _write_relayout(reader, base_path, target, types, produce)
+        _write_relayout(reader, base_path, target, types, produce,
+                        {MERGED_KEY: plan.merged_record})
     return GgufMergeResult(
         target, plan.layer_count, len(changed), {n: k.name for n, k in types.items()},
         report if report.layers else None,
@@ -359,4 +371,4 @@ def merge_gguf(
 
 
 __all__ = ["GgufMergeResult", "gguf_config", "gguf_layers",
-           "merge_gguf"]
+           "merge_gguf", "model_architecture"]

@@ -60,7 +60,7 @@ from ..format.adapter import Adapter
 from ..onnx_io import EXTERNAL_DATA_THRESHOLD, save_model
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport
 from . import onnx_int4
-from .plan import MergePlan, open_adapters, plan_merge
+from .plan import MERGED_KEY, MergePlan, open_adapters, plan_merge, read_merged
 
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -335,7 +335,7 @@ def locate(
                     raise LoraformatError(
                         adapter.path, f"layer {path!r}: its weight {value.name!r} is shared by "
                         f"{len(compute)} nodes ({', '.join(n.name for n, _, _ in compute[:3])}); "
-                        "merging would change them all (use --unshare to give this layer its "
+                        "merging would change them all (use [[unshare]] to give this layer its "
                         "own copy)",
                     )
                 value = _unshare(
@@ -364,7 +364,7 @@ def locate(
                             raise LoraformatError(
                                 adapter.path, f"layer {path!r}: its bias {bias_value.name!r} is "
                                 f"shared by {len(list(bias_value.uses()))} nodes; merging would "
-                                "change them all (use --unshare to give this layer its own copy)",
+                                "change them all (use [[unshare]] to give this layer its own copy)",
                             )
                         users = {id(n) for n, _, _ in compute}
                         bias_value = _unshare_bias(index, bias_value, compute, users, path)
@@ -466,7 +466,7 @@ def _bias_of_weight(
             raise LoraformatError(
                 adapter.path, f"replacement {name!r}: its initializer {bias.name!r} is shared by "
                 f"{len(list(bias.uses()))} nodes; replacing it would change them all (use "
-                "--unshare to give this layer its own copy)",
+                "[[unshare]] to give this layer its own copy)",
             )
         bias = _unshare_bias(index, bias, compute, set(), path)
         unshared.append(bias.name)
@@ -585,7 +585,8 @@ def merge_onnx(
     ``base`` and write ``out`` atomically; the graph's nodes are unchanged (except the rewired
     inputs of layers ``unshare`` gives their own copy). See the module docstring for how layers
     are found and oriented, and :func:`~loraformat.merge.plan.plan_merge` for the refusals.
-    ``force`` is accepted for symmetry and ignored: an ONNX file has no fingerprint to compare.
+    An ONNX file has no fingerprint to compare; ``force`` merges an adapter the model records as
+    merged already (``metadata_props``).
     Weights stored in MatMulNBits nodes are requantized (:mod:`~loraformat.merge.onnx_int4`) and
     the result carries the survival report; ``threshold`` is its warning's share.
     """
@@ -625,9 +626,11 @@ def merge_onnx(
             )
         plan: MergePlan = plan_merge(
             layout.layers, layout.shapes, opened, architecture=detected, base_path=source,
-            weights=weights, subtract=subtract, fingerprint=None, force=True,
+            weights=weights, subtract=subtract, fingerprint=None, force=force,
             allow_nonfinite=allow_nonfinite,
+            merged=read_merged(model.metadata_props.get(MERGED_KEY), source),
         )
+        model.metadata_props[MERGED_KEY] = plan.merged_record
         total = len(plan.ops)
         external = False
         size = 0

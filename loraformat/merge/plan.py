@@ -9,6 +9,7 @@ by ONNX export, and (with layers located in the graph instead of the plugin) ONN
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,27 @@ from ..format.safetensors_io import FLOAT_DTYPES
 from .weights import Contribution, merge_bias, merge_weight
 
 PEFT_CONFIG = "adapter_config.json"
+#: The key under which a merged model records the adapters merged into it (ONNX metadata_props,
+#: GGUF key-value, safetensors ``__metadata__``): a JSON list of their ``tensors_sha256``.
+MERGED_KEY = "loraformat.merged_adapters"
+
+
+def adapter_id(adapter: Adapter) -> str:
+    """What identifies an adapter across formats and bases: the checksum of its tensors."""
+    return str(adapter.manifest["tensors_sha256"])
+
+
+def read_merged(text: object, where: object) -> list[str]:
+    """The adapter ids a model's :data:`MERGED_KEY` value records (``None``: none)."""
+    if text is None:
+        return []
+    try:
+        ids = json.loads(str(text))
+    except ValueError:
+        ids = None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise LoraformatError(where, f"{MERGED_KEY} is not a JSON list of adapter checksums")
+    return ids
 
 
 @dataclass
@@ -61,9 +83,17 @@ class MergePlan:
     ops: dict[str, TensorOp]
     layer_count: int
     subtract: bool = False
+    #: the adapters merged into the output (:data:`MERGED_KEY`): the base's, plus (or, unmerging,
+    #: minus) these adapters
+    merged: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ops)
+
+    @property
+    def merged_record(self) -> str:
+        """:attr:`merged` as the output stores it under :data:`MERGED_KEY`."""
+        return json.dumps(self.merged)
 
 
 def open_adapter(path: str | os.PathLike[str] | Adapter) -> Adapter:
@@ -127,6 +157,7 @@ def plan_merge(
     fingerprint: str | object | None = None,
     force: bool = False,
     allow_nonfinite: bool = False,
+    merged: Sequence[str] = (),
 ) -> MergePlan:
     """Check every adapter against the base and return what to do to each base tensor.
 
@@ -137,7 +168,9 @@ def plan_merge(
     ``force``; never checked when ``subtract``, whose base is a merged model); a layer the base
     lacks; a shape or kind mismatch; a lora_bias for a layer without a bias; NaN/Inf in an
     adapter (unless ``allow_nonfinite``); replacing a tensor the base lacks, of another shape, or
-    that something else also changes; unmerging DoRA or replacements, which cannot be undone.
+    that something else also changes; unmerging DoRA or replacements, which cannot be undone; an
+    adapter the base records as merged already (``merged``: its :data:`MERGED_KEY` ids; unless
+    ``force``).
     """
     if weights is None or len(weights) == 0:
         weights = [1.0] * len(adapters)
@@ -150,8 +183,20 @@ def plan_merge(
     ops: dict[str, TensorOp] = {}
     base_fp: str | None = None
     adapted: set[str] = set()
+    record = list(merged)
     for adapter, weight in zip(adapters, weights, strict=True):
         where = adapter.path
+        ident = adapter_id(adapter)
+        if subtract:
+            if ident in record:
+                record.remove(ident)
+        elif ident in merged and not force:  # the base's record (one call may repeat one)
+            raise LoraformatError(
+                base_path, f"already has the adapter {where or ''} merged into it (it records "
+                f"adapter {ident[:12]}…); use [[force]] to merge it again",
+            )
+        else:
+            record.append(ident)
         if architecture is not None and adapter.architecture != architecture:
             raise LoraformatError(
                 where, f"adapter is for architecture {adapter.architecture!r}, but the base "
@@ -163,14 +208,14 @@ def plan_merge(
             if base_fp is not None and base_fp != adapter.fingerprint:
                 raise LoraformatError(
                     where, f"adapter was made for base fingerprint {adapter.fingerprint[:17]}…, "
-                    f"but {base_path} has {base_fp[:17]}… (a different base; use --force to merge "
-                    "anyway)",
+                    f"but {base_path} has {base_fp[:17]}… (a different base; use [[force]] to "
+                    "merge anyway)",
                 )
         if not allow_nonfinite:
             problem = _nonfinite(adapter)
             if problem:
                 raise LoraformatError(
-                    where, f"{problem}; refusing to merge (use --allow-nonfinite to merge anyway)"
+                    where, f"{problem}; refusing to merge (use [[allow_nonfinite]] to merge anyway)"
                 )
         for path, spec in adapter.specs.items():
             dense = layers.get(path)
@@ -240,7 +285,17 @@ def plan_merge(
     for op in ops.values():
         if op.kind == "weight" and op.name not in tensor_shapes:
             raise LoraformatError(base_path, f"base has no tensor {op.name!r}")
-    return MergePlan(ops, len(adapted), subtract)
+    return MergePlan(ops, len(adapted), subtract, record)
 
 
-__all__ = ["PEFT_CONFIG", "MergePlan", "TensorOp", "open_adapter", "open_adapters", "plan_merge"]
+__all__ = [
+    "MERGED_KEY",
+    "PEFT_CONFIG",
+    "MergePlan",
+    "TensorOp",
+    "adapter_id",
+    "open_adapter",
+    "open_adapters",
+    "plan_merge",
+    "read_merged",
+]

@@ -30,9 +30,9 @@ so the output is bit-identical to ONNX Runtime's (``tests/test_quant_matmulnbits
   ``roundf`` rounds halves away from zero (numpy's ``round`` does not).
 
 :func:`quantize` calls that same ONNX Runtime function when onnxruntime is installed (it is a
-runtime dependency; 2.6× faster than numpy on a 4096×1024 weight, which matters for an 8B model's
-thousands of weights) and the numpy code otherwise; :func:`quantize_numpy` is the reference the
-tests hold both to.
+runtime dependency, and faster than numpy: README, "Why the design is as it is"; it matters for
+an 8B model's thousands of weights) and the numpy code otherwise; :func:`quantize_numpy` is the
+reference the tests hold both to.
 """
 
 from __future__ import annotations

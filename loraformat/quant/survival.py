@@ -9,7 +9,9 @@ with Q). The figures per layer:
 - ``error_norm``   ‖Q(W') − W'‖, the requantization error of the merged weight;
 - ``share``        ⟨Q(W') − Q(W), ΔW⟩ / ‖ΔW‖²: the part of ΔW the stored change carries
   (1 = all of it; 0 = none). A ΔW smaller than the quantization step rounds back to the grid
-  point W already sits on, so its share is near 0.
+  point W already sits on, so its share is near 0. Rounding can also overshoot ΔW's direction
+  (a projection above ‖ΔW‖²): that is all of it, so shares are capped at 1 everywhere (table,
+  warning, JSON), never "100.5%".
 
 The overall share weights layers by ‖ΔW‖²: Σ⟨·,·⟩ / Σ‖ΔW‖². :func:`measure` works for any codec
 given as a pair of functions, so every quantized merge (GGUF, bitsandbytes, MatMulNBits) reports
@@ -42,7 +44,7 @@ class LayerSurvival:
     @property
     def share(self) -> float:
         sq = self.delta_norm**2
-        return self.carried / sq if sq > 0 else 1.0
+        return min(1.0, self.carried / sq) if sq > 0 else 1.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,7 +71,7 @@ class SurvivalReport:
     def share(self) -> float:
         """Overall share, layers weighted by ‖ΔW‖²."""
         total = sum(item.delta_norm**2 for item in self.layers)
-        return sum(item.carried for item in self.layers) / total if total > 0 else 1.0
+        return min(1.0, sum(item.carried for item in self.layers) / total) if total > 0 else 1.0
 
     def low(self) -> list[LayerSurvival]:
         """Layers whose share is below the threshold (and whose ΔW is not zero)."""

@@ -114,6 +114,7 @@ class Session:
         except Exception as exc:  # ORT raises its own types for unreadable graphs
             raise LoraformatError(self.path, ort_load_error(self.path, exc, "open")) from None
         self.slots: dict[str, Slot] = _find_slots(self._session)
+        self._input_names = {i.name for i in self._session.get_inputs()}
         self._lock = threading.Lock()
         self._adapters: dict[str, LoadedAdapter] = {}
         self._tmp: Path | None = None  # converted adapters live here while loaded
@@ -219,7 +220,8 @@ class Session:
         """Run the graph with the named adapter(s) active (``None``: the plain base).
 
         Several adapters may be active together if no two fill the same layer (ORT would
-        silently let one override the other). Returns the outputs in ``output_names`` order
+        silently let one override the other). A decoder's ``attention_mask`` left out is all
+        ones (a batch without padding). Returns the outputs in ``output_names`` order
         (default: every graph output).
         """
         ort = _ort()
@@ -227,9 +229,14 @@ class Session:
         options = ort.RunOptions()
         for loaded in chosen:
             options.add_active_adapter(loaded.ort_adapter)
+        feed = dict(inputs)
+        if "attention_mask" in self._input_names and "attention_mask" not in feed and (
+            "input_ids" in feed
+        ):  # an unpadded batch: every token counts
+            feed["attention_mask"] = np.ones(np.shape(feed["input_ids"]), dtype=np.int64)
         try:
             return self._session.run(
-                list(output_names) if output_names else None, dict(inputs), options
+                list(output_names) if output_names else None, feed, options
             )
         except Exception as exc:
             names = ", ".join(a.name for a in chosen) or "none"
