@@ -166,6 +166,7 @@ def logits(model: Path, ids: np.ndarray, lora: Path | None = None) -> np.ndarray
         params = lib.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = 64
         params.type_k = params.type_v = 0  # GGML_TYPE_F32: the default f16 cache costs ~1e-3
+        params.flash_attn_type = 0  # disabled: flash attention on the CPU rounds through f16
         params.n_threads = params.n_threads_batch = 1
         ctx = lib.llama_init_from_model(handle, params)
         assert ctx, "llama.cpp cannot make a context"

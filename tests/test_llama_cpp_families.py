@@ -27,7 +27,8 @@ import tiny_families
 import tiny_models
 from cli_harness import run_cli
 
-ROOT = real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
+real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]  # one fixture, one worker
 FAMILIES = ("llama", *tiny_families.FAMILIES)
 IDS = np.random.default_rng(0).integers(3, tiny_families.VOCAB, 9)  # crosses the 4-token windows
 
