@@ -160,7 +160,9 @@ def logits(model: Path, ids: np.ndarray, lora: Path | None = None) -> np.ndarray
     """llama.cpp's logits for every position of ``ids`` (one batch, F32 KV cache), with the GGUF
     LoRA ``lora`` applied at run time (scale 1) if given."""
     lib = _library()
-    handle = lib.llama_model_load_from_file(str(model).encode(), lib.llama_model_default_params())
+    model_params = lib.llama_model_default_params()
+    model_params.use_extra_bufts = False  # CPU repacking of Q8_0 crashes on these tiny rows
+    handle = lib.llama_model_load_from_file(str(model).encode(), model_params)
     assert handle, f"llama.cpp cannot load {model}"
     try:
         params = lib.llama_context_default_params()
