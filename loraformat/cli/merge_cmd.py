@@ -203,7 +203,8 @@ def merge_command(
     --requantize), told apart by content; quantized merges report how much of the adapter
     survived. Each ADAPTER is in
     any format `convert` reads (loraformat, PEFT, loralib, .onnx_adapter, GGUF, MLX; detected
-    from its content, or --from), read through BASE where the format needs it. OUT decides the
+    from its content, or --from), read through --base where the format needs it (default: BASE,
+    a checkpoint or a GGUF model). OUT decides the
     product: a directory gets a merged checkpoint (same shards and names, config copied), a .onnx
     file an ONNX model with the same graph as the base and merged weights.
     """
