@@ -46,13 +46,9 @@ def _base_kind(base: str) -> str:
     return BNB4_CHECKPOINT if kind == sniff.CHECKPOINT and is_bnb4(base) else kind
 
 
-def _quantized_architecture(base: str, kind: str) -> str | None:
-    """The architecture a GGUF model (``general.architecture``) or a bitsandbytes checkpoint
-    (its config.json) declares, by installed id; None when no plugin knows it."""
-    if kind == sniff.GGUF_MODEL:
-        from ..merge.gguf import model_architecture
-
-        return model_architecture(base)
+def _bnb_architecture(base: str) -> str | None:
+    """The architecture a bitsandbytes checkpoint's config.json declares, by installed id; None
+    when no plugin knows it."""
     from ..architecture import CheckpointInfo, detect
     from ..checkpoint import Checkpoint
 
@@ -72,22 +68,26 @@ def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str
     base = ctx.params.get("base")
     ctx.meta["base_kind"] = kind = _base_kind(base) if base is not None else None
     onnx = kind == sniff.ONNX_MODEL
-    # Foreign adapters are read through a float checkpoint BASE (names, row order); a quantized
-    # base (GGUF model, bitsandbytes 4-bit) has no such checkpoint to read them through.
-    names_from = None if base is None or onnx or kind in _QUANTIZED else base
-    # ... but it says its architecture, which an adapter that does not say its own takes
-    declared = _quantized_architecture(base, kind) if kind in _QUANTIZED else None
+    # Foreign adapters are read through --base, else through BASE where it says their names and
+    # row order (a float checkpoint, a GGUF model); an ONNX graph or a bitsandbytes 4-bit
+    # checkpoint does not.
+    names_from = ctx.params.get("names_base") or (
+        None if base is None or onnx or kind == BNB4_CHECKPOINT else base
+    )
+    # ... but a bitsandbytes checkpoint says its architecture, which an adapter that does not say
+    # its own takes
+    declared = _bnb_architecture(base) if names_from is None and kind == BNB4_CHECKPOINT else None
     opened = []
     for value in values:
         try:
             adapter = open_adapter(value, base=names_from, from_=ctx.params.get("from_"),
                                    architecture=declared)
-        except NeedsBase as exc:  # say how to give it here: merge has no --base
-            if not onnx:
+        except NeedsBase as exc:  # say why BASE itself could not serve
+            if kind not in (sniff.ONNX_MODEL, BNB4_CHECKPOINT):
                 raise
             raise NeedsBase(
-                exc.path, exc.needs, "an ONNX BASE has no checkpoint to read it through: convert "
-                "it first (loraformat convert ADAPTER -o DIR --base CHECKPOINT)"
+                exc.path, exc.needs, "an ONNX or bitsandbytes 4-bit BASE cannot say its names: "
+                "pass --base CHECKPOINT (the float checkpoint or the .gguf model it came from)"
             ) from None
         ctx.call_on_close(adapter.close)
         opened.append(adapter)
@@ -181,6 +181,10 @@ def _merge_quantized(
                    "a .onnx file (ONNX model), or a .gguf file (GGUF base).")
 @click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
+@click.option("--base", "names_base", type=click.Path(), is_eager=True,
+              help="The model adapters whose format needs one (GGUF, loralib, ...) are read "
+                   "through, as for `convert`: a checkpoint or a .gguf model (default: BASE, "
+                   "unless it is ONNX or bitsandbytes 4-bit).")
 @click.option("--dtype", type=_DTYPES, default=None,
               help="ONNX export: weight and activation dtype (default float32); int4/int8: "
               "dense layers as ONNX Runtime MatMulNBits, the rest float32; bfloat16 runs in "
@@ -218,7 +222,8 @@ def merge_command(
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
     qtype: str | None = None, requantize: bool = False, from_: str | None = None,
-    block_size: int | None = None, symmetric: bool = False, accuracy_level: int | None = None,
+    names_base: str | None = None, block_size: int | None = None, symmetric: bool = False,
+    accuracy_level: int | None = None,
     quantize_lm_head: bool = False,
     quantize_embeddings: bool = False, no_genai: bool = False,
 ) -> None:
@@ -230,7 +235,8 @@ def merge_command(
     --requantize), told apart by content; quantized merges report how much of the adapter
     survived. Each ADAPTER is in
     any format `convert` reads (loraformat, PEFT, loralib, .onnx_adapter, GGUF, MLX; detected
-    from its content, or --from), read through BASE where the format needs it. OUT decides the
+    from its content, or --from), read through --base where the format needs it (default: BASE,
+    a checkpoint or a GGUF model). OUT decides the
     product: a directory gets a merged checkpoint (same shards and names, config copied), a .onnx
     file an ONNX model with the same graph as the base and merged weights.
     """

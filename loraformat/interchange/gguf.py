@@ -28,8 +28,8 @@ transposes the LoRA product along with HF's Conv1D weights, giving ``lora_a`` ne
 (and, for square layers, applies ΔWᵀ). This module writes A, B in math orientation for every
 layer, which is what the loader checks and computes with.
 
-Writing and reading need the base (``--base``): llama.cpp's names and row order depend on the
-model config.
+Writing and reading need the base (``--base``: the Hugging Face checkpoint or the GGUF model
+itself): llama.cpp's names and row order depend on the model config.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
+from ..gguf_model import checked_permutation, open_reader, read_field
 from ._common import Context, Names, atomic_path, scaled
 
 NAME = "gguf"
@@ -61,8 +62,8 @@ def _need_base(ctx: Context, path: Path) -> Any:
     if ctx.base is None:
         raise LoraformatError(
             path,
-            "GGUF conversion needs the base model (--base BASE): llama.cpp's tensor names and "
-            "row order depend on its config",
+            "GGUF conversion needs the base model (--base BASE, a checkpoint or the .gguf "
+            "model): llama.cpp's tensor names and row order depend on its config",
         )
     return ctx.base
 
@@ -81,13 +82,7 @@ def _llama_cpp_architecture(base: Any) -> str:
 
 
 def _permutation(base: Any, path: str, rows: int) -> np.ndarray | None:
-    perm = base.arch.row_permutation(base.info, path, "gguf")
-    if perm is None:
-        return None
-    perm = np.asarray(perm, dtype=np.int64)
-    if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
-        raise LoraformatError(None, f"plugin gave an invalid gguf row permutation for {path}")
-    return perm
+    return checked_permutation(base.arch.row_permutation(base.info, path, "gguf"), rows, path)
 
 
 def _file_alpha(adapter: Adapter) -> tuple[float, dict[str, float]]:
@@ -195,11 +190,6 @@ def _add_tensor(gguf: Any, writer: Any, name: str, array: np.ndarray) -> None:
         writer.add_tensor(name, array.astype(np.float32))
 
 
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def _tensor_array(gguf: Any, tensor: Any) -> np.ndarray:
     import ml_dtypes
 
@@ -217,21 +207,19 @@ def _tensor_array(gguf: Any, tensor: Any) -> np.ndarray:
 def read_gguf(path: Path, ctx: Context) -> Adapter:
     gguf = _gguf()
     base = _need_base(ctx, path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/struct errors for a bad file
-        raise LoraformatError(path, f"not a readable GGUF file ({exc})") from None
-    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
+    reader = open_reader(path)
+    kind = read_field(reader, "general.type"), read_field(reader, "adapter.type")
+    if kind != ("adapter", "lora"):
         raise LoraformatError(path, "not a GGUF LoRA adapter (general.type/adapter.type)")
-    arch_name = _field(reader, "general.architecture")
+    arch_name = read_field(reader, "general.architecture")
     expected = _llama_cpp_architecture(base)
     if arch_name != expected:
         raise LoraformatError(
             path, f"adapter is for llama.cpp architecture {arch_name!r}, the base is {expected!r}"
         )
-    alpha = float(_field(reader, "adapter.lora.alpha") or 0.0)
-    scaling = _field(reader, KV_SCALING)
-    original_alpha = _field(reader, KV_ALPHA)
+    alpha = float(read_field(reader, "adapter.lora.alpha") or 0.0)
+    scaling = read_field(reader, KV_SCALING)
+    original_alpha = read_field(reader, KV_ALPHA)
     names = Names(
         base.architecture, ctx.config, "gguf", identity_fallback=False, present=ctx.present
     )
