@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import LoraformatError
-from .layers import DenseLayer, ExportModel, ExportOptions
+from .layers import DenseLayer, ExpertStorage, ExportModel, ExportOptions
 from .names import NameTable
 
 #: The major version of the plugin contract this loraformat speaks. A plugin declares the version
@@ -154,6 +154,8 @@ class Architecture(Protocol):
     # Optional (the core asks only where it is defined; ArchitectureBase answers None):
     # def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
     #     """How the export module repeats its layers; None: the exporter traces every layer."""
+    # expert_storage: tuple[ExpertStorage, ...]
+    #     """How checkpoints store the stacked expert parameters PEFT's target_parameters adapt."""
 
 
 class ArchitectureBase:
@@ -170,6 +172,9 @@ class ArchitectureBase:
     ort_model_type: ClassVar[str | None] = None
     #: PEFT's default ``target_modules`` for this family.
     targets: ClassVar[tuple[str, ...]] = ()
+    #: Mixture-of-experts families: how the checkpoint stores each stacked expert parameter of a
+    #: block, in the order the experts module registers them (see :class:`ExpertStorage`).
+    expert_storage: ClassVar[tuple[ExpertStorage, ...]] = ()
 
     def detect(self, checkpoint: CheckpointInfo) -> bool:
         raise NotImplementedError
