@@ -33,6 +33,8 @@ class GptOss(MoeFamily):
         SPLIT_ATTENTION, "mlp.router", "mlp.router", EXPERTS,
         {"mlp.experts.down_proj": "ffn_down_exps"},
     )
+    # GptOssTopKRouter is no nn.Linear: PEFT adapts it as target_parameters "mlp.router.weight".
+    peft_weight_parameters = ("mlp.router",)
     targets = ("q_proj", "v_proj")
     gguf_architecture = "gpt-oss"
 

@@ -38,7 +38,7 @@ class DenseLayer:
     kind: Literal["linear", "embedding"] = "linear"
     parts: tuple[FusedPart, ...] = ()
     bias: str | None = None  # the bias tensor's name, if the layer has one
-    experts: int = 0
+    experts: int | None = None
 
     @property
     def weight(self) -> str:

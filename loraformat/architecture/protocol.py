@@ -156,6 +156,8 @@ class Architecture(Protocol):
     #     """How the export module repeats its layers; None: the exporter traces every layer."""
     # expert_storage: tuple[ExpertStorage, ...]
     #     """How checkpoints store the stacked expert parameters PEFT's target_parameters adapt."""
+    # peft_weight_parameters: tuple[str, ...]
+    #     """Layers PEFT adapts through target_parameters (``<path>.weight``), not as modules."""
 
 
 class ArchitectureBase:
@@ -175,6 +177,10 @@ class ArchitectureBase:
     #: Mixture-of-experts families: how the checkpoint stores each stacked expert parameter of a
     #: block, in the order the experts module registers them (see :class:`ExpertStorage`).
     expert_storage: ClassVar[tuple[ExpertStorage, ...]] = ()
+    #: Block-relative paths of layers PEFT can adapt only through ``target_parameters``
+    #: (``<path>.weight``) because transformers' module there is no ``nn.Linear`` (gpt-oss's
+    #: router ``mlp.router``).
+    peft_weight_parameters: ClassVar[tuple[str, ...]] = ()
 
     def detect(self, checkpoint: CheckpointInfo) -> bool:
         raise NotImplementedError

@@ -88,6 +88,9 @@ class PluginArchitecture:
         self.expert_storage: tuple[ExpertStorage, ...] = tuple(
             getattr(impl, "expert_storage", ())
         )
+        self.peft_weight_parameters: tuple[str, ...] = tuple(
+            getattr(impl, "peft_weight_parameters", ())
+        )
         self.generic = False
 
     @property

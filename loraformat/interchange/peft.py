@@ -54,6 +54,7 @@ from .peft_experts import (
     expert_storage,
     take_wrappers,
     unwrap,
+    weight_parameter,
     wrapper_keys,
 )
 
@@ -375,7 +376,7 @@ def _check_expert_layer(
             f"{layer_path!r} to hold it",
         )
     dense = ctx.base.layer_as(layer_path, "linear", layer.in_features, layer.out_features)
-    experts = getattr(layer, "experts", 0)
+    experts = layer.experts
     if (dense.in_features, dense.out_features, dense.experts) != (
         layer.in_features, layer.out_features, experts
     ):
@@ -531,9 +532,14 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
         module = names.to_foreign(path)
         if module is None:
             raise LoraformatError(out, f"layer {path!r} has no PEFT module name")
-        targets.append(module)
-        ranks[module] = layer.rank
-        alphas[module] = layer.alpha
+        if weight_parameter(adapter.architecture, module):
+            stems[module + ".weight"] = module  # same keys; named in target_parameters
+            ranks[module + ".weight"] = layer.rank
+            alphas[module + ".weight"] = layer.alpha
+        else:
+            targets.append(module)
+            ranks[module] = layer.rank
+            alphas[module] = layer.alpha
         key = PREFIX + module
         b = layer.B
         if layer.out_rows is not None:
@@ -602,7 +608,7 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
         "use_rslora": adapter.scaling == "alpha/sqrt(r)",
         "use_dora": use_dora,
         "lora_bias": any_bias,
-        "target_modules": sorted(targets) if targets or not stacks else None,
+        "target_modules": sorted(targets) if targets or not stems else None,
         "target_parameters": sorted(stems) or None,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "all" if needs_bias_all else ("lora_only" if needs_bias_lora_only else "none"),
@@ -615,7 +621,7 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
     }
     if provenance.get("auto_mapping"):
         config["auto_mapping"] = provenance["auto_mapping"]
-    ctx.report.layers = len(targets) + len(stacks)
+    ctx.report.layers = len(targets) + len(stems)
     with atomic_dir(out) as tmp:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(

@@ -99,6 +99,13 @@ def expert_storage(arch: str) -> tuple[ExpertStorage, ...]:
     return tuple(getattr(found, "expert_storage", ())) if found is not None else ()
 
 
+def weight_parameter(arch: str, module: str) -> bool:
+    """Whether PEFT adapts ``module`` of ``arch`` as the parameter ``<module>.weight``."""
+    found = _architecture(arch)
+    relative = tuple(getattr(found, "peft_weight_parameters", ())) if found is not None else ()
+    return any(module == r or module.endswith("." + r) for r in relative)
+
+
 @dataclass
 class Wrapped:
     """One targeted parameter as PEFT saved it: full name, A [E·r, in], B [out, E·r]."""
@@ -286,7 +293,7 @@ def collect_stacks(
         for storage in storages for i, t in enumerate(storage.per_expert)
     ]
     for path, spec in adapter.specs.items():
-        if getattr(spec, "experts", 0):
+        if spec.experts is not None:
             layer = adapter.layer(path)
             name = names.to_foreign(path) or path
             stacks.append(Stack(name, layer.A, layer.B, layer.rank, layer.alpha))
