@@ -52,6 +52,7 @@ from .peft_experts import (
     collect_stacks,
     expert_layers,
     expert_storage,
+    nesting_orders,
     take_wrappers,
     unwrap,
     weight_parameter,
@@ -256,10 +257,11 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
     layers: dict[str, LoraLayer] = {}
     storages = expert_storage(arch)
     base_shapes = ctx.base.checkpoint.shapes() if ctx.base is not None else {}
-    for wrapped in take_wrappers(
+    all_wrapped = take_wrappers(
         grouped, list(config.get("target_parameters") or ()), storages,
         lambda name: base_shapes.get(names.to_path(name) or name), weights_path,
-    ):
+    )
+    for wrapped in all_wrapped:
         produced = expert_layers(
             wrapped, int(resolved(rank_pattern, wrapped.name, config["r"])),
             float(resolved(alpha_pattern, wrapped.name, config["lora_alpha"])),
@@ -352,6 +354,8 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
             if config.get(k) is not None
         },
     }
+    if nesting_orders(all_wrapped):
+        provenance["peft_config"]["parameter_nesting"] = nesting_orders(all_wrapped)
     base_name = config.get("base_model_name_or_path")
     return Adapter.from_layers(
         arch,
@@ -519,7 +523,10 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
     stacks, expert_paths = collect_stacks(
         adapter, storages, names, lambda prefix, storage: _expert_count(ctx, prefix, storage), ctx
     )
-    stems = wrapper_keys(stacks, storages, out)
+    stems = wrapper_keys(
+        stacks, storages, out,
+        adapter.manifest.get("provenance", {}).get("peft_config", {}).get("parameter_nesting", ()),
+    )
     for stack in stacks:
         a, b = stack.peft_tensors()
         tensors[PREFIX + stems[stack.name] + ".lora_A.weight"] = a

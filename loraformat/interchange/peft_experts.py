@@ -185,9 +185,10 @@ def _registration_order(
         raise LoraformatError(
             where,
             f"module {module!r} nests LoRA on {len(params)} parameters ({', '.join(params)}); "
-            "which is which depends on the order the model registers them, which "
-            + ("the base's shapes do not decide" if fitting else "needs the base model (--base)")
-            + " and no installed plugin states",
+            "which is which depends on the order the model registers them: no installed plugin "
+            "states it, and "
+            + ("the base's shapes do not decide" if fitting else
+               "without the base model (--base) its shapes cannot decide"),
         )
     return list(fitting[0])
 
@@ -365,10 +366,25 @@ def _join(
     return Stack(name, a3, b3, rank, alpha)
 
 
-def wrapper_keys(stacks: Sequence[Stack], storages: Sequence[ExpertStorage],
-                 where: Path) -> dict[str, str]:
+def nesting_orders(wrapped: Sequence[Wrapped]) -> list[list[str]]:
+    """The parameter orders of modules with several targeted parameters, as read (kept in the
+    provenance so that writing PEFT again nests them the same way without a plugin)."""
+    modules: dict[str, list[str]] = {}
+    for item in wrapped:
+        module, _, param = item.name.rpartition(".")
+        modules.setdefault(module, []).append(param)
+    orders: list[list[str]] = []
+    for params in modules.values():
+        if len(params) > 1 and params not in orders:
+            orders.append(params)
+    return orders
+
+
+def wrapper_keys(stacks: Sequence[Stack], storages: Sequence[ExpertStorage], where: Path,
+                 orders: Sequence[Sequence[str]] = ()) -> dict[str, str]:
     """Full parameter name → the PEFT key stem (``<module>`` with one ``.base_layer`` per
-    parameter of the same module registered after it)."""
+    parameter of the same module registered after it). The order is the family's, else one of
+    ``orders`` (recorded when the adapter was read from PEFT) with the same parameters."""
     modules: dict[str, list[str]] = {}
     for stack in stacks:
         module, _, param = stack.name.rpartition(".")
@@ -376,7 +392,9 @@ def wrapper_keys(stacks: Sequence[Stack], storages: Sequence[ExpertStorage],
     out = {}
     for module, params in modules.items():
         if len(params) > 1:
-            known = by_registration(module, params, storages)
+            known = by_registration(module, params, storages) or next(
+                (list(o) for o in orders if sorted(o) == sorted(params)), None
+            )
             if known is None:
                 raise LoraformatError(
                     where,
