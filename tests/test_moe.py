@@ -119,3 +119,40 @@ def test_single_file_merge(built, tmp_path):
     save_file(ours, tmp_path / "dir" / "model.safetensors", {"format": "pt"})
     (tmp_path / "dir" / "config.json").write_text((base / "config.json").read_text())
     close(logits(tmp_path / "dir", IDS), merged)
+
+
+def test_rslora_and_parts_that_no_longer_share_a(tmp_path):
+    """rsLoRA carries over; per-expert parts changed apart (A of one part rescaled, as algebra
+    may leave them) are joined along the rank for PEFT, which then computes the same model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraformat.format.adapter import Adapter, LoraLayer
+
+    base = checkpoint("mixtral", tmp_path / "base")
+    adapter, peft_model = peft_adapter("mixtral", base, tmp_path / "peft", use_rslora=True)
+    merged = logits(peft_model.merge_and_unload(), IDS)
+    assert run_cli("merge", base, adapter, "-o", tmp_path / "merged").code == 0
+    close(logits(tmp_path / "merged", IDS), merged)
+
+    converted = open_adapter(adapter, base=base)
+    assert converted.scaling == "alpha/sqrt(r)"
+    layers = dict(converted.layers())
+    w3 = "model.layers.0.block_sparse_moe.experts.1.w3"
+    old = layers[w3]
+    layers[w3] = LoraLayer(A=old.A * 0.5, B=old.B * 2.0, alpha=old.alpha,
+                           in_features=old.in_features, out_features=old.out_features)
+    changed = Adapter.from_layers(converted.architecture, layers, scaling=converted.scaling)
+    changed.save(tmp_path / "changed")
+    result = run_cli("convert", tmp_path / "changed", "-o", tmp_path / "back", "--to", "peft",
+                     "--base", base)
+    assert result.code == 0, result.err
+    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    # layer 0's gate_up stack now has rank 2r (the parts stacked), layer 1's is untouched
+    assert back["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"].shape[0] \
+        == 2 * 2 * EXPERTS
+    assert back["base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"].shape[0] \
+        == 2 * EXPERTS
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                         tmp_path / "back")
+    close(logits(reloaded.merge_and_unload(), IDS), merged)
