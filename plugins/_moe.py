@@ -38,19 +38,30 @@ from ._decoder import GGUF_PROJECTIONS, PREFIX, SPLIT_ATTENTION, DecoderFamily, 
 BLOCK = "model.layers.{bid}."
 
 
+#: llama.cpp's names of Qwen2-MoE's shared expert and its gate (gguf-py: FFN_*_SHEXP).
+SHARED_EXPERT_GGUF = {
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+
+
 def moe_names(
-    attention: Sequence[str],
+    dense: Sequence[str],
     router: str,
     peft_router: str,
     experts: Sequence[ExpertStorage],
     expert_gguf: dict[str, str],
 ) -> NameTable:
-    """The name table of a MoE decoder: attention as the shared decoder names it; the router
-    (checkpoint ``router``, in memory — so in PEFT — ``peft_router``; llama.cpp ``ffn_gate_inp``);
-    stacked experts under their own name (llama.cpp: ``expert_gguf`` by block-relative name);
-    per-expert layers, which only the checkpoint names."""
+    """The name table of a MoE decoder: the block's plain layers ``dense`` as the shared decoder
+    names them (and the shared expert's llama.cpp names); the router (checkpoint ``router``, in
+    memory — so in PEFT — ``peft_router``; llama.cpp ``ffn_gate_inp``); stacked experts under
+    their own name (llama.cpp: ``expert_gguf`` by block-relative name); per-expert layers, which
+    only the checkpoint names."""
+    gguf = {**GGUF_PROJECTIONS, **SHARED_EXPERT_GGUF}
     rows: list[tuple[str, str | None, str | None, str | None]] = [
-        (BLOCK + p, SAME, "blk.{bid}." + GGUF_PROJECTIONS[p], SAME) for p in attention
+        (BLOCK + p, SAME, "blk.{bid}." + gguf[p], SAME) for p in dense
     ]
     rows.append((BLOCK + router, BLOCK + peft_router, "blk.{bid}.ffn_gate_inp", SAME))
     for storage in experts:

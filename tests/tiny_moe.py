@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe")
 EXPERTS = 4
 COMMON = dict(
     vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
@@ -36,6 +36,13 @@ def model(family: str, seed: int = 0) -> Any:
             **COMMON,
         )
         m = tf.Qwen3MoeForCausalLM(config)
+    elif family == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(
+            intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+            num_experts=EXPERTS, num_experts_per_tok=2, decoder_sparse_step=1,
+            mlp_only_layers=[], **COMMON,
+        )
+        m = tf.Qwen2MoeForCausalLM(config)
     elif family == "mixtral":
         config = tf.MixtralConfig(
             intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2, **COMMON
@@ -75,6 +82,8 @@ def peft_adapter(
         parameters.append("mlp.router.weight")  # GptOssTopKRouter is no nn.Linear
     else:
         modules.append("gate")  # the router: PEFT wraps its weight itself
+    if family == "qwen2_moe":
+        modules += ["shared_expert.up_proj", "shared_expert.down_proj"]
     options: dict[str, Any] = dict(
         r=2, lora_alpha=5, target_modules=modules, target_parameters=parameters,
         init_lora_weights=False,
