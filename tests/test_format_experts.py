@@ -88,3 +88,38 @@ def test_expert_layer_rules(tmp_path: Path, change, message):
     _rewrite(tmp_path / "a", change)
     problems = [str(p) for p in validate(tmp_path / "a")]
     assert any(message in p for p in problems), problems
+
+
+def test_inspect_shows_experts(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from loraformat.cli import cli
+
+    layer = expert_layer(experts=3, rank=2)
+    Adapter.from_layers("qwen3_moe", {PATH: layer}).save(tmp_path / "a")
+    expected = numpy_delta(layer, 3.0 / 2)
+    per_expert = np.linalg.norm(expected, axis=(1, 2))
+    result = CliRunner().invoke(cli, ["inspect", "--json", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)["layers"][0]
+    assert (row["experts"], row["rank"]) == (3, 2)
+    assert row["delta_norm"] == pytest.approx(np.linalg.norm(expected), rel=1e-12)
+    np.testing.assert_allclose(row["expert_delta_norms"], per_expert, rtol=1e-12)
+    text = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a")]).output
+    assert "1 layer(s) of 3 experts" in text
+    assert f"[3 experts, ‖ΔW_e‖ {per_expert.min():.4g}…{per_expert.max():.4g}]" in text
+
+
+def test_the_spec_worked_example(tmp_path: Path):
+    """spec/FORMAT.md §4.7's numbers, by loraformat and by the independent reader."""
+    import independent_reader as ir
+
+    layer = LoraLayer(A=np.array([[[1, 0]], [[0, 1]]], np.float32),
+                      B=np.array([[[1], [2]], [[3], [0]]], np.float32), alpha=2,
+                      in_features=2, out_features=4, out_rows=[(2, 4)], experts=2)
+    Adapter.from_layers("qwen3_moe", {PATH: layer}).save(tmp_path / "a")
+    expected = np.array([[[0, 0], [0, 0], [2, 0], [4, 0]], [[0, 0], [0, 0], [0, 6], [0, 0]]])
+    with load(tmp_path / "a") as adapter:
+        np.testing.assert_array_equal(adapter.delta(PATH), expected)
+    manifest, tensors = ir.read(tmp_path / "a")
+    np.testing.assert_array_equal(ir.delta(manifest, tensors, PATH), expected)

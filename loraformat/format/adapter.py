@@ -566,7 +566,12 @@ def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], lis
         specs[path] = spec
     for name in manifest.get("replacements", []):
         layer, _, member = name.rpartition(".")
-        if member == "weight" and layer in specs:
+        if name in specs and specs[name].experts is not None:
+            problems.append(
+                f"replacements: {name!r} is the stacked weight of expert layer {name!r}; "
+                "a tensor is either replaced or adapted"
+            )
+        if member == "weight" and layer in specs and specs[layer].experts is None:
             problems.append(
                 f"replacements: {name!r} is the weight of adapted layer "
                 f"{layer!r}; a tensor is either replaced or adapted"
