@@ -48,11 +48,11 @@ from ._common import (
     refuse_escape,
     torch_load_weights_only,
 )
+from .experts import collect_stacks, expert_storage
 from .peft_experts import (
-    collect_stacks,
     expert_layers,
-    expert_storage,
     nesting_orders,
+    peft_factors,
     take_wrappers,
     unwrap,
     weight_parameter,
@@ -520,15 +520,13 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
     fan_in_fan_out = False
     total = len(adapter.specs)
     storages = expert_storage(adapter.architecture)
-    stacks, expert_paths = collect_stacks(
-        adapter, storages, names, lambda prefix, storage: _expert_count(ctx, prefix, storage), ctx
-    )
+    stacks, expert_paths = collect_stacks(adapter, storages, ctx)
     stems = wrapper_keys(
         stacks, storages, out,
         adapter.manifest.get("provenance", {}).get("peft_config", {}).get("parameter_nesting", ()),
     )
     for stack in stacks:
-        a, b = stack.peft_tensors()
+        a, b = peft_factors(stack)
         tensors[PREFIX + stems[stack.name] + ".lora_A.weight"] = a
         tensors[PREFIX + stems[stack.name] + ".lora_B.weight"] = b
         ranks[stack.name] = stack.rank
@@ -634,17 +632,6 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
         (tmp / CONFIG_FILE).write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
-
-
-def _expert_count(ctx: Context, prefix: str, storage: Any) -> int | None:
-    """How many experts the base has for a per-expert stored parameter (None without a base)."""
-    if ctx.base is None:
-        return None
-    template = prefix + storage.per_expert[0]
-    count = 0
-    while template.replace("{e}", str(count)) in ctx.base.layers:
-        count += 1
-    return count or None
 
 
 def _number(value: float) -> int | float:

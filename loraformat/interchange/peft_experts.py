@@ -29,19 +29,17 @@ folded into B, a representation change recorded as a note).
 from __future__ import annotations
 
 import itertools
-import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..architecture import ExpertStorage
 from ..errors import LoraformatError
-from ..format.adapter import Adapter, LoraLayer
-from ._common import Context, Names
+from ..format.adapter import LoraLayer
+from ._common import Names
+from .experts import Stack, architecture_of, storage_of
 
 WRAPPER = ".base_layer"
 
@@ -66,14 +64,6 @@ def targeted(module: str, target_parameters: Sequence[str]) -> list[str]:
     return found
 
 
-def storage_of(name: str, storages: Sequence[ExpertStorage]) -> tuple[str, ExpertStorage] | None:
-    """(block prefix, storage) for a full in-memory parameter name, or None."""
-    for storage in storages:
-        if name == storage.parameter or name.endswith("." + storage.parameter):
-            return name[: len(name) - len(storage.parameter)], storage
-    return None
-
-
 def by_registration(
     module: str, params: Sequence[str], storages: Sequence[ExpertStorage]
 ) -> list[str] | None:
@@ -88,20 +78,9 @@ def by_registration(
     return [param for _, param in sorted(order)]
 
 
-def _architecture(arch: str) -> Any:
-    from ..architecture import registry
-
-    return registry().architectures().get(arch)
-
-
-def expert_storage(arch: str) -> tuple[ExpertStorage, ...]:
-    found = _architecture(arch)
-    return tuple(getattr(found, "expert_storage", ())) if found is not None else ()
-
-
 def weight_parameter(arch: str, module: str) -> bool:
     """Whether PEFT adapts ``module`` of ``arch`` as the parameter ``<module>.weight``."""
-    found = _architecture(arch)
+    found = architecture_of(arch)
     relative = tuple(getattr(found, "peft_weight_parameters", ())) if found is not None else ()
     return any(module == r or module.endswith("." + r) for r in relative)
 
@@ -255,115 +234,13 @@ def expert_layers(
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    expert = re.escape(template).replace(re.escape("{e}"), r"(?P<e>\d+)")
-    return re.compile(r"^(?P<prefix>(?:.*\.)?)" + expert + "$")
-
-
-@dataclass
-class Stack:
-    """Expert LoRA factors of one parameter, ready for PEFT: A [E, r, in], B [E, out, r]."""
-
-    name: str
-    A: np.ndarray
-    B: np.ndarray
-    rank: int
-    alpha: float
-
-    def peft_tensors(self) -> tuple[np.ndarray, np.ndarray]:
-        experts, rank, in_features = self.A.shape
-        out_features = self.B.shape[1]
-        a = self.A.reshape(experts * rank, in_features)
-        b = self.B.transpose(1, 2, 0).reshape(out_features, rank * experts)
-        return np.ascontiguousarray(a), np.ascontiguousarray(b)
-
-
-def collect_stacks(
-    adapter: Adapter,
-    storages: Sequence[ExpertStorage],
-    names: Names,
-    expert_count: Callable[[str, ExpertStorage], int | None],
-    ctx: Context,
-) -> tuple[list[Stack], set[str]]:
-    """Every expert parameter of ``adapter`` as PEFT holds it, and the layer paths used."""
-    stacks: list[Stack] = []
-    used: set[str] = set()
-    groups: dict[tuple[str, str], dict[int, dict[int, str]]] = {}
-    patterns = [
-        (_template_regex(t), storage, i)
-        for storage in storages for i, t in enumerate(storage.per_expert)
-    ]
-    for path, spec in adapter.specs.items():
-        if spec.experts is not None:
-            layer = adapter.layer(path)
-            name = names.to_foreign(path) or path
-            stacks.append(Stack(name, layer.A, layer.B, layer.rank, layer.alpha))
-            used.add(path)
-            continue
-        for regex, storage, part in patterns:
-            m = regex.match(path)
-            if m:
-                groups.setdefault((m["prefix"], storage.parameter), {}).setdefault(
-                    int(m["e"]), {}
-                )[part] = path
-                used.add(path)
-                break
-    by_parameter = {s.parameter: s for s in storages}
-    for (prefix, parameter), experts in sorted(groups.items()):
-        storage = by_parameter[parameter]
-        name = prefix + parameter
-        count = expert_count(prefix, storage) or max(experts) + 1
-        stacks.append(_join(adapter, name, storage, experts, count, ctx))
-    return stacks, used
-
-
-def _join(
-    adapter: Adapter,
-    name: str,
-    storage: ExpertStorage,
-    experts: Mapping[int, Mapping[int, str]],
-    count: int,
-    ctx: Context,
-) -> Stack:
-    """One stacked parameter from its per-expert, per-part layers."""
-    n_parts = len(storage.per_expert)
-    any_path = next(iter(next(iter(experts.values())).values()))
-    first = adapter.layer(any_path)
-    in_features, rows = first.in_features, first.out_features
-    layers = {e: {i: adapter.layer(p) for i, p in parts.items()} for e, parts in experts.items()}
-    shared = (
-        len(experts) == count
-        and all(len(parts) == n_parts for parts in layers.values())
-        and len({(lay.rank, lay.alpha) for parts in layers.values() for lay in parts.values()}) == 1
-        and all(np.array_equal(parts[0].A, lay.A) for parts in layers.values()
-                for lay in parts.values())
-    )
-    if shared:
-        a3 = np.stack([layers[e][0].A for e in range(count)])
-        b3 = np.stack(
-            [np.concatenate([layers[e][i].B for i in range(n_parts)]) for e in range(count)]
-        )
-        return Stack(name, a3, b3, first.rank, first.alpha)
-    # Exact join: stack each expert's parts along the rank, scales folded into B, zero-padded to
-    # one rank (PEFT has one rank per parameter); scale 1 then needs alpha = r (√r for rsLoRA).
-    ranks = [sum(lay.rank for lay in layers.get(e, {}).values()) for e in range(count)]
-    rank = max(max(ranks), 1)
-    dtype = np.result_type(*(lay.A.dtype for parts in layers.values() for lay in parts.values()))
-    a3 = np.zeros((count, rank, in_features), dtype=dtype)
-    b3 = np.zeros((count, rows * n_parts, rank), dtype=dtype)
-    for e, parts in layers.items():
-        k = 0
-        for i, lay in sorted(parts.items()):
-            scale = adapter.scale(experts[e][i])
-            a3[e, k:k + lay.rank] = lay.A
-            b3[e, i * rows:(i + 1) * rows, k:k + lay.rank] = lay.B * scale
-            k += lay.rank
-    alpha = math.sqrt(rank) if adapter.scaling == "alpha/sqrt(r)" else float(rank)
-    ctx.note(
-        f"{name}: experts' parts do not share one LoRA A (or alpha/rank); joined along the rank "
-        f"(rank {rank}, scales folded into B, absent experts/parts as zeros)"
-    )
-    return Stack(name, a3, b3, rank, alpha)
+def peft_factors(stack: Stack) -> tuple[np.ndarray, np.ndarray]:
+    """A stack's A [E, r, in], B [E, out, r] as PEFT saves them: [E·r, in], [out, r·E]."""
+    experts, rank, in_features = stack.A.shape
+    out_features = stack.B.shape[1]
+    a = stack.A.reshape(experts * rank, in_features)
+    b = stack.B.transpose(1, 2, 0).reshape(out_features, rank * experts)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
 def nesting_orders(wrapped: Sequence[Wrapped]) -> list[list[str]]:
