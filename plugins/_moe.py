@@ -52,13 +52,13 @@ def moe_names(
     router: str,
     peft_router: str,
     experts: Sequence[ExpertStorage],
-    expert_gguf: dict[str, str],
 ) -> NameTable:
     """The name table of a MoE decoder: the block's plain layers ``dense`` as the shared decoder
     names them (and the shared expert's llama.cpp names); the router (checkpoint ``router``, in
     memory — so in PEFT — ``peft_router``; llama.cpp ``ffn_gate_inp``); stacked experts under
-    their own name (llama.cpp: ``expert_gguf`` by block-relative name); per-expert layers, which
-    only the checkpoint names."""
+    their own name; per-expert layers, which only the checkpoint names. llama.cpp's stacked
+    expert tensors are not rows here: they are the storages' ``gguf`` parts (their orientation
+    and interleaving are not a renaming)."""
     gguf = {**GGUF_PROJECTIONS, **SHARED_EXPERT_GGUF}
     rows: list[tuple[str, str | None, str | None, str | None]] = [
         (BLOCK + p, SAME, "blk.{bid}." + gguf[p], SAME) for p in dense
@@ -69,8 +69,7 @@ def moe_names(
             rows.extend((BLOCK + t, None, None, None)
                         for t in storage.per_expert)
         else:
-            gguf = expert_gguf.get(storage.parameter)
-            rows.append((BLOCK + storage.parameter, SAME, gguf and "blk.{bid}." + gguf, None))
+            rows.append((BLOCK + storage.parameter, SAME, None, None))
     rows.append(("model.embed_tokens", SAME, "token_embd", SAME))
     rows.append(("lm_head", SAME, "output", SAME))
     return NameTable((CHECKPOINT, "peft", "gguf", "mlx"), rows, optional_prefix=PREFIX)

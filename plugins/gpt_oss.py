@@ -17,8 +17,11 @@ from ._moe import MoeFamily, moe_names
 LORAFORMAT_PLUGIN_API = 2
 
 EXPERTS = (
-    ExpertStorage("mlp.experts.gate_up_proj", layout="in_out"),
-    ExpertStorage("mlp.experts.down_proj", layout="in_out"),
+    ExpertStorage(
+        "mlp.experts.gate_up_proj", layout="in_out", gguf=("ffn_gate_exps", "ffn_up_exps"),
+        interleaved=True,
+    ),
+    ExpertStorage("mlp.experts.down_proj", layout="in_out", gguf=("ffn_down_exps",)),
 )
 
 
@@ -29,10 +32,7 @@ class GptOss(MoeFamily):
     classes = ("GptOssForCausalLM", "GptOssModel")
     router = "mlp.router"
     expert_storage = EXPERTS
-    names = moe_names(
-        SPLIT_ATTENTION, "mlp.router", "mlp.router", EXPERTS,
-        {"mlp.experts.down_proj": "ffn_down_exps"},
-    )
+    names = moe_names(SPLIT_ATTENTION, "mlp.router", "mlp.router", EXPERTS)
     # GptOssTopKRouter is no nn.Linear: PEFT adapts it as target_parameters "mlp.router.weight".
     peft_weight_parameters = ("mlp.router",)
     targets = ("q_proj", "v_proj")

@@ -22,8 +22,11 @@ EXPERTS = (
     ExpertStorage(
         "mlp.experts.gate_up_proj",
         ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"),
+        gguf=("ffn_gate_exps", "ffn_up_exps"),
     ),
-    ExpertStorage("mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2",)),
+    ExpertStorage(
+        "mlp.experts.down_proj", ("block_sparse_moe.experts.{e}.w2",), gguf=("ffn_down_exps",)
+    ),
 )
 
 
@@ -34,7 +37,7 @@ class Mixtral(MoeFamily):
     classes = ("MixtralForCausalLM", "MixtralModel")
     router = ROUTER
     expert_storage = EXPERTS
-    names = moe_names(SPLIT_ATTENTION, ROUTER, "mlp.gate", EXPERTS, {})
+    names = moe_names(SPLIT_ATTENTION, ROUTER, "mlp.gate", EXPERTS)
     targets = ("q_proj", "v_proj")
     gguf_architecture = "llama"
 

@@ -27,7 +27,7 @@ class Qwen2Moe(MoeFamily):
     projections = DENSE
     router = "mlp.gate"
     expert_storage = EXPERTS
-    names = moe_names(DENSE, "mlp.gate", "mlp.gate", EXPERTS, {})
+    names = moe_names(DENSE, "mlp.gate", "mlp.gate", EXPERTS)
     targets = ("q_proj", "v_proj")
     gguf_architecture = "qwen2moe"
 

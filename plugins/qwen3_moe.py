@@ -17,9 +17,12 @@ LORAFORMAT_PLUGIN_API = 2
 
 EXPERTS = (
     ExpertStorage(
-        "mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj")
+        "mlp.experts.gate_up_proj", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+        gguf=("ffn_gate_exps", "ffn_up_exps"),
     ),
-    ExpertStorage("mlp.experts.down_proj", ("mlp.experts.{e}.down_proj",)),
+    ExpertStorage(
+        "mlp.experts.down_proj", ("mlp.experts.{e}.down_proj",), gguf=("ffn_down_exps",)
+    ),
 )
 
 
@@ -31,7 +34,7 @@ class Qwen3Moe(MoeFamily):
     projections = SPLIT_ATTENTION + SPLIT_MLP  # SPLIT_MLP: the mlp_only_layers
     router = "mlp.gate"
     expert_storage = EXPERTS
-    names = moe_names(SPLIT_ATTENTION + SPLIT_MLP, "mlp.gate", "mlp.gate", EXPERTS, {})
+    names = moe_names(SPLIT_ATTENTION + SPLIT_MLP, "mlp.gate", "mlp.gate", EXPERTS)
     targets = ("q_proj", "v_proj")
     gguf_architecture = "qwen3moe"
 

@@ -70,12 +70,17 @@ class ExpertStorage:
     parameters in the order its module registers them: PEFT nests a module's wrappers in that
     order (the first registered innermost, under the most ``base_layer.``). ``layout``: how a
     stacked tensor holds each expert ([E, out, in] or [E, in, out]; PEFT's ParamWrapper reads it
-    from the experts module's ``is_transposed``).
+    from the experts module's ``is_transposed``). ``gguf``: llama.cpp's stacked tensors the
+    parameter's output rows become (``ffn_gate_exps``, ``ffn_up_exps``: block-relative, without
+    ``blk.N.`` and ``.weight``), in equal consecutive blocks, or alternating row by row with
+    ``interleaved`` (gpt-oss's gate_up: gate rows 0, 2, 4, …, up rows 1, 3, 5, …).
     """
 
     parameter: str
     per_expert: tuple[str, ...] = ()
     layout: Layout = "out_in"
+    gguf: tuple[str, ...] = ()
+    interleaved: bool = False
 
 
 @dataclass
