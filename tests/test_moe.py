@@ -13,7 +13,14 @@ import pytest
 import torch
 from cli_harness import run_cli
 from safetensors.numpy import load_file, save_file
-from tiny_moe import EXPERTS, FAMILIES, checkpoint, logits, peft_adapter
+from tiny_moe import (
+    EXPERTS,
+    FAMILIES,
+    assert_same_peft_tensors,
+    checkpoint,
+    logits,
+    peft_adapter,
+)
 
 from loraformat.interchange import open_adapter
 
@@ -72,11 +79,7 @@ def test_peft_loraformat_peft_is_exact(built, family, tmp_path):
     result = run_cli("convert", tmp_path / "lf", "-o", tmp_path / "back", "--to", "peft",
                      "--base", base)
     assert result.code == 0, result.err
-    original = load_file(adapter / "adapter_model.safetensors")
-    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
-    assert sorted(original) == sorted(back)
-    for key, value in original.items():
-        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    assert_same_peft_tensors(adapter, tmp_path / "back")
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"model.layers.1.mlp.experts.down_proj": 3}
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),

@@ -12,13 +12,12 @@ harness (issue 26).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_harness import run_cli
+from llama_cpp_convert import convert_hf_to_gguf
 from tiny_moe import FAMILIES, checkpoint, peft_adapter
 
 SRC = os.environ.get("LORAFORMAT_LLAMA_CPP_SRC")
@@ -27,27 +26,8 @@ if not SRC or not (Path(SRC) / "convert_hf_to_gguf.py").is_file():
                 allow_module_level=True)
 pytestmark = pytest.mark.slow
 
-# The tiny checkpoints have no tokenizer: the converter writes "no_vocab" instead.
-CONVERT = """
-import sys
-sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
-import conversion.base, conversion.gpt_oss, conversion.llama, conversion.qwen
-def no_vocab(self):
-    self.gguf_writer.add_tokenizer_model("no_vocab")
-    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
-for module in (conversion.base, conversion.gpt_oss, conversion.llama, conversion.qwen):
-    for value in vars(module).values():
-        if isinstance(value, type) and "set_vocab" in vars(value):
-            value.set_vocab = no_vocab
-import convert_hf_to_gguf
-sys.argv = ["convert", sys.argv[1], "--outfile", sys.argv[2], "--outtype", "f32"]
-convert_hf_to_gguf.main()
-"""
-
-
 def convert(checkpoint_dir: Path, out: Path) -> dict[str, np.ndarray]:
-    subprocess.run([sys.executable, "-c", CONVERT.format(src=SRC), str(checkpoint_dir), str(out)],
-                   check=True, capture_output=True)
+    convert_hf_to_gguf(SRC, checkpoint_dir, out)
     return {t.name: np.array(t.data) for t in _reader(out).tensors}
 
 
