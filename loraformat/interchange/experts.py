@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..architecture import ExpertStorage
+from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ._common import Context
 
@@ -64,11 +65,13 @@ class Stack:
 
 
 def collect_stacks(
-    adapter: Adapter, storages: Sequence[ExpertStorage], ctx: Context
+    adapter: Adapter, storages: Sequence[ExpertStorage], ctx: Context | None = None
 ) -> tuple[list[Stack], set[str]]:
     """Every expert parameter of ``adapter`` as one stack (per-expert layers joined, see
     :func:`join`), and the layer paths that went into them. How many experts a per-expert
-    parameter has comes from the base (``ctx.base``), else from the highest expert adapted."""
+    parameter has comes from the base (``ctx.base``), else from the highest expert adapted.
+    ``ctx`` (optional) also receives the notes."""
+    ctx = ctx or Context()
     stacks: list[Stack] = []
     used: set[str] = set()
     groups: dict[tuple[str, str], dict[int, dict[int, str]]] = {}
@@ -161,3 +164,24 @@ def expert_count(ctx: Context, prefix: str, storage: ExpertStorage) -> int | Non
     while template.replace("{e}", str(count)) in ctx.base.layers:
         count += 1
     return count or None
+
+
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def expert_parts(stack: Stack) -> list[tuple[str, Any]]:
+    """llama.cpp's tensor name and the rows of B (a slice) for each part of an expert stack, as
+    the family's storage gives them (``[]`` when it gives no llama.cpp names)."""
+    storage = stack.storage
+    if storage is None or not storage.gguf:
+        return []
+    block = _BLOCK.search(stack.name)
+    if block is None:
+        raise LoraformatError(None, f"{stack.name}: no block index for llama.cpp's name")
+    parts = len(storage.gguf)
+    rows = stack.B.shape[1] // parts
+    return [
+        (f"blk.{block[1]}.{name}.weight",
+         slice(i, None, parts) if storage.interleaved else slice(i * rows, (i + 1) * rows))
+        for i, name in enumerate(storage.gguf)
+    ]

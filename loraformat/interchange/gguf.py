@@ -44,7 +44,6 @@ model config.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ import numpy as np
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
 from ._common import Context, Names, atomic_path, scaled
-from .experts import Stack, collect_stacks, expert_storage
+from .experts import collect_stacks, expert_parts, expert_storage
 
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
@@ -160,7 +159,7 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     for stack in stacks:
         if stack.storage and stack.storage.gguf:
             fold = scale_of(adapter.scaling, stack.alpha, stack.rank) / (alpha / stack.rank)
-            for name, rows in _expert_parts(stack):
+            for name, rows in expert_parts(stack):
                 tensors.append((name + ".lora_a", np.ascontiguousarray(stack.A)))
                 tensors.append((name + ".lora_b", np.ascontiguousarray(
                     scaled(stack.B[:, rows], fold))))
@@ -202,27 +201,6 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
         writer.write_tensors_to_file()
         writer.close()
     ctx.report.layers = len(tensors) // 2
-
-
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _expert_parts(stack: Stack) -> list[tuple[str, Any]]:
-    """llama.cpp's tensor name and the rows of B (a slice) for each part of an expert stack, as
-    the family's storage gives them (``[]`` when it gives no llama.cpp names)."""
-    storage = stack.storage
-    if storage is None or not storage.gguf:
-        return []
-    block = _BLOCK.search(stack.name)
-    if block is None:
-        raise LoraformatError(None, f"{stack.name}: no block index for llama.cpp's name")
-    parts = len(storage.gguf)
-    rows = stack.B.shape[1] // parts
-    return [
-        (f"blk.{block[1]}.{name}.weight",
-         slice(i, None, parts) if storage.interleaved else slice(i * rows, (i + 1) * rows))
-        for i, name in enumerate(storage.gguf)
-    ]
 
 
 def _add_tensor(gguf: Any, writer: Any, name: str, array: np.ndarray) -> None:
