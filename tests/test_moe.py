@@ -159,3 +159,23 @@ def test_rslora_and_parts_that_no_longer_share_a(tmp_path):
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
                                          tmp_path / "back")
     close(logits(reloaded.merge_and_unload(), IDS), merged)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_expert_lora_round_trip(built, family, tmp_path):
+    """loraformat → llama.cpp's stacked expert LoRA → loraformat gives the same tensors (the
+    GGUF side is checked against llama.cpp's converter in test_moe_gguf.py)."""
+    from loraformat import load
+
+    base, adapter, _, _ = built(family)
+    assert run_cli("convert", adapter, "-o", tmp_path / "lf", "--base", base).code == 0
+    result = run_cli("convert", tmp_path / "lf", "-o", tmp_path / "lora.gguf", "--base", base)
+    assert result.code == 0, result.err
+    result = run_cli("convert", tmp_path / "lora.gguf", "-o", tmp_path / "back", "--base", base)
+    assert result.code == 0, result.err
+    original, back = load(tmp_path / "lf"), load(tmp_path / "back")
+    assert sorted(original.specs) == sorted(back.specs)
+    for path in original.specs:
+        np.testing.assert_array_equal(back.layer(path).A, original.layer(path).A)
+        np.testing.assert_array_equal(back.layer(path).B, original.layer(path).B)
+        assert back.scale(path) == original.scale(path)

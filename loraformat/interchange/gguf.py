@@ -35,7 +35,7 @@ Mixture-of-experts layers become llama.cpp's stacked expert LoRA, which ``build_
 rank is ``lora_b``'s ne[0]. The per-expert layers of Qwen3-MoE and Mixtral are stacked by expert
 (llama.cpp's converter stacks the checkpoint's tensors the same way), a gate_up stack is split
 into gate and up rows as the family's storage says (gpt-oss: interleaved, as the converter's
-``[:, ::2]`` / ``[:, 1::2]``). Writing only: reading such tensors back is refused.
+``[:, ::2]`` / ``[:, 1::2]``); reading does the inverse (:func:`~.experts.split_expert_tensors`).
 
 Writing and reading need the base (``--base``): llama.cpp's names and row order depend on the
 model config.
@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
 from ._common import Context, Names, atomic_path, scaled
-from .experts import collect_stacks, expert_parts, expert_storage
+from .experts import collect_stacks, expert_parts, expert_storage, split_expert_tensors
 
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
@@ -270,6 +270,14 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
     for name, pair in sorted(pairs.items()):
         if "a" not in pair or "b" not in pair:
             raise LoraformatError(path, f"{name}: has only one of lora_a and lora_b")
+    stacked = {n: p for n, p in pairs.items() if p["a"].ndim == 3}
+    if stacked:
+        layers.update(split_expert_tensors(
+            stacked, base.layers, expert_storage(base.architecture), alpha or None, path
+        ))
+    for name, pair in sorted(pairs.items()):
+        if name in stacked:
+            continue
         layer_path = names.to_path(name.removesuffix(".weight"))
         dense = base.layers.get(layer_path) if layer_path else None
         if dense is None:
