@@ -43,7 +43,7 @@ def test_expert_layer_round_trips_and_computes_per_expert_delta(tmp_path: Path, 
                       B=RNG.standard_normal((5, 2)).astype(np.float32),
                       alpha=3.0, in_features=6, out_features=5)
     adapter = Adapter.from_layers(
-        "qwen3_moe", {PATH: layer, "model.layers.0.self_attn.q_proj": dense})
+        "gpt_oss", {PATH: layer, "model.layers.0.self_attn.q_proj": dense})
     assert adapter.manifest["format_version"] == "1.2"
     assert adapter.manifest["layers"][PATH]["experts"] == 4
     out = adapter.save(tmp_path / form)
@@ -84,7 +84,7 @@ def _rewrite(folder: Path, change) -> Path:
     (lambda m: m["layers"][PATH].update(experts=65537), "greater than the maximum"),
 ])
 def test_expert_layer_rules(tmp_path: Path, change, message):
-    Adapter.from_layers("qwen3_moe", {PATH: expert_layer()}).save(tmp_path / "a")
+    Adapter.from_layers("gpt_oss", {PATH: expert_layer()}).save(tmp_path / "a")
     _rewrite(tmp_path / "a", change)
     problems = [str(p) for p in validate(tmp_path / "a")]
     assert any(message in p for p in problems), problems
@@ -96,7 +96,7 @@ def test_inspect_shows_experts(tmp_path: Path):
     from loraformat.cli import cli
 
     layer = expert_layer(experts=3, rank=2)
-    Adapter.from_layers("qwen3_moe", {PATH: layer}).save(tmp_path / "a")
+    Adapter.from_layers("gpt_oss", {PATH: layer}).save(tmp_path / "a")
     expected = numpy_delta(layer, 3.0 / 2)
     per_expert = np.linalg.norm(expected, axis=(1, 2))
     result = CliRunner().invoke(cli, ["inspect", "--json", str(tmp_path / "a")])
@@ -116,9 +116,9 @@ def test_the_spec_worked_example(tmp_path: Path):
 
     layer = LoraLayer(A=np.array([[[1, 0]], [[0, 1]]], np.float32),
                       B=np.array([[[1], [2]], [[3], [0]]], np.float32), alpha=2,
-                      in_features=2, out_features=4, out_rows=[(2, 4)], experts=2)
-    Adapter.from_layers("qwen3_moe", {PATH: layer}).save(tmp_path / "a")
-    expected = np.array([[[0, 0], [0, 0], [2, 0], [4, 0]], [[0, 0], [0, 0], [0, 6], [0, 0]]])
+                      in_features=2, out_features=4, out_rows=[(1, 2), (3, 4)], experts=2)
+    Adapter.from_layers("gpt_oss", {PATH: layer}).save(tmp_path / "a")
+    expected = np.array([[[0, 0], [2, 0], [0, 0], [4, 0]], [[0, 0], [0, 6], [0, 0], [0, 0]]])
     with load(tmp_path / "a") as adapter:
         np.testing.assert_array_equal(adapter.delta(PATH), expected)
     manifest, tensors = ir.read(tmp_path / "a")

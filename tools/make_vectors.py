@@ -210,11 +210,13 @@ def header_extras(out: Path) -> None:
 
 
 def experts(out: Path) -> None:
-    """Format 1.2 expert layers (§4.7), Qwen3-MoE names: the fused gate/up projection adapted on
-    its up half only (out_rows per expert), down_proj whole with its own rank and alpha, and a
-    dense attention layer beside them."""
+    """Format 1.2 expert layers (§4.7), gpt-oss names (stacked in the checkpoint): the fused
+    gate/up projection adapted on its up rows only — interleaved with gate, so the odd rows, one
+    range each (out_rows per expert) — down_proj whole with its own rank and alpha, and a dense
+    attention layer beside them."""
     rng = np.random.default_rng(13)
     e, hidden, inter = 4, 8, 6
+    up_rows = [(2 * i + 1, 2 * i + 2) for i in range(inter)]
 
     def stacked(rank, in_f, out_f, alpha, rows=None):
         b_rows = out_f if rows is None else sum(b - a for a, b in rows)
@@ -224,11 +226,11 @@ def experts(out: Path) -> None:
 
     layers = {
         "model.layers.0.mlp.experts.gate_up_proj": stacked(2, hidden, 2 * inter, 4,
-                                                           rows=[(inter, 2 * inter)]),
+                                                           rows=up_rows),
         "model.layers.0.mlp.experts.down_proj": stacked(3, inter, hidden, 9),
         "model.layers.0.self_attn.q_proj": _layer(rng, 2, hidden, hidden, 4),
     }
-    Adapter.from_layers("qwen3_moe", layers, base_name="tiny-qwen3-moe",
+    Adapter.from_layers("gpt_oss", layers, base_name="tiny-gpt-oss",
                         provenance=PROVENANCE).save(out / "experts", overwrite=True)
 
 

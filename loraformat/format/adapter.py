@@ -602,9 +602,19 @@ def structural_problems(manifest: dict[str, Any], store: TensorStore) -> list[st
     refusal = mf.check_version(manifest)
     if refusal:
         return [refusal]
-    problems = mf.schema_problems(manifest)
-    if problems:
-        return problems
+    problems = mf.schema_problems(manifest) or _tensor_problems(manifest, store)
+    if problems and mf.is_newer_minor(manifest):
+        # §8: what a newer minor version adds is either ignored or refused by an older rule;
+        # the refusal says why the file may still be fine for a newer reader.
+        problems.append(
+            f"format_version: {manifest['format_version']} is newer than this reader "
+            f"({mf.FORMAT_VERSION}); a newer loraformat may read this file"
+        )
+    return problems
+
+
+def _tensor_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
+    """The layer rules and the tensor set, dtypes and shapes of a manifest the schema accepts."""
     specs, problems = _layer_specs(manifest)
     expected = dict(_expected_tensors(specs, list(manifest.get("replacements", []))))
     for key, shape in expected.items():
@@ -626,13 +636,6 @@ def structural_problems(manifest: dict[str, Any], store: TensorStore) -> list[st
             if newer_minor and mf.is_future_role(key, specs):
                 continue  # §8: a newer minor version's optional tensor role, ignored
             problems.append(f"tensor {key!r}: not declared by the manifest")
-    if problems and newer_minor:
-        # §8: what a newer minor version adds is either ignored or refused by an older rule;
-        # the refusal says why the file may still be fine for a newer reader.
-        problems.append(
-            f"format_version: {manifest['format_version']} is newer than this reader "
-            f"({mf.FORMAT_VERSION}); a newer loraformat may read this file"
-        )
     return problems
 
 
