@@ -24,17 +24,18 @@ COMMON = dict(
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def model(family: str, seed: int = 0) -> Any:
-    """A fresh ``*ForCausalLM`` of ``family`` (eval mode)."""
+def model(family: str, seed: int = 0, **overrides: Any) -> Any:
+    """A fresh ``*ForCausalLM`` of ``family`` (eval mode); ``overrides``: config values."""
     import transformers as tf
 
     torch.manual_seed(seed)
     if family == "qwen3_moe":
-        config = tf.Qwen3MoeConfig(
-            intermediate_size=64, moe_intermediate_size=24, num_experts=EXPERTS,
-            num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
-            **COMMON,
-        )
+        config = tf.Qwen3MoeConfig(**{
+            **dict(intermediate_size=64, moe_intermediate_size=24, num_experts=EXPERTS,
+                   num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1,
+                   mlp_only_layers=[]),
+            **COMMON, **overrides,
+        })
         m = tf.Qwen3MoeForCausalLM(config)
     elif family == "qwen2_moe":
         config = tf.Qwen2MoeConfig(
@@ -63,9 +64,9 @@ def model(family: str, seed: int = 0) -> Any:
     return m.eval()
 
 
-def checkpoint(family: str, out: Path, seed: int = 0) -> Path:
+def checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    model(family, seed).save_pretrained(out)
+    model(family, seed, **overrides).save_pretrained(out)
     return out
 
 
