@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from ..architecture import DenseLayer
 from ..atomic import atomic_file, check_output
 from ..errors import LoraformatError
-from ..format.adapter import Adapter
+from ..format.adapter import Adapter, LoraLayer
 from ..gguf_model import (
     gguf_architecture,
     gguf_config,
@@ -40,6 +41,7 @@ from ..gguf_model import (
     open_reader,
     read_field,
 )
+from ..interchange.experts import collect_stacks, expert_parts, expert_storage
 from ..quant import ggml
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
 from .plan import MERGED_KEY, TensorOp, open_adapters, plan_merge, read_merged
@@ -72,6 +74,44 @@ class GgufMergeResult:
         if self.survival is not None:
             data["survival"] = self.survival.to_json()
         return data
+
+
+def expert_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, DenseLayer]:
+    """llama.cpp's stacked expert weights (``blk.N.ffn_*_exps.weight``, numpy [E, out, in]) as
+    expert layers keyed by their tensor name."""
+    return {
+        name: DenseLayer(name, shape[2], shape[1], experts=shape[0])
+        for name, shape in shapes.items()
+        if len(shape) == 3 and name.endswith("_exps.weight")
+    }
+
+
+def in_llama_cpp_terms(adapter: Adapter) -> Adapter:
+    """``adapter`` with its expert layers as llama.cpp holds them: one expert layer per stacked
+    tensor (``blk.N.ffn_gate_exps.weight`` …), per-expert layers stacked and gate/up split as the
+    family's storage says (the same parts the GGUF adapter writer writes); other layers as
+    they are. Unchanged when it has no expert layers."""
+    stacks, used = collect_stacks(adapter, expert_storage(adapter.architecture))
+    if not stacks:
+        return adapter
+    layers = {p: layer for p, layer in adapter.layers() if p not in used}
+    for stack in stacks:
+        parts = expert_parts(stack)
+        if not parts:
+            raise LoraformatError(
+                adapter.path, f"{stack.name}: the {adapter.architecture!r} plugin gives no "
+                "llama.cpp tensor for this expert parameter",
+            )
+        for name, rows in parts:
+            b = np.ascontiguousarray(stack.B[:, rows])
+            layers[name] = LoraLayer(A=stack.A, B=b, alpha=stack.alpha,
+                                     in_features=stack.A.shape[2], out_features=b.shape[1],
+                                     experts=stack.A.shape[0])
+    replacements = {n: adapter.replacement(n) for n in adapter.replacement_names}
+    converted = Adapter.from_layers(adapter.architecture, layers, scaling=adapter.scaling,
+                                    replacements=replacements or None)
+    converted.path = adapter.path
+    return converted
 
 
 def _read(fd: int, tensor: Any, where: Path) -> np.ndarray:
@@ -215,11 +255,13 @@ def merge_gguf(
             raise LoraformatError(
                 base_path, f"llama.cpp architecture {arch_name!r}: {exc.message}"
             ) from None
+        layers.update({p: (d, p, None) for p, d in expert_layers(shapes).items()})
         if not layers:
             raise LoraformatError(
                 base_path, f"no installed plugin names the tensors of llama.cpp architecture "
                 f"{arch_name!r}; cannot locate adapted layers",
             )
+        opened = [in_llama_cpp_terms(a) for a in opened]
         plan = plan_merge(
             {p: d for p, (d, _, _) in layers.items()},
             {d.weight: d.stored_shape() for d, _, _ in layers.values()},
@@ -277,4 +319,4 @@ def merge_gguf(
     )
 
 
-__all__ = ["GgufMergeResult", "merge_gguf"]
+__all__ = ["GgufMergeResult", "expert_layers", "in_llama_cpp_terms", "merge_gguf"]
