@@ -17,6 +17,7 @@ GGUF file (:mod:`loraformat.merge.gguf`) uses the llama.cpp side (:func:`gguf_la
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,45 @@ def gguf_layers(
     return layers
 
 
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
+
+
+def _expert_shapes(
+    architecture: PluginArchitecture, found: Mapping[str, tuple[str, tuple[int, ...]]],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, tuple[int, ...]]:
+    """The Hugging Face names and shapes of llama.cpp's stacked expert tensors
+    (``blk.N.ffn_gate_exps.weight``, numpy [E, out, in]), as the plugin's expert storage says the
+    checkpoint holds them: one 2-D weight per expert and part, or the stacked parameter (its
+    parts' rows together, in its layout). The block's prefix is the one its other layers have."""
+    storages = tuple(getattr(architecture, "expert_storage", ()))
+    prefixes = {}
+    for path in found:
+        m = re.match(r"^(.*?layers\.(\d+)\.)", path)
+        if m:
+            prefixes.setdefault(m[2], m[1])
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        m = _BLOCK.match(name)
+        if m is None or len(shape) != 3 or m[1] not in prefixes:
+            continue
+        storage = next((s for s in storages if m[2] in s.gguf), None)
+        if storage is None:
+            continue
+        prefix, (experts, rows, columns) = prefixes[m[1]], shape
+        if storage.per_expert:
+            template = storage.per_expert[storage.gguf.index(m[2])]
+            for e in range(experts):
+                out[prefix + template.replace("{e}", str(e)) + ".weight"] = (rows, columns)
+        else:
+            total = rows * len(storage.gguf)
+            out[prefix + storage.parameter] = (
+                (experts, total, columns) if storage.layout == "out_in" else
+                (experts, columns, total)
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class GgufTensorInfo:
     shape: tuple[int, ...]
@@ -175,7 +215,8 @@ class GgufCheckpoint:
         self.config = gguf_config(reader, arch_name)
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist()))
                   for t in reader.tensors}
-        self._shapes = _named(architecture, self.config, shapes)[1]
+        found, self._shapes = _named(architecture, self.config, shapes)
+        self._shapes.update(_expert_shapes(architecture, found, shapes))
 
     def __contains__(self, name: object) -> bool:
         return name in self._shapes
