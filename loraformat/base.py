@@ -91,6 +91,19 @@ class BaseModel:
                 layers[path] = self.layer_as(path, spec.kind, spec.in_features, spec.out_features)
         return layers
 
+    def written_as(self, architecture: str) -> BaseModel | None:
+        """This base seen through the plugin ``architecture`` where the file admits several (a
+        GGUF model, which llama.cpp writes as ``llama`` for Mistral and Mixtral alike); None
+        where it does not."""
+        from .gguf_model import GgufCheckpoint, open_gguf
+
+        if not isinstance(self.checkpoint, GgufCheckpoint):
+            return None
+        wanted = registry().architectures().get(architecture)
+        if wanted is None or wanted.gguf_architecture != self.arch.gguf_architecture:
+            return None
+        return BaseModel(*open_gguf(self.path, architecture))
+
     def default_target_paths(self) -> list[str]:
         suffixes = self.arch.default_targets(self.info)
         return [p for p, layer in self.layers.items() if layer.module_name in suffixes]

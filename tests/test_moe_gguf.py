@@ -5,6 +5,11 @@ PEFT's merged model — every adapted tensor, attention (with Mixtral's q/k row 
 and the stacked ``ffn_{gate,up,down}_exps`` (gpt-oss's gate/up de-interleaved). ``merge`` into that
 GGUF base gives the same model.
 
+And llama.cpp itself (libllama, F32 KV cache, no flash attention) runs that GGUF LoRA at run time on
+its own conversion of the base and gives the logits it gives for its conversion of PEFT's merged
+model; so does ``merge base.gguf PEFT_ADAPTER/`` (Mixtral's GGUF says ``llama``: the PEFT adapter
+is read through the plugin it names).
+
 Uses the llama.cpp tree ``tools/build_llama_cpp.py`` caches (``tests/real_llama_cpp.py``: skipped
 without it outside ``make test``).
 """
@@ -35,21 +40,62 @@ def _reader(path: Path):
     return gguf.GGUFReader(path)
 
 
+IDS = np.random.default_rng(0).integers(3, 96, 9)  # crosses gpt-oss's 4-token window
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory):
+    """family → (checkpoint, PEFT adapter, llama.cpp's base.gguf, its merged.gguf of PEFT's
+    merge); every conversion in one process."""
+    root = tmp_path_factory.mktemp("moe_llama_cpp")
+    made, jobs = {}, []
+    for family in FAMILIES:
+        d = root / family
+        base = checkpoint(family, d / "base")
+        adapter, peft_model = peft_adapter(family, base, d / "peft")
+        peft_model.merge_and_unload().save_pretrained(d / "merged")
+        (d / "merged" / "config.json").write_text((base / "config.json").read_text())
+        for model, out in ((base, d / "base.gguf"), (d / "merged", d / "merged.gguf")):
+            jobs.append(("convert_hf_to_gguf.py", [str(model), "--outfile", str(out),
+                                                   "--outtype", "f32"]))
+        made[family] = (base, adapter, d / "base.gguf", d / "merged.gguf")
+    real_llama_cpp.convert(jobs)
+    return made
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: np.array(t.data) for t in _reader(path).tensors}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_llama_cpp_expert_lora_gives_peft_merge(family, tmp_path):
-    base = checkpoint(family, tmp_path / "base")
-    adapter, peft_model = peft_adapter(family, base, tmp_path / "peft")
-    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
-    (tmp_path / "merged" / "config.json").write_text((base / "config.json").read_text())
-    before = convert(base, tmp_path / "base.gguf")
-    after = convert(tmp_path / "merged", tmp_path / "merged.gguf")
+def test_llama_cpp_runs_expert_lora_and_merge_as_peft_merge(made, family, tmp_path):
+    base, adapter, base_gguf, merged_gguf = made[family]
+    expected = real_llama_cpp.logits(merged_gguf, IDS)
+    plain = real_llama_cpp.logits(base_gguf, IDS)
+    scale = float(np.abs(expected).max())
+    assert np.abs(expected - plain).max() > 0.2 * scale  # the adapter changes the logits
+    lora = tmp_path / "lora.gguf"
+    result = run_cli("convert", adapter, "-o", lora, "--base", base)
+    assert result.code == 0, result.err
+    np.testing.assert_allclose(real_llama_cpp.logits(base_gguf, IDS, lora), expected,
+                               atol=1e-4 * scale, rtol=0)
+    result = run_cli("merge", base_gguf, adapter, "-o", tmp_path / "merged.gguf")
+    assert result.code == 0, result.err
+    np.testing.assert_allclose(real_llama_cpp.logits(tmp_path / "merged.gguf", IDS), expected,
+                               atol=1e-4 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_expert_lora_gives_peft_merge(made, family, tmp_path):
+    base, adapter, base_gguf, merged_gguf = made[family]
+    before, after = _tensors(base_gguf), _tensors(merged_gguf)
 
     result = run_cli("convert", adapter, "-o", tmp_path / "lora.gguf", "--base", base)
     assert result.code == 0, result.err
     reader = _reader(tmp_path / "lora.gguf")
     architecture = "general.architecture"
     assert reader.fields[architecture].contents() == \
-        _reader(tmp_path / "base.gguf").fields[architecture].contents()
+        _reader(base_gguf).fields[architecture].contents()
     alpha = float(reader.fields["adapter.lora.alpha"].contents())
     lora = {t.name: np.array(t.data) for t in reader.tensors}
     targets = sorted({name.rsplit(".", 1)[0] for name in lora})
@@ -67,7 +113,7 @@ def test_llama_cpp_expert_lora_gives_peft_merge(family, tmp_path):
 
     # and merged into the GGUF base (F32 here: the tensors are exact, no survival report)
     assert run_cli("convert", adapter, "-o", tmp_path / "lf", "--base", base).code == 0
-    result = run_cli("merge", tmp_path / "base.gguf", tmp_path / "lf", "-o", tmp_path / "ours.gguf")
+    result = run_cli("merge", base_gguf, tmp_path / "lf", "-o", tmp_path / "ours.gguf")
     assert result.code == 0, result.err
     ours = {t.name: np.array(t.data) for t in _reader(tmp_path / "ours.gguf").tensors}
     assert sorted(ours) == sorted(after)

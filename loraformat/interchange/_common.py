@@ -201,6 +201,10 @@ def adapter_architecture(
                 path, f"architecture {given!r} given, but the base {ctx.base.path} is {base_arch!r}"
             )
         if said and said != base_arch:
+            other = ctx.base.written_as(said)
+            if other is not None and not given:  # the plugin the adapter is for reads the file
+                ctx.base = other  # (a GGUF base holds nothing to close)
+                return said
             raise LoraformatError(
                 path, f"adapter is for architecture {said!r}, but the base {ctx.base.path} is "
                 f"{base_arch!r}",
