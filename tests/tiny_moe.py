@@ -50,11 +50,12 @@ def model(family: str, seed: int = 0, **overrides: Any) -> Any:
         )
         m = tf.MixtralForCausalLM(config)
     else:
-        config = tf.GptOssConfig(
-            intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2, head_dim=16,
-            sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            **COMMON,
-        )
+        config = tf.GptOssConfig(**{
+            **dict(intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2,
+                   head_dim=16, sliding_window=4,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            **COMMON, **overrides,
+        })
         m = tf.GptOssForCausalLM(config)
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():

@@ -31,7 +31,11 @@ def _is_onnx(path: str) -> bool:
 
 #: A checkpoint directory quantized by bitsandbytes (``sniff`` calls it a checkpoint).
 BNB4_CHECKPOINT = "bnb4"
-_QUANTIZED = (sniff.GGUF_MODEL, BNB4_CHECKPOINT)
+#: A checkpoint directory with MXFP4 expert weights (published gpt-oss).
+MXFP4_CHECKPOINT = "mxfp4"
+_QUANTIZED = (sniff.GGUF_MODEL, BNB4_CHECKPOINT, MXFP4_CHECKPOINT)
+#: Quantized checkpoints: their tensors do not say a float checkpoint's names and shapes.
+_PACKED = (BNB4_CHECKPOINT, MXFP4_CHECKPOINT)
 
 
 def _base_kind(base: str) -> str:
@@ -39,11 +43,14 @@ def _base_kind(base: str) -> str:
     .safetensors, an ONNX model or a GGUF model; anything else is refused in one line saying what
     it is."""
     from ..merge.bnb import is_bnb4
+    from ..merge.mxfp4 import is_mxfp4
 
     kind = sniff.require_base(
         base, (sniff.CHECKPOINT, sniff.SAFETENSORS_MODEL, sniff.ONNX_MODEL, sniff.GGUF_MODEL)
     ).format
-    return BNB4_CHECKPOINT if kind == sniff.CHECKPOINT and is_bnb4(base) else kind
+    if kind == sniff.CHECKPOINT and is_bnb4(base):
+        return BNB4_CHECKPOINT
+    return MXFP4_CHECKPOINT if kind == sniff.CHECKPOINT and is_mxfp4(base) else kind
 
 
 def _bnb_architecture(base: str) -> str | None:
@@ -72,18 +79,18 @@ def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str
     # row order (a float checkpoint, a GGUF model); an ONNX graph or a bitsandbytes 4-bit
     # checkpoint does not.
     names_from = ctx.params.get("names_base") or (
-        None if base is None or onnx or kind == BNB4_CHECKPOINT else base
+        None if base is None or onnx or kind in _PACKED else base
     )
     # ... but a bitsandbytes checkpoint says its architecture, which an adapter that does not say
     # its own takes
-    declared = _bnb_architecture(base) if names_from is None and kind == BNB4_CHECKPOINT else None
+    declared = _bnb_architecture(base) if names_from is None and kind in _PACKED else None
     opened = []
     for value in values:
         try:
             adapter = open_adapter(value, base=names_from, from_=ctx.params.get("from_"),
                                    architecture=declared)
         except NeedsBase as exc:  # say why BASE itself could not serve
-            if kind not in (sniff.ONNX_MODEL, BNB4_CHECKPOINT):
+            if kind not in (sniff.ONNX_MODEL, *_PACKED):
                 raise
             raise NeedsBase(
                 exc.path, exc.needs, "an ONNX or bitsandbytes 4-bit BASE cannot say its names: "
@@ -169,6 +176,14 @@ def _merge_quantized(
         with progress("merging") as bar:
             return merge_bnb(base, list(adapters), out, requantize=requantize, progress=bar,
                              **common)
+    if kind == MXFP4_CHECKPOINT:
+        from ..merge.mxfp4 import merge_mxfp4
+
+        if qtype:
+            raise click.UsageError("--type is for GGUF bases; use --requantize for MXFP4 output")
+        with progress("merging") as bar:
+            return merge_mxfp4(base, list(adapters), out, requantize=requantize, progress=bar,
+                               **common)
     return None
 
 
@@ -210,8 +225,8 @@ def _merge_quantized(
               help="GGUF base: the type adapted tensors are written in (default: their own; "
                    "F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0).")
 @click.option("--requantize", is_flag=True,
-              help="bitsandbytes 4-bit base: write the same 4-bit layout (default: a float "
-                   "checkpoint, the QLoRA recipe).")
+              help="bitsandbytes 4-bit or MXFP4 (gpt-oss) base: write the same quantized "
+                   "layout (default: a float checkpoint, the QLoRA recipe).")
 @from_option
 @quantization_options
 @genai_option
@@ -231,9 +246,9 @@ def merge_command(
 
     BASE is a Hugging Face checkpoint directory (single or sharded safetensors), an ONNX model
     (.onnx, merged by initializer surgery, no torch), a llama.cpp GGUF model (-o x.gguf; adapted
-    tensors requantized to their type) or a bitsandbytes 4-bit checkpoint (float output, or
-    --requantize), told apart by content; quantized merges report how much of the adapter
-    survived. Each ADAPTER is in
+    tensors requantized to their type) or a bitsandbytes 4-bit or MXFP4 (gpt-oss) checkpoint
+    (float output, or --requantize), told apart by content; quantized merges report how much of
+    the adapter survived. Each ADAPTER is in
     any format `convert` reads (loraformat, PEFT, loralib, .onnx_adapter, GGUF, MLX; detected
     from its content, or --from), read through --base where the format needs it (default: BASE,
     a checkpoint or a GGUF model). OUT decides the
@@ -255,7 +270,7 @@ def merge_command(
         return
     if qtype or requantize:
         raise click.UsageError("--type applies to a GGUF base, --requantize to a bitsandbytes "
-                               "4-bit base")
+                               "4-bit or MXFP4 base")
     if with_past:
         if _base_is_onnx() or not _is_onnx(out):
             raise click.UsageError("--with-past exports a checkpoint BASE to -o ....onnx")

@@ -104,7 +104,7 @@ def _float_dtype(name: str, where: Path, weight: str) -> str:
     return short
 
 
-def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
+def cast(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(values.astype(DTYPES[dtype], copy=False))
 
 
@@ -133,9 +133,11 @@ class _Quantized:
         return shapes
 
 
-def _plan(ckpt: Checkpoint, quantized: _Quantized, adapters: Sequence[Adapter], where: Path,
-          weights: Sequence[float] | None, force: bool, allow_nonfinite: bool) -> MergePlan:
-    shapes = quantized.shapes(ckpt)
+def plan_quantized(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]],
+                   adapters: Sequence[Adapter], where: Path, weights: Sequence[float] | None,
+                   force: bool, allow_nonfinite: bool) -> MergePlan:
+    """The merge plan on a quantized checkpoint whose tensors have the float ``shapes`` (each
+    quantized weight under its float name, auxiliary tensors left out)."""
     info = CheckpointInfo(where, ckpt.config, shapes)
     # A plugin's architecture, or the generic one (layers are the 2-D weights, each read as its
     # adapter layer sees it), exactly as for a float checkpoint.
@@ -192,7 +194,8 @@ def merge_bnb(
             raise LoraformatError(where, "config says bitsandbytes, but no tensor has a 4-bit "
                                   "quant_state")
         opened = open_adapters(stack, adapters)
-        plan = _plan(ckpt, quantized, opened, where, weights, force, allow_nonfinite)
+        plan = plan_quantized(ckpt, quantized.shapes(ckpt), opened, where, weights, force,
+                              allow_nonfinite)
         total, done = len(plan.ops), 0
         if progress is not None:
             progress(0, total)
@@ -215,12 +218,12 @@ def merge_bnb(
                     weight_map[entry.name] = shard
                 write_safetensors(tmp / shard, entries,
                                   metadata={**st.metadata, MERGED_KEY: plan.merged_record})
-            _side_files(where, tmp, set(ckpt.shards), requantize, weight_map, ckpt)
+            side_files(where, tmp, set(ckpt.shards), requantize, weight_map, ckpt)
         return BnbMergeResult(target, plan.layer_count, len(plan.ops), len(ckpt.shards),
                               requantize, report)
 
 
-def _raw(ckpt: Checkpoint, name: str) -> TensorEntry:
+def raw_entry(ckpt: Checkpoint, name: str) -> TensorEntry:
     info = ckpt.info(name)
     return TensorEntry(name, info.dtype, tuple(info.shape), lambda: ckpt.raw(name))
 
@@ -236,11 +239,11 @@ def _entries(ckpt: Checkpoint, quantized: _Quantized, plan: MergePlan, name: str
     if name in quantized.aux_of:
         weight = quantized.aux_of[name]
         if requantize and weight not in plan.ops:
-            return [_raw(ckpt, name)]
+            return [raw_entry(ckpt, name)]
         return []  # dropped (float output) or rewritten with its weight
     state = quantized.states.get(name)
     if op is None and (state is None or requantize):
-        return [_raw(ckpt, name)]
+        return [raw_entry(ckpt, name)]
     if state is None:
         assert op is not None
         info = ckpt.info(name)
@@ -256,9 +259,9 @@ def _entries(ckpt: Checkpoint, quantized: _Quantized, plan: MergePlan, name: str
         def dequantized() -> np.ndarray:
             w = bnb4.dequantize(ckpt.numpy(name), state)
             if op is None:
-                return _cast(w, dtype)
+                return cast(w, dtype)
             step()
-            return _cast(op.apply(w, inplace=True), dtype)
+            return cast(op.apply(w, inplace=True), dtype)
 
         return [TensorEntry(name, dtype, tuple(state.shape), dequantized)]
     assert op is not None and report is not None
@@ -284,7 +287,7 @@ def _entries(ckpt: Checkpoint, quantized: _Quantized, plan: MergePlan, name: str
     return out
 
 
-def _side_files(base: Path, out: Path, shards: set[str], requantize: bool,
+def side_files(base: Path, out: Path, shards: set[str], requantize: bool,
                 weight_map: dict[str, str], ckpt: Checkpoint) -> None:
     for item in sorted(base.iterdir()):
         name = item.name
@@ -313,4 +316,5 @@ def _tensor_bytes(out: Path, shards: set[str]) -> int:
     return total
 
 
-__all__ = ["BnbMergeResult", "is_bnb4", "merge_bnb"]
+__all__ = ["BnbMergeResult", "cast", "is_bnb4", "merge_bnb", "plan_quantized", "raw_entry",
+           "side_files"]

@@ -1,0 +1,201 @@
+"""Merging adapters into a checkpoint whose expert weights are MXFP4 (published gpt-oss: each
+stacked ``…mlp.experts.X`` stored as ``X_blocks`` and ``X_scales``, :mod:`loraformat.quant.mxfp4`;
+``quantization_config.quant_method`` "mxfp4").
+
+Every MXFP4 parameter is dequantized exactly as transformers does and seen under its float name
+and shape, so the plan is a float checkpoint's; then, as for a bitsandbytes base
+(:mod:`.bnb`), either
+
+- written in the checkpoint's float dtype (the default: every MXFP4 parameter dequantized,
+  ``quantization_config`` dropped, a plain checkpoint transformers loads without MXFP4 kernels);
+- or with ``requantize`` the merged parameters quantized to MXFP4 again (untouched ones keep their
+  bytes), with the survival report of what MXFP4 kept of each.
+
+Streamed one tensor at a time; shards, index and side files carried over; output atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_dir, check_output
+from ..checkpoint import CONFIG_FILE, Checkpoint
+from ..errors import LoraformatError
+from ..format.adapter import Adapter
+from ..format.safetensors_io import DTYPES, TensorEntry, write_safetensors
+from ..quant import mxfp4
+from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
+from .bnb import BnbMergeResult, cast, plan_quantized, raw_entry, side_files
+from .plan import MERGED_KEY, MergePlan, open_adapters
+
+Progress = Callable[[int, int], None]
+ADVICE = (
+    "write the float checkpoint instead (omit --requantize), or keep the adapter separate"
+)
+_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _config(path: Path) -> dict[str, Any] | None:
+    config_path = path / CONFIG_FILE
+    if not path.is_dir() or not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return config if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4" else None
+
+
+def is_mxfp4(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a checkpoint directory whose config says MXFP4 (gpt-oss)."""
+    return _config(Path(path)) is not None
+
+
+def mxfp4_parameters(ckpt: Checkpoint, where: Path) -> dict[str, tuple[int, ...]]:
+    """Each MXFP4 parameter's float name → its float shape, from its blocks/scales pair."""
+    shapes = ckpt.shapes()
+    found = {}
+    for name, shape in shapes.items():
+        if not name.endswith(mxfp4.BLOCKS_SUFFIX):
+            continue
+        stem = name.removesuffix(mxfp4.BLOCKS_SUFFIX)
+        scales = shapes.get(stem + mxfp4.SCALES_SUFFIX)
+        if scales is None:
+            raise LoraformatError(where, f"{name}: MXFP4 blocks without {stem}_scales")
+        mxfp4.check_pair(tuple(shape), tuple(scales), where, stem)
+        found[stem] = mxfp4.parameter_shape(tuple(shape))
+    return found
+
+
+def _float_dtype(ckpt: Checkpoint, stem: str) -> str:
+    """The dtype a dequantized parameter is written in: its bias's (gpt-oss keeps the expert
+    biases in the model's dtype), else the config's, else float32."""
+    bias = stem + "_bias"
+    if bias in ckpt:
+        return ckpt.info(bias).dtype
+    said = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    return _DTYPES.get(str(said), "F32")
+
+
+def merge_mxfp4(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
+    out: str | os.PathLike[str],
+    *,
+    weights: Sequence[float] | None = None,
+    requantize: bool = False,
+    threshold: float | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> BnbMergeResult:
+    """Merge ``adapters`` into the MXFP4 checkpoint directory ``base``, writing the directory
+    ``out``: a float checkpoint, or with ``requantize`` MXFP4 experts again."""
+    where = Path(base)
+    if _config(where) is None:
+        raise LoraformatError(where, "not an MXFP4 checkpoint directory (config.json has no "
+                              "quantization_config with quant_method 'mxfp4')")
+    target = check_output(out, overwrite)
+    if target.resolve() == where.resolve():
+        raise LoraformatError(target, "output is the base itself; inputs are never modified")
+    report = SurvivalReport(threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                            advice=ADVICE) if requantize else None
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(Checkpoint(where))
+        parameters = mxfp4_parameters(ckpt, where)
+        if not parameters:
+            raise LoraformatError(where, "config says MXFP4, but no tensor is an MXFP4 "
+                                  "X_blocks/X_scales pair")
+        packed = {stem + suffix: stem for stem in parameters
+                  for suffix in (mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX)}
+        shapes = {n: tuple(s) for n, s in ckpt.shapes().items() if n not in packed}
+        shapes.update(parameters)
+        opened = open_adapters(stack, adapters)
+        plan = plan_quantized(ckpt, shapes, opened, where, weights, force, allow_nonfinite)
+        total, done = len(plan.ops), 0
+        if progress is not None:
+            progress(0, total)
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        weight_map: dict[str, str] = {}
+        with atomic_dir(target) as tmp:
+            for shard in ckpt.shards:
+                st = ckpt.shard_file(shard)
+                entries: list[TensorEntry] = []
+                for name in st:
+                    entries.extend(_entries(ckpt, packed, plan, name, requantize, report, step))
+                for entry in entries:
+                    weight_map[entry.name] = shard
+                write_safetensors(tmp / shard, entries,
+                                  metadata={**st.metadata, MERGED_KEY: plan.merged_record})
+            side_files(where, tmp, set(ckpt.shards), requantize, weight_map, ckpt)
+        return BnbMergeResult(target, plan.layer_count, len(plan.ops), len(ckpt.shards),
+                              requantize, report)
+
+
+def _read(ckpt: Checkpoint, stem: str) -> np.ndarray:
+    return mxfp4.dequantize(ckpt.numpy(stem + mxfp4.BLOCKS_SUFFIX),
+                            ckpt.numpy(stem + mxfp4.SCALES_SUFFIX))
+
+
+def _entries(ckpt: Checkpoint, packed: dict[str, str], plan: MergePlan, name: str,
+             requantize: bool, report: SurvivalReport | None,
+             step: Callable[[], None]) -> list[TensorEntry]:
+    """The output tensors for input tensor ``name``: an MXFP4 pair is written at its blocks
+    (as one float parameter, or as blocks and scales again), a float tensor as it is or merged."""
+    stem = packed.get(name)
+    if stem is None:
+        op = plan.ops.get(name)
+        if op is None:
+            return [raw_entry(ckpt, name)]
+        info = ckpt.info(name)
+
+        def merged_plain() -> np.ndarray:
+            step()
+            return np.ascontiguousarray(op.apply(ckpt.numpy(name)))
+
+        return [TensorEntry(name, info.dtype, tuple(info.shape), merged_plain)]
+    op = plan.ops.get(stem)
+    if requantize and op is None:
+        return [raw_entry(ckpt, name)]
+    if not name.endswith(mxfp4.BLOCKS_SUFFIX):
+        return []  # the scales: written with the blocks, or dropped
+    if not requantize:
+        dtype = _float_dtype(ckpt, stem)
+        shape = mxfp4.parameter_shape(tuple(ckpt.info(name).shape))
+
+        def dequantized() -> np.ndarray:
+            w = _read(ckpt, stem)
+            if op is None:
+                return cast(w, dtype)
+            step()
+            return cast(op.apply(w, inplace=True), dtype)
+
+        return [TensorEntry(stem, dtype, shape, dequantized)]
+    assert op is not None and report is not None
+    w = _read(ckpt, stem)
+    figures, (blocks, scales) = measure(
+        stem, w, np.asarray(op.apply(w), dtype=np.float32), mxfp4.quantize,
+        lambda q: mxfp4.dequantize(*q), qtype="MXFP4", stored=w,
+    )
+    report.add(figures)
+    step()
+    return [TensorEntry.of(name, blocks),
+            TensorEntry.of(stem + mxfp4.SCALES_SUFFIX, scales.astype(DTYPES["U8"]))]
+
+
+__all__ = ["is_mxfp4", "merge_mxfp4", "mxfp4_parameters"]
