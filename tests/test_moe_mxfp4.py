@@ -137,3 +137,25 @@ def test_requantize_keeps_mxfp4_and_reports_survival(made, tmp_path):
     # attention was merged in float, as in the float output
     name = "model.layers.0.self_attn.q_proj.weight"
     np.testing.assert_allclose(written[name], state[name].numpy(), atol=1e-5, rtol=0)
+
+
+def test_bf16_base_writes_bf16_experts(made, tmp_path):
+    """A bf16 checkpoint (as gpt-oss is published): dequantized experts are written in bf16."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    mxfp4_dir, _, adapter, merged = made
+    base = tmp_path / "bf16"
+    shutil.copytree(mxfp4_dir, base)
+    tensors = {k: v if v.dtype == torch.uint8 else v.to(torch.bfloat16)
+               for k, v in load_torch(base / "model.safetensors").items()}
+    save_torch(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    written = load_torch(tmp_path / "out" / "model.safetensors")
+    state = merged.state_dict()
+    for stem in (n for n in state if n.endswith(EXPERTS)):
+        assert written[stem].dtype == torch.bfloat16, stem
+        want = state[stem]
+        # MXFP4 values are exact in bf16: only the merged sum is rounded (half a bf16 step)
+        torch.testing.assert_close(written[stem].float(), want, rtol=2**-8, atol=1e-7)

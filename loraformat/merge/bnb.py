@@ -77,7 +77,9 @@ class BnbMergeResult:
         return data
 
 
-def _quant_config(path: Path) -> dict[str, Any] | None:
+def quant_config(path: Path, method: str) -> dict[str, Any] | None:
+    """The ``quantization_config`` of checkpoint directory ``path`` if its ``quant_method`` is
+    ``method``; None otherwise (no directory, no config, another method)."""
     config_path = path / CONFIG_FILE
     if not path.is_dir() or not config_path.is_file():
         return None
@@ -86,15 +88,13 @@ def _quant_config(path: Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, ValueError):
         return None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes":
-        return qc
-    return None
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == method else None
 
 
 def is_bnb4(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a checkpoint directory quantized by bitsandbytes (4-bit or 8-bit:
     :func:`merge_bnb` refuses 8-bit with a message, rather than a safetensors merge failing)."""
-    return _quant_config(Path(path)) is not None
+    return quant_config(Path(path), "bitsandbytes") is not None
 
 
 def _float_dtype(name: str, where: Path, weight: str) -> str:
@@ -174,7 +174,7 @@ def merge_bnb(
     ``threshold``: the survival share below which a requantized layer is named in the warning.
     """
     where = Path(base)
-    qc = _quant_config(where)
+    qc = quant_config(where, "bitsandbytes")
     if qc is None:
         raise LoraformatError(where, "not a bitsandbytes-quantized checkpoint directory "
                               "(config.json has no quantization_config with quant_method "
@@ -196,31 +196,43 @@ def merge_bnb(
         opened = open_adapters(stack, adapters)
         plan = plan_quantized(ckpt, quantized.shapes(ckpt), opened, where, weights, force,
                               allow_nonfinite)
-        total, done = len(plan.ops), 0
-        if progress is not None:
-            progress(0, total)
-
-        def step() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
-        weight_map: dict[str, str] = {}
-        with atomic_dir(target) as tmp:
-            for shard in ckpt.shards:
-                st = ckpt.shard_file(shard)
-                entries: list[TensorEntry] = []
-                for name in st:
-                    entries.extend(_entries(ckpt, quantized, plan, name, requantize, report,
-                                            where, step))
-                for entry in entries:
-                    weight_map[entry.name] = shard
-                write_safetensors(tmp / shard, entries,
-                                  metadata={**st.metadata, MERGED_KEY: plan.merged_record})
-            side_files(where, tmp, set(ckpt.shards), requantize, weight_map, ckpt)
+        write_merged(where, target, ckpt, plan, requantize, progress,
+                     lambda name, step: _entries(ckpt, quantized, plan, name, requantize, report,
+                                                 where, step))
         return BnbMergeResult(target, plan.layer_count, len(plan.ops), len(ckpt.shards),
                               requantize, report)
+
+
+def write_merged(
+    where: Path, target: Path, ckpt: Checkpoint, plan: MergePlan, requantize: bool,
+    progress: Progress | None,
+    entries_of: Callable[[str, Callable[[], None]], list[TensorEntry]],
+) -> None:
+    """Write the merged quantized checkpoint ``target`` (atomic): each shard's tensors as
+    ``entries_of(name, step)`` gives them (``step`` called once per merged tensor, for
+    ``progress``), the merge record, the index and the side files."""
+    total, done = len(plan.ops), 0
+    if progress is not None:
+        progress(0, total)
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    weight_map: dict[str, str] = {}
+    with atomic_dir(target) as tmp:
+        for shard in ckpt.shards:
+            st = ckpt.shard_file(shard)
+            entries: list[TensorEntry] = []
+            for name in st:
+                entries.extend(entries_of(name, step))
+            for entry in entries:
+                weight_map[entry.name] = shard
+            write_safetensors(tmp / shard, entries,
+                              metadata={**st.metadata, MERGED_KEY: plan.merged_record})
+        side_files(where, tmp, set(ckpt.shards), requantize, weight_map, ckpt)
 
 
 def raw_entry(ckpt: Checkpoint, name: str) -> TensorEntry:
@@ -316,5 +328,5 @@ def _tensor_bytes(out: Path, shards: set[str]) -> int:
     return total
 
 
-__all__ = ["BnbMergeResult", "cast", "is_bnb4", "merge_bnb", "plan_quantized", "raw_entry",
-           "side_files"]
+__all__ = ["BnbMergeResult", "cast", "is_bnb4", "merge_bnb", "plan_quantized", "quant_config",
+           "raw_entry", "side_files", "write_merged"]

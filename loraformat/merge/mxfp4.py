@@ -17,23 +17,21 @@ Streamed one tensor at a time; shards, index and side files carried over; output
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_dir, check_output
-from ..checkpoint import CONFIG_FILE, Checkpoint
+from ..atomic import check_output
+from ..checkpoint import Checkpoint
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from ..format.safetensors_io import DTYPES, TensorEntry, write_safetensors
+from ..format.safetensors_io import DTYPES, TensorEntry
 from ..quant import mxfp4
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
-from .bnb import BnbMergeResult, cast, plan_quantized, raw_entry, side_files
-from .plan import MERGED_KEY, MergePlan, open_adapters
+from .bnb import BnbMergeResult, cast, plan_quantized, quant_config, raw_entry, write_merged
+from .plan import MergePlan, open_adapters
 
 Progress = Callable[[int, int], None]
 ADVICE = (
@@ -42,21 +40,9 @@ ADVICE = (
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
-def _config(path: Path) -> dict[str, Any] | None:
-    config_path = path / CONFIG_FILE
-    if not path.is_dir() or not config_path.is_file():
-        return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    return config if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4" else None
-
-
 def is_mxfp4(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a checkpoint directory whose config says MXFP4 (gpt-oss)."""
-    return _config(Path(path)) is not None
+    return quant_config(Path(path), "mxfp4") is not None
 
 
 def mxfp4_parameters(ckpt: Checkpoint, where: Path) -> dict[str, tuple[int, ...]]:
@@ -101,7 +87,7 @@ def merge_mxfp4(
     """Merge ``adapters`` into the MXFP4 checkpoint directory ``base``, writing the directory
     ``out``: a float checkpoint, or with ``requantize`` MXFP4 experts again."""
     where = Path(base)
-    if _config(where) is None:
+    if quant_config(where, "mxfp4") is None:
         raise LoraformatError(where, "not an MXFP4 checkpoint directory (config.json has no "
                               "quantization_config with quant_method 'mxfp4')")
     target = check_output(out, overwrite)
@@ -121,28 +107,9 @@ def merge_mxfp4(
         shapes.update(parameters)
         opened = open_adapters(stack, adapters)
         plan = plan_quantized(ckpt, shapes, opened, where, weights, force, allow_nonfinite)
-        total, done = len(plan.ops), 0
-        if progress is not None:
-            progress(0, total)
-
-        def step() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
-        weight_map: dict[str, str] = {}
-        with atomic_dir(target) as tmp:
-            for shard in ckpt.shards:
-                st = ckpt.shard_file(shard)
-                entries: list[TensorEntry] = []
-                for name in st:
-                    entries.extend(_entries(ckpt, packed, plan, name, requantize, report, step))
-                for entry in entries:
-                    weight_map[entry.name] = shard
-                write_safetensors(tmp / shard, entries,
-                                  metadata={**st.metadata, MERGED_KEY: plan.merged_record})
-            side_files(where, tmp, set(ckpt.shards), requantize, weight_map, ckpt)
+        write_merged(where, target, ckpt, plan, requantize, progress,
+                     lambda name, step: _entries(ckpt, packed, plan, name, requantize, report,
+                                                 step))
         return BnbMergeResult(target, plan.layer_count, len(plan.ops), len(ckpt.shards),
                               requantize, report)
 

@@ -13,8 +13,8 @@ is magnitude · 2^(scale − 127) (transformers' ``integrations/mxfp4.py`` dequa
 
 Quantization picks, per block, the smallest exponent whose 6 · 2^e covers the block's largest
 magnitude (no value clips) and rounds each value to the nearest FP4 magnitude (ties to the
-smaller). On a block already on the grid this gives the same codes back, so an untouched weight
-requantizes to itself. Numpy only.
+smaller). A block already on the grid keeps its values (its exponent may drop where its largest
+code is below 6, the codes doubling), so an untouched weight requantizes to itself. Numpy only.
 """
 
 from __future__ import annotations
