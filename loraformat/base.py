@@ -11,7 +11,7 @@ from typing import Any
 
 from .architecture import CheckpointInfo, DenseLayer, detect, get_architecture, registry
 from .architecture.generic import GENERIC_ID, GenericArchitecture, generic_id
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import LoraformatError
 from .sniff import CHECKPOINT, GGUF_MODEL, SAFETENSORS_MODEL, require_base
 
@@ -125,7 +125,7 @@ def open_base(path: str | os.PathLike[str], architecture: str | None = None) -> 
     its ``model_type``), as long as it has a 2-D weight to adapt.
     """
     require_base(path)  # another kind of file is refused saying what it is, not how it fails
-    checkpoint = Checkpoint(path)
+    checkpoint = open_checkpoint(path)
     try:
         info = CheckpointInfo(checkpoint.path, checkpoint.config, checkpoint.shapes())
         found = None

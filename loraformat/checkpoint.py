@@ -3,6 +3,10 @@
 A checkpoint is a directory holding ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
 shards with ``model.safetensors.index.json``; a bare ``.safetensors`` file works too (no config).
 Nothing but headers is read until a tensor is asked for, and then through the memory map.
+
+A checkpoint whose config says MXFP4 (published gpt-oss) is read through :class:`Mxfp4Checkpoint`
+(:func:`open_checkpoint`): each stacked expert parameter stored as ``X_blocks``/``X_scales`` is
+seen as the float parameter ``X``, dequantized when read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from .errors import LoraformatError
 from .format.safetensors_io import SafetensorsFile, TensorInfo
+from .quant import mxfp4
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -137,6 +142,65 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Mxfp4Checkpoint(Checkpoint):
+    """A checkpoint with MXFP4 parameters: ``shapes``, ``in``, ``info`` and ``numpy`` see each
+    as its float32 parameter (dequantized on read, :mod:`loraformat.quant.mxfp4`) instead of its
+    blocks and scales; ``names``, ``shard_file`` and ``raw`` still give the stored tensors, for
+    writers that copy bytes. ``mxfp4``: parameter → its float shape."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self.mxfp4: dict[str, tuple[int, ...]] = {}
+        stored = super().shapes()
+        for name, shape in stored.items():
+            if not name.endswith(mxfp4.BLOCKS_SUFFIX):
+                continue
+            stem = name.removesuffix(mxfp4.BLOCKS_SUFFIX)
+            scales = stored.get(stem + mxfp4.SCALES_SUFFIX)
+            if scales is None:
+                raise LoraformatError(self.path, f"{name}: MXFP4 blocks without {stem}_scales")
+            mxfp4.check_pair(tuple(shape), tuple(scales), self.path, stem)
+            self.mxfp4[stem] = mxfp4.parameter_shape(tuple(shape))
+        if not self.mxfp4:
+            raise LoraformatError(self.path, "config says MXFP4, but no tensor is an MXFP4 "
+                                  "X_blocks/X_scales pair")
+        self.packed = {stem + suffix: stem for stem in self.mxfp4
+                       for suffix in (mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX)}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.mxfp4 or (name not in self.packed and super().__contains__(name))
+
+    def info(self, name: str) -> TensorInfo:
+        if name in self.mxfp4:  # as if stored in float32 (no bytes of its own)
+            return TensorInfo("F32", self.mxfp4[name], 0, 4 * int(np.prod(self.mxfp4[name])))
+        return super().info(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {n: s for n, s in super().shapes().items() if n not in self.packed}
+        return {**shapes, **self.mxfp4}
+
+    def numpy(self, name: str) -> np.ndarray:
+        if name in self.mxfp4:
+            return mxfp4.dequantize(super().numpy(name + mxfp4.BLOCKS_SUFFIX),
+                                    super().numpy(name + mxfp4.SCALES_SUFFIX))
+        return super().numpy(name)
+
+
+def is_mxfp4_config(config: Any) -> bool:
+    """Whether a checkpoint's config says its experts are MXFP4."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "mxfp4"
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """A :class:`Checkpoint`, or an :class:`Mxfp4Checkpoint` where its config says MXFP4."""
+    checkpoint = Checkpoint(path)
+    if not is_mxfp4_config(checkpoint.config):
+        return checkpoint
+    checkpoint.close()
+    return Mxfp4Checkpoint(path)
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:

@@ -4,7 +4,8 @@ parameter as ``X_blocks``/``X_scales`` (:mod:`loraformat.quant.mxfp4`).
 A tiny gpt-oss is given MXFP4 experts of random codes and exponents (not made by loraformat's
 quantizer); its float twin holds transformers' own dequantization of them. Then:
 
-- loraformat dequantizes exactly as transformers' ``convert_moe_packed_tensors``;
+- loraformat dequantizes exactly as transformers' ``convert_moe_packed_tensors``, and reads the
+  MXFP4 checkpoint as a base (``convert PEFT --base MXFP4_DIR``) as its float twin;
 - ``merge MXFP4_DIR PEFT/`` (float output, quantization_config dropped) gives transformers the
   logits of PEFT's ``merge_and_unload`` on the dequantized model (1e-4 of the logits' scale);
 - ``--requantize`` writes MXFP4 experts again: each merged value within half an MXFP4 step of
@@ -80,6 +81,17 @@ def test_dequantizes_as_transformers(made):
         np.testing.assert_array_equal(ours, reference[stem], err_msg=stem)
         # requantizing the dequantized values stores the same values
         np.testing.assert_array_equal(mxfp4.dequantize(*mxfp4.quantize(ours)), ours)
+
+
+def test_mxfp4_checkpoint_is_a_base_like_its_float_twin(made, tmp_path):
+    mxfp4_dir, float_dir, adapter, _ = made
+    for base in (mxfp4_dir, float_dir):
+        result = run_cli("convert", adapter, "--base", base, "-o", tmp_path / base.name)
+        assert result.code == 0, result.err
+    ours, twin = (load_file(tmp_path / d / "adapter.safetensors") for d in ("mxfp4", "float"))
+    assert sorted(ours) == sorted(twin) and any("experts" in n for n in ours)
+    for name, value in twin.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
 
 
 def test_quantize_rounds_to_nearest_within_half_a_step():

@@ -3,8 +3,8 @@ stacked ``…mlp.experts.X`` stored as ``X_blocks`` and ``X_scales``, :mod:`lora
 ``quantization_config.quant_method`` "mxfp4").
 
 Every MXFP4 parameter is dequantized exactly as transformers does and seen under its float name
-and shape, so the plan is a float checkpoint's; then, as for a bitsandbytes base
-(:mod:`.bnb`), either
+and shape (:class:`~loraformat.checkpoint.Mxfp4Checkpoint`), so the plan is a float checkpoint's;
+then, as for a bitsandbytes base (:mod:`.bnb`), either
 
 - written in the checkpoint's float dtype (the default: every MXFP4 parameter dequantized,
   ``quantization_config`` dropped, a plain checkpoint transformers loads without MXFP4 kernels);
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import check_output
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, Mxfp4Checkpoint
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
 from ..format.safetensors_io import DTYPES, TensorEntry
@@ -43,22 +43,6 @@ _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 def is_mxfp4(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a checkpoint directory whose config says MXFP4 (gpt-oss)."""
     return quant_config(Path(path), "mxfp4") is not None
-
-
-def mxfp4_parameters(ckpt: Checkpoint, where: Path) -> dict[str, tuple[int, ...]]:
-    """Each MXFP4 parameter's float name → its float shape, from its blocks/scales pair."""
-    shapes = ckpt.shapes()
-    found = {}
-    for name, shape in shapes.items():
-        if not name.endswith(mxfp4.BLOCKS_SUFFIX):
-            continue
-        stem = name.removesuffix(mxfp4.BLOCKS_SUFFIX)
-        scales = shapes.get(stem + mxfp4.SCALES_SUFFIX)
-        if scales is None:
-            raise LoraformatError(where, f"{name}: MXFP4 blocks without {stem}_scales")
-        mxfp4.check_pair(tuple(shape), tuple(scales), where, stem)
-        found[stem] = mxfp4.parameter_shape(tuple(shape))
-    return found
 
 
 def _float_dtype(ckpt: Checkpoint, stem: str) -> str:
@@ -96,35 +80,21 @@ def merge_mxfp4(
     report = SurvivalReport(threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
                             advice=ADVICE) if requantize else None
     with contextlib.ExitStack() as stack:
-        ckpt = stack.enter_context(Checkpoint(where))
-        parameters = mxfp4_parameters(ckpt, where)
-        if not parameters:
-            raise LoraformatError(where, "config says MXFP4, but no tensor is an MXFP4 "
-                                  "X_blocks/X_scales pair")
-        packed = {stem + suffix: stem for stem in parameters
-                  for suffix in (mxfp4.BLOCKS_SUFFIX, mxfp4.SCALES_SUFFIX)}
-        shapes = {n: tuple(s) for n, s in ckpt.shapes().items() if n not in packed}
-        shapes.update(parameters)
+        ckpt = stack.enter_context(Mxfp4Checkpoint(where))
         opened = open_adapters(stack, adapters)
-        plan = plan_quantized(ckpt, shapes, opened, where, weights, force, allow_nonfinite)
+        plan = plan_quantized(ckpt, ckpt.shapes(), opened, where, weights, force,
+                              allow_nonfinite)
         write_merged(where, target, ckpt, plan, requantize, progress,
-                     lambda name, step: _entries(ckpt, packed, plan, name, requantize, report,
-                                                 step))
+                     lambda name, step: _entries(ckpt, plan, name, requantize, report, step))
         return BnbMergeResult(target, plan.layer_count, len(plan.ops), len(ckpt.shards),
                               requantize, report)
 
 
-def _read(ckpt: Checkpoint, stem: str) -> np.ndarray:
-    return mxfp4.dequantize(ckpt.numpy(stem + mxfp4.BLOCKS_SUFFIX),
-                            ckpt.numpy(stem + mxfp4.SCALES_SUFFIX))
-
-
-def _entries(ckpt: Checkpoint, packed: dict[str, str], plan: MergePlan, name: str,
-             requantize: bool, report: SurvivalReport | None,
-             step: Callable[[], None]) -> list[TensorEntry]:
+def _entries(ckpt: Mxfp4Checkpoint, plan: MergePlan, name: str, requantize: bool,
+             report: SurvivalReport | None, step: Callable[[], None]) -> list[TensorEntry]:
     """The output tensors for input tensor ``name``: an MXFP4 pair is written at its blocks
     (as one float parameter, or as blocks and scales again), a float tensor as it is or merged."""
-    stem = packed.get(name)
+    stem = ckpt.packed.get(name)
     if stem is None:
         op = plan.ops.get(name)
         if op is None:
@@ -143,10 +113,10 @@ def _entries(ckpt: Checkpoint, packed: dict[str, str], plan: MergePlan, name: st
         return []  # the scales: written with the blocks, or dropped
     if not requantize:
         dtype = _float_dtype(ckpt, stem)
-        shape = mxfp4.parameter_shape(tuple(ckpt.info(name).shape))
+        shape = ckpt.mxfp4[stem]
 
         def dequantized() -> np.ndarray:
-            w = _read(ckpt, stem)
+            w = ckpt.numpy(stem)
             if op is None:
                 return cast(w, dtype)
             step()
@@ -154,7 +124,7 @@ def _entries(ckpt: Checkpoint, packed: dict[str, str], plan: MergePlan, name: st
 
         return [TensorEntry(stem, dtype, shape, dequantized)]
     assert op is not None and report is not None
-    w = _read(ckpt, stem)
+    w = ckpt.numpy(stem)
     figures, (blocks, scales) = measure(
         stem, w, np.asarray(op.apply(w), dtype=np.float32), mxfp4.quantize,
         lambda q: mxfp4.dequantize(*q), qtype="MXFP4", stored=w,
@@ -165,4 +135,4 @@ def _entries(ckpt: Checkpoint, packed: dict[str, str], plan: MergePlan, name: st
             TensorEntry.of(stem + mxfp4.SCALES_SUFFIX, scales.astype(DTYPES["U8"]))]
 
 
-__all__ = ["is_mxfp4", "merge_mxfp4", "mxfp4_parameters"]
+__all__ = ["is_mxfp4", "merge_mxfp4"]
