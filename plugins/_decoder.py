@@ -361,7 +361,8 @@ class DecoderSpec:
     The fields after ``final_softcap`` (:data:`EXTENSIONS`) describe pieces the families of
     issue 25 added; their defaults leave every earlier family's module unchanged, and a consumer
     that knows only the earlier fields (the ONNX emitter) must treat a spec whose
-    :meth:`extensions` is non-empty as one it does not support:
+    :meth:`extensions` is non-empty (which also flags a :func:`no_rope` layer) as one it does
+    not support:
 
     ``block_norms``: the RMSNorm module names of a block, placed (before attention, after
     attention, before the MLP, after the MLP); None at a place means no norm there. None as a
@@ -403,12 +404,14 @@ class DecoderSpec:
     logits_divisor: float | None = None
 
     def extensions(self) -> tuple[str, ...]:
-        """The :data:`EXTENSIONS` fields this spec sets away from their defaults."""
-        return tuple(
+        """The :data:`EXTENSIONS` fields this spec sets away from their defaults, and
+        ``"no_rope"`` where a layer's rope is :func:`no_rope`."""
+        changed = tuple(
             f.name
             for f in fields(self)
             if f.name in EXTENSIONS and getattr(self, f.name) != f.default
         )
+        return changed + (("no_rope",) if any(r.dim == 0 for r in self.ropes.values()) else ())
 
     def norms(self) -> tuple[str | None, str | None, str | None, str | None]:
         """``block_norms``, or the placement ``sandwich_norm`` implies."""

@@ -484,3 +484,20 @@ def test_multimodal_mistral3_is_its_language_model(tmp_path):
     em = family.export_model(info, tensors, ExportOptions(with_past=True))
     prompt = torch.randint(3, 95, (2, 5), generator=torch.Generator().manual_seed(1))
     _decode_against_transformers_cache(em, reference, prompt, 6)
+
+
+@pytest.mark.slow
+def test_new_spec_pieces_are_flagged_and_absent_from_earlier_families(built):
+    """The DecoderSpec pieces issue 25 added keep their defaults for issue 13's families (so
+    their modules are unchanged and the emitter may take them); each new family's spec says
+    which pieces it uses, so a consumer that does not know them falls back."""
+    expected = {
+        "olmo2": ("block_norms", "qk_norm_span"),
+        "olmo3": ("block_norms", "qk_norm_span"),
+        "smollm3": ("no_rope",),
+        "granite": ("residual_scale", "logits_divisor"),
+        "ministral3": ("query_scale",),
+    }
+    for family in FAMILIES:
+        info, _ = built(family)
+        assert arch(family).spec(info).extensions() == expected.get(family, ()), family

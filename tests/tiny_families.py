@@ -196,8 +196,8 @@ def granite(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = GraniteConfig(
-        num_hidden_layers=layers, embedding_multiplier=3.0, residual_multiplier=0.5,
-        attention_multiplier=0.2, logits_scaling=1.5, tie_word_embeddings=True, **COMMON,
+        num_hidden_layers=layers, embedding_multiplier=2.0, residual_multiplier=0.7,
+        attention_multiplier=0.3, logits_scaling=2.0, tie_word_embeddings=True, **COMMON,
     )
     return _save(GraniteForCausalLM(config), out, seed)
 
