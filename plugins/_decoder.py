@@ -245,15 +245,8 @@ def rope_from_config(
         medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
         return Rope(torch.where(medium, smoothed, scaled), dim)
     if kind in ("longrope", "su"):
-        original = params.get(
-            "original_max_position_embeddings", config.get("original_max_position_embeddings")
-        )
-        if original is None:
-            raise where.config_error("longrope needs 'original_max_position_embeddings'")
+        original, factor = context_scaling(params, config, "longrope", where)
         original = int(original)
-        factor = params.get("factor")
-        if factor is None:
-            factor = float(config.get("max_position_embeddings", original)) / original
         attention = params.get("attention_factor")
         if attention is None:
             # LongRoPE's recommended attention scaling, as transformers computes it.
@@ -272,6 +265,22 @@ def rope_from_config(
     )
 
 
+def context_scaling(
+    params: Mapping[str, Any], config: Mapping[str, Any], kind: str, where: CheckpointInfo
+) -> tuple[Any, Any]:
+    """(original context, scaling factor) of a context-extending rope: the factor defaults to
+    ``max_position_embeddings / original``, as transformers computes it."""
+    original = params.get(
+        "original_max_position_embeddings", config.get("original_max_position_embeddings")
+    )
+    if original is None:
+        raise where.config_error(f"{kind} needs 'original_max_position_embeddings'")
+    factor = params.get("factor")
+    if factor is None:
+        factor = float(config.get("max_position_embeddings", original)) / int(original)
+    return original, factor
+
+
 def yarn_rope(
     params: Mapping[str, Any],
     config: Mapping[str, Any],
@@ -284,16 +293,8 @@ def yarn_rope(
     attention factor (from ``mscale``/``mscale_all_dim`` when the config does not give it)."""
     import torch
 
-    original = params.get(
-        "original_max_position_embeddings", config.get("original_max_position_embeddings")
-    )
-    if original is None:
-        raise where.config_error("yarn needs 'original_max_position_embeddings'")
-    original = float(original)
-    factor = params.get("factor")
-    if factor is None:
-        factor = float(config.get("max_position_embeddings", original)) / original
-    factor = float(factor)
+    original, factor = context_scaling(params, config, "yarn", where)
+    original, factor = float(original), float(factor)
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -821,6 +822,8 @@ class DecoderFamily(ArchitectureBase):
     classes: ClassVar[tuple[str, ...]] = ()
     #: Block projection suffixes that can carry an adapter, in checkpoint order.
     projections: ClassVar[tuple[str, ...]] = SPLIT_ATTENTION + SPLIT_MLP
+    #: Whether llama.cpp converts the family through LlamaModel, which permutes the q/k rows.
+    llama_cpp_permutes: ClassVar[bool] = False
 
     def detect(self, checkpoint: CheckpointInfo) -> bool:
         said = model_type(checkpoint, self.model_types, self.classes)
@@ -839,6 +842,13 @@ class DecoderFamily(ArchitectureBase):
 
     def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
         return dense_layers(checkpoint, self.projections, self.parts(checkpoint))
+
+    def row_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        if self.llama_cpp_permutes and convention == "gguf":
+            return llama_cpp_qk_permutation(checkpoint, layer_path)
+        return None
 
     def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
         return shape_of(language_model(checkpoint))

@@ -8,8 +8,6 @@ llama.cpp converts it as ``granite`` through LlamaModel, which permutes the q/k 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from loraformat.architecture import hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
@@ -18,7 +16,6 @@ from ._decoder import (
     DecoderSpec,
     base_spec,
     decoder_names,
-    llama_cpp_qk_permutation,
 )
 
 LORAFORMAT_PLUGIN_API = 2
@@ -39,11 +36,7 @@ class Granite(DecoderFamily):
     targets = ("q_proj", "v_proj")
     gguf_architecture = "granite"
     ort_model_type = "bert"
-
-    def row_permutation(
-        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
-    ) -> Sequence[int] | None:
-        return llama_cpp_qk_permutation(checkpoint, layer_path) if convention == "gguf" else None
+    llama_cpp_permutes = True
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         return base_spec(

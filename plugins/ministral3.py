@@ -9,8 +9,6 @@ through LlamaModel, which permutes the q/k rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from loraformat.architecture import hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
@@ -21,7 +19,6 @@ from ._decoder import (
     decoder_names,
     layer_windows,
     llama4_query_scale,
-    llama_cpp_qk_permutation,
 )
 
 LORAFORMAT_PLUGIN_API = 2
@@ -37,11 +34,7 @@ class Ministral3(DecoderFamily):
     targets = ("q_proj", "v_proj")
     gguf_architecture = "mistral3"
     ort_model_type = "bert"
-
-    def row_permutation(
-        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
-    ) -> Sequence[int] | None:
-        return llama_cpp_qk_permutation(checkpoint, layer_path) if convention == "gguf" else None
+    llama_cpp_permutes = True
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         c = checkpoint.config

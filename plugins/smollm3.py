@@ -7,8 +7,6 @@ llama.cpp converts it as ``smollm3`` through LlamaModel, which permutes the q/k 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from loraformat.architecture import hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
@@ -19,7 +17,6 @@ from ._decoder import (
     decoder_names,
     heads,
     layer_windows,
-    llama_cpp_qk_permutation,
     no_rope,
     rope_from_config,
 )
@@ -38,11 +35,7 @@ class SmolLM3(DecoderFamily):
     targets = ("q_proj", "v_proj")
     gguf_architecture = "smollm3"
     ort_model_type = "bert"
-
-    def row_permutation(
-        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
-    ) -> Sequence[int] | None:
-        return llama_cpp_qk_permutation(checkpoint, layer_path) if convention == "gguf" else None
+    llama_cpp_permutes = True
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         c = checkpoint.config

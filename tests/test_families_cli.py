@@ -1,5 +1,6 @@
 """Issue 13's end-to-end checks for Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 and Phi-3 (and issue
-25's OLMo 2, OLMo 3, SmolLM3, Granite and Ministral 3), through the CLI as a user runs it, against PEFT's merge in transformers and gguf-py's tensor tables.
+25's OLMo 2, OLMo 3, SmolLM3, Granite and Ministral 3), through the CLI as a user runs it, against
+PEFT's merge in transformers and gguf-py's tensor tables.
 
 One tiny checkpoint and one PEFT adapter on every projection per family (module-scoped): `merge
 -o model.onnx` logits equal PEFT's merge; `merge --with-past` + `generate` gives transformers'

@@ -202,6 +202,14 @@ def granite(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
     return _save(GraniteForCausalLM(config), out, seed)
 
 
+#: Ministral 3's YaRN rope and query temperature over an original context of 8 tokens.
+MINISTRAL3_ROPE = {
+    "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+    "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+    "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5,
+}
+
+
 def ministral3(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
     """Ministral 3: YaRN and the query temperature over an original context of 8 tokens (so
     tests cross it), untied head."""
@@ -210,11 +218,7 @@ def ministral3(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = Ministral3Config(
         num_hidden_layers=layers, tie_word_embeddings=False,
-        rope_parameters={
-            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
-            "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
-            "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5,
-        },
+        rope_parameters=MINISTRAL3_ROPE,
         **COMMON,
     )
     return _save(Ministral3ForCausalLM(config), out, seed)
@@ -260,11 +264,7 @@ def mistral3_multimodal(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     text = Ministral3Config(
         num_hidden_layers=layers, tie_word_embeddings=False,
-        rope_parameters={
-            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
-            "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
-            "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5,
-        },
+        rope_parameters=MINISTRAL3_ROPE,
         **COMMON,
     )
     vision = PixtralVisionConfig(
