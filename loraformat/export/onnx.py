@@ -284,7 +284,12 @@ def build_graph(
             config = dict(model.info.config)
             built.append(config)
             if layer_repeat.depth_key is not None:
-                config[layer_repeat.depth_key] = depth
+                # A dotted key reaches into a nested config (a multimodal text_config).
+                *outer, key = layer_repeat.depth_key.split(".")
+                holder = config
+                for part in outer:
+                    holder[part] = holder = dict(holder[part])
+                holder[key] = depth
             info = dataclasses.replace(
                 model.info, config=config, shapes={n: shapes[n] for n in cut if n in shapes}
             )
