@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   builds a tiny GPT-2-shaped example and merges an adapter into it as ONNX
-#   make test   runs the linter and the test suite
-#   make test-fast  the same without the tests marked slow (ONNX exports, reference models)
+#   make test   runs the linter and the test suite (building llama.cpp once, cached outside the
+#               clone in ~/.cache/loraformat or $LORAFORMAT_LLAMA_CPP, for the tests against it)
+#   make test-fast  the linter and the tests not marked slow (the inner loop; no llama.cpp build)
 # Both create .venv and install what they need. torch==2.13.0 is installed first so pip never
 # resolves a multi-GB CUDA build of torch.
 
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 THIRD_PARTY := $(if $(wildcard tests/third_party_plugin/pyproject.toml),-e tests/third_party_plugin,)
 EXAMPLE := build/example
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean llama-cpp
 
 setup: $(VENV)/.installed
 
@@ -31,8 +32,11 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+llama-cpp: setup
+	$(PY) tools/build_llama_cpp.py
+
+test: lint llama-cpp
+	LORAFORMAT_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: lint
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"

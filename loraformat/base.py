@@ -13,7 +13,7 @@ from .architecture import CheckpointInfo, DenseLayer, detect, get_architecture, 
 from .architecture.generic import GENERIC_ID, GenericArchitecture, generic_id
 from .checkpoint import Checkpoint
 from .errors import LoraformatError
-from .sniff import require_base
+from .sniff import CHECKPOINT, GGUF_MODEL, SAFETENSORS_MODEL, require_base
 
 
 @dataclass
@@ -76,7 +76,10 @@ class BaseModel:
         :meth:`GenericArchitecture.fit` (an embedding table, a Conv1D weight)."""
         layer = self.layers[path]
         if self.generic:
-            return GenericArchitecture.fit(layer, kind, in_features, out_features)
+            try:
+                return GenericArchitecture.fit(layer, kind, in_features, out_features)
+            except LoraformatError as exc:
+                raise LoraformatError(self.path, exc.message) from None
         return layer
 
     def layers_for(self, specs: Mapping[str, Any]) -> dict[str, DenseLayer]:
@@ -133,9 +136,22 @@ def open_base(path: str | os.PathLike[str], architecture: str | None = None) -> 
         raise
 
 
+def open_adapter_base(
+    path: str | os.PathLike[str], architecture: str | None = None
+) -> BaseModel:
+    """A base that adapters are read and written through (names, shapes, row order): a
+    checkpoint (:func:`open_base`) or a llama.cpp GGUF model, whose architecture is the plugin
+    written as its ``general.architecture`` (``architecture``: which, where several are)."""
+    if require_base(path, (CHECKPOINT, SAFETENSORS_MODEL, GGUF_MODEL)).format != GGUF_MODEL:
+        return open_base(path, architecture)
+    from .gguf_model import open_gguf
+
+    return BaseModel(*open_gguf(path, architecture))
+
+
 def as_base(base: str | os.PathLike[str] | BaseModel | None) -> BaseModel | None:
-    """``base`` opened with :func:`open_base` if it is a path; a :class:`BaseModel` or ``None``
-    as it is (for functions taking either)."""
+    """``base`` opened with :func:`open_adapter_base` if it is a path; a :class:`BaseModel` or
+    ``None`` as it is (for functions taking either)."""
     if base is None or isinstance(base, BaseModel):
         return base
-    return open_base(base)
+    return open_adapter_base(base)

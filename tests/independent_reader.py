@@ -1,10 +1,11 @@
-"""An independent reader and validator of loraformat adapters, written from spec/FORMAT.md (1.1)
+"""An independent reader and validator of loraformat adapters, written from spec/FORMAT.md (1.2)
 and schemas/adapter.v1.schema.json alone: it imports nothing from loraformat, and not the
 safetensors package either (§1.1 is restated completely, and the package is more lenient than
 the spec). Section numbers below are the spec's.
 
     manifest, tensors = read(path)        # raises Invalid when a MUST rule is broken
-    delta(manifest, tensors, layer)       # ΔW, float64, out × in
+    read(path, content=False)             # only what a reader checks on opening (§9)
+    delta(manifest, tensors, layer)       # ΔW, float64, out × in (E × out × in with experts)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -27,8 +29,11 @@ SIZES = {  # §1.1 table
     "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
 ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")
-ROLES = ("lora_A", "lora_B", "magnitude", "lora_bias")  # §3, plus "replacement"
-KNOWN_MINOR = 1  # this reader implements 1.1
+ROLES = ("lora_A", "lora_B", "magnitude", "lora_bias", "replacement")  # §3
+KNOWN_MINOR = 2  # this reader implements 1.2 (tests set 1 or 0 to act as an older reader)
+MAX_DEPTH = 64  # §2, §9
+MAX_NUMBER = 4096  # §2, §9: characters of one number token
+MAX_EXPERTS = 65_536  # §2
 
 # §2 tables (1.1)
 TOP = {"format", "format_version", "base_model", "scaling", "rank", "alpha", "layers",
@@ -36,8 +41,11 @@ TOP = {"format", "format_version", "base_model", "scaling", "rank", "alpha", "la
 TOP_REQUIRED = ("format", "format_version", "base_model", "scaling", "alpha", "layers",
                 "tensors_sha256")
 BASE = {"architecture", "name", "fingerprint"}
-LAYER = {"in_features", "out_features", "rank", "alpha", "kind", "out_rows", "dora", "lora_bias"}
+LAYER = {"in_features", "out_features", "rank", "alpha", "kind", "out_rows", "dora", "lora_bias",
+         "experts"}
+SINCE = {"experts": 2}  # §2, §8 step 3: layer members newer than 1.0, with their minor version
 PATH = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")  # §3 grammar, whole string
+SEGMENT = re.compile(r"[A-Za-z0-9_\-]+")
 VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")  # §8
 
 
@@ -64,16 +72,63 @@ def _object(pairs):
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, object_pairs_hook=_object)
 
 
+def check_json_text(text: str) -> None:
+    """§2's limits, the same for every parser: nesting ≤ 64, number tokens ≤ 4096 characters.
+    One pass over the text, outside strings."""
+    depth = run = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+            continue
+        if char in "-+.0123456789eE":
+            run += 1
+            if run > MAX_NUMBER:
+                raise Invalid("number token too long")
+            continue
+        run = 0
+        if char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise Invalid("nested too deeply")
+        elif char in "]}":
+            depth -= 1
+
+
+def check_strings(value) -> None:
+    """§2: every string (names and values) is Unicode scalar values — no lone surrogate."""
+    if isinstance(value, str):
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+            raise Invalid("lone surrogate in a string")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_strings(key)
+            check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            check_strings(item)
+
+
 def parse_json(text: str):
     """One JSON value, strictly: the whole text (JSON whitespace around it allowed)."""
     if text.startswith("\ufeff"):
         raise Invalid("byte order mark")
+    check_json_text(text)
     try:
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_object)
+        value = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_object)
     except RecursionError:
         raise Invalid("nested too deeply") from None
     except ValueError as exc:
         raise Invalid(f"not JSON: {exc}") from None
+    check_strings(value)
+    return value
 
 
 # -- the container (§1.1) -----------------------------------------------------------------------
@@ -97,6 +152,7 @@ def read_container(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, li
         raise Invalid("header does not start with '{'")
     try:
         text = raw.decode("utf-8")
+        check_json_text(text)
         header, end = _DECODER.raw_decode(text)
     except RecursionError:
         raise Invalid("nested too deeply") from None
@@ -106,6 +162,7 @@ def read_container(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, li
         raise Invalid("header padding is not spaces only")
     if not isinstance(header, dict):
         raise Invalid("header is not an object")
+    check_strings(header)
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -123,18 +180,19 @@ def read_container(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, li
         if not isinstance(dtype, str) or dtype not in SIZES:
             raise Invalid(f"{name}: dtype {dtype!r} not in the table")
         if not isinstance(shape, list) or len(shape) > 8 or not all(
-            _int(d) and d >= 0 for d in shape
+            _int(d) and 0 <= d < 2**64 for d in shape
         ):
             raise Invalid(f"{name}: bad shape")
         if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(_int(o) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+                and all(_int(o) and 0 <= o < 2**64 for o in offsets)
+                and offsets[0] <= offsets[1]):
             raise Invalid(f"{name}: bad data_offsets")
         if offsets[1] - offsets[0] != math.prod(shape) * SIZES[dtype]:
             raise Invalid(f"{name}: byte size disagrees with shape and dtype")
         spans.append((offsets[0], offsets[1]))
         tensors[name] = (dtype, shape, bytes(buffer[offsets[0] : offsets[1]]))
     position = 0
-    for begin, end in sorted(spans):
+    for begin, end in sorted(spans):  # by (begin, end): a zero-size tensor first (§1.1 item 3)
         if begin != position:
             raise Invalid("tensors do not tile the buffer (hole or overlap)")
         position = end
@@ -146,15 +204,21 @@ def read_container(data: bytes) -> tuple[dict[str, str], dict[str, tuple[str, li
 # -- the manifest (§2, §8) ----------------------------------------------------------------------
 
 
+def layer_members(minor: int) -> set[str]:
+    """The layer-entry members of version 1.minor (§2)."""
+    return {k for k in LAYER if SINCE.get(k, 0) <= minor}
+
+
 def _drop_unknown(manifest: dict) -> dict:
     """§8 step 4: a newer minor version's unknown members are dropped at every level."""
+    known_layer = layer_members(KNOWN_MINOR)
     out = {k: v for k, v in manifest.items() if k in TOP or k.startswith("x-")}
     if isinstance(out.get("base_model"), dict):
         out["base_model"] = {k: v for k, v in out["base_model"].items()
                              if k in BASE or k.startswith("x-")}
     if isinstance(out.get("layers"), dict):
         out["layers"] = {
-            p: ({k: v for k, v in e.items() if k in LAYER or k.startswith("x-")}
+            p: ({k: v for k, v in e.items() if k in known_layer or k.startswith("x-")}
                 if isinstance(e, dict) else e)
             for p, e in out["layers"].items()
         }
@@ -173,7 +237,14 @@ def _ranged(value, lo: int, hi: int | None, what: str) -> None:
 
 
 def _finite(alpha) -> None:
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    """§2: the value rounded to binary64 must be finite (an integer token too)."""
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise Invalid("alpha is not a number")
+    try:
+        value = float(alpha)
+    except OverflowError:
+        raise Invalid("alpha is not finite in binary64") from None
+    if not math.isfinite(value):
         raise Invalid("alpha is not a finite number")
 
 
@@ -226,7 +297,10 @@ def check_manifest(manifest) -> tuple[dict, int]:
         _path(path, "layer path")
         if not isinstance(entry, dict):
             raise Invalid(f"{path}: entry is not an object")
-        _members(entry, LAYER, path)
+        # step 3: a member newer than the declared version is unknown to that version
+        _members(entry, layer_members(min(minor, KNOWN_MINOR)), path)
+        if "experts" in entry:
+            _ranged(entry["experts"], 1, MAX_EXPERTS, f"{path}.experts")
         for key in ("in_features", "out_features"):
             if key not in entry:
                 raise Invalid(f"{path}: missing {key}")
@@ -293,6 +367,9 @@ def check_layers(manifest: dict, minor: int) -> None:
             entry.get("dora") or entry.get("lora_bias") or "out_rows" in entry
         ):
             raise Invalid(f"{path}: embedding with dora/lora_bias/out_rows")
+        if "experts" in entry and (entry.get("dora") or entry.get("lora_bias")
+                                   or entry.get("kind", "linear") != "linear"):
+            raise Invalid(f"{path}: experts with dora/lora_bias/embedding")
         b_rows = len(row_list(entry))
         parts = len(entry.get("out_rows", [None]))
         # the file's rules, or this reader's if it is older (§8)
@@ -303,7 +380,11 @@ def check_layers(manifest: dict, minor: int) -> None:
             raise Invalid(f"{path}: rank {rank} over the rank rule ({bound})")
     for name in manifest.get("replacements", []):
         layer, _, last = name.rpartition(".")
-        if last == "weight" and layer in manifest["layers"]:
+        # §3: an expert layer adapts <path> itself, any other layer <path>.weight
+        if "experts" in manifest["layers"].get(name, {}):
+            raise Invalid(f"{name}: replaces an expert layer's stacked weight")
+        if (last == "weight" and layer in manifest["layers"]
+                and "experts" not in manifest["layers"][layer]):
             raise Invalid(f"{name}: replaces an adapted weight")
         if last == "bias" and manifest["layers"].get(layer, {}).get("lora_bias"):
             raise Invalid(f"{name}: replaces the bias of a layer with lora_bias")
@@ -314,8 +395,9 @@ def implied_keys(manifest: dict) -> dict[str, list[int] | None]:
     keys: dict[str, list[int] | None] = {}
     for path in manifest["layers"]:
         rank, _, entry = resolved(manifest, path)
-        keys[f"{path}.lora_A"] = [rank, entry["in_features"]]
-        keys[f"{path}.lora_B"] = [len(row_list(entry)), rank]
+        stack = [entry["experts"]] if "experts" in entry else []  # §4.7
+        keys[f"{path}.lora_A"] = [*stack, rank, entry["in_features"]]
+        keys[f"{path}.lora_B"] = [*stack, len(row_list(entry)), rank]
         if entry.get("dora"):
             keys[f"{path}.magnitude"] = [entry["out_features"]]
         if entry.get("lora_bias"):
@@ -351,13 +433,26 @@ def checksum(tensors: dict) -> str:
 
 
 def _inside(folder: Path, member: Path) -> None:
-    if member.is_symlink() and Path(folder).resolve() not in member.resolve().parents:
-        raise Invalid(f"{member.name}: link out of the adapter directory")
+    """§9: a member's fully resolved path lies under the directory's, by whole components; §1:
+    it is a regular file."""
+    if member.is_symlink():
+        target = Path(os.path.realpath(member)).parts
+        home = Path(os.path.realpath(folder)).parts
+        if len(target) <= len(home) or target[: len(home)] != home:
+            raise Invalid(f"{member.name}: link out of the adapter directory")
+    if not stat.S_ISREG(os.stat(member).st_mode):
+        raise Invalid(f"{member.name}: not a regular file")
 
 
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, list[int], bytes]]]:
-    """(manifest as this reader uses it, name → (dtype, shape, bytes)) of a valid adapter."""
+def read(path: str | os.PathLike, content: bool = True
+         ) -> tuple[dict, dict[str, tuple[str, list[int], bytes]]]:
+    """(manifest as this reader uses it, name → (dtype, shape, bytes)) of a valid adapter.
+    ``content``: also the checksum and values (a validator's duty; a reader's on opening is the
+    rest, §9)."""
     path = Path(path)
+    mode = os.stat(path).st_mode  # §1: the path is followed
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise Invalid("neither a directory nor a regular file")
     if path.is_dir():
         manifest_file, tensor_file = path / "adapter.json", path / "adapter.safetensors"
         for member in (manifest_file, tensor_file):
@@ -392,9 +487,12 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, list[int],
     for key in tensors:
         if key not in implied:
             layer, _, role = key.rpartition(".")
-            newer = minor > KNOWN_MINOR and layer in manifest["layers"] and role not in ROLES
+            newer = (minor > KNOWN_MINOR and layer in manifest["layers"]
+                     and SEGMENT.fullmatch(role) is not None and role not in ROLES)
             if not newer:  # §8 step 4: a newer minor's optional role of a declared layer
                 raise Invalid(f"{key}: not implied by the manifest")
+    if not content:
+        return manifest, tensors
     if checksum(tensors) != manifest["tensors_sha256"]:
         raise Invalid("checksum mismatch")
     for key in implied:
@@ -409,12 +507,18 @@ def scale(manifest: dict, layer: str) -> float:
 
 
 def delta(manifest: dict, tensors: dict, layer: str) -> np.ndarray:
-    """§4.2: ΔW (out × in), out_rows placing B·A's rows."""
+    """§4.2: ΔW (out × in), out_rows placing B·A's rows; §4.7: E × out × in, one per expert."""
     _, _, entry = resolved(manifest, layer)
     a = array(*tensors[f"{layer}.lora_A"])
     b = array(*tensors[f"{layer}.lora_B"])
-    full = np.zeros((entry["out_features"], entry["in_features"]))
-    full[row_list(entry)] = scale(manifest, layer) * (b @ a)
+    rows = row_list(entry)
+    if "experts" not in entry:
+        full = np.zeros((entry["out_features"], entry["in_features"]))
+        full[rows] = scale(manifest, layer) * (b @ a)
+        return full
+    full = np.zeros((entry["experts"], entry["out_features"], entry["in_features"]))
+    for e in range(entry["experts"]):
+        full[e][rows] = scale(manifest, layer) * (b[e] @ a[e])
     return full
 
 

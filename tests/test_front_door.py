@@ -303,11 +303,11 @@ def test_refused_without_base_naming_it(fx, cli, fmt, command):
     assert not out.exists()
 
 
-def test_onnx_base_cannot_read_gguf_and_says_convert_first(tmp_path, fx, cli):
+def test_onnx_base_cannot_read_gguf_and_says_pass_base(tmp_path, fx, cli):
     model = _onnx_model(tmp_path / "m.onnx")
     r = cli("merge", model, fx["files"]["gguf"], "-o", tmp_path / "x.onnx")
-    _one_line(r, fx["files"]["gguf"], FORMAT_WHAT["gguf"], "an ONNX BASE has no checkpoint",
-              "loraformat convert ADAPTER -o DIR --base CHECKPOINT")
+    _one_line(r, fx["files"]["gguf"], FORMAT_WHAT["gguf"], "an ONNX or bitsandbytes 4-bit BASE "
+              "cannot say its names", "pass --base CHECKPOINT")
 
 
 def test_onnx_adapter_names_shared_by_families_leave_it_unknown(fx, cli, tmp_path):
@@ -500,9 +500,12 @@ def test_not_a_base_where_a_base_is_expected(zoo, cli, fx, kind):
     else:
         _one_line(r, path, f"is {what}", "not a model; a base is a checkpoint directory, "
                   "a .safetensors model, an .onnx model or a .gguf model")
-    # where only a checkpoint will do (convert's --base, export): the same phrase
+    # convert's --base: a GGUF model is a base adapters are read through, the rest are refused
     r = cli("convert", adapter, "-o", _out(fx), "--to", "peft", "--base", path)
-    _one_line(r, path, f"is {what}")
+    if kind == "gguf model":
+        _one_line(r, adapter, "is not a layer of the base")
+    else:
+        _one_line(r, path, f"is {what}")
 
 
 def test_onnx_model_where_a_checkpoint_is_expected(zoo, cli, fx):

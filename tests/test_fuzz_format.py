@@ -71,6 +71,11 @@ def seed_dir(tmp_path_factory) -> Path:
         "m.v": _layer(rng, 1, 6, 4, alpha=2, magnitude=np.ones(4, np.float32)),
         "m.fused": _layer(rng, 2, 6, 9, b_rows=6, out_rows=[(0, 3), (6, 9)]),
         "m.emb": _layer(rng, 2, 5, 3, kind="embedding"),
+        "m.experts.gate_up_proj": LoraLayer(  # format 1.2: an expert layer, fused rows per expert
+            A=rng.standard_normal((3, 2, 4)).astype(np.float32),
+            B=rng.standard_normal((3, 3, 2)).astype(np.float32),
+            alpha=4, in_features=4, out_features=6, out_rows=[(3, 6)], experts=3,
+        ),
     }
     out = tmp_path_factory.mktemp("fuzz") / "seed"
     Adapter.from_layers(
@@ -107,7 +112,8 @@ def exercise(path: Path, outcomes: Counter) -> None:
             for layer in adapter.layer_paths:
                 spec = adapter.specs[layer]
                 if spec.out_features * spec.in_features <= 1_000_000:
-                    assert adapter.delta(layer).shape == (spec.out_features, spec.in_features)
+                    assert adapter.delta(layer).shape == (
+                        *spec.stack, spec.out_features, spec.in_features)
             for name in adapter.replacement_names:
                 adapter.replacement(name)
     problems = validate(path)

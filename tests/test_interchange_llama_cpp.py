@@ -1,24 +1,22 @@
-"""A GGUF LoRA written by loraformat, loaded by real llama.cpp on top of the tiny base converted by
-llama.cpp's own ``convert_hf_to_gguf.py``, gives the loraformat-merged transformers model's logits.
+"""A GGUF LoRA written by loraformat, loaded by real llama.cpp (``tests/real_llama_cpp.py``) on
+top of the tiny base converted by llama.cpp's own ``convert_hf_to_gguf.py``, gives the
+loraformat-merged transformers model's logits: mixed ranks and alphas folded into one file alpha,
+rsLoRA, the token embedding, GPT-2's Conv1D layers and fused ``attn_qkv``.
 
-Needs ``llama_cpp`` (llama-cpp-python, built from source) and ``LORAFORMAT_LLAMA_CPP_SRC`` = a
-llama.cpp source tree (e.g. the one vendored in the llama-cpp-python sdist) for the base
-conversion; skipped otherwise. The tiny checkpoints have no tokenizer, so the base is converted
-with ``tokenizer.ggml.model = "no_vocab"`` and fed token ids. The KV cache is float32 (llama.cpp's
-default f16 cache alone costs ~1e-3 on these logits).
+The tiny checkpoints have no tokenizer, so the base is converted with ``tokenizer.ggml.model =
+"no_vocab"`` and fed token ids. The KV cache is float32 (llama.cpp's default f16 cache alone costs
+~1e-3 on these logits).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import real_llama_cpp
 import tiny_models
 import torch
 from test_interchange import linear_paths, make_adapter
@@ -28,28 +26,8 @@ from loraformat.base import open_base
 from loraformat.format.adapter import Adapter
 from loraformat.merge import merge_checkpoint
 
-llama_cpp = pytest.importorskip("llama_cpp")
-SRC = os.environ.get("LORAFORMAT_LLAMA_CPP_SRC")
-if not SRC or not (Path(SRC) / "convert_hf_to_gguf.py").is_file():
-    pytest.skip("LORAFORMAT_LLAMA_CPP_SRC (a llama.cpp source tree) not given",
-                allow_module_level=True)
-pytestmark = pytest.mark.slow
-
-CONVERT = """
-import sys
-sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
-import conversion.gpt2, conversion.llama
-def no_vocab(self):
-    self.gguf_writer.add_tokenizer_model("no_vocab")
-    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
-for module in (conversion.gpt2, conversion.llama):
-    for value in vars(module).values():
-        if isinstance(value, type) and "set_vocab" in vars(value):
-            value.set_vocab = no_vocab
-import convert_hf_to_gguf
-sys.argv = ["convert", sys.argv[1], "--outfile", sys.argv[2], "--outtype", "f32"]
-convert_hf_to_gguf.main()
-"""
+real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]
 
 
 def _base_gguf(checkpoint: Path, out: Path) -> Path:
@@ -58,17 +36,9 @@ def _base_gguf(checkpoint: Path, out: Path) -> Path:
     config = json.loads((src / "config.json").read_text())
     config.setdefault("n_ctx", config.get("n_positions"))  # llama.cpp's GPT-2 reads n_ctx
     (src / "config.json").write_text(json.dumps(config))
-    subprocess.run([sys.executable, "-c", CONVERT.format(src=SRC), str(src), str(out)],
-                   check=True, capture_output=True)
+    real_llama_cpp.convert([("convert_hf_to_gguf.py", [str(src), "--outfile", str(out),
+                                                        "--outtype", "f32"])])
     return out
-
-
-def _logits(model: Path, lora: Path | None, ids: np.ndarray) -> np.ndarray:
-    kwargs = {"lora_path": str(lora)} if lora else {}
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=64, logits_all=True, verbose=False,
-                          type_k=0, type_v=0, **kwargs)  # 0 = GGML_TYPE_F32
-    llm.eval([int(i) for i in ids])
-    return np.array(llm.scores[: len(ids)])
 
 
 @pytest.mark.parametrize("arch,scaling,embedding", [
@@ -99,7 +69,7 @@ def test_llama_cpp_applies_gguf_adapter_like_merge(tiny_checkpoint, tmp_path, ar
     model = _base_gguf(base_path, tmp_path / "base.gguf")
     # llama.cpp's GPT-2 GELU differs from transformers' by ~4e-5 on the plain base already.
     tol = 1e-4 if arch == "llama" else 1e-3
-    np.testing.assert_allclose(_logits(model, None, ids), plain, atol=tol, rtol=0)
+    np.testing.assert_allclose(real_llama_cpp.logits(model, ids), plain, atol=tol, rtol=0)
     assert np.abs(expected - plain).max() > 0.1
-    np.testing.assert_allclose(_logits(model, tmp_path / "a.gguf", ids), expected, atol=tol,
-                               rtol=0)
+    np.testing.assert_allclose(real_llama_cpp.logits(model, ids, tmp_path / "a.gguf"), expected,
+                               atol=tol, rtol=0)

@@ -19,7 +19,7 @@ PROJECTIONS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
-for _family in ("qwen3", "mistral", "gemma2", "gemma3"):
+for _family in ("llama", "qwen3", "mistral", "gemma2", "gemma3"):
     PROJECTIONS[_family] = PROJECTIONS["qwen2"]
 FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 COMMON = dict(

@@ -180,13 +180,17 @@ def wide_dtypes(out: Path) -> None:
 
 
 def newer_minor(out: Path) -> None:
-    """format_version 1.9: unknown members at every level and an unknown tensor role of a declared
-    layer, all ignored by a 1.1 reader (§8); ΔW is computed from what it knows."""
+    """format_version 1.9: unknown members at every level and unknown tensor roles of a declared
+    layer — one I64, one F32 holding a NaN — all ignored by a 1.2 reader, dtype and values
+    unchecked (§8); ΔW is computed from what it knows."""
     rng = np.random.default_rng(9)
     path = "model.layers.0.self_attn.q_proj"
     adapter = Adapter.from_layers("llama", {path: _layer(rng, 2, 8, 8, 4)}, provenance=PROVENANCE)
     tensors = {k: np.asarray(adapter.tensors[k]) for k in adapter.tensors}
-    tensors[f"{path}.future_role"] = _rand(rng, (8,))
+    future = _rand(rng, (8,))
+    future[3] = np.nan
+    tensors[f"{path}.future_role"] = future
+    tensors[f"{path}.future_index"] = np.arange(4, dtype=np.int64)
     manifest = dict(adapter.manifest)
     manifest.update({"format_version": "1.9", "future_member": {"a": 1}})
     manifest["base_model"] = {**manifest["base_model"], "future_base": True}
@@ -203,6 +207,113 @@ def header_extras(out: Path) -> None:
     header, data = _container(tensors, {"loraformat": dumps(dict(adapter.manifest), compact=True)})
     header[f"{path}.lora_A"]["x-note"] = "ignored"
     (out / "header-extras.safetensors").write_bytes(_pack(header, data))
+
+
+def experts(out: Path) -> None:
+    """Format 1.2 expert layers (§4.7), gpt-oss names (stacked in the checkpoint): the fused
+    gate/up projection adapted on its up rows only — interleaved with gate, so the odd rows, one
+    range each (out_rows per expert) — down_proj whole with its own rank and alpha, and a dense
+    attention layer beside them."""
+    rng = np.random.default_rng(13)
+    e, hidden, inter = 4, 8, 6
+    up_rows = [(2 * i + 1, 2 * i + 2) for i in range(inter)]
+
+    def stacked(rank, in_f, out_f, alpha, rows=None):
+        b_rows = out_f if rows is None else sum(b - a for a, b in rows)
+        return LoraLayer(A=_rand(rng, (e, rank, in_f)), B=_rand(rng, (e, b_rows, rank)),
+                         alpha=alpha, in_features=in_f, out_features=out_f, out_rows=rows,
+                         experts=e)
+
+    layers = {
+        "model.layers.0.mlp.experts.gate_up_proj": stacked(2, hidden, 2 * inter, 4,
+                                                           rows=up_rows),
+        "model.layers.0.mlp.experts.down_proj": stacked(3, inter, hidden, 9),
+        "model.layers.0.self_attn.q_proj": _layer(rng, 2, hidden, hidden, 4),
+    }
+    Adapter.from_layers("gpt_oss", layers, base_name="tiny-gpt-oss",
+                        provenance=PROVENANCE).save(out / "experts", overwrite=True)
+
+
+def experts_rslora(out: Path) -> None:
+    """Expert layers in a single file: rsLoRA, BF16, gpt-oss names (stored [E, in, out] by the
+    base; the format's A and B are in math orientation all the same)."""
+    rng = np.random.default_rng(14)
+    e, hidden, inter = 3, 8, 4
+    layers = {
+        "model.layers.0.mlp.experts.down_proj": LoraLayer(
+            A=_rand(rng, (e, 4, inter), ml_dtypes.bfloat16),
+            B=_rand(rng, (e, hidden, 4), ml_dtypes.bfloat16),
+            alpha=8, in_features=inter, out_features=hidden, experts=e),
+    }
+    Adapter.from_layers("gpt_oss", layers, scaling="alpha/sqrt(r)",
+                        provenance=PROVENANCE).save(out / "experts-rslora.safetensors",
+                                                    overwrite=True)
+
+
+def explicit_defaults(out: Path) -> None:
+    """§2: "dora": false, "lora_bias": false and "kind": "linear" mean what leaving them out means
+    (an embedding layer with both flags false is valid)."""
+    rng = np.random.default_rng(15)
+    adapter = Adapter.from_layers("llama", {
+        "model.embed_tokens": _layer(rng, 2, 16, 4, 4, kind="embedding"),
+        "model.layers.0.self_attn.q_proj": _layer(rng, 2, 8, 8, 4),
+    }, provenance=PROVENANCE)
+    manifest = json.loads(json.dumps(adapter.manifest))
+    manifest["layers"]["model.embed_tokens"].update(dora=False, lora_bias=False)
+    manifest["layers"]["model.layers.0.self_attn.q_proj"].update(kind="linear", dora=False,
+                                                                 lora_bias=False)
+    _write_dir(out / "explicit-defaults", manifest, adapter.tensors)
+
+
+def fused_all_parts(out: Path) -> None:
+    """§5: loralib MergedLinear with every part enabled — three adjacent ranges, one per part,
+    rank 3·3 = 9 > in_features 4 (k counts the ranges as written); format 1.1."""
+    rng = np.random.default_rng(16)
+    r, d = 3, 4
+    block = np.zeros((3 * d, 3 * r), dtype=np.float32)
+    for part in range(3):
+        block[part * d:(part + 1) * d, part * r:(part + 1) * r] = _rand(rng, (d, r))
+    layer = LoraLayer(A=_rand(rng, (3 * r, d)), B=block, alpha=3 * 2.0, in_features=d,
+                      out_features=3 * d, out_rows=[(0, d), (d, 2 * d), (2 * d, 3 * d)])
+    Adapter.from_layers("gpt2", {"transformer.h.0.attn.c_attn": layer},
+                        provenance=PROVENANCE).save(out / "fused-all-parts", overwrite=True)
+
+
+def zero_size(out: Path) -> None:
+    """§1.1 item 3: zero-size replacement tensors at offset 0, at a tensor boundary and at the
+    end of the buffer — each sorting before the tensor that begins where it sits."""
+    rng = np.random.default_rng(17)
+    path = "model.layers.0.self_attn.q_proj"
+    adapter = Adapter.from_layers("llama", {path: _layer(rng, 2, 4, 4, 4)},
+                                  replacements={"empty.first": np.zeros((0,), np.float32),
+                                                "empty.middle": np.zeros((2, 0), np.float32),
+                                                "empty.last": np.zeros((0, 3), np.float32)},
+                                  provenance=PROVENANCE)
+    tensors = {k: np.asarray(adapter.tensors[k]) for k in adapter.tensors}
+    header, data = _container(tensors, {"loraformat": dumps(dict(adapter.manifest),
+                                                            compact=True)})
+    a_end = header[f"{path}.lora_A"]["data_offsets"][1]
+    header["empty.first.replacement"]["data_offsets"] = [0, 0]
+    header["empty.middle.replacement"]["data_offsets"] = [a_end, a_end]
+    header["empty.last.replacement"]["data_offsets"] = [len(data), len(data)]
+    assert header[f"{path}.lora_A"]["data_offsets"][0] == 0
+    (out / "zero-size.safetensors").write_bytes(_pack(header, data))
+
+
+def empty(out: Path) -> None:
+    """§1.1 item 3, §2: no layers, no tensors — an empty data buffer (file = 8 + N bytes)."""
+    Adapter.from_layers("llama", {}, provenance=PROVENANCE).save(out / "empty.safetensors",
+                                                                 overwrite=True)
+
+
+def higher_version(out: Path) -> None:
+    """§8: a file declaring "1.2" that needs nothing of 1.1 or 1.2 is read like any other."""
+    rng = np.random.default_rng(18)
+    adapter = Adapter.from_layers("llama", {"model.layers.0.mlp.up_proj": _layer(rng, 2, 8, 8, 2)},
+                                  provenance=PROVENANCE)
+    tensors = {k: np.asarray(adapter.tensors[k]) for k in adapter.tensors}
+    _write_single(out / "higher-version.safetensors",
+                  {**adapter.manifest, "format_version": "1.2"}, tensors)
 
 
 # -- raw writers: the vectors below need bytes the library writer would never produce ---------
@@ -336,6 +447,57 @@ def _text_with(old: str, new: str):
     return lambda m: dumps(m).replace(old, new, 1)
 
 
+def _dir_metadata(metadata: dict):
+    """A directory vector whose adapter.safetensors carries the given (raw) __metadata__."""
+
+    def build(target: Path) -> None:
+        manifest, tensors = _valid_base()
+        manifest["tensors_sha256"] = _checksum(tensors)
+        header, data = _container(tensors, None)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "adapter.safetensors").write_bytes(_pack({"__metadata__": metadata, **header},
+                                                           data))
+        (target / "adapter.json").write_text(dumps(manifest), encoding="utf-8")
+
+    return build
+
+
+def _embedded_text(text):
+    """A single-file vector whose embedded manifest is ``text(manifest)``."""
+
+    def build(target: Path) -> None:
+        manifest, tensors = _valid_base()
+        manifest["tensors_sha256"] = _checksum(tensors)
+        header, data = _container(tensors, {"loraformat": text(manifest)})
+        target.write_bytes(_pack(header, data))
+
+    return build
+
+
+def _header_text(old: str, new: str):
+    """A single-file vector whose header text has ``old`` replaced by ``new`` (raw JSON)."""
+    return _file_case(lambda h: json.dumps(h, separators=(",", ":")).replace(old, new, 1))
+
+
+def _experts(change=None, tensors_change=None, experts=2, rank=2):
+    """An expert layer (E = experts, 4 → 4) declared 1.2, then changed."""
+
+    def manifest_change(m):
+        m["format_version"] = "1.2"
+        m["layers"]["m.q"]["experts"] = experts
+        if change is not None:
+            change(m)
+
+    def tensors_update(t):
+        rng = np.random.default_rng(19)
+        t.update({"m.q.lora_A": _rand(rng, (experts, rank, 4)),
+                  "m.q.lora_B": _rand(rng, (experts, 4, rank))})
+        if tensors_change is not None:
+            tensors_change(t)
+
+    return _manifest_case(manifest_change, tensors_update)
+
+
 _NAN = np.array([np.nan, 1, 1, 1, 1, 1, 1, 1], dtype=np.float32).reshape(2, 4)
 
 #: name → (section, substring of loraformat's refusal, builder). Names end in .safetensors for
@@ -462,7 +624,84 @@ INVALID = {
         _manifest_case(_set("tensors_sha256", "0" * 64))),
     "nonfinite-values": ("§9: validators report NaN/Inf", "non-finite value",
         _manifest_case(lambda m: None, lambda t: t.update({"m.q.lora_A": _NAN}))),
+    # format 1.2: expert layers (§4.7) and the answers to 1.1's open questions (§12.1)
+    "experts-in-1.1": ("§8 step 3: 'experts' is a member of 1.2; a 1.1 file may not have it",
+        "'experts' needs format_version 1.2",
+        _experts(lambda m: m.update(format_version="1.1"))),
+    "experts-with-dora": ("§4.7: no dora with experts", "an expert layer cannot have",
+        _experts(lambda m: m["layers"]["m.q"].update(dora=True),
+                 lambda t: t.update({"m.q.magnitude": np.ones(4, np.float32)}))),
+    "experts-with-lora-bias": ("§4.7: no lora_bias with experts", "an expert layer cannot have",
+        _experts(lambda m: m["layers"]["m.q"].update(lora_bias=True),
+                 lambda t: t.update({"m.q.lora_bias": np.ones(4, np.float32)}))),
+    "experts-embedding": ("§4.7: no kind embedding with experts", "an expert layer cannot have",
+        _experts(lambda m: m["layers"]["m.q"].update(kind="embedding"))),
+    "experts-tensor-2d": ("§3, §4.7: A is [E, r, in] with experts", "does not match the manifest",
+        _experts(tensors_change=lambda t: t.update({"m.q.lora_A": np.ones((2, 4), np.float32)}))),
+    "experts-count-mismatch": ("§3, §4.7: the first axis is E", "does not match the manifest",
+        _experts(lambda m: m["layers"]["m.q"].update(experts=3))),
+    "experts-zero": ("§2: experts 1–65,536", "less than the minimum",
+        _experts(lambda m: m["layers"]["m.q"].update(experts=0))),
+    "experts-not-integer-token": ("§2: integers are integer tokens", "is not of type 'integer'",
+        _experts(lambda m: m["layers"]["m.q"].update(experts=2.0))),
+    "experts-rank-rule": ("§9: the rank rule applies per expert", "exceeds min(parts",
+        _experts(lambda m: m.update(rank=5), rank=5)),
+    "replacement-of-expert-layer": ("§4.6, §4.7: an expert layer's stacked weight is adapted, "
+        "not replaced", "is the stacked weight of expert layer",
+        _experts(lambda m: m.update(replacements=["m.q"]),
+                 lambda t: t.update({"m.q.replacement": np.ones((2, 4, 4), np.float32)}))),
+    "dir-metadata-not-strings": ("§1.1 item 2: __metadata__ maps strings to strings in every "
+        "file, a directory's adapter.safetensors too", "must map strings to strings",
+        _dir_metadata({"x": 1})),
+    "header-shape-not-integer-token.safetensors": ("§1.1 item 2, §2: shape and data_offsets "
+        "are integer tokens", "shape must be a list",
+        _header_text('"shape":[2,4]', '"shape":[2.0,4]')),
+    "header-lone-surrogate.safetensors": ("§1.1 item 2, §2: no lone surrogate escapes in a header",
+        "lone surrogate", _header_text('"__metadata__":{', '"__metadata__":{"x\\ud800":"y",')),
+    "replacement-integer-dtype": ("§1.1: replacements are F16/BF16/F32/F64 too", "dtype I64 is not",
+        _manifest_case(_set("replacements", ["position_ids"]),
+                       lambda t: t.update({"position_ids.replacement": np.arange(4)}))),
+    "newer-minor-empty-role": ("§3, §8 step 4: an ignored role is a non-empty segment",
+        "not declared by the manifest",
+        _manifest_case(_set("format_version", "1.9"),
+                       lambda t: t.update({"m.q.": np.ones(4, np.float32)}))),
+    "newer-minor-role-on-replacement": ("§8 step 4: only declared layers carry ignored roles",
+        "not declared by the manifest",
+        _manifest_case(lambda m: m.update(format_version="1.9", replacements=["head.weight"]),
+                       lambda t: t.update({"head.weight.replacement": np.ones(2, np.float32),
+                                           "head.weight.future_role": np.ones(2, np.float32)}))),
+    "newer-minor-known-role-as-future": ("§8 step 4: 'replacement' on a layer is a §3 role, not "
+        "a future one", "not declared by the manifest",
+        _manifest_case(_set("format_version", "1.9"),
+                       lambda t: t.update({"m.q.replacement": np.ones(2, np.float32)}))),
+    "embedding-with-full-out-rows": ("§2, §4.3: out_rows present is out_rows, whatever it covers",
+        "an embedding layer cannot have",
+        _manifest_case(_layer_entry(kind="embedding", out_rows=[[0, 4]]))),
+    "dora-false-is-absent": ("§2: dora false means no magnitude tensor",
+        "not declared by the manifest",
+        _manifest_case(_layer_entry(dora=False),
+                       lambda t: t.update({"m.q.magnitude": np.ones(4, np.float32)}))),
+    "alpha-integer-overflow": ("§2: an integer token beyond binary64's range is not finite",
+        "alpha must be a finite number",
+        _manifest_case(lambda m: None, text=_text_with('"alpha": 4', '"alpha": 1' + "0" * 400))),
+    "embedded-manifest-bom.safetensors": ("§2: no byte order mark in an embedded manifest either",
+        "byte order mark", _embedded_text(lambda m: "\ufeff" + dumps(m, compact=True))),
+    "manifest-lone-surrogate": ("§2: no lone surrogate escapes (provenance included)",
+        "lone surrogate", _manifest_case(lambda m: None, text=lambda m: dumps(
+            {**m, "provenance": {"note": "@"}}).replace("@", "\\udc00"))),
+    "manifest-too-deep": ("§2, §9: nesting ≤ 64 levels (provenance included)", "nested too deeply",
+        _manifest_case(lambda m: None, text=lambda m: dumps(
+            {**m, "provenance": {"deep": "@"}}).replace('"@"', "[" * 63 + "]" * 63))),
+    "manifest-long-number": ("§2, §9: number tokens ≤ 4,096 characters (provenance included)",
+        "longer than 4096 characters",
+        _manifest_case(lambda m: None, text=lambda m: dumps(
+            {**m, "provenance": {"n": "@"}}).replace('"@"', "1" * 4097))),
+    "version-major-zero": ("§8 step 2: major version 0 is refused",
+        "is not a version this reader knows", _manifest_case(_set("format_version", "0.9"))),
 }
+
+#: §9: invalid vectors a validator refuses but a reader may open (the rest: every reader, on open)
+VALIDATE_LEVEL = {"checksum-mismatch", "nonfinite-values"}
 
 
 def invalid(out: Path) -> None:
@@ -470,29 +709,40 @@ def invalid(out: Path) -> None:
     folder.mkdir(exist_ok=True)
     for name, (section, refusal, build) in INVALID.items():
         build(folder / name)
-        note = {"rule": section, "refusal": refusal}
-        (folder / f"{name.removesuffix('.safetensors')}.expected.json").write_text(
+        stem = name.removesuffix(".safetensors")
+        level = "validate" if stem in VALIDATE_LEVEL else "open"
+        note = {"rule": section, "refusal": refusal, "level": level}
+        (folder / f"{stem}.expected.json").write_text(
             json.dumps(note, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def expected_delta(adapter: Adapter, path: str) -> np.ndarray:
-    """ΔW in float64, straight from the spec (not via Adapter.delta)."""
+    """ΔW in float64, straight from the spec (not via Adapter.delta): [out, in], or for an expert
+    layer [E, out, in], expert by expert (§4.7)."""
     spec = adapter.specs[path]
     layer = adapter.layer(path)
     if adapter.scaling == "alpha/r":
         scale = spec.alpha / spec.rank
     else:
         scale = spec.alpha / math.sqrt(spec.rank)
-    low = scale * (layer.B.astype(np.float64) @ layer.A.astype(np.float64))
-    full = np.zeros((spec.out_features, spec.in_features))
+    a = layer.A.astype(np.float64)
+    b = layer.B.astype(np.float64)
     rows = layer.rows()
-    full[rows] = low
+    if spec.experts is None:
+        full = np.zeros((spec.out_features, spec.in_features))
+        full[rows] = scale * (b @ a)
+        return full
+    full = np.zeros((spec.experts, spec.out_features, spec.in_features))
+    for e in range(spec.experts):
+        full[e, rows] = scale * (b[e] @ a[e])
     return full
 
 
 #: every valid vector: a directory, or a single file ending in .safetensors
 VALID = ("basic", "rslora.safetensors", "fused", "embedding.safetensors", "dora", "fused-wide",
-         "lora-bias-fused", "wide-dtypes", "newer-minor.safetensors", "header-extras.safetensors")
+         "lora-bias-fused", "wide-dtypes", "newer-minor.safetensors", "header-extras.safetensors",
+         "experts", "experts-rslora.safetensors", "explicit-defaults", "fused-all-parts",
+         "zero-size.safetensors", "empty.safetensors", "higher-version.safetensors")
 
 
 def generate(out: Path) -> None:
@@ -510,6 +760,13 @@ def generate(out: Path) -> None:
     wide_dtypes(out)
     newer_minor(out)
     header_extras(out)
+    experts(out)
+    experts_rslora(out)
+    explicit_defaults(out)
+    fused_all_parts(out)
+    zero_size(out)
+    empty(out)
+    higher_version(out)
     invalid(out)
     for name in VALID:
         stem = name.removesuffix(".safetensors")

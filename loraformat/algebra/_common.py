@@ -7,10 +7,14 @@ Conventions of every operation in this package (see ``loraformat.algebra``):
   stack/subtract/reduce/combine/extract carry a clean scaling: rule ``alpha/r`` with
   ``alpha = rank`` on every layer, i.e. scale 1 and ΔW = B·A. (``scale`` alone keeps the input's
   scaling rule and alphas and multiplies B.)
+* An expert layer (format 1.2, E independent LoRAs) is worked on expert by expert: each operation
+  runs its per-layer computation on expert e's slice (:func:`layer_of`) as on a dense layer, and
+  :func:`join_experts` stacks the E results back into one expert layer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -89,13 +93,88 @@ def check_compatible(adapters: Sequence[Adapter], check_base: bool = True) -> No
     for other in adapters[1:]:
         for path in set(first.layer_paths) & set(other.layer_paths):
             a, b = first.specs[path], other.specs[path]
-            if (a.in_features, a.out_features, a.kind) != (b.in_features, b.out_features, b.kind):
+            if (a.in_features, a.out_features, a.kind, a.experts) != (
+                b.in_features, b.out_features, b.kind, b.experts
+            ):
                 raise LoraformatError(
                     where(other),
-                    f"layer {path!r} is {b.kind} {b.in_features}→{b.out_features} here but "
-                    f"{a.kind} {a.in_features}→{a.out_features} in "
+                    f"layer {path!r} is {_describe(b)} here but {_describe(a)} in "
                     f"{where(first) or 'the first input'}",
                 )
+
+
+def _describe(spec: Any) -> str:
+    experts = f" of {spec.experts} experts" if spec.experts is not None else ""
+    return f"{spec.kind} {spec.in_features}→{spec.out_features}{experts}"
+
+
+def expert_indices(adapters: Sequence[Adapter], path: str) -> list[int | None]:
+    """``[None]`` for a dense layer, ``[0 … E−1]`` for an expert layer (the inputs agree on E:
+    :func:`check_compatible`)."""
+    for adapter in adapters:
+        if path in adapter.specs:
+            experts = adapter.specs[path].experts
+            return [None] if experts is None else list(range(experts))
+    raise KeyError(path)
+
+
+def expert_slice(layer: LoraLayer, expert: int | None) -> LoraLayer:
+    """Expert ``expert``'s LoRA of an expert layer as a dense layer (views, no copy); ``None``:
+    the layer itself."""
+    if expert is None:
+        return layer
+    return LoraLayer(
+        A=layer.A[expert],
+        B=layer.B[expert],
+        alpha=layer.alpha,
+        in_features=layer.in_features,
+        out_features=layer.out_features,
+        kind=layer.kind,
+        out_rows=layer.out_rows,
+    )
+
+
+def layer_of(adapter: Adapter, path: str, expert: int | None = None) -> LoraLayer:
+    """The layer at ``path``, or expert ``expert``'s slice of it."""
+    return expert_slice(adapter.layer(path), expert)
+
+
+def join_experts(parts: Sequence[LoraLayer], experts: Sequence[int | None]) -> LoraLayer:
+    """One layer from the per-expert results (``experts`` as :func:`expert_indices` gave them):
+    the dense layer itself, or the expert layer stacking them. Parts of different ranks (an energy
+    threshold met at different ranks) are padded with zero rows of A and zero columns of B, which
+    changes no ΔW_e."""
+    if experts == [None]:
+        return parts[0]
+    rank = max(part.rank for part in parts)
+    dtype = parts[0].A.dtype
+    first = parts[0]
+    a = np.zeros((len(parts), rank, first.in_features), dtype=dtype)
+    b = np.zeros((len(parts), parts[0].B.shape[0], rank), dtype=dtype)
+    for e, part in enumerate(parts):
+        a[e, : part.rank] = part.A
+        b[e, :, : part.rank] = part.B
+    return LoraLayer(
+        A=a,
+        B=b,
+        alpha=first.alpha,
+        in_features=first.in_features,
+        out_features=first.out_features,
+        kind=first.kind,
+        out_rows=first.out_rows,
+        experts=len(parts),
+    )
+
+
+def stack_error(errors: Sequence[float], norms: Sequence[float]) -> float:
+    """The relative error over an expert stack from each expert's relative error and ‖ΔW_e‖:
+    sqrt(Σ (errₑ·‖ΔW_e‖)²) / sqrt(Σ ‖ΔW_e‖²) (the one value for a dense layer)."""
+    if len(errors) == 1:
+        return float(errors[0])
+    total = math.fsum(n * n for n in norms)
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(math.fsum((e * n) ** 2 for e, n in zip(errors, norms, strict=True)) / total)
 
 
 def common_fingerprint(adapters: Sequence[Adapter]) -> str | None:
@@ -127,7 +206,7 @@ def refuse_dora(adapter: Adapter, path: str, operation: str) -> None:
 
 def refuse_nonfinite(adapter: Adapter, path: str, operation: str) -> None:
     """Refuse NaN/Inf factors up front: an SVD of them fails inside LAPACK."""
-    layer = adapter.layer(path)
+    layer = adapter.layer(path)  # every expert's factors at once
     if not (np.isfinite(layer.A).all() and np.isfinite(layer.B).all()):
         raise LoraformatError(
             where(adapter),

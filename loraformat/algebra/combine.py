@@ -30,6 +30,10 @@ linearly (Σ wᵢsᵢ·biasᵢ); layers present in only some inputs combine the 
 PEFT does); DoRA layers are refused. PEFT's ``svd_clamp`` is not offered. As in PEFT, a single
 input turns every method except ``svd``/``cat`` into ``linear``; ``svd`` of a single input still
 truncates to ``rank`` (PEFT silently keeps the full rank there).
+
+Expert layers (format 1.2) combine expert by expert: expert e of the output is the method applied
+to expert e of every input (DARE draws expert after expert); the report's error is over the whole
+stack.
 """
 
 from __future__ import annotations
@@ -49,12 +53,16 @@ from ._common import (
     common_fingerprint,
     describe_input,
     expand_b,
+    expert_indices,
     f64,
+    join_experts,
+    layer_of,
     output_dtype,
     provenance,
     refuse_dora,
     refuse_nonfinite,
     scale_one_layer,
+    stack_error,
     union_paths,
     where,
 )
@@ -220,43 +228,41 @@ def combine(
         for i in present:
             refuse_dora(adapters[i], path, f"combine --method {method}")
             refuse_nonfinite(adapters[i], path, f"combine --method {method}")
-        # the exact weighted sum, factored (scale folded into B), for svd and for the report
-        exact_a, exact_b, target, bias, first = stack_layers(adapters, w, path, "combine")
-        if method == "cat":
-            a, b = exact_a, exact_b
-            if a.shape[0] > min(a.shape[1], b.shape[0]):
-                probe = LoraLayer(a, b, 1.0, first.in_features, first.out_features, out_rows=target)
-                a, b, _, _ = reduce_layer(probe, 1.0)
-            error = 0.0
-        elif method == "svd":
-            probe = LoraLayer(
-                exact_a, exact_b, 1.0, first.in_features, first.out_features, out_rows=target
-            )
-            a, b, s, kept = reduce_layer(probe, 1.0, k=svd_rank)
-            error = relative_error(s, kept)
-        elif method in FACTOR_METHODS:
-            a, b = _factor_method(
-                method, adapters, w, present, path, target, density, majority_sign, rng, masks
-            )
-            error = _relative(_factored_distance(a, b, exact_a, exact_b), _norm(exact_a, exact_b))
-        else:
-            a, b = _dense_svd_method(
-                method,
-                adapters,
-                w,
-                present,
-                path,
-                target,
-                density,
-                majority_sign,
-                rng,
-                masks,
-                svd_rank,
-            )
-            exact = exact_b @ exact_a
-            error = _relative(float(np.linalg.norm(b @ a - exact)), float(np.linalg.norm(exact)))
-        layers[path] = scale_one_layer(a, b, first, target, bias, out_dtype)
-        report.append(LayerCombination(path, len(present), a.shape[0], error))
+        experts = expert_indices(adapters, path)
+        parts, errors, norms = [], [], []
+        for expert in experts:
+            # the exact weighted sum, factored (scale folded into B), for svd and for the report
+            exact_a, exact_b, target, bias, first = stack_layers(adapters, w, path, "combine",
+                                                                 expert)
+            norms.append(_norm(exact_a, exact_b))
+            if method == "cat":
+                a, b = exact_a, exact_b
+                if a.shape[0] > min(a.shape[1], b.shape[0]):
+                    probe = LoraLayer(a, b, 1.0, first.in_features, first.out_features,
+                                      out_rows=target)
+                    a, b, _, _ = reduce_layer(probe, 1.0)
+                error = 0.0
+            elif method == "svd":
+                probe = LoraLayer(
+                    exact_a, exact_b, 1.0, first.in_features, first.out_features, out_rows=target
+                )
+                a, b, s, kept = reduce_layer(probe, 1.0, k=svd_rank)
+                error = relative_error(s, kept)
+            elif method in FACTOR_METHODS:
+                a, b = _factor_method(method, adapters, w, present, path, target, density,
+                                      majority_sign, rng, masks, expert)
+                error = _relative(_factored_distance(a, b, exact_a, exact_b), norms[-1])
+            else:
+                a, b = _dense_svd_method(method, adapters, w, present, path, target, density,
+                                         majority_sign, rng, masks, svd_rank, expert)
+                exact = exact_b @ exact_a
+                error = _relative(float(np.linalg.norm(b @ a - exact)),
+                                  float(np.linalg.norm(exact)))
+            errors.append(error)
+            parts.append(scale_one_layer(a, b, first, target, bias, out_dtype))
+        layers[path] = join_experts(parts, experts)
+        report.append(LayerCombination(path, len(present), layers[path].rank,
+                                       stack_error(errors, norms)))
         if progress:
             progress(step + 1, len(paths))
     result = Adapter.from_layers(
@@ -312,6 +318,7 @@ def _factor_method(
     majority_sign: str,
     rng: np.random.Generator,
     masks: MaskSource | None,
+    expert: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     ranks = {adapters[i].specs[path].rank for i in present}
     if len(ranks) != 1:
@@ -324,7 +331,7 @@ def _factor_method(
         )
     a_list, b_list, wa, wb = [], [], [], []
     for i in present:
-        layer = adapters[i].layer(path)
+        layer = layer_of(adapters[i], path, expert)
         ws = w[i] * adapters[i].scale(path)
         root = math.sqrt(abs(ws))
         wa.append(root if ws >= 0 else -root)  # the sign goes on A only, as in PEFT
@@ -352,10 +359,11 @@ def _dense_svd_method(
     rng: np.random.Generator,
     masks: MaskSource | None,
     svd_rank: int,
+    expert: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     deltas = []
     for i in present:
-        layer = adapters[i].layer(path)
+        layer = layer_of(adapters[i], path, expert)
         b = expand_b(f64(layer.B) * adapters[i].scale(path), layer, target)
         deltas.append(b @ f64(layer.A))
     merged = merge_tensors(

@@ -4,7 +4,7 @@
 ΔW = Σ wᵢ·ΔWᵢ exactly, with scale 1 (``alpha/r``, alpha = rank). Fused layers whose inputs adapt
 different row blocks (``out_rows``) get B expanded to the union of those rows. When the summed rank
 exceeds the layer's smaller dimension, the layer is refactored losslessly (factored QR/SVD at full
-rank) so the output always validates.
+rank) so the output always validates. Expert layers are stacked expert by expert.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from ._common import (
     common_fingerprint,
     describe_input,
     expand_b,
+    expert_indices,
     f64,
+    join_experts,
+    layer_of,
     output_dtype,
     provenance,
     refuse_dora,
@@ -71,16 +74,21 @@ def merged_replacements(adapters: Sequence[Adapter], operation: str) -> dict[str
 
 
 def stack_layers(
-    adapters: Sequence[Adapter], weights: Sequence[float], path: str, operation: str = "stack"
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    path: str,
+    operation: str = "stack",
+    expert: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]] | None, np.ndarray | None, LoraLayer]:
-    """(A, B, out_rows, lora_bias) in float64 with scale 1 for one layer: Σ wᵢ·ΔWᵢ, exact.
+    """(A, B, out_rows, lora_bias) in float64 with scale 1 for one layer (of an expert layer:
+    for expert ``expert``): Σ wᵢ·ΔWᵢ, exact.
 
     The last item is one input layer (for in/out features and kind).
     """
     present = [(a, w) for a, w in zip(adapters, weights, strict=True) if path in a.specs]
     for adapter, _ in present:
         refuse_dora(adapter, path, operation)
-    layers = [(adapter.layer(path), adapter.scale(path), w) for adapter, w in present]
+    layers = [(layer_of(adapter, path, expert), adapter.scale(path), w) for adapter, w in present]
     first = layers[0][0]
     target = union_rows([row_ranges(layer) for layer, _, _ in layers], first.out_features)
     rows = sum(b - a for a, b in target) if target is not None else first.out_features
@@ -128,13 +136,18 @@ def stack(
     layers: dict[str, LoraLayer] = {}
     paths = union_paths(adapters)
     for i, path in enumerate(paths):
-        a, b, target, bias, first = stack_layers(adapters, w, path, _operation)
-        if a.shape[0] > min(a.shape[1], b.shape[0]):
-            # The summed rank would break the format's rank ≤ min(in, rows) rule: refactor at full
-            # rank, which is exact because rank(B·A) ≤ min(in, rows).
-            probe = LoraLayer(a, b, 1.0, first.in_features, first.out_features, out_rows=target)
-            a, b, _, _ = reduce_layer(probe, 1.0)
-        layers[path] = scale_one_layer(a, b, first, target, bias, out_dtype)
+        experts = expert_indices(adapters, path)
+        parts = []
+        for expert in experts:
+            a, b, target, bias, first = stack_layers(adapters, w, path, _operation, expert)
+            if a.shape[0] > min(a.shape[1], b.shape[0]):
+                # The summed rank would break the format's rank ≤ min(in, rows) rule: refactor at
+                # full rank, which is exact because rank(B·A) ≤ min(in, rows).
+                probe = LoraLayer(a, b, 1.0, first.in_features, first.out_features,
+                                  out_rows=target)
+                a, b, _, _ = reduce_layer(probe, 1.0)
+            parts.append(scale_one_layer(a, b, first, target, bias, out_dtype))
+        layers[path] = join_experts(parts, experts)
         if progress:
             progress(i + 1, len(paths))
     parameters = {"weights": w, "dtype": str(out_dtype)}
@@ -209,6 +222,7 @@ def scale(
             lora_bias=None
             if layer.lora_bias is None
             else cast(f64(layer.lora_bias) * float(weight), out_dtype),
+            experts=layer.experts,  # B·weight scales every expert's B alike
         )
     return Adapter.from_layers(
         adapter.architecture,

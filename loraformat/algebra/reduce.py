@@ -7,6 +7,10 @@ exactly sqrt(Σ_{i>k} σᵢ²) / sqrt(Σ σᵢ²).
 
 Output factors: σ goes into B (B = U_k·diag(σ_k), A = V_kᵀ with orthonormal rows), the convention
 of PEFT's svd combination; the layer gets alpha = rank under ``alpha/r`` so its scale is 1.
+
+An expert layer is reduced expert by expert (one SVD each) to one rank for the layer (the format
+has one rank per layer): a given rank as for a dense layer; an energy threshold met by every
+expert, so the largest rank any expert needs (the others keep more than they need).
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
-from ._common import cast, describe_input, f64, output_dtype, provenance, refuse_nonfinite
+from ._common import (
+    cast,
+    describe_input,
+    expert_indices,
+    f64,
+    join_experts,
+    layer_of,
+    output_dtype,
+    provenance,
+    refuse_nonfinite,
+    stack_error,
+)
 
 
 @dataclass(frozen=True)
@@ -229,31 +244,39 @@ def reduce(
         e = None
         if k is None:
             k, e = rank, energy
-        a, b, s, kept = reduce_layer(layer, scale, k, e)
-        power = s**2
-        total = float(power.sum())
+        experts = expert_indices([adapter], path)
+        if e is not None and experts != [None]:
+            # one rank for the layer: the largest any expert needs to keep the energy
+            k = max(energy_rank(_CoreSVD(x.B, x.A, scale).s, e)
+                    for x in (layer_of(adapter, path, j) for j in experts))
+            e = None
+        parts, kept_power, total_power, errors, norms = [], 0.0, 0.0, [], []
+        for expert in experts:
+            a, b, s, kept = reduce_layer(layer_of(adapter, path, expert), scale, k, e)
+            power = s**2
+            kept_power += float(power[:kept].sum())
+            total_power += float(power.sum())
+            errors.append(relative_error(s, kept))
+            norms.append(math.sqrt(float(power.sum())))
+            parts.append(LoraLayer(A=cast(a, out_dtype), B=cast(b, out_dtype), alpha=float(kept),
+                                   in_features=layer.in_features,
+                                   out_features=layer.out_features, kind=layer.kind,
+                                   out_rows=layer.out_rows))
         report.append(
             LayerReduction(
                 path=path,
                 rank_in=layer.rank,
                 rank_out=kept,
-                relative_error=relative_error(s, kept),
-                kept_energy=float(power[:kept].sum()) / total if total else 1.0,
+                relative_error=stack_error(errors, norms),
+                kept_energy=kept_power / total_power if total_power else 1.0,
             )
         )
-        layers[path] = LoraLayer(
-            A=cast(a, out_dtype),
-            B=cast(b, out_dtype),
-            alpha=float(kept),
-            in_features=layer.in_features,
-            out_features=layer.out_features,
-            kind=layer.kind,
-            out_rows=layer.out_rows,
-            magnitude=None if layer.magnitude is None else np.array(layer.magnitude),
-            lora_bias=None
-            if layer.lora_bias is None
-            else cast(f64(layer.lora_bias) * scale, out_dtype),
+        joined = join_experts(parts, experts)
+        joined.magnitude = None if layer.magnitude is None else np.array(layer.magnitude)
+        joined.lora_bias = (
+            None if layer.lora_bias is None else cast(f64(layer.lora_bias) * scale, out_dtype)
         )
+        layers[path] = joined
         if progress:
             progress(i + 1, len(paths))
     result = Adapter.from_layers(

@@ -60,6 +60,11 @@ def inspect_command(
     click.echo(f"scaling       {info['scaling']}")
     ranks = ", ".join(f"r={r}×{n}" for r, n in info["ranks"].items())
     click.echo(f"layers        {info['layer_count']} ({ranks})")
+    if info["expert_layer_count"]:
+        experts = sorted({row["experts"] for row in info["layers"] if "experts" in row})
+        click.echo(f"experts       {info['expert_layer_count']} layer(s) of "
+                   f"{'/'.join(map(str, experts))} experts (rank per expert; ‖ΔW‖ over all "
+                   "experts)")
     click.echo(f"dtypes        {', '.join(f'{d}×{n}' for d, n in info['dtypes'].items())}")
     click.echo(f"parameters    {info['parameters']:,}")
     if info["size_bytes"] is not None:
@@ -75,6 +80,12 @@ def inspect_command(
             flags = "".join(
                 f" [{flag}]" for flag in ("dora", "lora_bias") if row.get(flag)
             ) + (" [embedding]" if row["kind"] == "embedding" else "")
+            if "experts" in row:
+                flags += f" [{row['experts']} experts"
+                if "expert_delta_norms" in row:
+                    norms = row["expert_delta_norms"]
+                    flags += f", ‖ΔW_e‖ {min(norms):.4g}…{max(norms):.4g}"
+                flags += "]"
             line = (
                 f"  {row['path']:<{width}}  {row['rank']:>4}  {row['alpha']:>7g}  {shape:>13}"
                 f"  {row['dtype']:<5}"

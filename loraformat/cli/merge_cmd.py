@@ -10,7 +10,16 @@ import click
 from .. import sniff
 from ..format.adapter import Adapter
 from ._common import echo_json, from_option, json_option, overwrite_option, progress
-from .export_cmd import EXPORT_DTYPES, echo_verify, quant_from_options, quantization_options
+from .export_cmd import (
+    EXPORT_DTYPES,
+    check_genai,
+    echo_genai,
+    echo_verify,
+    genai_option,
+    quant_from_options,
+    quantization_options,
+    write_genai,
+)
 
 _DTYPES = click.Choice(EXPORT_DTYPES)
 
@@ -37,13 +46,9 @@ def _base_kind(base: str) -> str:
     return BNB4_CHECKPOINT if kind == sniff.CHECKPOINT and is_bnb4(base) else kind
 
 
-def _quantized_architecture(base: str, kind: str) -> str | None:
-    """The architecture a GGUF model (``general.architecture``) or a bitsandbytes checkpoint
-    (its config.json) declares, by installed id; None when no plugin knows it."""
-    if kind == sniff.GGUF_MODEL:
-        from ..merge.gguf import model_architecture
-
-        return model_architecture(base)
+def _bnb_architecture(base: str) -> str | None:
+    """The architecture a bitsandbytes checkpoint's config.json declares, by installed id; None
+    when no plugin knows it."""
     from ..architecture import CheckpointInfo, detect
     from ..checkpoint import Checkpoint
 
@@ -63,22 +68,26 @@ def _open_adapters(ctx: click.Context, param: click.Parameter, values: tuple[str
     base = ctx.params.get("base")
     ctx.meta["base_kind"] = kind = _base_kind(base) if base is not None else None
     onnx = kind == sniff.ONNX_MODEL
-    # Foreign adapters are read through a float checkpoint BASE (names, row order); a quantized
-    # base (GGUF model, bitsandbytes 4-bit) has no such checkpoint to read them through.
-    names_from = None if base is None or onnx or kind in _QUANTIZED else base
-    # ... but it says its architecture, which an adapter that does not say its own takes
-    declared = _quantized_architecture(base, kind) if kind in _QUANTIZED else None
+    # Foreign adapters are read through --base, else through BASE where it says their names and
+    # row order (a float checkpoint, a GGUF model); an ONNX graph or a bitsandbytes 4-bit
+    # checkpoint does not.
+    names_from = ctx.params.get("names_base") or (
+        None if base is None or onnx or kind == BNB4_CHECKPOINT else base
+    )
+    # ... but a bitsandbytes checkpoint says its architecture, which an adapter that does not say
+    # its own takes
+    declared = _bnb_architecture(base) if names_from is None and kind == BNB4_CHECKPOINT else None
     opened = []
     for value in values:
         try:
             adapter = open_adapter(value, base=names_from, from_=ctx.params.get("from_"),
                                    architecture=declared)
-        except NeedsBase as exc:  # say how to give it here: merge has no --base
-            if not onnx:
+        except NeedsBase as exc:  # say why BASE itself could not serve
+            if kind not in (sniff.ONNX_MODEL, BNB4_CHECKPOINT):
                 raise
             raise NeedsBase(
-                exc.path, exc.needs, "an ONNX BASE has no checkpoint to read it through: convert "
-                "it first (loraformat convert ADAPTER -o DIR --base CHECKPOINT)"
+                exc.path, exc.needs, "an ONNX or bitsandbytes 4-bit BASE cannot say its names: "
+                "pass --base CHECKPOINT (the float checkpoint or the .gguf model it came from)"
             ) from None
         ctx.call_on_close(adapter.close)
         opened.append(adapter)
@@ -94,10 +103,15 @@ def _base_is_onnx() -> bool:
     return _given_base_kind() == sniff.ONNX_MODEL
 
 
-def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool) -> None:
-    """Print what ``result`` (every merge/export result gives its own ``to_json()``) says."""
+def _report(
+    kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool, genai: Any = None
+) -> None:
+    """Print what ``result`` (every merge/export result gives its own ``to_json()``) says, and
+    the GenAI folder a --with-past export wrote (``genai``)."""
     given = click.get_current_context().meta.get("adapter_arguments", ())
     data = {"adapters": list(given), **result.to_json()}
+    if genai is not None:
+        data["genai"] = genai.to_json()
     survival = getattr(result, "survival", None)  # quantized merges: what the adapter kept
     if as_json:
         echo_json(data)
@@ -123,6 +137,7 @@ def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool
             click.echo(line)
     if survival is not None and survival.warning():
         click.echo(f"warning: {survival.warning()}", err=True)
+    echo_genai(genai)
 
 
 def _merge_quantized(
@@ -166,6 +181,10 @@ def _merge_quantized(
                    "a .onnx file (ONNX model), or a .gguf file (GGUF base).")
 @click.option("-w", "--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in order (repeat once per adapter; default 1).")
+@click.option("--base", "names_base", type=click.Path(), is_eager=True,
+              help="The model adapters whose format needs one (GGUF, loralib, ...) are read "
+                   "through, as for `convert`: a checkpoint or a .gguf model (default: BASE, "
+                   "unless it is ONNX or bitsandbytes 4-bit).")
 @click.option("--dtype", type=_DTYPES, default=None,
               help="ONNX export: weight and activation dtype (default float32); int4/int8: "
               "dense layers as ONNX Runtime MatMulNBits, the rest float32; bfloat16 runs in "
@@ -195,6 +214,7 @@ def _merge_quantized(
                    "checkpoint, the QLoRA recipe).")
 @from_option
 @quantization_options
+@genai_option
 @overwrite_option
 @json_option
 def merge_command(
@@ -202,9 +222,10 @@ def merge_command(
     opset: int | None, verify: bool, force: bool, allow_nonfinite: bool, unshare: bool,
     overwrite: bool, as_json: bool, with_past: bool = False, optimize: bool = False,
     qtype: str | None = None, requantize: bool = False, from_: str | None = None,
-    block_size: int | None = None, symmetric: bool = False, accuracy_level: int | None = None,
+    names_base: str | None = None, block_size: int | None = None, symmetric: bool = False,
+    accuracy_level: int | None = None,
     quantize_lm_head: bool = False,
-    quantize_embeddings: bool = False,
+    quantize_embeddings: bool = False, no_genai: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
@@ -214,7 +235,8 @@ def merge_command(
     --requantize), told apart by content; quantized merges report how much of the adapter
     survived. Each ADAPTER is in
     any format `convert` reads (loraformat, PEFT, loralib, .onnx_adapter, GGUF, MLX; detected
-    from its content, or --from), read through BASE where the format needs it. OUT decides the
+    from its content, or --from), read through --base where the format needs it (default: BASE,
+    a checkpoint or a GGUF model). OUT decides the
     product: a directory gets a merged checkpoint (same shards and names, config copied), a .onnx
     file an ONNX model with the same graph as the base and merged weights.
     """
@@ -223,6 +245,8 @@ def merge_command(
     )
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
+    if no_genai and not with_past:
+        raise click.UsageError("--no-genai-config applies only with --with-past")
     quantized = _merge_quantized(base, adapters, out, weights, qtype, requantize, force,
                                  allow_nonfinite, overwrite,
                                  bool(dtype or opset or verify or with_past or unshare))
@@ -238,6 +262,7 @@ def merge_command(
         from ..export.decoder import export_decoder
         from ..export.onnx import DEFAULT_OPSET
 
+        check_genai(out, base, overwrite, no_genai)
         with progress("merging") as bar:
             result = export_decoder(
                 base, out, adapters=list(adapters), weights=list(weights),
@@ -245,7 +270,7 @@ def merge_command(
                 verify_output=verify, force=force, allow_nonfinite=allow_nonfinite,
                 overwrite=overwrite, progress=bar, quant=quant,
             )
-        _report("merged", result, adapters, as_json)
+        _report("merged", result, adapters, as_json, write_genai(result.path, base, no_genai))
         return
     if _base_is_onnx():
         from ..merge.onnx_surgery import merge_onnx

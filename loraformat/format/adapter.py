@@ -27,6 +27,7 @@ from .safetensors_io import (
     SafetensorsFile,
     TensorEntry,
     dtype_name,
+    refuse_special_file,
     strict_json,
     write_safetensors,
 )
@@ -49,6 +50,9 @@ class LoraLayer:
 
     ``out_rows`` lists the [start, stop) output rows that B's rows land in (fused layers where only
     some parts are adapted); by default B covers all ``out_features`` rows.
+
+    ``experts`` (format 1.2, spec §4.7): a stack of E independent LoRAs on a stacked expert
+    weight; A is [E, r, in], B is [E, rows, r] and expert e's update is scale·B[e]·A[e].
     """
 
     A: np.ndarray
@@ -60,10 +64,12 @@ class LoraLayer:
     out_rows: list[tuple[int, int]] | None = None
     magnitude: np.ndarray | None = None  # DoRA: per-output-row norm target
     lora_bias: np.ndarray | None = None  # the layer's bias changes by scale·lora_bias
+    experts: int | None = None  # E for a stacked-expert layer (A [E, r, in], B [E, rows, r])
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        """r: per expert for an expert layer (A's second-to-last axis either way)."""
+        return int(self.A.shape[-2])
 
     def rows(self) -> np.ndarray:
         """Indices of the output rows B writes into."""
@@ -85,6 +91,7 @@ class LayerSpec:
     out_rows: tuple[tuple[int, int], ...] | None = None
     dora: bool = False
     lora_bias: bool = False
+    experts: int | None = None
 
     @property
     def b_rows(self) -> int:
@@ -102,6 +109,11 @@ class LayerSpec:
     def max_rank_1_0(self) -> int:
         """spec §9 in format 1.0: rank ≤ min(in_features, b_rows)."""
         return min(self.in_features, self.b_rows)
+
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """The leading axes of every tensor of the layer: ``(E,)`` for experts, else ``()``."""
+        return () if self.experts is None else (self.experts,)
 
 
 @dataclass(frozen=True)
@@ -261,6 +273,8 @@ class Adapter:
                 entry["kind"] = layer.kind
             if layer.out_rows is not None:
                 entry["out_rows"] = [[int(a), int(b)] for a, b in layer.out_rows]
+            if layer.experts is not None:
+                entry["experts"] = int(layer.experts)
             arrays[mf.tensor_key(path, mf.ROLE_A)] = layer.A
             arrays[mf.tensor_key(path, mf.ROLE_B)] = layer.B
             if layer.magnitude is not None:
@@ -330,6 +344,7 @@ class Adapter:
             out_rows=[tuple(r) for r in spec.out_rows] if spec.out_rows else None,
             magnitude=get(mf.tensor_key(path, mf.ROLE_MAGNITUDE)) if spec.dora else None,
             lora_bias=get(mf.tensor_key(path, mf.ROLE_BIAS)) if spec.lora_bias else None,
+            experts=spec.experts,
         )
 
     def layers(self) -> Iterator[tuple[str, LoraLayer]]:
@@ -342,7 +357,8 @@ class Adapter:
         return self.tensors[mf.tensor_key(name, mf.ROLE_REPLACEMENT)]
 
     def delta(self, path: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """ΔW = scale·B·A as a dense ``out_features × in_features`` array (math orientation).
+        """ΔW = scale·B·A as a dense ``out_features × in_features`` array (math orientation);
+        for an expert layer ``[E, out_features, in_features]``, expert e's ΔW at [e].
 
         For a DoRA layer this is the low-rank part only; the merged weight also depends on W
         (see :func:`loraformat.merge.merge_weight`).
@@ -353,17 +369,28 @@ class Adapter:
         low_rank = (layer.B.astype(dtype) * scale) @ layer.A.astype(dtype)
         if spec.out_rows is None:
             return low_rank
-        full = np.zeros((spec.out_features, spec.in_features), dtype=dtype)
-        full[layer.rows()] = low_rank
+        full = np.zeros((*spec.stack, spec.out_features, spec.in_features), dtype=dtype)
+        full[..., layer.rows(), :] = low_rank
         return full
 
     def delta_norm(self, path: str) -> float:
-        """‖ΔW‖_F from the factors alone: sqrt(trace((AAᵀ)(BᵀB)))·|scale|, never dense."""
+        """‖ΔW‖_F from the factors alone: sqrt(trace((AAᵀ)(BᵀB)))·|scale|, never dense. For an
+        expert layer, the norm of the whole stack: sqrt(Σ_e ‖ΔW_e‖²)."""
         layer = self.layer(path)
-        a = layer.A.astype(np.float64)
-        b = layer.B.astype(np.float64)
-        value = float(np.sum((a @ a.T) * (b.T @ b)))
+        if layer.experts is None:
+            a = layer.A.astype(np.float64)
+            b = layer.B.astype(np.float64)
+            value = float(np.sum((a @ a.T) * (b.T @ b)))
+        else:
+            value = float(np.sum(_squared_norms(layer)))
         return abs(self.scale(path)) * math.sqrt(max(value, 0.0))
+
+    def expert_delta_norms(self, path: str) -> np.ndarray:
+        """‖ΔW_e‖_F of every expert of an expert layer (float64, shape [E])."""
+        layer = self.layer(path)
+        if layer.experts is None:
+            raise LoraformatError(self.path, f"layer {path!r} has no experts")
+        return abs(self.scale(path)) * np.sqrt(np.maximum(_squared_norms(layer), 0.0))
 
     def parameter_count(self) -> int:
         return sum(math.prod(self.tensors.shape(name)) for name in self.tensors)
@@ -409,6 +436,15 @@ class Adapter:
         self.close()
 
 
+def _squared_norms(layer: LoraLayer) -> np.ndarray:
+    """‖B[e]·A[e]‖_F² of every expert, from the factors: Σ (A Aᵀ) ∘ (Bᵀ B)."""
+    a = layer.A.astype(np.float64)
+    b = layer.B.astype(np.float64)
+    gram_a = a @ a.transpose(0, 2, 1)
+    gram_b = b.transpose(0, 2, 1) @ b
+    return np.sum(gram_a * gram_b, axis=(1, 2))
+
+
 def dtype_scalar(value: float, dtype: np.dtype | type) -> Any:
     return np.dtype(dtype).type(value)
 
@@ -437,17 +473,23 @@ def is_single_file(path: Path) -> bool:
 
 def lowest_version(manifest: Mapping[str, Any]) -> str:
     """The lowest format version that expresses ``manifest`` (spec §8: writers write it, so a
-    1.0 reader reads every adapter that 1.0 can express). Only 1.1's rank rule for fused layers
-    (§9) needs 1.1."""
+    1.0 reader reads every adapter that 1.0 can express). A layer with ``experts`` needs 1.2;
+    1.1's rank rule for fused layers (§9) needs 1.1."""
     specs, _ = _layer_specs({**manifest, "format_version": mf.FORMAT_VERSION})
+    if any(spec.experts is not None for spec in specs.values()):
+        return "1.2"
     if any(spec.max_rank_1_0 < spec.rank <= spec.max_rank for spec in specs.values()):
-        return mf.FORMAT_VERSION
+        return "1.1"
     return mf.BASE_VERSION
+
+
+_MEMBERS_SINCE = tuple((m, v) for (where, m), v in mf.MEMBER_SINCE.items() if where == "layer")
 
 
 def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], list[str]]:
     specs: dict[str, LayerSpec] = {}
     rule_1_1 = mf.version_at_least(dict(manifest), 1)
+    minor = mf.declared_minor(dict(manifest))
     problems: list[str] = []
     default_rank = manifest.get("rank")
     default_alpha = manifest.get("alpha")
@@ -489,7 +531,19 @@ def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], lis
             out_rows=out_rows,
             dora=bool(entry.get("dora", False)),
             lora_bias=bool(entry.get("lora_bias", False)),
+            experts=entry.get("experts"),
         )
+        for member, since in _MEMBERS_SINCE:
+            if member in entry and minor < since:
+                problems.append(
+                    f"layers/{path}: unknown member {member!r} (format 1.{minor} allows only "
+                    f"the members of spec/FORMAT.md; {member!r} needs format_version 1.{since})"
+                )
+        if spec.experts is not None and (spec.dora or spec.lora_bias or spec.kind != "linear"):
+            problems.append(
+                f"layers/{path}: an expert layer cannot have dora, lora_bias or kind embedding "
+                "(format 1.2)"
+            )
         if spec.dora and spec.out_rows is not None:
             problems.append(f"layers/{path}: dora cannot be combined with out_rows")
         if spec.kind == "embedding" and (spec.dora or spec.lora_bias or spec.out_rows):
@@ -512,7 +566,12 @@ def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], lis
         specs[path] = spec
     for name in manifest.get("replacements", []):
         layer, _, member = name.rpartition(".")
-        if member == "weight" and layer in specs:
+        if name in specs and specs[name].experts is not None:
+            problems.append(
+                f"replacements: {name!r} is the stacked weight of expert layer {name!r}; "
+                "a tensor is either replaced or adapted"
+            )
+        if member == "weight" and layer in specs and specs[layer].experts is None:
             problems.append(
                 f"replacements: {name!r} is the weight of adapted layer "
                 f"{layer!r}; a tensor is either replaced or adapted"
@@ -528,8 +587,8 @@ def _layer_specs(manifest: Mapping[str, Any]) -> tuple[dict[str, LayerSpec], lis
 def _expected_tensors(specs: Mapping[str, LayerSpec], replacements: list[str]):
     """(key, expected shape or None for any) for every tensor the manifest implies."""
     for path, spec in specs.items():
-        yield mf.tensor_key(path, mf.ROLE_A), (spec.rank, spec.in_features)
-        yield mf.tensor_key(path, mf.ROLE_B), (spec.b_rows, spec.rank)
+        yield mf.tensor_key(path, mf.ROLE_A), (*spec.stack, spec.rank, spec.in_features)
+        yield mf.tensor_key(path, mf.ROLE_B), (*spec.stack, spec.b_rows, spec.rank)
         if spec.dora:
             yield mf.tensor_key(path, mf.ROLE_MAGNITUDE), (spec.out_features,)
         if spec.lora_bias:
@@ -543,9 +602,19 @@ def structural_problems(manifest: dict[str, Any], store: TensorStore) -> list[st
     refusal = mf.check_version(manifest)
     if refusal:
         return [refusal]
-    problems = mf.schema_problems(manifest)
-    if problems:
-        return problems
+    problems = mf.schema_problems(manifest) or _tensor_problems(manifest, store)
+    if problems and mf.is_newer_minor(manifest):
+        # §8: what a newer minor version adds is either ignored or refused by an older rule;
+        # the refusal says why the file may still be fine for a newer reader.
+        problems.append(
+            f"format_version: {manifest['format_version']} is newer than this reader "
+            f"({mf.FORMAT_VERSION}); a newer loraformat may read this file"
+        )
+    return problems
+
+
+def _tensor_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
+    """The layer rules and the tensor set, dtypes and shapes of a manifest the schema accepts."""
     specs, problems = _layer_specs(manifest)
     expected = dict(_expected_tensors(specs, list(manifest.get("replacements", []))))
     for key, shape in expected.items():
@@ -564,15 +633,17 @@ def structural_problems(manifest: dict[str, Any], store: TensorStore) -> list[st
     newer_minor = mf.is_newer_minor(manifest)
     for key in store:
         if key not in expected:
-            layer, _, role = key.rpartition(".")
-            if newer_minor and layer in specs and role not in mf.LAYER_ROLES:
+            if newer_minor and mf.is_future_role(key, specs):
                 continue  # §8: a newer minor version's optional tensor role, ignored
             problems.append(f"tensor {key!r}: not declared by the manifest")
     return problems
 
 
 def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
-    """Checks that read tensor bytes: the checksum, and NaN/Inf values."""
+    """Checks that read tensor bytes: the checksum, and NaN/Inf values of the tensors the manifest
+    implies (a newer minor version's ignored roles mean nothing to this reader: §8)."""
+    specs, _ = _layer_specs(manifest)
+    implied = dict(_expected_tensors(specs, list(manifest.get("replacements", []))))
     problems = []
     actual = _store_checksum(store)
     if manifest.get("tensors_sha256") != actual:
@@ -581,7 +652,7 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
             f"(manifest {str(manifest.get('tensors_sha256'))[:12]}…, data {actual[:12]}…)"
         )
     for key in store:
-        if store.dtype(key) in FLOAT_DTYPES:
+        if key in implied and store.dtype(key) in FLOAT_DTYPES:
             # isfinite in the stored dtype: casting F64 to F32 would turn large values into Inf.
             finite = np.isfinite(store[key])
             if not finite.all():
@@ -596,7 +667,9 @@ def content_problems(manifest: dict[str, Any], store: TensorStore) -> list[str]:
 
 
 def refuse_escape(adapter_dir: Path, member: Path) -> None:
-    """An adapter's files must lie inside it: a symbolic link may not lead out of the directory."""
+    """An adapter's files must lie inside it (spec §9): a member that is a symbolic link must
+    resolve, every link on the way followed, to a place inside the adapter directory's own
+    resolved path (a member that is no link is a name in the directory, so inside)."""
     if member.is_symlink():
         target = member.resolve()
         if adapter_dir.resolve() not in target.parents:
@@ -607,13 +680,14 @@ def _open(path: Path) -> tuple[dict[str, Any], SafetensorsFile, Path]:
     """(manifest, open tensor file, the file to name in messages about the manifest)."""
     if path.is_dir():
         manifest_path = path / mf.MANIFEST_FILE
-        if not manifest_path.is_file():
+        if not manifest_path.exists():
             raise LoraformatError(
                 path, f"not a loraformat adapter directory: no {mf.MANIFEST_FILE}"
             )
         tensors_path = path / mf.TENSORS_FILE
         for member in (manifest_path, tensors_path):
             refuse_escape(path, member)
+        refuse_special_file(manifest_path)
         try:
             size = manifest_path.stat().st_size
             if size > mf.MAX_MANIFEST_BYTES:

@@ -15,9 +15,14 @@ from typing import Any
 FORMAT_NAME = "loraformat"
 #: The newest version this reader implements; a writer writes the lowest version that can express
 #: its file (:func:`lowest_version`), so most adapters stay readable by 1.0 readers.
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 BASE_VERSION = "1.0"
-SUPPORTED_MAJOR, SUPPORTED_MINOR = 1, 1
+SUPPORTED_MAJOR, SUPPORTED_MINOR = 1, 2
+#: Largest expert count of a stacked-expert layer (spec §4.7).
+MAX_EXPERTS = 65_536
+#: Members that exist only from a minor version on: (where, member) → minor. A manifest declaring
+#: an older version MUST NOT use them (spec §8 step 3).
+MEMBER_SINCE = {("layer", "experts"): 2}
 #: Largest adapter.json accepted: the same bound as a safetensors header (spec §9).
 MAX_MANIFEST_BYTES = 104_857_600
 
@@ -43,6 +48,21 @@ _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 def tensor_key(path: str, role: str) -> str:
     return f"{path}.{role}"
+
+
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def is_future_role(key: str, layers: Any) -> bool:
+    """spec §8 step 4: ``<layer>.<role>`` with ``<layer>`` a declared layer path and ``<role>``
+    a segment of §3's grammar that is none of §3's roles (``replacement`` included)."""
+    layer, _, role = key.rpartition(".")
+    return (
+        layer in layers
+        and _SEGMENT_RE.fullmatch(role) is not None
+        and role not in LAYER_ROLES
+        and role != ROLE_REPLACEMENT
+    )
 
 
 @functools.cache
@@ -91,8 +111,13 @@ def is_newer_minor(manifest: dict[str, Any]) -> bool:
 
 
 def version_at_least(manifest: dict[str, Any], minor: int) -> bool:
+    return declared_minor(manifest) >= minor
+
+
+def declared_minor(manifest: dict[str, Any]) -> int:
+    """The minor version the manifest declares (0 when it declares none readable)."""
     version = parse_version(manifest.get("format_version")) or (SUPPORTED_MAJOR, 0)
-    return version[1] >= minor
+    return version[1]
 
 
 def check_version(manifest: object) -> str | None:
@@ -133,7 +158,7 @@ _TOP_REQUIRED = ("format", "format_version", "base_model", "scaling", "alpha", "
                  "tensors_sha256")
 _BASE = frozenset({"architecture", "name", "fingerprint"})
 _LAYER = frozenset({"rank", "alpha", "in_features", "out_features", "kind", "out_rows", "dora",
-                    "lora_bias"})
+                    "lora_bias", "experts"})
 
 
 def _is_int(v: object) -> bool:
@@ -172,6 +197,8 @@ def _layer_ok(entry: object, lenient: bool) -> bool:
     if "alpha" in entry and not _is_num(entry["alpha"]):
         return False
     if "kind" in entry and entry["kind"] not in ("linear", "embedding"):
+        return False
+    if "experts" in entry and not _int_in(entry["experts"], 1, MAX_EXPERTS):
         return False
     for flag in ("dora", "lora_bias"):
         if flag in entry and not isinstance(entry[flag], bool):

@@ -14,6 +14,8 @@ import json
 import math
 import mmap
 import os
+import re
+import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -72,12 +74,67 @@ def unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return result
 
 
+#: spec §9 (1.2): JSON nesting (arrays and objects, the outermost counting 1) and the length of
+#: one number token, the same for every reader whatever its parser would take.
+MAX_JSON_DEPTH = 64
+MAX_NUMBER_CHARS = 4096
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_LONG_NUMBER = re.compile(rf"[-+0-9.eE]{{{MAX_NUMBER_CHARS + 1},}}")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def json_limits_problem(text: str) -> str | None:
+    """The first §9 limit ``text`` breaks (nesting depth, number length), checked on the text
+    before parsing, in C-speed passes: strings removed, then brackets counted."""
+    bare = _JSON_STRING.sub('""', text)
+    if _LONG_NUMBER.search(bare):
+        return f"a number is longer than {MAX_NUMBER_CHARS} characters"
+    brackets = np.frombuffer(re.sub(r"[^\[\]{}]", "", bare).encode("ascii"), dtype=np.uint8)
+    if brackets.size:
+        steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+        if int(np.cumsum(steps).max()) > MAX_JSON_DEPTH:
+            return f"nested too deeply (more than {MAX_JSON_DEPTH} levels)"
+    return None
+
+
+def _lone_surrogate(value: object) -> bool:
+    """True when a string anywhere in ``value`` holds a surrogate code point (from a ``\\uD800``
+    escape that no low surrogate follows): such a string has no UTF-8 form (spec §2)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def strict_json(text: str | bytes) -> object:
-    """RFC 8259 JSON, strictly: no NaN/Infinity, no duplicate names; deep nesting → ValueError."""
+    """RFC 8259 JSON, strictly (spec §2, §9): no NaN/Infinity, no duplicate names, no byte order
+    mark, no string without a UTF-8 form (lone surrogate escapes), nesting and number tokens
+    within the limits. Any breach → ValueError naming it."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    if text.startswith("\ufeff"):
+        raise ValueError("starts with a byte order mark (U+FEFF)")
+    limit = json_limits_problem(text)
+    if limit:
+        raise ValueError(limit)
     try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=unique_object)
+        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=unique_object)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(value):
+        raise ValueError("a string holds a lone surrogate escape (\\uD800-\\uDFFF), which has no "
+                         "UTF-8 form")
+    return value
 
 
 def dtype_name(array_dtype: np.dtype) -> str:
@@ -109,6 +166,18 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+def refuse_special_file(path: Path) -> None:
+    """spec §1 (1.2): a FIFO, socket or device is refused before it is opened (opening a FIFO
+    blocks until someone writes to it). A missing path is left to ``open``'s own message."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        what = "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise LoraformatError(path, f"is {what}; an adapter or checkpoint is a regular file")
+
+
 class SafetensorsFile:
     """A memory-mapped safetensors file. Opening reads the header only.
 
@@ -118,6 +187,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        refuse_special_file(self.path)
         try:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the mmap's lifetime
         except FileNotFoundError:

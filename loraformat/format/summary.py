@@ -43,8 +43,13 @@ def summarize(adapter: Adapter, *, norms: bool = True) -> dict[str, Any]:
             row["dora"] = True
         if spec.lora_bias:
             row["lora_bias"] = True
+        if spec.experts is not None:
+            row["experts"] = spec.experts
         if norms:
+            # an expert layer: the norm of the whole stack, sqrt(Σ_e ‖ΔW_e‖²), and each expert's
             row["delta_norm"] = adapter.delta_norm(path)
+            if spec.experts is not None:
+                row["expert_delta_norms"] = adapter.expert_delta_norms(path).tolist()
         layers.append(row)
     ranks = Counter(spec.rank for spec in adapter.specs.values())
     return {
@@ -55,6 +60,7 @@ def summarize(adapter: Adapter, *, norms: bool = True) -> dict[str, Any]:
         "base_fingerprint": adapter.fingerprint,
         "scaling": adapter.scaling,
         "layer_count": len(layers),
+        "expert_layer_count": sum(spec.experts is not None for spec in adapter.specs.values()),
         "ranks": {str(r): n for r, n in sorted(ranks.items())},
         "dtypes": dict(dtypes),
         "parameters": adapter.parameter_count(),

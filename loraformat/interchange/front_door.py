@@ -127,9 +127,9 @@ def check_base_given(path: str | os.PathLike[str], fmt: str, base: Any) -> None:
 def _base_model(base: Any) -> Any:
     if base is None or hasattr(base, "layers"):
         return base
-    from ..base import open_base  # refuses another kind of file saying what it is
+    from ..base import open_adapter_base  # refuses another kind of file saying what it is
 
-    return open_base(base)
+    return open_adapter_base(base)
 
 
 def read_adapter(

@@ -28,8 +28,17 @@ transposes the LoRA product along with HF's Conv1D weights, giving ``lora_a`` ne
 (and, for square layers, applies ΔWᵀ). This module writes A, B in math orientation for every
 layer, which is what the loader checks and computes with.
 
-Writing and reading need the base (``--base``): llama.cpp's names and row order depend on the
-model config.
+Mixture-of-experts layers become llama.cpp's stacked expert LoRA, which ``build_lora_mm_id``
+(``src/llama-graph.cpp``) applies with ``ggml_mul_mat_id`` on each token's selected experts:
+``blk.N.ffn_{gate,up,down}_exps.weight.lora_a`` numpy [E, r, in] (ne [in, r, E]) and ``.lora_b``
+[E, out, r] (ne [r, out, E]); the loader's checks are the 2-D ones on the first two axes and the
+rank is ``lora_b``'s ne[0]. The per-expert layers of Qwen3-MoE and Mixtral are stacked by expert
+(llama.cpp's converter stacks the checkpoint's tensors the same way), a gate_up stack is split
+into gate and up rows as the family's storage says (gpt-oss: interleaved, as the converter's
+``[:, ::2]`` / ``[:, 1::2]``); reading does the inverse (:func:`~.experts.split_expert_tensors`).
+
+Writing and reading need the base (``--base``: the Hugging Face checkpoint or the GGUF model
+itself): llama.cpp's names and row order depend on the model config.
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
+from ..gguf_model import checked_permutation, open_reader, read_field
 from ._common import Context, Names, atomic_path, scaled
+from .experts import collect_stacks, expert_parts, expert_storage, split_expert_tensors
 
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
@@ -61,8 +72,8 @@ def _need_base(ctx: Context, path: Path) -> Any:
     if ctx.base is None:
         raise LoraformatError(
             path,
-            "GGUF conversion needs the base model (--base BASE): llama.cpp's tensor names and "
-            "row order depend on its config",
+            "GGUF conversion needs the base model (--base BASE, a checkpoint or the .gguf "
+            "model): llama.cpp's tensor names and row order depend on its config",
         )
     return ctx.base
 
@@ -81,13 +92,7 @@ def _llama_cpp_architecture(base: Any) -> str:
 
 
 def _permutation(base: Any, path: str, rows: int) -> np.ndarray | None:
-    perm = base.arch.row_permutation(base.info, path, "gguf")
-    if perm is None:
-        return None
-    perm = np.asarray(perm, dtype=np.int64)
-    if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
-        raise LoraformatError(None, f"plugin gave an invalid gguf row permutation for {path}")
-    return perm
+    return checked_permutation(base.arch.row_permutation(base.info, path, "gguf"), rows, path)
 
 
 def _file_alpha(adapter: Adapter) -> tuple[float, dict[str, float]]:
@@ -115,8 +120,10 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     specs = adapter.specs
     dora = [p for p, s in specs.items() if s.dora]
     biased = [p for p, s in specs.items() if s.lora_bias]
-    unnamed = [p for p in specs if names.to_foreign(p) is None]
-    if len(unnamed) == len(specs):
+    stacks, expert_paths = collect_stacks(adapter, expert_storage(adapter.architecture), ctx)
+    unnamed = [p for p in specs if p not in expert_paths and names.to_foreign(p) is None]
+    unnamed += [stack.name for stack in stacks if not (stack.storage and stack.storage.gguf)]
+    if len(unnamed) == len(specs) - len(expert_paths) + len(stacks):
         raise LoraformatError(
             out,
             names.missing("llama.cpp (gguf) tensor names")
@@ -144,8 +151,15 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     arch_name = _llama_cpp_architecture(ctx.base)
     tensors: list[tuple[str, np.ndarray]] = []
     total = len(specs)
+    for stack in stacks:
+        if stack.storage and stack.storage.gguf:
+            fold = scale_of(adapter.scaling, stack.alpha, stack.rank) / (alpha / stack.rank)
+            for name, rows in expert_parts(stack):
+                tensors.append((name + ".lora_a", np.ascontiguousarray(stack.A)))
+                tensors.append((name + ".lora_b", np.ascontiguousarray(
+                    scaled(stack.B[:, rows], fold))))
     for done, (path, layer) in enumerate(adapter.layers(), 1):
-        name = names.to_foreign(path)
+        name = None if path in expert_paths else names.to_foreign(path)
         if name is None:
             continue
         name = name.removesuffix(".weight") + ".weight"
@@ -195,11 +209,6 @@ def _add_tensor(gguf: Any, writer: Any, name: str, array: np.ndarray) -> None:
         writer.add_tensor(name, array.astype(np.float32))
 
 
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def _tensor_array(gguf: Any, tensor: Any) -> np.ndarray:
     import ml_dtypes
 
@@ -217,21 +226,19 @@ def _tensor_array(gguf: Any, tensor: Any) -> np.ndarray:
 def read_gguf(path: Path, ctx: Context) -> Adapter:
     gguf = _gguf()
     base = _need_base(ctx, path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/struct errors for a bad file
-        raise LoraformatError(path, f"not a readable GGUF file ({exc})") from None
-    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
+    reader = open_reader(path)
+    kind = read_field(reader, "general.type"), read_field(reader, "adapter.type")
+    if kind != ("adapter", "lora"):
         raise LoraformatError(path, "not a GGUF LoRA adapter (general.type/adapter.type)")
-    arch_name = _field(reader, "general.architecture")
+    arch_name = read_field(reader, "general.architecture")
     expected = _llama_cpp_architecture(base)
     if arch_name != expected:
         raise LoraformatError(
             path, f"adapter is for llama.cpp architecture {arch_name!r}, the base is {expected!r}"
         )
-    alpha = float(_field(reader, "adapter.lora.alpha") or 0.0)
-    scaling = _field(reader, KV_SCALING)
-    original_alpha = _field(reader, KV_ALPHA)
+    alpha = float(read_field(reader, "adapter.lora.alpha") or 0.0)
+    scaling = read_field(reader, KV_SCALING)
+    original_alpha = read_field(reader, KV_ALPHA)
     names = Names(
         base.architecture, ctx.config, "gguf", identity_fallback=False, present=ctx.present
     )
@@ -251,6 +258,14 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
     for name, pair in sorted(pairs.items()):
         if "a" not in pair or "b" not in pair:
             raise LoraformatError(path, f"{name}: has only one of lora_a and lora_b")
+    stacked = {n: p for n, p in pairs.items() if p["a"].ndim == 3}
+    if stacked:
+        layers.update(split_expert_tensors(
+            stacked, base.layers, expert_storage(base.architecture), alpha or None, path
+        ))
+    for name, pair in sorted(pairs.items()):
+        if name in stacked:
+            continue
         layer_path = names.to_path(name.removesuffix(".weight"))
         dense = base.layers.get(layer_path) if layer_path else None
         if dense is None:

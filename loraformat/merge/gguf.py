@@ -8,9 +8,10 @@ every tensor nothing changes. When every tensor keeps its type the output is the
 changed tensors' bytes replaced at the same offsets; when ``qtype`` changes a tensor's size, the
 tensor-info table and data offsets are laid out again (KV section still verbatim).
 
-A GGUF model has no config.json and llama.cpp's names: :func:`gguf_config` derives the few config
-values the plugins need from the metadata, and :func:`gguf_layers` asks the plugin for the layer
-behind each llama.cpp name. Those two are the only places that talk to the plugins.
+A GGUF model has no config.json and llama.cpp's names: :mod:`loraformat.gguf_model` derives the
+few config values the plugins need from the metadata, picks the plugin written as the file's
+llama.cpp architecture (the adapters' own where several are, as Mistral is written as ``llama``)
+and asks it for the layer behind each llama.cpp name.
 
 The adapter's base fingerprint (of a Hugging Face checkpoint) cannot be compared with a GGUF
 file, so it is not checked; shapes and names are.
@@ -28,10 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import CheckpointInfo, DenseLayer, PluginArchitecture, registry
+from ..architecture import DenseLayer
 from ..atomic import atomic_file, check_output
 from ..errors import LoraformatError
-from ..format.adapter import Adapter
+from ..format.adapter import Adapter, LoraLayer
+from ..gguf_model import (
+    gguf_architecture,
+    gguf_config,
+    gguf_layers,
+    model_architecture,
+    open_reader,
+    read_field,
+)
+from ..interchange.experts import collect_stacks, expert_parts, expert_storage
 from ..quant import ggml
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
 from .plan import MERGED_KEY, TensorOp, open_adapters, plan_merge, read_merged
@@ -66,107 +76,42 @@ class GgufMergeResult:
         return data
 
 
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
-def gguf_config(reader: Any, arch_name: str) -> dict[str, Any]:
-    """The Hugging Face config values the plugins need, from llama.cpp's metadata keys."""
-    config: dict[str, Any] = {"model_type": arch_name}
-    keys = {
-        "num_attention_heads": "attention.head_count",
-        "num_key_value_heads": "attention.head_count_kv",
-        "hidden_size": "embedding_length",
-        "head_dim": "attention.key_length",
-        "num_hidden_layers": "block_count",
-        "intermediate_size": "feed_forward_length",
-        "vocab_size": "vocab_size",
+def expert_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, DenseLayer]:
+    """llama.cpp's stacked expert weights (``blk.N.ffn_*_exps.weight``, numpy [E, out, in]) as
+    expert layers keyed by their tensor name."""
+    return {
+        name: DenseLayer(name, shape[2], shape[1], experts=shape[0])
+        for name, shape in shapes.items()
+        if len(shape) == 3 and name.endswith("_exps.weight")
     }
-    for hf, key in keys.items():
-        value = _field(reader, f"{arch_name}.{key}")
-        if isinstance(value, (int, float)):
-            config[hf] = int(value)
-    return config
 
 
-def gguf_layers(
-    architecture: PluginArchitecture, config: Mapping[str, Any],
-    shapes: Mapping[str, tuple[int, ...]],
-) -> dict[str, tuple[DenseLayer, str, np.ndarray | None]]:
-    """Layer path → (layer, llama.cpp tensor name, row permutation llama.cpp applied or None)
-    for every tensor of ``shapes`` (llama.cpp names, numpy shapes) the plugin names.
-
-    GGUF stores every linear weight as ne [in, out], i.e. (out, in) here, and embedding tables as
-    (vocab, dim), whatever the Hugging Face layout was.
-    """
-    found: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, shape in shapes.items():
-        if not name.endswith(".weight") or len(shape) != 2:
-            continue
-        path = architecture.names.layer_path(name.removesuffix(".weight"), "gguf")
-        if path is not None:
-            found[path] = (name, shape)
-    # The plugin reads shapes in its checkpoint's layout; a linear layer it stores [in, out]
-    # (GPT-2's Conv1D) is [out, in] in GGUF, so ask again with those shapes turned back, so that
-    # fused parts (rows of the output) come out right.
-    shapes_hf = {p + ".weight": s for p, (_, s) in found.items()}
-    for d in architecture.dense_layers(CheckpointInfo(None, config, shapes_hf)):
-        if d.layout == "in_out" and d.kind == "linear":
-            shapes_hf[d.weight] = tuple(reversed(shapes_hf[d.weight]))
-    checkpoint = CheckpointInfo(None, config, shapes_hf)
-    kinds = {d.path: d for d in architecture.dense_layers(checkpoint)}
-    layers = {}
-    for path, (name, shape) in found.items():
-        plugin = kinds.get(path)
-        if plugin is None:
-            continue
-        if plugin.kind == "embedding":
-            dense = DenseLayer(path, shape[0], shape[1], "in_out", "embedding")
-        else:
-            dense = DenseLayer(path, shape[1], shape[0], "out_in", "linear", plugin.parts)
-        perm = architecture.row_permutation(checkpoint, path, "gguf")
-        if perm is not None:
-            perm = np.asarray(perm, dtype=np.int64)
-            if perm.shape != (dense.out_features,) or not np.array_equal(
-                np.sort(perm), np.arange(dense.out_features)
-            ):
-                raise LoraformatError(
-                    None, f"plugin gave an invalid gguf row permutation for {path}"
-                )
-        layers[path] = (dense, name, perm)
-    return layers
-
-
-def gguf_architecture(arch_name: str, where: Path) -> PluginArchitecture:
-    """The installed architecture whose llama.cpp name (``gguf_architecture``) is ``arch_name``:
-    the one with that id when several share it (llama.cpp converts Mistral as ``llama``, with the
-    same names and row order), else the first."""
-    found = [a for a in registry().architectures().values() if a.gguf_architecture == arch_name]
-    if not found:
-        raise LoraformatError(
-            where, f"no installed plugin names the tensors of llama.cpp architecture "
-            f"{arch_name!r}; cannot locate adapted layers",
-        )
-    return next((a for a in found if a.id == arch_name), found[0])
-
-
-def model_architecture(path: str | os.PathLike[str]) -> str:
-    """The installed architecture id of a GGUF model (its ``general.architecture``)."""
-    where = Path(path)
-    name = _field(_open_reader(where), "general.architecture")
-    if not isinstance(name, str):
-        raise LoraformatError(where, "GGUF file has no general.architecture")
-    return gguf_architecture(name, where).id
-
-
-def _open_reader(path: Path) -> Any:
-    import gguf
-
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError/struct errors for a bad file
-        raise LoraformatError(path, f"not a readable GGUF file ({exc})") from None
+def in_llama_cpp_terms(adapter: Adapter) -> Adapter:
+    """``adapter`` with its expert layers as llama.cpp holds them: one expert layer per stacked
+    tensor (``blk.N.ffn_gate_exps.weight`` …), per-expert layers stacked and gate/up split as the
+    family's storage says (the same parts the GGUF adapter writer writes); other layers as
+    they are. Unchanged when it has no expert layers."""
+    stacks, used = collect_stacks(adapter, expert_storage(adapter.architecture))
+    if not stacks:
+        return adapter
+    layers = {p: layer for p, layer in adapter.layers() if p not in used}
+    for stack in stacks:
+        parts = expert_parts(stack)
+        if not parts:
+            raise LoraformatError(
+                adapter.path, f"{stack.name}: the {adapter.architecture!r} plugin gives no "
+                "llama.cpp tensor for this expert parameter",
+            )
+        for name, rows in parts:
+            b = np.ascontiguousarray(stack.B[:, rows])
+            layers[name] = LoraLayer(A=stack.A, B=b, alpha=stack.alpha,
+                                     in_features=stack.A.shape[2], out_features=b.shape[1],
+                                     experts=stack.A.shape[0])
+    replacements = {n: adapter.replacement(n) for n in adapter.replacement_names}
+    converted = Adapter.from_layers(adapter.architecture, layers, scaling=adapter.scaling,
+                                    replacements=replacements or None)
+    converted.path = adapter.path
+    return converted
 
 
 def _read(fd: int, tensor: Any, where: Path) -> np.ndarray:
@@ -290,35 +235,39 @@ def merge_gguf(
     target = check_output(out, overwrite)
     if target.resolve() == base_path.resolve():
         raise LoraformatError(target, "output is the base itself; inputs are never modified")
-    reader = _open_reader(base_path)
-    arch_name = _field(reader, "general.architecture")
-    if not isinstance(arch_name, str):
-        raise LoraformatError(base_path, "GGUF file has no general.architecture")
-    if _field(reader, "general.type") == "adapter":
-        raise LoraformatError(base_path, "is a GGUF adapter, not a model; merge needs a model")
-    architecture = gguf_architecture(arch_name, base_path)
-    config = gguf_config(reader, arch_name)
+    reader = open_reader(base_path)
+    arch_name = model_architecture(reader, base_path)
     by_name = {t.name: t for t in reader.tensors}
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    try:
-        layers = gguf_layers(architecture, config, shapes)
-    except LoraformatError as exc:
-        raise LoraformatError(base_path, f"llama.cpp architecture {arch_name!r}: {exc.message}") \
-            from None
-    if not layers:
-        raise LoraformatError(
-            base_path, f"no installed plugin names the tensors of llama.cpp architecture "
-            f"{arch_name!r}; cannot locate adapted layers",
-        )
     out_type = ggml.qtype(qtype, target) if qtype else None
     with contextlib.ExitStack() as stack:
         opened = open_adapters(stack, adapters)
+        # The plugin the adapters are for, if it is written as the file's llama.cpp architecture
+        # (a Mistral adapter into a GGUF llama.cpp calls "llama").
+        wanted = {a.architecture for a in opened}
+        architecture = gguf_architecture(
+            arch_name, base_path, wanted.pop() if len(wanted) == 1 else None
+        )
+        config = gguf_config(reader, arch_name)
+        try:
+            layers = gguf_layers(architecture, config, shapes)
+        except LoraformatError as exc:
+            raise LoraformatError(
+                base_path, f"llama.cpp architecture {arch_name!r}: {exc.message}"
+            ) from None
+        layers.update({p: (d, p, None) for p, d in expert_layers(shapes).items()})
+        if not layers:
+            raise LoraformatError(
+                base_path, f"no installed plugin names the tensors of llama.cpp architecture "
+                f"{arch_name!r}; cannot locate adapted layers",
+            )
+        opened = [in_llama_cpp_terms(a) for a in opened]
         plan = plan_merge(
             {p: d for p, (d, _, _) in layers.items()},
             {d.weight: d.stored_shape() for d, _, _ in layers.values()},
             opened, architecture=architecture.id, base_path=base_path, weights=weights,
             fingerprint=None, force=force, allow_nonfinite=allow_nonfinite,
-            merged=read_merged(_field(reader, MERGED_KEY), base_path),
+            merged=read_merged(read_field(reader, MERGED_KEY), base_path),
         )
         by_weight = {d.weight: (d, name, perm) for d, name, perm in layers.values()}
         for op in plan.ops.values():
@@ -370,5 +319,4 @@ def merge_gguf(
     )
 
 
-__all__ = ["GgufMergeResult", "gguf_config", "gguf_layers",
-           "merge_gguf", "model_architecture"]
+__all__ = ["GgufMergeResult", "expert_layers", "in_llama_cpp_terms", "merge_gguf"]

@@ -1,0 +1,207 @@
+"""loraformat against real llama.cpp (build 11434, ``tools/build_llama_cpp.py``) on seven decoder
+families: LLaMA, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3.
+
+For each tiny checkpoint and a PEFT adapter on every projection, llama.cpp's own converters write
+the GGUF base, the GGUF of PEFT's merged model (``merge_and_unload``) and the GGUF LoRA
+(``convert_lora_to_gguf.py``); all conversions run in one process, once per session. Then:
+
+- loraformat's GGUF LoRA (``convert PEFT -o x.gguf --base CHECKPOINT``) has the converter's ΔW;
+- llama.cpp with that LoRA at run time, and with loraformat's merge (``merge base.gguf PEFT``),
+  gives the logits llama.cpp gives for PEFT's merged model;
+- that merged file equals ``llama-export-lora``'s, also from llama.cpp's own GGUF LoRA (a
+  llama.cpp-only user: ``merge base.gguf lora.gguf``) and into a Q8_0 base;
+- a GGUF LoRA read through the GGUF base (``convert lora.gguf --base base.gguf``) is PEFT's ΔW.
+
+llama.cpp runs with an F32 KV cache here, so runtime LoRA and merged weights agree to float
+rounding (with its default f16 cache they differ by ~1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import real_llama_cpp
+import tiny_families
+import tiny_models
+from cli_harness import run_cli
+
+real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]  # one fixture, one worker
+FAMILIES = ("llama", *tiny_families.FAMILIES)
+IDS = np.random.default_rng(0).integers(3, tiny_families.VOCAB, 9)  # crosses the 4-token windows
+
+
+def _checkpoint(family: str, out):
+    if family == "llama":
+        return tiny_models.llama(out)
+    return tiny_families.BUILDERS[family](out)
+
+
+@pytest.fixture(scope="session")
+def made(tmp_path_factory):
+    """family → its files: ``hf`` base, ``peft`` adapter, llama.cpp's ``base.gguf``,
+    ``merged_ref.gguf`` (PEFT's merge) and ``lora_ref.gguf``; plus ``q8`` (LLaMA base as Q8_0)."""
+    from peft import PeftModel
+
+    root = tmp_path_factory.mktemp("llama_cpp")
+    made, jobs = {}, []
+    for family in FAMILIES:
+        d = root / family
+        hf = _checkpoint(family, d / "hf")
+        peft = tiny_families.peft_adapter(hf, family, d / "peft")
+        merged = PeftModel.from_pretrained(tiny_families.load_transformers(hf), peft)
+        merged.merge_and_unload().save_pretrained(d / "merged")
+        for model in (hf, d / "merged"):  # llama.cpp's Gemma converters count the vocabulary
+            (model / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {
+                f"t{i}": i for i in range(tiny_families.VOCAB)}}, "added_tokens": []}))
+        files = {"hf": hf, "peft": peft, "base": d / "base.gguf", "ref": d / "merged_ref.gguf",
+                 "lora": d / "lora_ref.gguf"}
+        jobs += [
+            ("convert_hf_to_gguf.py", [str(hf), "--outfile", str(files["base"]), "--outtype",
+                                       "f32"]),
+            ("convert_hf_to_gguf.py", [str(d / "merged"), "--outfile", str(files["ref"]),
+                                       "--outtype", "f32"]),
+            ("convert_lora_to_gguf.py", [str(peft), "--base", str(hf), "--outfile",
+                                         str(files["lora"]), "--outtype", "f32"]),
+        ]
+        made[family] = files
+    made["q8"] = root / "llama" / "base_q8.gguf"
+    jobs.append(("convert_hf_to_gguf.py", [str(made["llama"]["hf"]), "--outfile",
+                                           str(made["q8"]), "--outtype", "q8_0"]))
+    real_llama_cpp.convert(jobs)
+    return made
+
+
+def _tensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file as float32 (dequantized), numpy shape."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: dequantize(np.asarray(t.data), t.tensor_type).reshape(
+        [int(d) for d in reversed(t.shape.tolist())]).astype(np.float32) for t in reader.tensors}
+
+
+def _deltas(path) -> dict[str, np.ndarray]:
+    """A GGUF LoRA's ΔW per llama.cpp weight name: alpha/rank · B·A, as llama.cpp applies it."""
+    import gguf
+
+    alpha = float(gguf.GGUFReader(str(path)).fields["adapter.lora.alpha"].contents())
+    tensors = _tensors(path)
+    out = {}
+    for name in tensors:
+        if name.endswith(".lora_a"):
+            stem = name.removesuffix(".lora_a")
+            a, b = tensors[name], tensors[stem + ".lora_b"]
+            out[stem] = alpha / a.shape[0] * (b @ a)
+    return out
+
+
+def _merged(tmp_path, base, adapter, *args) -> object:
+    out = tmp_path / "merged.gguf"
+    result = run_cli("merge", base, adapter, "-o", out, *args)
+    assert result.code == 0, result.err
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_lora_has_llama_cpp_converters_delta(made, family, tmp_path):
+    files = made[family]
+    ours = tmp_path / "ours.gguf"
+    result = run_cli("convert", files["peft"], "-o", ours, "--base", files["hf"])
+    assert result.code == 0, result.err
+    expected, got = _deltas(files["lora"]), _deltas(ours)
+    assert sorted(got) == sorted(expected)
+    for name, delta in expected.items():
+        np.testing.assert_allclose(got[name], delta, atol=1e-6, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_lora_and_merge_give_peft_merges_logits(made, family, tmp_path):
+    """Mistral's GGUF says ``llama``, Gemma 3's PEFT adapter does not say its model: both merge
+    through the GGUF base alone."""
+    files = made[family]
+    expected = real_llama_cpp.logits(files["ref"], IDS)
+    plain = real_llama_cpp.logits(files["base"], IDS)
+    assert np.abs(expected - plain).max() > 0.05  # the adapter changes the logits
+    ours = tmp_path / "ours.gguf"
+    assert run_cli("convert", files["peft"], "-o", ours, "--base", files["hf"]).code == 0
+    np.testing.assert_allclose(real_llama_cpp.logits(files["base"], IDS, ours), expected,
+                               atol=1e-4, rtol=0)
+    merged = _merged(tmp_path, files["base"], files["peft"])
+    np.testing.assert_allclose(real_llama_cpp.logits(merged, IDS), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("adapter", ["peft", "lora"])
+def test_merged_file_equals_llama_export_lora(made, family, adapter, tmp_path):
+    """``merge base.gguf ADAPTER`` with PEFT's adapter, and with llama.cpp's own GGUF LoRA (a
+    llama.cpp-only user, no checkpoint anywhere), writes export-lora's tensors."""
+    files = made[family]
+    exported = _tensors(real_llama_cpp.export_lora(files["base"], files["lora"],
+                                                   tmp_path / "export.gguf"))
+    merged = _tensors(_merged(tmp_path, files["base"], files[adapter]))
+    assert sorted(merged) == sorted(exported)
+    for name, tensor in exported.items():
+        np.testing.assert_allclose(merged[name], tensor, atol=2e-6, rtol=0, err_msg=name)
+
+
+def test_q8_0_base_merge_equals_llama_export_lora(made, tmp_path):
+    """Into a Q8_0 base: export-lora writes merged tensors as F16; ``--type F16`` writes the same,
+    and the default (Q8_0 kept) is within one Q8_0 step of it, with llama.cpp's logits."""
+    files = made["llama"]
+    exported = _tensors(real_llama_cpp.export_lora(made["q8"], files["lora"],
+                                                   tmp_path / "export.gguf"))
+    as_f16 = _tensors(_merged(tmp_path, made["q8"], files["peft"], "--type", "F16"))
+    (tmp_path / "merged.gguf").unlink()
+    as_q8 = _merged(tmp_path, made["q8"], files["peft"])
+    q8 = _tensors(as_q8)
+    for name, tensor in exported.items():
+        np.testing.assert_allclose(as_f16[name], tensor, rtol=1e-3, atol=1e-6, err_msg=name)
+        step = np.abs(tensor).max() / 127
+        np.testing.assert_allclose(q8[name], tensor, atol=step, rtol=0, err_msg=name)
+    expected = real_llama_cpp.logits(files["ref"], IDS)
+    np.testing.assert_allclose(real_llama_cpp.logits(as_q8, IDS), expected, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "phi3"])
+def test_gguf_lora_read_through_gguf_base_is_peft_delta(made, family, tmp_path):
+    """``convert lora.gguf --base base.gguf -o peft/``: Hugging Face names and row order from the
+    GGUF base alone; ΔW equals the original PEFT adapter's (read here with numpy)."""
+    from safetensors.numpy import load_file
+
+    files = made[family]
+    result = run_cli("convert", files["lora"], "--base", files["base"], "-o", tmp_path / "p",
+                     "--to", "peft")
+    assert result.code == 0, result.err
+
+    def deltas(directory) -> dict[str, np.ndarray]:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(directory / "adapter_model.safetensors")
+        scale = config["lora_alpha"] / config["r"]
+        return {k.split("base_model.model.")[-1].removesuffix(".lora_A.weight"):
+                scale * tensors[k.replace("lora_A", "lora_B")] @ tensors[k]
+                for k in tensors if k.endswith("lora_A.weight")}
+
+    got, expected = deltas(tmp_path / "p"), deltas(files["peft"])
+    assert sorted(got) == sorted(expected)
+    for name, delta in expected.items():
+        np.testing.assert_allclose(got[name], delta, atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_merge_base_option_reads_adapter_through_gguf_model(made, tmp_path):
+    """``merge`` has ``--base`` as ``convert`` does: a GGUF LoRA merged into a checkpoint, read
+    through the GGUF model, equals the PEFT adapter's merge."""
+    files = made["qwen3"]
+    out = tmp_path / "m"
+    result = run_cli("merge", files["hf"], files["lora"], "--base", files["base"], "-o", out)
+    assert result.code == 0, result.err
+    from safetensors.numpy import load_file
+
+    reference = load_file(files["hf"].parent / "merged" / "model.safetensors")  # PEFT's merge
+    ours = load_file(out / "model.safetensors")
+    assert sorted(ours) == sorted(reference)
+    for name, tensor in reference.items():
+        np.testing.assert_allclose(ours[name], tensor, atol=1e-6, rtol=0, err_msg=name)
