@@ -37,6 +37,18 @@ class BaseModel:
         """The architecture id adapters for this base carry."""
         return str(self.arch.id)
 
+    def read_as(self, architecture: str) -> BaseModel | None:
+        """This base file read through plugin ``architecture`` instead, where the file is equally
+        that architecture's (llama.cpp writes Mistral as ``llama``, OLMo 3 as ``olmo2``: one GGUF
+        model, several plugins); None where it is not."""
+        if architecture == self.architecture or not hasattr(self.checkpoint, "arch_name"):
+            return None
+        from .gguf_model import open_gguf, written_as
+
+        if architecture not in written_as(self.checkpoint.arch_name):
+            return None
+        return BaseModel(*open_gguf(self.path, architecture))
+
     @property
     def required_architecture(self) -> str | None:
         """The architecture an adapter must be for; ``None`` when the checkpoint does not say
