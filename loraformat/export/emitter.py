@@ -83,6 +83,9 @@ def unsupported(spec: Any, config: Mapping[str, Any]) -> str | None:
     if changed:
         return (f"the decoder description sets {', '.join(changed)}, which the emitter does "
                 "not write")
+    if spec.head_dim % 16:
+        # ONNX Runtime's CPU GroupQueryAttention refuses other head sizes at run time
+        return f"head size {spec.head_dim} is not a multiple of 16 (GroupQueryAttention)"
     for key, rope in spec.ropes.items():
         changed = _changed_fields(rope, KNOWN_ROPE_FIELDS)
         if changed:
@@ -97,9 +100,6 @@ def unsupported(spec: Any, config: Mapping[str, Any]) -> str | None:
         return "bidirectional attention"
     if len(spec.windows) != spec.n_layer or len(spec.rope_of) != spec.n_layer:
         return "per-layer windows or ropes do not cover every layer"
-    if spec.head_dim % 16:
-        # ONNX Runtime's CPU GroupQueryAttention refuses other head sizes at run time
-        return f"head size {spec.head_dim} is not a multiple of 16 (GroupQueryAttention)"
     if spec.n_head % spec.n_kv:
         return f"{spec.n_head} query heads are not a multiple of {spec.n_kv} KV heads"
     return None
