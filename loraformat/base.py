@@ -76,7 +76,10 @@ class BaseModel:
         :meth:`GenericArchitecture.fit` (an embedding table, a Conv1D weight)."""
         layer = self.layers[path]
         if self.generic:
-            return GenericArchitecture.fit(layer, kind, in_features, out_features)
+            try:
+                return GenericArchitecture.fit(layer, kind, in_features, out_features)
+            except LoraformatError as exc:
+                raise LoraformatError(self.path, exc.message) from None
         return layer
 
     def layers_for(self, specs: Mapping[str, Any]) -> dict[str, DenseLayer]:

@@ -2,7 +2,7 @@
 finds plugins and dispatches to their architectures, the generic architecture for checkpoints no
 plugin recognises, and the data they exchange (:mod:`.layers`)."""
 
-from .layers import DenseLayer, ExportModel, ExportOptions, FusedPart
+from .layers import DenseLayer, ExpertStorage, ExportModel, ExportOptions, FusedPart
 from .names import SAME, NameTable
 from .protocol import (
     PLUGIN_API_VERSION,
@@ -32,6 +32,7 @@ __all__ = [
     "ArchitectureBase",
     "CheckpointInfo",
     "DenseLayer",
+    "ExpertStorage",
     "ExportModel",
     "ExportOptions",
     "FusedPart",

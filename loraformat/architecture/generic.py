@@ -2,7 +2,8 @@
 
 A merge is arithmetic on named tensors: it needs the weight an adapter layer changes and the
 layout it is stored in, nothing else. So every 2-D ``<path>.weight`` of such a checkpoint is a
-dense layer at ``<path>``, read as ``nn.Linear`` ([out, in]); :meth:`GenericArchitecture.fit`
+dense layer at ``<path>``, read as ``nn.Linear`` ([out, in]), and every other 3-D tensor a stack of
+expert weights at its own name; :meth:`GenericArchitecture.fit`
 re-reads it for an adapter layer that says otherwise (an embedding table, or a Conv1D weight
 stored [in, out]), going by the adapter layer's kind and shape. PEFT's module names equal the
 checkpoint's layer paths for such models, so no name table is needed for PEFT.
@@ -21,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..errors import LoraformatError
 from .layers import DenseLayer, ExportModel, ExportOptions
 from .names import NameTable
 from .protocol import ArchitectureBase, CheckpointInfo
@@ -65,6 +67,13 @@ class GenericArchitecture(ArchitectureBase):
             path = name.removesuffix(".weight")
             bias = path + ".bias" if path + ".bias" in shapes else None
             layers.append(DenseLayer(path, int(shape[1]), int(shape[0]), bias=bias))
+        for name, shape in shapes.items():
+            # A 3-D tensor may be a stack of expert weights (PEFT's target_parameters adapts
+            # transformers' ``mlp.experts.gate_up_proj``); its orientation is decided by
+            # :meth:`fit` from the adapter layer, read [E, out, in] until then.
+            if len(shape) == 3 and not name.endswith(".bias"):
+                layers.append(DenseLayer(name, int(shape[2]), int(shape[1]),
+                                         experts=int(shape[0])))
         return layers
 
     @staticmethod
@@ -75,6 +84,8 @@ class GenericArchitecture(ArchitectureBase):
         features only fit the transposed weight is a Conv1D (PEFT's ``fan_in_fan_out``). A
         square linear weight is read as [out, in], as ``nn.Linear`` stores it.
         """
+        if layer.experts is not None:
+            return GenericArchitecture.fit_experts(layer, in_features, out_features)
         rows, cols = layer.stored_shape()
         if kind == "embedding":
             return DenseLayer(layer.path, rows, cols, layout="in_out", kind="embedding")
@@ -82,6 +93,25 @@ class GenericArchitecture(ArchitectureBase):
             rows, cols
         ):
             return DenseLayer(layer.path, rows, cols, layout="in_out", bias=layer.bias)
+        return layer
+
+    @staticmethod
+    def fit_experts(layer: DenseLayer, in_features: int, out_features: int) -> DenseLayer:
+        """A stack [E, a, b] as an expert adapter layer in→out sees it: [E, out, in] or [E, in,
+        out], whichever the features fit; refused when both fit (in = out) — which axis is the
+        input only the model's code knows (PEFT reads it from ``is_transposed``)."""
+        _, rows, cols = layer.stored_shape()
+        if (rows, cols) == (out_features, in_features) and (rows, cols) == (
+            in_features, out_features
+        ):
+            raise LoraformatError(
+                None,
+                f"{layer.weight} is [{layer.experts}, {rows}, {cols}]: with input and output both "
+                f"{rows}, which axis is the input cannot be told from the shapes, and no plugin "
+                "states it; refusing to guess (an architecture plugin says, see spec/PLUGINS.md)",
+            )
+        if (rows, cols) == (in_features, out_features):
+            return DenseLayer(layer.path, rows, cols, layout="in_out", experts=layer.experts)
         return layer
 
     def missing_plugin(self, checkpoint: CheckpointInfo, what: str) -> Exception:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import LoraformatError
-from .layers import DenseLayer, ExportModel, ExportOptions
+from .layers import DenseLayer, ExpertStorage, ExportModel, ExportOptions
 from .names import NameTable
 
 #: The major version of the plugin contract this loraformat speaks. A plugin declares the version
@@ -154,6 +154,10 @@ class Architecture(Protocol):
     # Optional (the core asks only where it is defined; ArchitectureBase answers None):
     # def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
     #     """How the export module repeats its layers; None: the exporter traces every layer."""
+    # expert_storage: tuple[ExpertStorage, ...]
+    #     """How checkpoints store the stacked expert parameters PEFT's target_parameters adapt."""
+    # peft_weight_parameters: tuple[str, ...]
+    #     """Layers PEFT adapts through target_parameters (``<path>.weight``), not as modules."""
 
 
 class ArchitectureBase:
@@ -170,6 +174,13 @@ class ArchitectureBase:
     ort_model_type: ClassVar[str | None] = None
     #: PEFT's default ``target_modules`` for this family.
     targets: ClassVar[tuple[str, ...]] = ()
+    #: Mixture-of-experts families: how the checkpoint stores each stacked expert parameter of a
+    #: block, in the order the experts module registers them (see :class:`ExpertStorage`).
+    expert_storage: ClassVar[tuple[ExpertStorage, ...]] = ()
+    #: Block-relative paths of layers PEFT can adapt only through ``target_parameters``
+    #: (``<path>.weight``) because transformers' module there is no ``nn.Linear`` (gpt-oss's
+    #: router ``mlp.router``).
+    peft_weight_parameters: ClassVar[tuple[str, ...]] = ()
 
     def detect(self, checkpoint: CheckpointInfo) -> bool:
         raise NotImplementedError

@@ -24,7 +24,7 @@ import pluggy
 
 from ..errors import LoraformatError
 from . import hookspecs
-from .layers import DenseLayer, ExportModel, ExportOptions
+from .layers import DenseLayer, ExpertStorage, ExportModel, ExportOptions
 from .names import NameTable
 from .protocol import (
     PLUGIN_API_VERSION,
@@ -85,6 +85,12 @@ class PluginArchitecture:
         self.names: NameTable = impl.names
         self.gguf_architecture: str | None = impl.gguf_architecture
         self.ort_model_type: str | None = impl.ort_model_type
+        self.expert_storage: tuple[ExpertStorage, ...] = tuple(
+            getattr(impl, "expert_storage", ())
+        )
+        self.peft_weight_parameters: tuple[str, ...] = tuple(
+            getattr(impl, "peft_weight_parameters", ())
+        )
         self.generic = False
 
     @property

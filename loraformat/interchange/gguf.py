@@ -28,6 +28,15 @@ transposes the LoRA product along with HF's Conv1D weights, giving ``lora_a`` ne
 (and, for square layers, applies ΔWᵀ). This module writes A, B in math orientation for every
 layer, which is what the loader checks and computes with.
 
+Mixture-of-experts layers become llama.cpp's stacked expert LoRA, which ``build_lora_mm_id``
+(``src/llama-graph.cpp``) applies with ``ggml_mul_mat_id`` on each token's selected experts:
+``blk.N.ffn_{gate,up,down}_exps.weight.lora_a`` numpy [E, r, in] (ne [in, r, E]) and ``.lora_b``
+[E, out, r] (ne [r, out, E]); the loader's checks are the 2-D ones on the first two axes and the
+rank is ``lora_b``'s ne[0]. The per-expert layers of Qwen3-MoE and Mixtral are stacked by expert
+(llama.cpp's converter stacks the checkpoint's tensors the same way), a gate_up stack is split
+into gate and up rows as the family's storage says (gpt-oss: interleaved, as the converter's
+``[:, ::2]`` / ``[:, 1::2]``). Writing only: reading such tensors back is refused.
+
 Writing and reading need the base (``--base``): llama.cpp's names and row order depend on the
 model config.
 """
@@ -35,6 +44,7 @@ model config.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,6 +54,7 @@ import numpy as np
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
 from ._common import Context, Names, atomic_path, scaled
+from .experts import Stack, collect_stacks, expert_storage
 
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
@@ -115,8 +126,10 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     specs = adapter.specs
     dora = [p for p, s in specs.items() if s.dora]
     biased = [p for p, s in specs.items() if s.lora_bias]
-    unnamed = [p for p in specs if names.to_foreign(p) is None]
-    if len(unnamed) == len(specs):
+    stacks, expert_paths = collect_stacks(adapter, expert_storage(adapter.architecture), ctx)
+    unnamed = [p for p in specs if p not in expert_paths and names.to_foreign(p) is None]
+    unnamed += [stack.name for stack in stacks if not (stack.storage and stack.storage.gguf)]
+    if len(unnamed) == len(specs) - len(expert_paths) + len(stacks):
         raise LoraformatError(
             out,
             names.missing("llama.cpp (gguf) tensor names")
@@ -144,8 +157,15 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     arch_name = _llama_cpp_architecture(ctx.base)
     tensors: list[tuple[str, np.ndarray]] = []
     total = len(specs)
+    for stack in stacks:
+        if stack.storage and stack.storage.gguf:
+            fold = scale_of(adapter.scaling, stack.alpha, stack.rank) / (alpha / stack.rank)
+            for name, rows in _expert_parts(stack):
+                tensors.append((name + ".lora_a", np.ascontiguousarray(stack.A)))
+                tensors.append((name + ".lora_b", np.ascontiguousarray(
+                    scaled(stack.B[:, rows], fold))))
     for done, (path, layer) in enumerate(adapter.layers(), 1):
-        name = names.to_foreign(path)
+        name = None if path in expert_paths else names.to_foreign(path)
         if name is None:
             continue
         name = name.removesuffix(".weight") + ".weight"
@@ -182,6 +202,27 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
         writer.write_tensors_to_file()
         writer.close()
     ctx.report.layers = len(tensors) // 2
+
+
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _expert_parts(stack: Stack) -> list[tuple[str, Any]]:
+    """llama.cpp's tensor name and the rows of B (a slice) for each part of an expert stack, as
+    the family's storage gives them (``[]`` when it gives no llama.cpp names)."""
+    storage = stack.storage
+    if storage is None or not storage.gguf:
+        return []
+    block = _BLOCK.search(stack.name)
+    if block is None:
+        raise LoraformatError(None, f"{stack.name}: no block index for llama.cpp's name")
+    parts = len(storage.gguf)
+    rows = stack.B.shape[1] // parts
+    return [
+        (f"blk.{block[1]}.{name}.weight",
+         slice(i, None, parts) if storage.interleaved else slice(i * rows, (i + 1) * rows))
+        for i, name in enumerate(storage.gguf)
+    ]
 
 
 def _add_tensor(gguf: Any, writer: Any, name: str, array: np.ndarray) -> None:

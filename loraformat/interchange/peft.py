@@ -48,6 +48,16 @@ from ._common import (
     refuse_escape,
     torch_load_weights_only,
 )
+from .experts import collect_stacks, expert_storage
+from .peft_experts import (
+    expert_layers,
+    nesting_orders,
+    peft_factors,
+    take_wrappers,
+    unwrap,
+    weight_parameter,
+    wrapper_keys,
+)
 
 NAME = "peft"
 CONFIG_FILE = "adapter_config.json"
@@ -116,7 +126,6 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise LoraformatError(config_path, f"{key} must be a number, got {config.get(key)!r}")
     for key, what in (
         ("layer_replication", "layer_replication (duplicated layers)"),
-        ("target_parameters", "LoRA on bare parameters (target_parameters)"),
         ("trainable_token_indices", "trainable tokens (trainable_token_indices)"),
         ("use_qalora", "QA-LoRA"),
     ):
@@ -233,14 +242,34 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
             "aLoRA invocation tokens: the adapter acts only after them, loraformat applies it "
             "to every token (--lossy drops the invocation sequence)"
         )
-    arch = _resolve_architecture(path, config, sorted(grouped), ctx, architecture)
+    arch = _resolve_architecture(
+        path, config, sorted({unwrap(m)[0] for m in grouped}), ctx, architecture
+    )
     names = Names(arch, ctx.config, "peft", identity_fallback=True, present=ctx.present)
     scaling = "alpha/sqrt(r)" if config.get("use_rslora") else "alpha/r"
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
     base_layers = ctx.base.layers if ctx.base is not None else None
 
+    def resolved(patterns: dict[str, Any], name: str, default: Any) -> Any:
+        return patterns.get(get_pattern_key(list(patterns), name), default)
+
     layers: dict[str, LoraLayer] = {}
+    storages = expert_storage(arch)
+    base_shapes = ctx.base.checkpoint.shapes() if ctx.base is not None else {}
+    all_wrapped = take_wrappers(
+        grouped, list(config.get("target_parameters") or ()), storages,
+        lambda name: base_shapes.get(names.to_path(name) or name), weights_path,
+    )
+    for wrapped in all_wrapped:
+        produced = expert_layers(
+            wrapped, int(resolved(rank_pattern, wrapped.name, config["r"])),
+            float(resolved(alpha_pattern, wrapped.name, config["lora_alpha"])),
+            storages, names, weights_path,
+        )
+        for layer_path, layer in produced.items():
+            _check_expert_layer(ctx, wrapped.name, layer_path, layer, weights_path)
+        layers.update(produced)
     module_of: dict[str, str] = {}  # layer path → PEFT module name
     total = len(grouped)
     for done, (module, parts) in enumerate(sorted(grouped.items()), 1):
@@ -325,6 +354,8 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
             if config.get(k) is not None
         },
     }
+    if nesting_orders(all_wrapped):
+        provenance["peft_config"]["parameter_nesting"] = nesting_orders(all_wrapped)
     base_name = config.get("base_model_name_or_path")
     return Adapter.from_layers(
         arch,
@@ -335,6 +366,30 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
         fingerprint=ctx.base.checkpoint.fingerprint() if ctx.base is not None else None,
         provenance=provenance,
     )
+
+
+def _check_expert_layer(
+    ctx: Context, name: str, layer_path: str, layer: LoraLayer, where: Path
+) -> None:
+    """An expert layer made from PEFT parameter ``name`` against the base (when given)."""
+    if ctx.base is None:
+        return
+    if layer_path not in ctx.base.layers:
+        raise LoraformatError(
+            where, f"PEFT parameter {name!r}: the base {ctx.base.path} has no layer "
+            f"{layer_path!r} to hold it",
+        )
+    dense = ctx.base.layer_as(layer_path, "linear", layer.in_features, layer.out_features)
+    experts = layer.experts
+    if (dense.in_features, dense.out_features, dense.experts) != (
+        layer.in_features, layer.out_features, experts
+    ):
+        raise LoraformatError(
+            where, f"PEFT parameter {name!r}: LoRA maps {layer.in_features}→"
+            f"{layer.out_features}" + (f" for {experts} experts" if experts else "")
+            + f", but base layer {layer_path} is {dense.in_features}→{dense.out_features}"
+            + (f" for {dense.experts} experts" if dense.experts else ""),
+        )
 
 
 def _replacements(
@@ -464,13 +519,32 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
     use_dora = any_dora and all(dora.values())
     fan_in_fan_out = False
     total = len(adapter.specs)
+    storages = expert_storage(adapter.architecture)
+    stacks, expert_paths = collect_stacks(adapter, storages, ctx)
+    stems = wrapper_keys(
+        stacks, storages, out,
+        adapter.manifest.get("provenance", {}).get("peft_config", {}).get("parameter_nesting", ()),
+    )
+    for stack in stacks:
+        a, b = peft_factors(stack)
+        tensors[PREFIX + stems[stack.name] + ".lora_A.weight"] = a
+        tensors[PREFIX + stems[stack.name] + ".lora_B.weight"] = b
+        ranks[stack.name] = stack.rank
+        alphas[stack.name] = stack.alpha
     for done, (path, layer) in enumerate(adapter.layers(), 1):
+        if path in expert_paths:
+            continue
         module = names.to_foreign(path)
         if module is None:
             raise LoraformatError(out, f"layer {path!r} has no PEFT module name")
-        targets.append(module)
-        ranks[module] = layer.rank
-        alphas[module] = layer.alpha
+        if weight_parameter(adapter.architecture, module):
+            stems[module + ".weight"] = module  # same keys; named in target_parameters
+            ranks[module + ".weight"] = layer.rank
+            alphas[module + ".weight"] = layer.alpha
+        else:
+            targets.append(module)
+            ranks[module] = layer.rank
+            alphas[module] = layer.alpha
         key = PREFIX + module
         b = layer.B
         if layer.out_rows is not None:
@@ -539,7 +613,8 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
         "use_rslora": adapter.scaling == "alpha/sqrt(r)",
         "use_dora": use_dora,
         "lora_bias": any_bias,
-        "target_modules": sorted(targets),
+        "target_modules": sorted(targets) if targets or not stems else None,
+        "target_parameters": sorted(stems) or None,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "all" if needs_bias_all else ("lora_only" if needs_bias_lora_only else "none"),
         "modules_to_save": sorted(modules_to_save) or None,
@@ -551,7 +626,7 @@ def _write(adapter: Adapter, out: Path, ctx: Context) -> None:
     }
     if provenance.get("auto_mapping"):
         config["auto_mapping"] = provenance["auto_mapping"]
-    ctx.report.layers = len(targets)
+    ctx.report.layers = len(targets) + len(stems)
     with atomic_dir(out) as tmp:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(

@@ -183,6 +183,15 @@ def plan_merge(
                     where, f"layer {path!r} is a {spec.kind} layer in the adapter but a "
                     f"{dense.kind} layer in the base",
                 )
+            if spec.experts != dense.experts:
+                stored = list(tensor_shapes.get(dense.weight, ()))
+                raise LoraformatError(
+                    where, f"layer {path!r} is "
+                    + (f"a stack of {spec.experts} experts" if spec.experts else "one weight")
+                    + " in the adapter but "
+                    + (f"a stack of {dense.experts} experts" if dense.experts else "one weight")
+                    + f" in the base ({dense.weight} is {stored})",
+                )
             if (spec.in_features, spec.out_features) != (dense.in_features, dense.out_features):
                 raise LoraformatError(
                     where, f"shape mismatch at layer {path!r}: adapter is {spec.in_features}→"

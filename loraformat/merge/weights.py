@@ -7,7 +7,8 @@ Everything here is numpy on arrays already in memory; reading and writing checkp
 Orientation: an adapter is in math orientation (A is r×in, B is rows×r, ΔW = scale·B·A is
 out×in). A base weight stored ``out_in`` (nn.Linear) takes ΔW as is; one stored ``in_out``
 (GPT-2 Conv1D, embedding tables) takes ΔWᵀ = scale·Aᵀ·Bᵀ, which is computed directly so no dense
-out×in temporary is ever transposed.
+out×in temporary is ever transposed. A stack of expert weights [E, …] (an adapter layer with
+``experts``) takes each expert's update in its own slice, in the same layout.
 
 Precision: the sum is accumulated in float32 (float64 for a float64 base) and cast back to the
 base dtype once, at the end, so several adapters round once, not once each.
@@ -162,7 +163,12 @@ def merge_weight(
                 acc += before
         else:
             b_scaled = np.asarray(layer.B).astype(acc_dtype) * acc_dtype.type(item.factor)
-            add_low_rank(acc, layout, a, b_scaled, layer.out_rows, source=pending)
+            if layer.experts is None:
+                add_low_rank(acc, layout, a, b_scaled, layer.out_rows, source=pending)
+            else:  # a stack [E, …]: each expert's weight takes its own B[e]·A[e]
+                for e in range(layer.experts):
+                    add_low_rank(acc[e], layout, a[e], b_scaled[e], layer.out_rows,
+                                 source=None if pending is None else pending[e])
             pending = None
     if pending is not None:
         np.copyto(acc, pending)

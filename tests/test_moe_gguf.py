@@ -1,0 +1,88 @@
+"""Expert LoRA for llama.cpp (issue 24): loraformat's GGUF adapter applied the way llama.cpp's
+``build_lora_mm_id`` computes (per selected expert e: W[e]·x + alpha/r·B[e]·(A[e]·x)) to the base
+converted by llama.cpp's own ``convert_hf_to_gguf.py`` gives the tensors that converter writes for
+PEFT's merged model — every adapted tensor, attention (with Mixtral's q/k row permutation), router
+and the stacked ``ffn_{gate,up,down}_exps`` (gpt-oss's gate/up de-interleaved).
+
+Skipped unless ``LORAFORMAT_LLAMA_CPP_SRC`` names a llama.cpp source tree (its converter and
+gguf-py; nothing is built). Running llama.cpp itself on these adapters is left to the llama.cpp
+harness (issue 26).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_harness import run_cli
+from tiny_moe import FAMILIES, checkpoint, peft_adapter
+
+SRC = os.environ.get("LORAFORMAT_LLAMA_CPP_SRC")
+if not SRC or not (Path(SRC) / "convert_hf_to_gguf.py").is_file():
+    pytest.skip("LORAFORMAT_LLAMA_CPP_SRC (a llama.cpp source tree) not given",
+                allow_module_level=True)
+pytestmark = pytest.mark.slow
+
+# The tiny checkpoints have no tokenizer: the converter writes "no_vocab" instead.
+CONVERT = """
+import sys
+sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
+import conversion.base, conversion.gpt_oss, conversion.llama, conversion.qwen
+def no_vocab(self):
+    self.gguf_writer.add_tokenizer_model("no_vocab")
+    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
+for module in (conversion.base, conversion.gpt_oss, conversion.llama, conversion.qwen):
+    for value in vars(module).values():
+        if isinstance(value, type) and "set_vocab" in vars(value):
+            value.set_vocab = no_vocab
+import convert_hf_to_gguf
+sys.argv = ["convert", sys.argv[1], "--outfile", sys.argv[2], "--outtype", "f32"]
+convert_hf_to_gguf.main()
+"""
+
+
+def convert(checkpoint_dir: Path, out: Path) -> dict[str, np.ndarray]:
+    subprocess.run([sys.executable, "-c", CONVERT.format(src=SRC), str(checkpoint_dir), str(out)],
+                   check=True, capture_output=True)
+    return {t.name: np.array(t.data) for t in _reader(out).tensors}
+
+
+def _reader(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_expert_lora_gives_peft_merge(family, tmp_path):
+    base = checkpoint(family, tmp_path / "base")
+    adapter, peft_model = peft_adapter(family, base, tmp_path / "peft")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    (tmp_path / "merged" / "config.json").write_text((base / "config.json").read_text())
+    before = convert(base, tmp_path / "base.gguf")
+    after = convert(tmp_path / "merged", tmp_path / "merged.gguf")
+
+    result = run_cli("convert", adapter, "-o", tmp_path / "lora.gguf", "--base", base)
+    assert result.code == 0, result.err
+    reader = _reader(tmp_path / "lora.gguf")
+    architecture = "general.architecture"
+    assert reader.fields[architecture].contents() == \
+        _reader(tmp_path / "base.gguf").fields[architecture].contents()
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    lora = {t.name: np.array(t.data) for t in reader.tensors}
+    targets = sorted({name.rsplit(".", 1)[0] for name in lora})
+    changed = sorted(n for n in before if not np.array_equal(before[n], after[n]))
+    assert targets == changed  # exactly the tensors PEFT's merge changes, nothing else
+    assert any("_exps" in n for n in targets)
+    for name in targets:
+        a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+        assert a.shape[:-2] == b.shape[:-2] == before[name].shape[:-2]  # experts first
+        assert (a.shape[-1], b.shape[-2]) == (before[name].shape[-1], before[name].shape[-2])
+        rank = b.shape[-1]  # llama.cpp: lw->b->ne[0]
+        merged = before[name] + alpha / rank * np.matmul(b, a)
+        scale = float(np.abs(after[name]).max())
+        np.testing.assert_allclose(merged, after[name], rtol=0, atol=1e-5 * scale, err_msg=name)
