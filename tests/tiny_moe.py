@@ -24,37 +24,33 @@ COMMON = dict(
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def model(family: str, seed: int = 0) -> Any:
-    """A fresh ``*ForCausalLM`` of ``family`` (eval mode)."""
+def model(family: str, seed: int = 0, **sizes: Any) -> Any:
+    """A fresh ``*ForCausalLM`` of ``family`` (eval mode); ``sizes`` override config values
+    (``COMMON``'s and the family's)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     if family == "qwen3_moe":
-        config = tf.Qwen3MoeConfig(
+        own, make = dict(
             intermediate_size=64, moe_intermediate_size=24, num_experts=EXPERTS,
             num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
-            **COMMON,
-        )
-        m = tf.Qwen3MoeForCausalLM(config)
+        ), (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM)
     elif family == "qwen2_moe":
-        config = tf.Qwen2MoeConfig(
+        own, make = dict(
             intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
             num_experts=EXPERTS, num_experts_per_tok=2, decoder_sparse_step=1,
-            mlp_only_layers=[], **COMMON,
-        )
-        m = tf.Qwen2MoeForCausalLM(config)
+            mlp_only_layers=[],
+        ), (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM)
     elif family == "mixtral":
-        config = tf.MixtralConfig(
-            intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2, **COMMON
-        )
-        m = tf.MixtralForCausalLM(config)
+        own, make = dict(
+            intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2,
+        ), (tf.MixtralConfig, tf.MixtralForCausalLM)
     else:
-        config = tf.GptOssConfig(
+        own, make = dict(
             intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2, head_dim=16,
             sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            **COMMON,
-        )
-        m = tf.GptOssForCausalLM(config)
+        ), (tf.GptOssConfig, tf.GptOssForCausalLM)
+    m = make[1](make[0](**{**own, **COMMON, **sizes}))
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -63,9 +59,9 @@ def model(family: str, seed: int = 0) -> Any:
     return m.eval()
 
 
-def checkpoint(family: str, out: Path, seed: int = 0) -> Path:
+def checkpoint(family: str, out: Path, seed: int = 0, **sizes: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    model(family, seed).save_pretrained(out)
+    model(family, seed, **sizes).save_pretrained(out)
     return out
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import Checkpoint
+from ..errors import LoraformatError
 from ..merge.plan import MergePlan
 from .layout import WeightSource, packed_rows, plus_one
 from .quantize import MS_DOMAIN, QuantOptions, dense_parts
@@ -45,6 +46,7 @@ KNOWN_FIELDS = frozenset({
     "family", "n_layer", "n_head", "n_kv", "head_dim", "eps", "ropes", "rope_of", "windows",
     "activation", "fused_qkv", "fused_gate_up", "qk_norm", "gemma_norm", "sandwich_norm",
     "embed_scale", "attn_scale", "attn_softcap", "final_softcap",
+    "moe", "attn_sinks",  # mixture-of-experts decoders (plugins/_moe.py's MoeDecoderSpec)
 })
 #: Rope fields written into the cos/sin caches.
 KNOWN_ROPE_FIELDS = frozenset({"inv_freq", "dim", "scaling", "long_inv_freq", "threshold"})
@@ -257,19 +259,8 @@ def emit_decoder(
         if quant is not None and quantize:
             bits, block = quant.bits, quant.block_size
             k_blocks = -(-k // block)
-            shared: dict[str, np.ndarray] = {}
-            left = [0]
-
-            def part(suffix: str) -> np.ndarray:
-                if not shared:
-                    shared.update(dense_parts(rows(), "out_in", quant, np.dtype(np.float32)))
-                    left[0] = len(shared)
-                value = shared[suffix]
-                left[0] -= 1
-                if left[0] == 0:
-                    shared.clear()
-                return value
-
+            part = _parts_once(lambda: dense_parts(rows(), "out_in", quant,
+                                                   np.dtype(np.float32)))
             base = path + ".MatMul.weight"
             inputs = [
                 b.lazy(base + f"_Q{bits}", [n, k_blocks, block * bits // 8], ir.DataType.UINT8,
@@ -350,6 +341,25 @@ def emit_decoder(
                                    outputs=4, domain=MS_DOMAIN, epsilon=spec.eps)
         return out
 
+    def gated_mlp(h: Any, mlp: str) -> Any:
+        """The gated MLP under ``mlp`` (a block's, or Qwen2-MoE's shared expert)."""
+        gate_parts = [mlp + "gate_up_proj"] if spec.fused_gate_up else [
+            mlp + "gate_proj", mlp + "up_proj"]
+        inner = sum(int(checkpoint.info(p + ".weight").shape[0]) for p in gate_parts) // 2
+        gate_up = dense(h, mlp + "gate_up_proj", packed(gate_parts, ".weight"), 2 * inner, d,
+                        packed(gate_parts, ".bias"))
+        gate, up = b.op("Split", [gate_up, b.ints(inner, inner)], outputs=2, axis=-1)
+        act = ACTIVATIONS[str(spec.activation)]
+        if act == "silu":
+            gate = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+        elif act == "gelu_tanh":
+            gate = b.op("FastGelu", [gate], domain=MS_DOMAIN)
+        else:
+            gate = b.op("Gelu", [gate], domain=MS_DOMAIN)
+        return dense(b.op("Mul", [gate, up]), mlp + "down_proj",
+                     packed([mlp + "down_proj"], ".weight"), d, inner,
+                     packed([mlp + "down_proj"], ".bias"))
+
     def plain_norm(x: Any, path: str) -> Any:
         return b.op("SimplifiedLayerNormalization", [x, norm_weight(path)], axis=-1,
                     epsilon=spec.eps, stash_type=1)
@@ -376,9 +386,14 @@ def emit_decoder(
         window = spec.windows[i]
         outputs = ["", f"present.{i}.key", f"present.{i}.value"]
         outputs[0] = f"/layers.{i}/attn/GroupQueryAttention/output_0"
+        # gpt-oss's per-head sinks: GroupQueryAttention's head_sink (after attention_bias)
+        sinks_name = attn + "sinks"
+        sinks = [None, float_weight(sinks_name, [n_head], lambda name=sinks_name: source.read(
+            name))] if getattr(spec, "attn_sinks", False) else []
         attended, present_k, present_v = b.op(
             "GroupQueryAttention",
-            [*qkv_inputs, pasts[2 * i], pasts[2 * i + 1], seqlens, total, cos, sin, position_ids],
+            [*qkv_inputs, pasts[2 * i], pasts[2 * i + 1], seqlens, total, cos, sin, position_ids,
+             *sinks],
             outputs=outputs, domain=MS_DOMAIN, num_heads=n_head, kv_num_heads=n_kv,
             scale=float(scale), softcap=float(spec.attn_softcap or 0.0),
             local_window_size=int(window) if window is not None else -1,
@@ -393,22 +408,17 @@ def emit_decoder(
             h = add_norm(attended, block + "pre_feedforward_layernorm")
         else:
             h = add_norm(attended, block + "post_attention_layernorm")
-        gate_parts = [mlp + "gate_up_proj"] if spec.fused_gate_up else [
-            mlp + "gate_proj", mlp + "up_proj"]
-        inner = sum(int(checkpoint.info(p + ".weight").shape[0]) for p in gate_parts) // 2
-        gate_up = dense(h, mlp + "gate_up_proj", packed(gate_parts, ".weight"), 2 * inner, d,
-                        packed(gate_parts, ".bias"))
-        gate, up = b.op("Split", [gate_up, b.ints(inner, inner)], outputs=2, axis=-1)
-        act = ACTIVATIONS[str(spec.activation)]
-        if act == "silu":
-            gate = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
-        elif act == "gelu_tanh":
-            gate = b.op("FastGelu", [gate], domain=MS_DOMAIN)
+        moe = getattr(spec, "moe", None)
+        if moe is not None and moe.routed[i]:
+            out = _moe_block(b, h, block, moe, source, options, d, dense, float_weight)
+            if moe.shared_expert is not None:
+                shared = gated_mlp(h, block + moe.shared_expert + ".")
+                gate = dense(h, block + moe.shared_gate, packed([block + moe.shared_gate],
+                             ".weight"), 1, d, packed([block + moe.shared_gate], ".bias"),
+                             quantize=False)
+                out = b.op("Add", [out, b.op("Mul", [b.op("Sigmoid", [gate]), shared])])
         else:
-            gate = b.op("Gelu", [gate], domain=MS_DOMAIN)
-        out = dense(b.op("Mul", [gate, up]), mlp + "down_proj",
-                    packed([mlp + "down_proj"], ".weight"), d, inner,
-                    packed([mlp + "down_proj"], ".bias"))
+            out = gated_mlp(h, mlp)
         if spec.sandwich_norm:
             out = plain_norm(out, block + "post_feedforward_layernorm")
         pending = out
@@ -449,6 +459,141 @@ def emit_decoder(
         opset_imports={"": options.opset, MS_DOMAIN: 1}, name=f"{spec.family} decoder",
     )
     return ir.Model(graph, ir_version=10, producer_name="loraformat")
+
+
+def _parts_once(compute: Callable[[], dict[str, np.ndarray]]) -> Callable[[str], np.ndarray]:
+    """``part(suffix)`` for initializers computed together (a weight's quantized parts): the
+    first call computes them all, the last of them frees them, so each lazy initializer of the
+    group is written without quantizing the weight again or keeping it afterwards."""
+    shared: dict[str, np.ndarray] = {}
+    left = [0]
+
+    def part(suffix: str) -> np.ndarray:
+        if not shared:
+            shared.update(compute())
+            left[0] = len(shared)
+        value = shared[suffix]
+        left[0] -= 1
+        if left[0] == 0:
+            shared.clear()
+        return value
+
+    return part
+
+
+def _interleave(rows: np.ndarray) -> np.ndarray:
+    """[gate; up] concatenated along axis 0 → rows interleaved g0, u0, g1, u1, … (the fused
+    SwiGLU layout ``swiglu_fusion=1`` reads)."""
+    half = rows.shape[0] // 2
+    return np.stack([rows[:half], rows[half:]], axis=1).reshape(rows.shape)
+
+
+def _expert_rows(source: WeightSource, block: str, storage: Any, experts: int,
+                 suffix: str, fused: bool) -> np.ndarray | None:
+    """One stacked expert weight (``suffix`` ".weight") or bias ("_bias") merged, as ONNX
+    Runtime's MoE reads it: [E, out, in] (biases [E, out]), fused gate/up rows interleaved.
+    Per-expert checkpoints are read one expert tensor at a time; None: no such bias."""
+    if storage.per_expert:
+        names = [[block + t.format(e=e) + suffix.replace("_bias", ".bias")
+                  for t in storage.per_expert] for e in range(experts)]
+        if not source.has(names[0][0]):
+            return None
+        stack = np.stack([packed_rows(source, row) for row in names])
+        interleaved = False
+    else:
+        name = block + storage.parameter + ("_bias" if suffix == "_bias" else "")
+        if not source.has(name):
+            return None
+        stack = source.read(name)
+        if stack.ndim == 3 and storage.layout == "in_out":
+            stack = np.ascontiguousarray(stack.transpose(0, 2, 1))
+        interleaved = storage.interleaved
+    if fused and not interleaved:  # [gate; up] rows
+        stack = np.stack([_interleave(e) for e in stack])
+    return stack
+
+
+def _moe_block(b: _Builder, h: Any, block: str, moe: Any, source: WeightSource,
+               options: EmitOptions, d: int, dense: Callable[..., Any],
+               float_weight: Callable[..., Any]) -> Any:
+    """The routed MLP of one block: the router's logits (float, never quantized: a rounded
+    logit can change the chosen experts) and ONNX Runtime's ``MoE`` (float experts) or ``QMoE``
+    (int4/int8 blockwise, MatMulNBits' encoding per expert) with the SwiGLU fused (gate/up rows
+    interleaved, ``swiglu_fusion=1``), as ONNX Runtime GenAI's builder writes them."""
+    ir = b.ir
+    experts, quant = moe.experts, options.quant
+    router = block + moe.router
+    logits = dense(h, router, lambda: source.read(router + ".weight"), experts, d,
+                   (lambda: source.read(router + ".bias")) if source.has(router + ".bias")
+                   else None, quantize=False)
+    probs = b.op("Reshape", [logits, b.ints(-1, experts)])
+    fc_inputs: list[Any] = []
+    zero_points: list[Any] = []
+    for storage, fused in ((moe.gate_up, True), (moe.down, False)):
+        base = block + storage.parameter
+        rows_of = source.checkpoint.info
+        if storage.per_expert:
+            shapes = [rows_of(block + t.format(e=0) + ".weight").shape for t in storage.per_expert]
+            n, k = sum(int(s[0]) for s in shapes), int(shapes[0][1])
+        else:
+            _, a, c = (int(x) for x in rows_of(base).shape)
+            n, k = (c, a) if storage.layout == "in_out" else (a, c)
+
+        def weights(storage: Any = storage, fused: bool = fused) -> np.ndarray:
+            stack = _expert_rows(source, block, storage, experts, ".weight", fused)
+            assert stack is not None
+            return stack
+
+        has_bias = _expert_rows_exist(source, block, storage)
+        bias = float_weight(base + ".bias", [experts, n], lambda storage=storage, fused=fused: (
+            _expert_rows(source, block, storage, experts, "_bias", fused))) if has_bias else None
+        if quant is None:
+            fc_inputs += [float_weight(base + ".weight", [experts, n, k], weights), bias]
+            continue
+        assert quant is not None
+        bits, size = quant.bits, quant.block_size
+        if k % size:
+            raise LoraformatError(source.checkpoint.path, (
+                f"{base}: QMoE quantizes in blocks of {size} along the input, which {k} "
+                "features do not fill (choose --block-size dividing the hidden and expert "
+                "sizes)"))
+        blocks = k // size
+        def stacked_parts(weights: Callable[[], np.ndarray] = weights) -> dict[str, np.ndarray]:
+            # each expert quantized as MatMulNBits quantizes [N, K], the results stacked
+            per = [dense_parts(w, "out_in", quant, np.dtype(np.float32)) for w in weights()]
+            return {key: np.stack([p[key] for p in per]) for key in per[0]}
+
+        part = _parts_once(stacked_parts)
+
+        packed_q = b.lazy(base + f".qweight_Q{bits}", [experts, n, k * bits // 8],
+                          ir.DataType.UINT8,
+                          lambda part=part, n=n, q=f"_Q{bits}": part(q).reshape(experts, n, -1))
+        scales = b.lazy(base + ".scales", [experts, n, blocks], ir.DataType.FLOAT,
+                        lambda part=part: part("_scales"))
+        fc_inputs += [packed_q, scales, bias]
+        if not quant.symmetric:
+            zero_points.append(b.lazy(
+                base + ".zero_points", [experts, n, -(-blocks * bits // 8)], ir.DataType.UINT8,
+                lambda part=part: part("_zero_points")))
+    activation = dict(
+        k=moe.top_k, normalize_routing_weights=int(moe.normalize), activation_type="swiglu",
+        swiglu_fusion=1, activation_alpha=float(moe.alpha), activation_beta=float(moe.beta),
+        swiglu_limit=None if moe.limit is None else float(moe.limit),
+    )
+    if quant is None:
+        return b.op("MoE", [h, probs, *fc_inputs], domain=MS_DOMAIN, **activation)
+    # QMoE: fc3 (weight, scales, bias) absent, then fc1/fc2 zero points
+    inputs = [h, probs, *fc_inputs, None, None, None, *zero_points]
+    return b.op("QMoE", inputs, domain=MS_DOMAIN, expert_weight_bits=quant.bits,
+                block_size=quant.block_size, accuracy_level=quant.accuracy_level or None,
+                **activation)
+
+
+def _expert_rows_exist(source: WeightSource, block: str, storage: Any) -> bool:
+    """Whether the expert stack ``storage`` has biases (gpt-oss)."""
+    if storage.per_expert:
+        return source.has(block + storage.per_expert[0].format(e=0) + ".bias")
+    return source.has(block + storage.parameter + "_bias")
 
 
 def _head_norm(b: _Builder, x: Any, weight: Any, hd: int, size: int, eps: float) -> Any:
