@@ -166,22 +166,23 @@ def cosine(a, b) -> float:
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_int4_cosine_at_least_onnxruntime_quantizer(family_setup, family):
-    """int4 (block 16) against fp32 transformers: at least the cosine of ONNX Runtime's
-    MatMulNBitsQuantizer run on the emitted fp32 graph (same packed weights), within 1e-3. The
-    heads are quantized alike: LLaMA's MatMul head by both, Gemma 2's tied head (a Gemm on the
-    embedding table, which ORT's quantizer leaves float) by neither."""
+    """int4 (block 16, its defaults otherwise) against fp32 transformers: at least the cosine
+    of ONNX Runtime's MatMulNBitsQuantizer run on the emitted fp32 graph (same packed weights),
+    within 1e-3. The heads are quantized alike: LLaMA's MatMul head by both (the emitter's
+    default), Gemma 2's tied head (a Gemm on the embedding table, which ORT's quantizer leaves
+    float) by neither (--float-lm-head)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     root, base, _ = family_setup(family)
     fp32, int4 = root / "f32.onnx", root / "int4.onnx"
     assert run_cli("export", base, "-o", fp32, "--with-past", "--overwrite").code == 0
-    head = ["--quantize-lm-head"] if family == "llama" else []
+    head = [] if family == "llama" else ["--float-lm-head"]
     run = run_cli("export", base, "-o", int4, "--with-past", "--dtype", "int4", "--block-size",
                   "16", *head, "--verify", "--json", "--overwrite")
     assert run.code == 0, run.err
     assert json.loads(run.out)["graph"] == "emitted"
     ops = [n.op_type for n in onnx.load(int4).graph.node]
-    assert ops.count("MatMulNBits") == 2 * 4 + len(head)
+    assert ops.count("MatMulNBits") == 2 * 4 + (not head)
 
     quantizer = MatMulNBitsQuantizer(onnx.load(fp32), block_size=16, is_symmetric=False,
                                      accuracy_level=4)

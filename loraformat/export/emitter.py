@@ -37,7 +37,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..errors import LoraformatError
 from ..merge.plan import MergePlan
-from .layout import WeightSource, packed_rows, plus_one
+from .layout import WeightSource, packed_rows, packed_transposed, plus_one
 from .quantize import MS_DOMAIN, QuantOptions, dense_parts
 
 #: DecoderSpec fields this emitter writes. Any other field (a family added later) must hold its
@@ -233,7 +233,7 @@ def emit_decoder(
     vocab, d = (int(x) for x in checkpoint.info(embed_name).shape)
 
     def cast(array: np.ndarray) -> np.ndarray:
-        return np.asarray(array, np.float32).astype(float_np)
+        return np.asarray(array, float_np)  # no copy when it is already float_np
 
     def float_weight(name: str, shape: Sequence[int], compute: Callable[[], np.ndarray]) -> Any:
         return b.lazy(name, shape, float_type, lambda: cast(compute()))
@@ -246,20 +246,27 @@ def emit_decoder(
         return float_weight(name, [dim], lambda: source.read(name))
 
     def packed(paths: Sequence[str], suffix: str) -> Callable[[], np.ndarray] | None:
-        """The tensors ``path + suffix`` packed along their rows, read when called; None when
-        the checkpoint has none (a missing bias)."""
+        """The biases ``path + suffix`` packed along their rows, read when called; None when
+        the checkpoint has none."""
         names = [p + suffix for p in paths]
         if not source.has(names[0]):
             return None
         return lambda: packed_rows(source, names)
 
-    def dense(x: Any, path: str, rows: Callable[[], np.ndarray], n: int, k: int,
-              bias: Callable[[], np.ndarray] | None, quantize: bool = True) -> Any:
-        """x · Wᵀ (+ bias) for W [n, k] as ``rows()`` gives it."""
+    def dense(x: Any, path: str, parts: Sequence[str], bias: Callable[[], np.ndarray] | None,
+              quantize: bool = True) -> Any:
+        """x · Wᵀ (+ bias), W the weights of the layers ``parts`` packed along their rows."""
+        names = [p + ".weight" for p in parts]
+        n = sum(int(checkpoint.info(m).shape[0]) for m in names)
+        k = int(checkpoint.info(names[0]).shape[1])
+
+        def weight_t() -> np.ndarray:  # [k, n]
+            return packed_transposed(source, names)
+
         if quant is not None and quantize:
             bits, block = quant.bits, quant.block_size
             k_blocks = -(-k // block)
-            part = _parts_once(lambda: dense_parts(rows(), "out_in", quant,
+            part = _parts_once(lambda: dense_parts(weight_t(), "in_out", quant,
                                                    np.dtype(np.float32)))
             base = path + ".MatMul.weight"
             inputs = [
@@ -274,8 +281,7 @@ def emit_decoder(
             y = b.op("MatMulNBits", [x, *inputs], domain=MS_DOMAIN, K=k, N=n, bits=bits,
                      block_size=block, accuracy_level=quant.accuracy_level or None)
         else:
-            w = float_weight(path + ".MatMul.weight", [k, n], lambda: source.transposed(rows()))
-            y = b.op("MatMul", [x, w])
+            y = b.op("MatMul", [x, float_weight(path + ".MatMul.weight", [k, n], weight_t)])
         if bias is not None:
             y = b.op("Add", [y, float_weight(path + ".bias", [n], bias)])
         return y
@@ -346,8 +352,7 @@ def emit_decoder(
         gate_parts = [mlp + "gate_up_proj"] if spec.fused_gate_up else [
             mlp + "gate_proj", mlp + "up_proj"]
         inner = sum(int(checkpoint.info(p + ".weight").shape[0]) for p in gate_parts) // 2
-        gate_up = dense(h, mlp + "gate_up_proj", packed(gate_parts, ".weight"), 2 * inner, d,
-                        packed(gate_parts, ".bias"))
+        gate_up = dense(h, mlp + "gate_up_proj", gate_parts, packed(gate_parts, ".bias"))
         gate, up = b.op("Split", [gate_up, b.ints(inner, inner)], outputs=2, axis=-1)
         act = ACTIVATIONS[str(spec.activation)]
         if act == "silu":
@@ -356,8 +361,7 @@ def emit_decoder(
             gate = b.op("FastGelu", [gate], domain=MS_DOMAIN)
         else:
             gate = b.op("Gelu", [gate], domain=MS_DOMAIN)
-        return dense(b.op("Mul", [gate, up]), mlp + "down_proj",
-                     packed([mlp + "down_proj"], ".weight"), d, inner,
+        return dense(b.op("Mul", [gate, up]), mlp + "down_proj", [mlp + "down_proj"],
                      packed([mlp + "down_proj"], ".bias"))
 
     def plain_norm(x: Any, path: str) -> Any:
@@ -373,8 +377,7 @@ def emit_decoder(
             parts = [attn + "qkv_proj"]
         else:
             parts = [attn + "q_proj", attn + "k_proj", attn + "v_proj"]
-        qkv = dense(h, attn + "qkv_proj", packed(parts, ".weight"), q_size + 2 * kv_size, d,
-                    packed(parts, ".bias"))
+        qkv = dense(h, attn + "qkv_proj", parts, packed(parts, ".bias"))
         if spec.qk_norm:
             q, k, v = b.op("Split", [qkv, b.ints(q_size, kv_size, kv_size)], outputs=3, axis=-1)
             q = _head_norm(b, q, norm_weight(attn + "q_norm"), hd, q_size, spec.eps)
@@ -400,8 +403,8 @@ def emit_decoder(
             do_rotary=1, rotary_interleaved=0,
         )
         presents += [present_k, present_v]
-        attended = dense(attended, attn + "o_proj", packed([attn + "o_proj"], ".weight"), d,
-                         q_size, packed([attn + "o_proj"], ".bias"))
+        attended = dense(attended, attn + "o_proj", [attn + "o_proj"],
+                         packed([attn + "o_proj"], ".bias"))
         # MLP
         if spec.sandwich_norm:
             attended = plain_norm(attended, block + "post_attention_layernorm")
@@ -410,12 +413,11 @@ def emit_decoder(
             h = add_norm(attended, block + "post_attention_layernorm")
         moe = getattr(spec, "moe", None)
         if moe is not None and moe.routed[i]:
-            out = _moe_block(b, h, block, moe, source, options, d, dense, float_weight)
+            out = _moe_block(b, h, block, moe, source, options, dense, float_weight)
             if moe.shared_expert is not None:
                 shared = gated_mlp(h, block + moe.shared_expert + ".")
-                gate = dense(h, block + moe.shared_gate, packed([block + moe.shared_gate],
-                             ".weight"), 1, d, packed([block + moe.shared_gate], ".bias"),
-                             quantize=False)
+                gate = dense(h, block + moe.shared_gate, [block + moe.shared_gate],
+                             packed([block + moe.shared_gate], ".bias"), quantize=False)
                 out = b.op("Add", [out, b.op("Mul", [b.op("Sigmoid", [gate]), shared])])
         else:
             out = gated_mlp(h, mlp)
@@ -426,7 +428,7 @@ def emit_decoder(
     # -- final norm and head --
     h = add_norm(pending, prefix + "norm")
     tied = not source.has("lm_head.weight")
-    head_quant = quant is not None and quant.lm_head
+    head_quant = quant is not None and quant.lm_head is not False  # None: quantized
     head_name = embed_name if tied else "lm_head.weight"
     head_bias = packed(["lm_head"], ".bias")
     if tied and not head_quant:
@@ -438,8 +440,8 @@ def emit_decoder(
         shape = b.op("Concat", [b.op("Shape", [input_ids]), b.ints(vocab)], axis=0)
         logits = b.op("Reshape", [logits, shape])
     else:
-        logits = dense(h, "lm_head", packed([head_name.removesuffix(".weight")], ".weight"),
-                       vocab, d, head_bias, quantize=head_quant)
+        logits = dense(h, "lm_head", [head_name.removesuffix(".weight")], head_bias,
+                       quantize=head_quant)
     if spec.final_softcap is not None:
         cap = b.scalar(float(spec.final_softcap))
         logits = b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap])]), cap])
@@ -514,7 +516,7 @@ def _expert_rows(source: WeightSource, block: str, storage: Any, experts: int,
 
 
 def _moe_block(b: _Builder, h: Any, block: str, moe: Any, source: WeightSource,
-               options: EmitOptions, d: int, dense: Callable[..., Any],
+               options: EmitOptions, dense: Callable[..., Any],
                float_weight: Callable[..., Any]) -> Any:
     """The routed MLP of one block: the router's logits (float, never quantized: a rounded
     logit can change the chosen experts) and ONNX Runtime's ``MoE`` (float experts) or ``QMoE``
@@ -523,7 +525,7 @@ def _moe_block(b: _Builder, h: Any, block: str, moe: Any, source: WeightSource,
     ir = b.ir
     experts, quant = moe.experts, options.quant
     router = block + moe.router
-    logits = dense(h, router, lambda: source.read(router + ".weight"), experts, d,
+    logits = dense(h, router, [router],
                    (lambda: source.read(router + ".bias")) if source.has(router + ".bias")
                    else None, quantize=False)
     probs = b.op("Reshape", [logits, b.ints(-1, experts)])

@@ -42,19 +42,25 @@ class WeightSource:
         """One tensor as the merged checkpoint holds it, in fp32."""
         return merged_array(self.checkpoint, name, self.plan, np.dtype(np.float32))
 
-    @staticmethod
-    def transposed(weight: np.ndarray) -> np.ndarray:
-        """[out, in] → [in, out], C-contiguous (:func:`.quantize.transposed`)."""
-        return transposed(weight)
-
 
 def packed_rows(source: WeightSource, names: Sequence[str]) -> np.ndarray:
-    """The tensors ``names`` (each merged) stacked along their first axis: packed q/k/v or
-    gate/up weights ([out, in] each) or biases. One name: that tensor (already packed)."""
+    """The tensors ``names`` (each merged) stacked along their first axis: packed biases (or
+    one tensor as it is)."""
     if len(names) == 1:
         return source.read(names[0])
-    parts = [source.read(n) for n in names]
-    return np.concatenate(parts, axis=0)
+    return np.concatenate([source.read(n) for n in names], axis=0)
+
+
+def packed_transposed(source: WeightSource, names: Sequence[str]) -> np.ndarray:
+    """The weights ``names`` ([out_i, in] each, merged) packed along out and transposed:
+    [in, Σ out_i], each written straight into its columns (one pass, no packed copy)."""
+    shapes = [tuple(source.checkpoint.info(n).shape) for n in names]
+    out = np.empty((shapes[0][1], sum(s[0] for s in shapes)), np.float32)
+    column = 0
+    for name, (rows, _) in zip(names, shapes, strict=True):
+        transposed(source.read(name), out[:, column:column + rows])
+        column += rows
+    return out
 
 
 def plus_one(weight: np.ndarray) -> np.ndarray:
@@ -62,4 +68,4 @@ def plus_one(weight: np.ndarray) -> np.ndarray:
     return np.asarray(weight, np.float32) + np.float32(1.0)
 
 
-__all__ = ["DECODER_PREFIX", "WeightSource", "packed_rows", "plus_one"]
+__all__ = ["DECODER_PREFIX", "WeightSource", "packed_rows", "packed_transposed", "plus_one"]
