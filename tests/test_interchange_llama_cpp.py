@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_models
 import torch
+from llama_cpp_convert import convert_hf_to_gguf
 from test_interchange import linear_paths, make_adapter
 
 from loraformat import interchange
@@ -35,32 +34,13 @@ if not SRC or not (Path(SRC) / "convert_hf_to_gguf.py").is_file():
                 allow_module_level=True)
 pytestmark = pytest.mark.slow
 
-CONVERT = """
-import sys
-sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
-import conversion.gpt2, conversion.llama
-def no_vocab(self):
-    self.gguf_writer.add_tokenizer_model("no_vocab")
-    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
-for module in (conversion.gpt2, conversion.llama):
-    for value in vars(module).values():
-        if isinstance(value, type) and "set_vocab" in vars(value):
-            value.set_vocab = no_vocab
-import convert_hf_to_gguf
-sys.argv = ["convert", sys.argv[1], "--outfile", sys.argv[2], "--outtype", "f32"]
-convert_hf_to_gguf.main()
-"""
-
-
 def _base_gguf(checkpoint: Path, out: Path) -> Path:
     src = out.parent / "hf"
     shutil.copytree(checkpoint, src)
     config = json.loads((src / "config.json").read_text())
     config.setdefault("n_ctx", config.get("n_positions"))  # llama.cpp's GPT-2 reads n_ctx
     (src / "config.json").write_text(json.dumps(config))
-    subprocess.run([sys.executable, "-c", CONVERT.format(src=SRC), str(src), str(out)],
-                   check=True, capture_output=True)
-    return out
+    return convert_hf_to_gguf(SRC, src, out)
 
 
 def _logits(model: Path, lora: Path | None, ids: np.ndarray) -> np.ndarray:

@@ -13,7 +13,14 @@ import pytest
 import torch
 from cli_harness import run_cli
 from safetensors.numpy import load_file, save_file
-from tiny_moe import EXPERTS, FAMILIES, checkpoint, logits, peft_adapter
+from tiny_moe import (
+    EXPERTS,
+    FAMILIES,
+    assert_same_peft_tensors,
+    checkpoint,
+    logits,
+    peft_adapter,
+)
 
 from loraformat.interchange import open_adapter
 
@@ -72,11 +79,7 @@ def test_peft_loraformat_peft_is_exact(built, family, tmp_path):
     result = run_cli("convert", tmp_path / "lf", "-o", tmp_path / "back", "--to", "peft",
                      "--base", base)
     assert result.code == 0, result.err
-    original = load_file(adapter / "adapter_model.safetensors")
-    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
-    assert sorted(original) == sorted(back)
-    for key, value in original.items():
-        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    assert_same_peft_tensors(adapter, tmp_path / "back")
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"model.layers.1.mlp.experts.down_proj": 3}
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
@@ -156,3 +159,23 @@ def test_rslora_and_parts_that_no_longer_share_a(tmp_path):
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
                                          tmp_path / "back")
     close(logits(reloaded.merge_and_unload(), IDS), merged)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_expert_lora_round_trip(built, family, tmp_path):
+    """loraformat → llama.cpp's stacked expert LoRA → loraformat gives the same tensors (the
+    GGUF side is checked against llama.cpp's converter in test_moe_gguf.py)."""
+    from loraformat import load
+
+    base, adapter, _, _ = built(family)
+    assert run_cli("convert", adapter, "-o", tmp_path / "lf", "--base", base).code == 0
+    result = run_cli("convert", tmp_path / "lf", "-o", tmp_path / "lora.gguf", "--base", base)
+    assert result.code == 0, result.err
+    result = run_cli("convert", tmp_path / "lora.gguf", "-o", tmp_path / "back", "--base", base)
+    assert result.code == 0, result.err
+    original, back = load(tmp_path / "lf"), load(tmp_path / "back")
+    assert sorted(original.specs) == sorted(back.specs)
+    for path in original.specs:
+        np.testing.assert_array_equal(back.layer(path).A, original.layer(path).A)
+        np.testing.assert_array_equal(back.layer(path).B, original.layer(path).B)
+        assert back.scale(path) == original.scale(path)

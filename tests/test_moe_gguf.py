@@ -2,7 +2,8 @@
 ``build_lora_mm_id`` computes (per selected expert e: W[e]·x + alpha/r·B[e]·(A[e]·x)) to the base
 converted by llama.cpp's own ``convert_hf_to_gguf.py`` gives the tensors that converter writes for
 PEFT's merged model — every adapted tensor, attention (with Mixtral's q/k row permutation), router
-and the stacked ``ffn_{gate,up,down}_exps`` (gpt-oss's gate/up de-interleaved).
+and the stacked ``ffn_{gate,up,down}_exps`` (gpt-oss's gate/up de-interleaved). ``merge`` into that
+GGUF base gives the same model.
 
 Skipped unless ``LORAFORMAT_LLAMA_CPP_SRC`` names a llama.cpp source tree (its converter and
 gguf-py; nothing is built). Running llama.cpp itself on these adapters is left to the llama.cpp
@@ -12,13 +13,12 @@ harness (issue 26).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_harness import run_cli
+from llama_cpp_convert import convert_hf_to_gguf
 from tiny_moe import FAMILIES, checkpoint, peft_adapter
 
 SRC = os.environ.get("LORAFORMAT_LLAMA_CPP_SRC")
@@ -27,27 +27,8 @@ if not SRC or not (Path(SRC) / "convert_hf_to_gguf.py").is_file():
                 allow_module_level=True)
 pytestmark = pytest.mark.slow
 
-# The tiny checkpoints have no tokenizer: the converter writes "no_vocab" instead.
-CONVERT = """
-import sys
-sys.path[:0] = [{src!r}, {src!r} + "/gguf-py"]
-import conversion.base, conversion.gpt_oss, conversion.llama, conversion.qwen
-def no_vocab(self):
-    self.gguf_writer.add_tokenizer_model("no_vocab")
-    self.gguf_writer.add_vocab_size(self.hparams["vocab_size"])
-for module in (conversion.base, conversion.gpt_oss, conversion.llama, conversion.qwen):
-    for value in vars(module).values():
-        if isinstance(value, type) and "set_vocab" in vars(value):
-            value.set_vocab = no_vocab
-import convert_hf_to_gguf
-sys.argv = ["convert", sys.argv[1], "--outfile", sys.argv[2], "--outtype", "f32"]
-convert_hf_to_gguf.main()
-"""
-
-
 def convert(checkpoint_dir: Path, out: Path) -> dict[str, np.ndarray]:
-    subprocess.run([sys.executable, "-c", CONVERT.format(src=SRC), str(checkpoint_dir), str(out)],
-                   check=True, capture_output=True)
+    convert_hf_to_gguf(SRC, checkpoint_dir, out)
     return {t.name: np.array(t.data) for t in _reader(out).tensors}
 
 
@@ -86,3 +67,13 @@ def test_llama_cpp_expert_lora_gives_peft_merge(family, tmp_path):
         merged = before[name] + alpha / rank * np.matmul(b, a)
         scale = float(np.abs(after[name]).max())
         np.testing.assert_allclose(merged, after[name], rtol=0, atol=1e-5 * scale, err_msg=name)
+
+    # and merged into the GGUF base (F32 here: the tensors are exact, no survival report)
+    assert run_cli("convert", adapter, "-o", tmp_path / "lf", "--base", base).code == 0
+    result = run_cli("merge", tmp_path / "base.gguf", tmp_path / "lf", "-o", tmp_path / "ours.gguf")
+    assert result.code == 0, result.err
+    ours = {t.name: np.array(t.data) for t in _reader(tmp_path / "ours.gguf").tensors}
+    assert sorted(ours) == sorted(after)
+    for name, value in after.items():
+        scale = float(np.abs(value).max()) or 1.0
+        np.testing.assert_allclose(ours[name], value, rtol=0, atol=1e-5 * scale, err_msg=name)

@@ -105,3 +105,15 @@ def logits(model_or_path: Any, ids: torch.Tensor) -> torch.Tensor:
         m = AutoModelForCausalLM.from_pretrained(m)
     with torch.no_grad():
         return m.eval()(ids).logits
+
+
+def assert_same_peft_tensors(original: Path, back: Path) -> None:
+    """Two PEFT adapter directories hold the same tensor names and bit-identical values."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    first = load_file(original / "adapter_model.safetensors")
+    second = load_file(back / "adapter_model.safetensors")
+    assert sorted(first) == sorted(second)
+    for key, value in first.items():
+        np.testing.assert_array_equal(second[key], value, err_msg=key)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..architecture import ExpertStorage
-from ..format.adapter import Adapter
+from ..errors import LoraformatError
+from ..format.adapter import Adapter, LoraLayer
 from ._common import Context
 
 
@@ -64,11 +65,13 @@ class Stack:
 
 
 def collect_stacks(
-    adapter: Adapter, storages: Sequence[ExpertStorage], ctx: Context
+    adapter: Adapter, storages: Sequence[ExpertStorage], ctx: Context | None = None
 ) -> tuple[list[Stack], set[str]]:
     """Every expert parameter of ``adapter`` as one stack (per-expert layers joined, see
     :func:`join`), and the layer paths that went into them. How many experts a per-expert
-    parameter has comes from the base (``ctx.base``), else from the highest expert adapted."""
+    parameter has comes from the base (``ctx.base``), else from the highest expert adapted.
+    ``ctx`` (optional) also receives the notes."""
+    ctx = ctx or Context()
     stacks: list[Stack] = []
     used: set[str] = set()
     groups: dict[tuple[str, str], dict[int, dict[int, str]]] = {}
@@ -161,3 +164,96 @@ def expert_count(ctx: Context, prefix: str, storage: ExpertStorage) -> int | Non
     while template.replace("{e}", str(count)) in ctx.base.layers:
         count += 1
     return count or None
+
+
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def expert_parts(stack: Stack) -> list[tuple[str, Any]]:
+    """llama.cpp's tensor name and the rows of B (a slice) for each part of an expert stack, as
+    the family's storage gives them (``[]`` when it gives no llama.cpp names)."""
+    storage = stack.storage
+    if storage is None or not storage.gguf:
+        return []
+    block = _BLOCK.search(stack.name)
+    if block is None:
+        raise LoraformatError(None, f"{stack.name}: no block index for llama.cpp's name")
+    parts = len(storage.gguf)
+    rows = stack.B.shape[1] // parts
+    return [
+        (f"blk.{block[1]}.{name}.weight",
+         slice(i, None, parts) if storage.interleaved else slice(i * rows, (i + 1) * rows))
+        for i, name in enumerate(storage.gguf)
+    ]
+
+
+def split_expert_tensors(
+    pairs: Mapping[str, Mapping[str, np.ndarray]],
+    base_layers: Mapping[str, Any],
+    storages: Sequence[ExpertStorage],
+    alpha: float | None,
+    where: Any,
+) -> dict[str, LoraLayer]:
+    """The inverse of :func:`expert_parts`: llama.cpp's stacked expert LoRA (``pairs``: tensor
+    name → {"a": [E, r, in], "b": [E, out, r]}, scale ``alpha``/r, None: 1) as the base's layers.
+    Per-expert storage: each part is one layer per expert. A stack: the parts' B rows go back to
+    their rows (interleaved or in blocks) under one A when the parts share it, else along the
+    rank (scales folded into B)."""
+    prefixes: dict[tuple[str, str], str] = {}  # (block index, parameter) → checkpoint prefix
+    for path in base_layers:
+        for storage in storages:
+            for template in storage.per_expert or (storage.parameter,):
+                m = _template_regex(template).match(path)
+                block = _BLOCK.search(m["prefix"]) if m else None
+                if block:
+                    prefixes[(block[1], storage.parameter)] = m["prefix"]
+    layers: dict[str, LoraLayer] = {}
+    done: set[str] = set()
+    for (block, parameter), prefix in sorted(prefixes.items()):
+        storage = next(s for s in storages if s.parameter == parameter)
+        names = [f"blk.{block}.{g}.weight" for g in storage.gguf]
+        found = {i: pairs[n] for i, n in enumerate(names) if n in pairs}
+        if not found:
+            continue
+        done.update(n for n in names if n in pairs)
+        ranks = {i: int(p["b"].shape[-1]) for i, p in found.items()}
+        if storage.per_expert:
+            for i, pair in found.items():
+                a, b = pair["a"], pair["b"]
+                for e in range(a.shape[0]):
+                    path = prefix + storage.per_expert[i].replace("{e}", str(e))
+                    layers[path] = LoraLayer(
+                        A=np.ascontiguousarray(a[e]), B=np.ascontiguousarray(b[e]),
+                        alpha=alpha if alpha else float(ranks[i]),
+                        in_features=a.shape[2], out_features=b.shape[1],
+                    )
+            continue
+        path = prefix + parameter
+        dense = base_layers[path]
+        first = next(iter(found.values()))
+        experts, in_features = first["a"].shape[0], first["a"].shape[2]
+        shared = len(found) == len(names) and all(
+            np.array_equal(p["a"], first["a"]) for p in found.values()
+        )
+        rank = int(first["a"].shape[1]) if shared else sum(ranks.values())
+        a = first["a"] if shared else np.concatenate([p["a"] for p in found.values()], axis=1)
+        b = np.zeros((experts, dense.out_features, rank), dtype=first["b"].dtype)
+        parts, height = len(names), dense.out_features // len(names)
+        offset = 0
+        for i, pair in found.items():
+            rows = slice(i, None, parts) if storage.interleaved else slice(
+                i * height, (i + 1) * height
+            )
+            cols = slice(0, rank) if shared else slice(offset, offset + ranks[i])
+            # llama.cpp scales part i by alpha/r_i (1 without alpha); the layer: alpha/rank
+            b[:, rows, cols] = pair["b"] * (rank / ranks[i] if alpha else 1.0)
+            offset += 0 if shared else ranks[i]
+        layers[path] = LoraLayer(
+            A=np.ascontiguousarray(a), B=b, alpha=alpha if alpha else float(rank),
+            in_features=in_features, out_features=dense.out_features, experts=experts,
+        )
+    left = sorted(set(pairs) - done)
+    if left:
+        raise LoraformatError(where, f"{left[0]}: no expert parameter of the base has this "
+                                     "llama.cpp name")
+    return layers

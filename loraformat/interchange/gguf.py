@@ -35,7 +35,7 @@ Mixture-of-experts layers become llama.cpp's stacked expert LoRA, which ``build_
 rank is ``lora_b``'s ne[0]. The per-expert layers of Qwen3-MoE and Mixtral are stacked by expert
 (llama.cpp's converter stacks the checkpoint's tensors the same way), a gate_up stack is split
 into gate and up rows as the family's storage says (gpt-oss: interleaved, as the converter's
-``[:, ::2]`` / ``[:, 1::2]``). Writing only: reading such tensors back is refused.
+``[:, ::2]`` / ``[:, 1::2]``); reading does the inverse (:func:`~.experts.split_expert_tensors`).
 
 Writing and reading need the base (``--base``): llama.cpp's names and row order depend on the
 model config.
@@ -44,7 +44,6 @@ model config.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ import numpy as np
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
 from ._common import Context, Names, atomic_path, scaled
-from .experts import Stack, collect_stacks, expert_storage
+from .experts import collect_stacks, expert_parts, expert_storage, split_expert_tensors
 
 NAME = "gguf"
 KV_SCALING = "loraformat.scaling"
@@ -160,7 +159,7 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
     for stack in stacks:
         if stack.storage and stack.storage.gguf:
             fold = scale_of(adapter.scaling, stack.alpha, stack.rank) / (alpha / stack.rank)
-            for name, rows in _expert_parts(stack):
+            for name, rows in expert_parts(stack):
                 tensors.append((name + ".lora_a", np.ascontiguousarray(stack.A)))
                 tensors.append((name + ".lora_b", np.ascontiguousarray(
                     scaled(stack.B[:, rows], fold))))
@@ -202,27 +201,6 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
         writer.write_tensors_to_file()
         writer.close()
     ctx.report.layers = len(tensors) // 2
-
-
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _expert_parts(stack: Stack) -> list[tuple[str, Any]]:
-    """llama.cpp's tensor name and the rows of B (a slice) for each part of an expert stack, as
-    the family's storage gives them (``[]`` when it gives no llama.cpp names)."""
-    storage = stack.storage
-    if storage is None or not storage.gguf:
-        return []
-    block = _BLOCK.search(stack.name)
-    if block is None:
-        raise LoraformatError(None, f"{stack.name}: no block index for llama.cpp's name")
-    parts = len(storage.gguf)
-    rows = stack.B.shape[1] // parts
-    return [
-        (f"blk.{block[1]}.{name}.weight",
-         slice(i, None, parts) if storage.interleaved else slice(i * rows, (i + 1) * rows))
-        for i, name in enumerate(storage.gguf)
-    ]
 
 
 def _add_tensor(gguf: Any, writer: Any, name: str, array: np.ndarray) -> None:
@@ -292,6 +270,14 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
     for name, pair in sorted(pairs.items()):
         if "a" not in pair or "b" not in pair:
             raise LoraformatError(path, f"{name}: has only one of lora_a and lora_b")
+    stacked = {n: p for n, p in pairs.items() if p["a"].ndim == 3}
+    if stacked:
+        layers.update(split_expert_tensors(
+            stacked, base.layers, expert_storage(base.architecture), alpha or None, path
+        ))
+    for name, pair in sorted(pairs.items()):
+        if name in stacked:
+            continue
         layer_path = names.to_path(name.removesuffix(".weight"))
         dense = base.layers.get(layer_path) if layer_path else None
         if dense is None:

@@ -32,7 +32,8 @@ import numpy as np
 from ..architecture import CheckpointInfo, DenseLayer, PluginArchitecture, registry
 from ..atomic import atomic_file, check_output
 from ..errors import LoraformatError
-from ..format.adapter import Adapter
+from ..format.adapter import Adapter, LoraLayer
+from ..interchange.experts import collect_stacks, expert_parts, expert_storage
 from ..quant import ggml
 from ..quant.survival import DEFAULT_THRESHOLD, SurvivalReport, measure
 from .plan import TensorOp, open_adapters, plan_merge
@@ -139,17 +140,61 @@ def gguf_layers(
     return layers
 
 
-def gguf_architecture(arch_name: str, where: Path) -> PluginArchitecture:
+def gguf_architecture(
+    arch_name: str, where: Path, preferred: Sequence[str] = ()
+) -> PluginArchitecture:
     """The installed architecture whose llama.cpp name (``gguf_architecture``) is ``arch_name``:
-    the one with that id when several share it (llama.cpp converts Mistral as ``llama``, with the
-    same names and row order), else the first."""
+    of several sharing it (llama.cpp converts Mistral and Mixtral as ``llama``), the first of
+    ``preferred`` (the adapters' architectures), else the one with that id, else the first."""
     found = [a for a in registry().architectures().values() if a.gguf_architecture == arch_name]
     if not found:
         raise LoraformatError(
             where, f"no installed plugin names the tensors of llama.cpp architecture "
             f"{arch_name!r}; cannot locate adapted layers",
         )
-    return next((a for a in found if a.id == arch_name), found[0])
+    for wanted in (*preferred, arch_name):
+        match = next((a for a in found if a.id == wanted), None)
+        if match is not None:
+            return match
+    return found[0]
+
+
+def expert_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, DenseLayer]:
+    """llama.cpp's stacked expert weights (``blk.N.ffn_*_exps.weight``, numpy [E, out, in]) as
+    expert layers keyed by their tensor name."""
+    return {
+        name: DenseLayer(name, shape[2], shape[1], experts=shape[0])
+        for name, shape in shapes.items()
+        if len(shape) == 3 and name.endswith("_exps.weight")
+    }
+
+
+def in_llama_cpp_terms(adapter: Adapter) -> Adapter:
+    """``adapter`` with its expert layers as llama.cpp holds them: one expert layer per stacked
+    tensor (``blk.N.ffn_gate_exps.weight`` …), per-expert layers stacked and gate/up split as the
+    family's storage says (the same parts the GGUF adapter writer writes); other layers as
+    they are. Unchanged when it has no expert layers."""
+    stacks, used = collect_stacks(adapter, expert_storage(adapter.architecture))
+    if not stacks:
+        return adapter
+    layers = {p: layer for p, layer in adapter.layers() if p not in used}
+    for stack in stacks:
+        parts = expert_parts(stack)
+        if not parts:
+            raise LoraformatError(
+                adapter.path, f"{stack.name}: the {adapter.architecture!r} plugin gives no "
+                "llama.cpp tensor for this expert parameter",
+            )
+        for name, rows in parts:
+            b = np.ascontiguousarray(stack.B[:, rows])
+            layers[name] = LoraLayer(A=stack.A, B=b, alpha=stack.alpha,
+                                     in_features=stack.A.shape[2], out_features=b.shape[1],
+                                     experts=stack.A.shape[0])
+    replacements = {n: adapter.replacement(n) for n in adapter.replacement_names}
+    converted = Adapter.from_layers(adapter.architecture, layers, scaling=adapter.scaling,
+                                    replacements=replacements or None)
+    converted.path = adapter.path
+    return converted
 
 
 def _open_reader(path: Path) -> Any:
@@ -283,23 +328,26 @@ def merge_gguf(
         raise LoraformatError(base_path, "GGUF file has no general.architecture")
     if _field(reader, "general.type") == "adapter":
         raise LoraformatError(base_path, "is a GGUF adapter, not a model; merge needs a model")
-    architecture = gguf_architecture(arch_name, base_path)
     config = gguf_config(reader, arch_name)
     by_name = {t.name: t for t in reader.tensors}
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    try:
-        layers = gguf_layers(architecture, config, shapes)
-    except LoraformatError as exc:
-        raise LoraformatError(base_path, f"llama.cpp architecture {arch_name!r}: {exc.message}") \
-            from None
-    if not layers:
-        raise LoraformatError(
-            base_path, f"no installed plugin names the tensors of llama.cpp architecture "
-            f"{arch_name!r}; cannot locate adapted layers",
-        )
     out_type = ggml.qtype(qtype, target) if qtype else None
     with contextlib.ExitStack() as stack:
         opened = open_adapters(stack, adapters)
+        architecture = gguf_architecture(arch_name, base_path, [a.architecture for a in opened])
+        try:
+            layers = gguf_layers(architecture, config, shapes)
+        except LoraformatError as exc:
+            raise LoraformatError(
+                base_path, f"llama.cpp architecture {arch_name!r}: {exc.message}"
+            ) from None
+        layers.update({p: (d, p, None) for p, d in expert_layers(shapes).items()})
+        if not layers:
+            raise LoraformatError(
+                base_path, f"no installed plugin names the tensors of llama.cpp architecture "
+                f"{arch_name!r}; cannot locate adapted layers",
+            )
+        opened = [in_llama_cpp_terms(a) for a in opened]
         plan = plan_merge(
             {p: d for p, (d, _, _) in layers.items()},
             {d.weight: d.stored_shape() for d, _, _ in layers.values()},
@@ -358,5 +406,5 @@ def merge_gguf(
     )
 
 
-__all__ = ["GgufMergeResult", "gguf_config", "gguf_layers",
-           "merge_gguf"]
+__all__ = ["GgufMergeResult", "expert_layers", "gguf_config", "gguf_layers",
+           "in_llama_cpp_terms", "merge_gguf"]
