@@ -28,7 +28,7 @@ cannot write); such models take the traced path, so an unknown feature never giv
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -490,29 +490,31 @@ def _interleave(rows: np.ndarray) -> np.ndarray:
     return np.stack([rows[:half], rows[half:]], axis=1).reshape(rows.shape)
 
 
-def _expert_rows(source: WeightSource, block: str, storage: Any, experts: int,
-                 suffix: str, fused: bool) -> np.ndarray | None:
-    """One stacked expert weight (``suffix`` ".weight") or bias ("_bias") merged, as ONNX
-    Runtime's MoE reads it: [E, out, in] (biases [E, out]), fused gate/up rows interleaved.
-    Per-expert checkpoints are read one expert tensor at a time; None: no such bias."""
+def _expert_matrices(source: WeightSource, block: str, storage: Any, experts: int,
+                     suffix: str, fused: bool) -> Iterator[np.ndarray]:
+    """Each expert's merged weight (``suffix`` ".weight", [out, in]) or bias ("_bias", [out])
+    in turn, as ONNX Runtime's MoE reads it: fused gate/up rows interleaved. Per-expert
+    checkpoints are read one expert tensor at a time; a stacked checkpoint tensor (gpt-oss) is
+    one tensor, read once."""
     if storage.per_expert:
-        names = [[block + t.format(e=e) + suffix.replace("_bias", ".bias")
-                  for t in storage.per_expert] for e in range(experts)]
-        if not source.has(names[0][0]):
-            return None
-        stack = np.stack([packed_rows(source, row) for row in names])
-        interleaved = False
-    else:
-        name = block + storage.parameter + ("_bias" if suffix == "_bias" else "")
-        if not source.has(name):
-            return None
-        stack = source.read(name)
-        if stack.ndim == 3 and storage.layout == "in_out":
-            stack = np.ascontiguousarray(stack.transpose(0, 2, 1))
-        interleaved = storage.interleaved
-    if fused and not interleaved:  # [gate; up] rows
-        stack = np.stack([_interleave(e) for e in stack])
-    return stack
+        tail = ".bias" if suffix == "_bias" else ".weight"
+        for e in range(experts):
+            rows = packed_rows(source, [block + t.format(e=e) + tail for t in storage.per_expert])
+            yield _interleave(rows) if fused else rows
+        return
+    stack = source.read(block + storage.parameter + ("_bias" if suffix == "_bias" else ""))
+    for matrix in stack:
+        if matrix.ndim == 2 and storage.layout == "in_out":
+            matrix = matrix.T
+        yield _interleave(matrix) if fused and not storage.interleaved else matrix
+
+
+def _stacked(matrices: Iterable[np.ndarray], shape: Sequence[int]) -> np.ndarray:
+    """``matrices`` written one by one into one [E, …] fp32 array (no list of them kept)."""
+    out = np.empty(tuple(shape), np.float32)
+    for e, matrix in enumerate(matrices):
+        out[e] = matrix
+    return out
 
 
 def _moe_block(b: _Builder, h: Any, block: str, moe: Any, source: WeightSource,
@@ -541,16 +543,16 @@ def _moe_block(b: _Builder, h: Any, block: str, moe: Any, source: WeightSource,
             _, a, c = (int(x) for x in rows_of(base).shape)
             n, k = (c, a) if storage.layout == "in_out" else (a, c)
 
-        def weights(storage: Any = storage, fused: bool = fused) -> np.ndarray:
-            stack = _expert_rows(source, block, storage, experts, ".weight", fused)
-            assert stack is not None
-            return stack
+        def each(suffix: str, storage: Any = storage, fused: bool = fused
+                 ) -> Iterator[np.ndarray]:
+            return _expert_matrices(source, block, storage, experts, suffix, fused)
 
-        has_bias = _expert_rows_exist(source, block, storage)
-        bias = float_weight(base + ".bias", [experts, n], lambda storage=storage, fused=fused: (
-            _expert_rows(source, block, storage, experts, "_bias", fused))) if has_bias else None
+        bias = float_weight(base + ".bias", [experts, n], lambda each=each, n=n: _stacked(
+            each("_bias"), [experts, n])) if _expert_rows_exist(source, block, storage) else None
         if quant is None:
-            fc_inputs += [float_weight(base + ".weight", [experts, n, k], weights), bias]
+            fc_inputs += [float_weight(base + ".weight", [experts, n, k],
+                                       lambda each=each, n=n, k=k: _stacked(
+                                           each(".weight"), [experts, n, k])), bias]
             continue
         assert quant is not None
         bits, size = quant.bits, quant.block_size
@@ -560,10 +562,16 @@ def _moe_block(b: _Builder, h: Any, block: str, moe: Any, source: WeightSource,
                 "features do not fill (choose --block-size dividing the hidden and expert "
                 "sizes)"))
         blocks = k // size
-        def stacked_parts(weights: Callable[[], np.ndarray] = weights) -> dict[str, np.ndarray]:
-            # each expert quantized as MatMulNBits quantizes [N, K], the results stacked
-            per = [dense_parts(w, "out_in", quant, np.dtype(np.float32)) for w in weights()]
-            return {key: np.stack([p[key] for p in per]) for key in per[0]}
+
+        def stacked_parts(each: Callable[[str], Iterator[np.ndarray]] = each
+                          ) -> dict[str, np.ndarray]:
+            # each expert quantized as MatMulNBits quantizes [N, K], as it is read
+            out: dict[str, np.ndarray] = {}
+            for e, matrix in enumerate(each(".weight")):
+                for key, value in dense_parts(matrix, "out_in", quant,
+                                              np.dtype(np.float32)).items():
+                    out.setdefault(key, np.empty((experts, *value.shape), value.dtype))[e] = value
+            return out
 
         part = _parts_once(stacked_parts)
 
