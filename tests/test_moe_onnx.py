@@ -167,3 +167,34 @@ def test_qmoe_block_must_divide_expert_sizes(built, tmp_path):
     assert run.code != 0
     assert "QMoE quantizes in blocks of 64" in run.err and "32 features" in run.err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnxruntime_genai_runs_the_gpt_oss_export(built):
+    """The folder `merge --with-past` writes (model.onnx + genai_config.json, model.type
+    ``gptoss``) greedy-decodes in ONNX Runtime GenAI the tokens of transformers' generate on
+    PEFT's merged model. (Qwen3-MoE, Qwen2-MoE and Mixtral have no ``model.type`` GenAI 0.18
+    runs as a decoder: their folders get the config with a note, and only ORT runs them.)"""
+    og = pytest.importorskip("onnxruntime_genai")
+    root, base, adapter, merged = built("gpt_oss")
+    folder = root / "genai"
+    folder.mkdir()
+    export(root, base, adapter, "genai/model.onnx")
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["type"] == "gptoss"
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(PROMPT) + 24)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([PROMPT], np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = [int(t) for t in generator.get_sequence(0)][len(PROMPT):]
+
+    prompt = torch.tensor([PROMPT])
+    expected = merged.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                               max_new_tokens=24, eos_token_id=None, pad_token_id=0)
+    expected = expected[0, len(PROMPT):].tolist()
+    eos = merged.config.eos_token_id
+    if eos in expected:  # GenAI stops at the config's end-of-sequence token
+        expected = expected[:expected.index(eos) + 1]
+    assert got == expected

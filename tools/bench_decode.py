@@ -1,5 +1,5 @@
 """Prefill and per-token decode latency: the exported GPT-2-small-shaped decoder in ONNX Runtime
-(CPU) against transformers' eager PyTorch on the same weights, in one run.
+(CPU) against transformers' PyTorch on the same weights, in one run.
 
 The model is built locally with random weights (hidden 768, 12 layers, 12 heads, vocab 50257,
 no downloads), saved as a checkpoint, exported once with a KV cache (``export_decoder``) and fused
@@ -10,9 +10,13 @@ for ONNX Runtime (``optimize_file``). Batch 1, a 128-token prompt:
 * decode: one forward of one token against the cache, ``--decode-tokens`` steps after the
   prefill, greedy; the per-token figure is the median step of a run.
 
+PyTorch runs with transformers' default attention (``sdpa``: torch's
+scaled_dot_product_attention), what a user gets from ``from_pretrained``; ``--attention eager``
+measures the slower reference implementation instead.
+
 Both engines use the same number of intra-op threads (``--threads``, default 2: torch's
 ``set_num_threads`` and ONNX Runtime's ``intra_op_num_threads``; ORT inter-op 1). Runs are
-interleaved (eager, fused, plain, then rotated) and repeated; the table shows medians over
+interleaved (torch, fused, plain, then rotated) and repeated; the table shows medians over
 repeats, the spread (min–max), and the best-of ratios (min over min), since other processes
 share the CPU: under contention the medians move by tens of percent between runs.
 
@@ -62,12 +66,12 @@ def build_checkpoint(out: Path) -> Path:
     return out
 
 
-class Eager:
-    def __init__(self, checkpoint: Path, threads: int) -> None:
+class Torch:
+    def __init__(self, checkpoint: Path, threads: int, attention: str = "sdpa") -> None:
         from transformers import GPT2LMHeadModel
 
-        self.name, self.threads = "torch eager", threads
-        self.model = GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation="eager")
+        self.name, self.threads = f"torch {attention}", threads
+        self.model = GPT2LMHeadModel.from_pretrained(checkpoint, attn_implementation=attention)
         self.model.eval()
 
     def run(self, ids: np.ndarray, steps: int) -> tuple[float, list[float], list[int]]:
@@ -114,6 +118,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="Intra-op thread counts to measure, each for both engines.")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                        help="transformers' attention implementation (default: its default, "
+                        "sdpa).")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=None,
@@ -160,10 +167,10 @@ def main() -> None:
 
 def run_all(checkpoint: Path, plain: Path, fused: Path, args: argparse.Namespace) -> None:
     ids = np.random.default_rng(0).integers(0, 50257, (1, args.prompt), dtype=np.int64)
-    eager = Eager(checkpoint, args.threads[0])
+    reference = Torch(checkpoint, args.threads[0], args.attention)
     for threads in args.threads:
-        eager.threads = threads
-        engines = [eager, Ort("ORT fused", fused, threads), Ort("ORT plain", plain, threads)]
+        reference.threads = threads
+        engines = [reference, Ort("ORT fused", fused, threads), Ort("ORT plain", plain, threads)]
         measure(engines, ids, args)
 
 
@@ -187,9 +194,10 @@ def measure(engines: list, ids: np.ndarray, args: argparse.Namespace) -> None:
         f"{args.prompt}-token prompt, {args.decode_tokens} decode steps, {threads} intra-op "
         f"thread(s) for both, {args.repeats} interleaved repeats; median (min-max) in ms"
     )
-    base_p = statistics.median(prefill["torch eager"])
-    base_d = statistics.median(decode["torch eager"])
-    best_p, best_d = min(prefill["torch eager"]), min(decode["torch eager"])
+    torch_name = engines[0].name
+    base_p = statistics.median(prefill[torch_name])
+    base_d = statistics.median(decode[torch_name])
+    best_p, best_d = min(prefill[torch_name]), min(decode[torch_name])
     print(
         f"{'engine':<12} {'prefill':>24} {'decode/token':>22} {'prefill x':>10} {'decode x':>9}"
         f"   {'(best-of ratios: prefill, decode)'}"
@@ -203,9 +211,9 @@ def measure(engines: list, ids: np.ndarray, args: argparse.Namespace) -> None:
             f" {base_p / mp:>9.2f}x {base_d / md:>8.2f}x"
             f"   ({best_p / min(p):.2f}x, {best_d / min(d):.2f}x)"
         )
-    same = sum(a == b for a, b in zip(tokens["torch eager"], tokens["ORT fused"], strict=True))
+    same = sum(a == b for a, b in zip(tokens[torch_name], tokens["ORT fused"], strict=True))
     print(
-        f"greedy tokens, fused ORT vs eager: {same}/{len(tokens['ORT fused'])} equal "
+        f"greedy tokens, fused ORT vs {torch_name}: {same}/{len(tokens['ORT fused'])} equal "
         "(random weights: near-ties may flip)", flush=True,
     )
 

@@ -3,6 +3,7 @@ Runtime GenAI's model builder, in one run.
 
     .venv/bin/python tools/bench_export.py [WORKDIR] [--layers 24] [--builder-path DIR]
         [--dtypes float32,float16,bfloat16,int4] [--skip-torch] [--skip-builder] [--repeat 3]
+        [--logits-only]
 
 Builds (numpy, streamed) the LLaMA-shaped fp32 checkpoint of ``tools/bench_merge.py`` — hidden
 1024, intermediate 4096, vocabulary 40960, untied head, 0.49B parameters at 24 layers (1.81 GiB)
@@ -12,7 +13,10 @@ projections. Then, each in a fresh subprocess with the input already in the page
 and peak RSS (of the process tree: loraformat's weight-writing child counts, summed), every
 tool's Python sources compiled to bytecode first, as installed packages ship them, of:
 
-  1. ``loraformat merge BASE ADAPTER -o m.onnx`` with ``--dtype float32``, ``float16``,
+  1. ``loraformat merge BASE ADAPTER -o DIR/model.onnx --with-past`` — the KV-cache decoder
+     with its genai_config.json and tokenizer, the artefact the model builder writes
+     (``--logits-only``: the plain logits graph instead, which is not) — with ``--dtype float32``,
+     ``float16``,
      ``bfloat16``, ``int4`` (24 layers; ``--dtypes`` picks) and ``float32`` (12 layers: peak RSS
      must be flat with depth; run when float32 is picked), each *cold* (``LORAFORMAT_CACHE=off``:
      the graph is traced), and float32 and int4 once more *warm* (the graph cache holds this
@@ -22,17 +26,17 @@ tool's Python sources compiled to bytecode first, as installed packages ship the
   2. a plain ``torch.onnx.export`` (dynamo, external data) of transformers' LlamaForCausalLM
      loaded from the same checkpoint, no adapter;
   3. ONNX Runtime GenAI's model builder (``-p fp32/int4 -e cpu``, no adapter) when
-     ``onnxruntime_genai`` is importable with ``--builder-path`` on ``PYTHONPATH`` (a
-     benchmark-only dependency: ``pip install --no-deps --target .bench-genai onnxruntime-genai``);
-     skipped when absent.
+     ``onnxruntime_genai`` is installed (the ``test`` extra) or importable with
+     ``--builder-path`` on ``PYTHONPATH``; skipped when absent.
 
 Every row but the torch export runs ``--repeat`` times (default 3), the rows interleaved round by
 round so a slow spell of the (shared) machine does not fall on one tool; the summary gives each
 row's median wall time (min-max) and largest peak RSS, and the ratios of loraformat's medians to
 the model builder's.
 
-Finally the exports' logits on a 32-token prompt are compared with the fp32 export's (the fp16
-one's when fp32 was not picked) in ONNX Runtime (CPU): cosine similarity and max abs difference.
+Finally the exports' logits on a 32-token prompt (empty KV cache) are compared with the fp32
+export's (the fp16 one's when fp32 was not picked) in ONNX Runtime (CPU): cosine similarity and
+max abs difference.
 ONNX Runtime's CPU provider has no bfloat16 kernels, so the bf16 export's logits come from
 ``onnx.reference.ReferenceEvaluator`` (numpy), timed.
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import importlib.util
 import json
 import os
 import shutil
@@ -50,6 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,43 +110,46 @@ program.save(out, external_data=True)
 """
 
 
-def logits(path: Path, ids: np.ndarray) -> np.ndarray:
+def logits(path: Path, ids: np.ndarray) -> np.ndarray | None:
+    """The logits of the model at ``path`` on ``ids`` (an empty KV cache where the graph has one),
+    or None if no model was written there. ONNX Runtime's CPU provider has no bfloat16 kernels:
+    a bf16 graph runs in onnx's reference evaluator."""
+    import onnx
     import onnxruntime as ort
 
-    if path.name.startswith("bfloat16"):  # no CPU kernels in ONNX Runtime
-        import onnx
+    if not path.is_file():
+        return None
+    if "bfloat16" in path.parent.name or path.name.startswith("bfloat16"):
         from onnx.reference import ReferenceEvaluator
 
-        evaluator = ReferenceEvaluator(onnx.load(str(path)))
-        return np.asarray(evaluator.run(None, {"input_ids": ids})[0]).astype(np.float32)
+        model = onnx.load(str(path))
+        inputs = [(i.name, onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
+                   [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim])
+                  for i in model.graph.input]
+        feed = empty_cache_feed(inputs, ids)
+        return np.asarray(ReferenceEvaluator(model).run(["logits"], feed)[0]).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"input_ids": ids})[0], dtype=np.float32)
-
-
-def builder_logits(folder: Path, ids: np.ndarray) -> np.ndarray | None:
-    """The model builder's logits on ``ids`` (empty KV cache), or None if it wrote no model."""
-    import onnxruntime as ort
-
-    if not (folder / "model.onnx").is_file():
-        return None
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
+    feed = empty_cache_feed([(i.name, types[i.type], i.shape) for i in session.get_inputs()], ids)
+    return np.asarray(session.run(["logits"], feed)[0], dtype=np.float32)
+
+
+def empty_cache_feed(inputs: list[tuple[str, Any, list]], ids: np.ndarray) -> dict:
+    """A feed for ``inputs`` (name, numpy dtype, shape): ``ids``, a full attention mask, their
+    positions and an empty KV cache (past_key_values.N.key/value: [1, kv heads, 0, head size])."""
     feed: dict[str, np.ndarray] = {}
-    for i in session.get_inputs():
-        dtype = types[i.type]
-        if i.name == "input_ids":
-            feed[i.name] = ids.astype(dtype)
-        elif i.name == "attention_mask":
-            feed[i.name] = np.ones(ids.shape, dtype=dtype)
-        elif i.name == "position_ids":
-            feed[i.name] = np.arange(ids.shape[1], dtype=dtype)[None]
-        else:  # past_key_values.N.key/value: [batch, kv heads, 0, head size (HIDDEN / heads)]
-            head = i.shape[3] if isinstance(i.shape[3], int) else HIDDEN // i.shape[1]
-            feed[i.name] = np.zeros([1, i.shape[1], 0, head], dtype=dtype)
-    outputs = [o.name for o in session.get_outputs()]
-    return np.asarray(session.run(["logits"], feed)[0], dtype=np.float32) \
-        if "logits" in outputs else None
+    for name, dtype, shape in inputs:
+        if name == "input_ids":
+            feed[name] = ids.astype(dtype)
+        elif name == "attention_mask":
+            feed[name] = np.ones(ids.shape, dtype=dtype)
+        elif name == "position_ids":
+            feed[name] = np.arange(ids.shape[1], dtype=dtype)[None]
+        elif name.startswith("past_key_values."):
+            head = shape[3] if isinstance(shape[3], int) else HIDDEN // shape[1]
+            feed[name] = np.zeros([1, shape[1], 0, head], dtype=dtype)
+    return feed
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -161,13 +170,19 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="Keep the exported models.")
     parser.add_argument("--repeat", type=int, default=3,
                         help="Interleaved rounds of every row (the torch export runs once).")
+    parser.add_argument("--core", action="store_true",
+                        help="Only the rows compared with the builder: loraformat cold per dtype "
+                        "and the builder (no PREWRITE=off, half-depth or warm rows).")
+    parser.add_argument("--logits-only", action="store_true",
+                        help="loraformat's rows export the plain logits graph, not the KV-cache "
+                        "decoder the builder writes (not the same artefact).")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export-"))
     work.mkdir(parents=True, exist_ok=True)
     half = args.layers // 2
     dtypes = args.dtypes.split(",")
     bases = {args.layers: work / f"base{args.layers}"}
-    if "float32" in dtypes:  # the depth comparison
+    if "float32" in dtypes and not args.core:  # the depth comparison
         bases[half] = work / f"base{half}"
     for layers, path in bases.items():
         build_checkpoint(path, layers)
@@ -192,9 +207,9 @@ def main() -> int:
 
     def run(label: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         if "-o" in cmd and cmd[cmd.index("-o") + 1].endswith(".onnx"):
-            target = Path(cmd[cmd.index("-o") + 1])  # the last round's output: gone, untimed
-            for stale in (target, target.with_name(target.name + ".data")):
-                stale.unlink(missing_ok=True)
+            folder = Path(cmd[cmd.index("-o") + 1]).parent  # the last round's: gone, untimed
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
         old = dict(os.environ)
         if env:
             os.environ.update(env)
@@ -213,7 +228,15 @@ def main() -> int:
     cold = {"LORAFORMAT_CACHE": "off"}
     warm = {"LORAFORMAT_CACHE": str(out / "cache-loraformat")}
     builder = Path(args.builder_path)
-    has_builder = not args.skip_builder and (builder / "onnxruntime_genai").is_dir()
+    has_builder = not args.skip_builder and (
+        (builder / "onnxruntime_genai").is_dir() or importlib.util.find_spec("onnxruntime_genai"))
+    kv = [] if args.logits_only else ["--with-past"]
+    artefact = "x.onnx" if args.logits_only else "x/model.onnx --with-past"
+
+    def model(name: str) -> str:
+        """Each loraformat row's output: a folder of its own, like the builder's."""
+        return str(out / name / "model.onnx")
+
     if has_builder:
         add_tokenizer(big)
     elif not args.skip_builder:
@@ -221,26 +244,27 @@ def main() -> int:
     for round_ in range(args.repeat):  # interleaved: a slow spell of the machine hits all rows
         print(f"-- round {round_ + 1} of {args.repeat}", flush=True)
         for dtype in dtypes:
-            run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers)",
+            run(f"loraformat merge -o {artefact} --dtype {dtype} ({args.layers} layers)",
                 [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-                 str(out / f"{dtype}.onnx"), "--dtype", dtype], cold)
-        if "float32" in dtypes:
-            run(f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers), "
+                 model(dtype), "--dtype", dtype, *kv], cold)
+        if "float32" in dtypes and not args.core:
+            run(f"loraformat merge -o {artefact} --dtype float32 ({args.layers} layers), "
                 "LORAFORMAT_PREWRITE=off",
                 [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-                 str(out / "f32_sequential.onnx")],
+                 model("f32_sequential"), *kv],
                 {**cold, "LORAFORMAT_PREWRITE": "off"})
-            run(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)",
+            run(f"loraformat merge -o {artefact} --dtype float32 ({half} layers)",
                 [*lf, "merge", str(bases[half]), str(work / f"peft{half}"), "-o",
-                 str(out / f"f32_{half}.onnx")], cold)
-        if round_ == 0:  # an earlier export of this base fills the cache
+                 model(f"f32_{half}"), *kv], cold)
+        if round_ == 0 and not args.core:  # an earlier export of this base fills the cache
+            (out / "prime").mkdir()
             subprocess.run([*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-                            str(out / "prime.onnx")], env={**os.environ, **warm}, check=True,
+                            model("prime"), *kv], env={**os.environ, **warm}, check=True,
                            stdout=subprocess.DEVNULL)
-        for dtype in [d for d in dtypes if d in ("float32", "int4")]:
-            run(f"loraformat merge -o x.onnx --dtype {dtype} ({args.layers} layers), warm",
+        for dtype in [d for d in dtypes if d in ("float32", "int4") and not args.core]:
+            run(f"loraformat merge -o {artefact} --dtype {dtype} ({args.layers} layers), warm",
                 [*lf, "merge", str(big), str(work / f"peft{args.layers}"), "-o",
-                 str(out / f"{dtype}_warm.onnx"), "--dtype", dtype], warm)
+                 model(f"{dtype}_warm"), "--dtype", dtype, *kv], warm)
         if has_builder:
             env = {"PYTHONPATH": f"{builder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
             for precision in ("fp32", "int4"):
@@ -262,8 +286,8 @@ def main() -> int:
     median = {label: statistics.median(w for w, _ in v) for label, v in rows.items()}
     for ours, theirs in (("float32", "fp32"), ("int4", "int4")):
         for how, suffix in (("cold", ""), ("warm", ", warm")):
-            a = median.get(f"loraformat merge -o x.onnx --dtype {ours} ({args.layers} layers)"
-                           f"{suffix}")
+            a = median.get(f"loraformat merge -o {artefact} --dtype {ours} ({args.layers} "
+                           f"layers){suffix}")
             b = median.get(f"ORT GenAI builder -p {theirs} -e cpu ({args.layers} layers, no "
                            "adapter)")
             if a and b:
@@ -271,12 +295,12 @@ def main() -> int:
 
     ids = np.random.default_rng(0).integers(0, VOCAB, (1, 32), dtype=np.int64)
     base_dtype = "float32" if "float32" in dtypes else "float16"
-    ref = logits(out / f"{base_dtype}.onnx", ids)
+    ref = logits(Path(model(base_dtype)), ids)
     for dtype in dtypes:
         if dtype == base_dtype:
             continue
         start = time.perf_counter()
-        got = logits(out / f"{dtype}.onnx", ids)
+        got = logits(Path(model(dtype)), ids)
         runner = "onnx reference evaluator" if dtype == "bfloat16" else "ONNX Runtime CPU"
         print(f"{dtype} vs {base_dtype} logits (32-token prompt, {runner}, "
               f"{time.perf_counter() - start:.1f} s): cosine {cosine(got, ref):.5f}, max abs "
@@ -284,16 +308,17 @@ def main() -> int:
               f"(|logits| max {float(np.max(np.abs(ref))):.3g})", flush=True)
     # The same comparison for the model builder's own int4 against its fp32: the quality a
     # round-to-nearest int4 quantizer reaches on this (random-weight) model.
-    ref_b = builder_logits(out / "builder_fp32", ids)
-    got_b = builder_logits(out / "builder_int4", ids)
+    ref_b = logits(out / "builder_fp32" / "model.onnx", ids)
+    got_b = logits(out / "builder_int4" / "model.onnx", ids)
     if ref_b is not None and got_b is not None:
         print(f"ORT GenAI builder int4 vs its fp32 logits (same prompt, no adapter): cosine "
               f"{cosine(got_b, ref_b):.5f}")
-    sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    sizes = {f"{p.parent.name}/{p.name}": p.stat().st_size for p in out.glob("*/*")
+             if p.is_file() and p.stat().st_size > 2**20}
     print("output sizes (MiB):", {k: round(v / 2**20) for k, v in sorted(sizes.items())})
     by = {label: (0.0, max(r for _, r in v)) for label, v in rows.items()}
-    deep = by.get(f"loraformat merge -o x.onnx --dtype float32 ({args.layers} layers)")
-    shallow = by.get(f"loraformat merge -o x.onnx --dtype float32 ({half} layers)")
+    deep = by.get(f"loraformat merge -o {artefact} --dtype float32 ({args.layers} layers)")
+    shallow = by.get(f"loraformat merge -o {artefact} --dtype float32 ({half} layers)")
     if deep and shallow:
         print(f"peak RSS {args.layers} vs {half} layers (fp32): {deep[1] / shallow[1]:.3f}x "
               f"(target within 1.15x); fp32 peak {deep[1] / 1024:.2f} GiB (target <= 1.5 GiB)")

@@ -74,6 +74,55 @@ def quant_from_options(
         raise click.UsageError(str(exc)) from None
 
 
+genai_option = click.option(
+    "--no-genai-config", "no_genai", is_flag=True,
+    help="With --with-past: write no genai_config.json and copy no tokenizer files beside the "
+    "model (default: both, so onnxruntime_genai.Model(folder) opens it).")
+
+
+def genai_base_dir(base: str) -> Path:
+    """The checkpoint directory holding BASE's config.json and tokenizer files."""
+    path = Path(base)
+    return path if path.is_dir() else path.parent
+
+
+def check_genai(out: str, base: str, overwrite: bool, no_genai: bool) -> None:
+    """Before a --with-past export: refuse to replace OUT, then the GenAI files beside it,
+    without --overwrite (see :func:`loraformat.export.genai.check_genai_outputs`)."""
+    if not no_genai:
+        from ..atomic import check_output
+        from ..export.genai import check_genai_outputs
+
+        check_output(out, overwrite)
+        check_genai_outputs(out, genai_base_dir(base), overwrite)
+
+
+def write_genai(out: Path, base: str, no_genai: bool) -> Any:
+    """After a --with-past export: genai_config.json and the tokenizer beside OUT (None with
+    --no-genai-config). The model is written by then: what stops the config is a warning."""
+    if no_genai:
+        return None
+    from ..errors import LoraformatError
+    from ..export.genai import GenaiFolder, write_genai_folder
+
+    try:
+        return write_genai_folder(out, genai_base_dir(base), overwrite=True)
+    except LoraformatError as exc:
+        return GenaiFolder(None, note=f"no genai_config.json written: {exc}")
+
+
+def echo_genai(folder: Any) -> None:
+    """The line saying what :func:`write_genai` wrote, and its note (stderr) if it has one."""
+    if folder is None:
+        return
+    files = folder.tokenizer_files
+    if folder.config is not None:
+        click.echo(f"genai: {folder.config} (model.type {folder.model_type})"
+                   + (f", tokenizer: {', '.join(files)}" if files else ", no tokenizer files"))
+    if folder.note:
+        click.echo(f"warning: {folder.note}", err=True)
+
+
 def export_options(**kwargs: object) -> ExportOptions:
     """The :class:`~loraformat.architecture.ExportOptions` for the command's options.
 
@@ -109,6 +158,7 @@ def export_options(**kwargs: object) -> ExportOptions:
               "SkipLayerNorm, FastGelu, RMSNorm); a built-in decoder family's graph is written "
               "fused already (GroupQueryAttention, packed projections), so it changes nothing.")
 @quantization_options
+@genai_option
 @overwrite_option
 @json_option
 def export_command(
@@ -117,7 +167,7 @@ def export_command(
     with_past: bool = False, optimize: bool = False, block_size: int | None = None,
     symmetric: bool = False, accuracy_level: int | None = None,
     quantize_lm_head: bool | None = None,
-    quantize_embeddings: bool = False,
+    quantize_embeddings: bool = False, no_genai: bool = False,
 ) -> None:
     """Export the base checkpoint BASE to the ONNX model OUT (dynamic batch/sequence axes).
 
@@ -133,15 +183,19 @@ def export_command(
         raise click.UsageError("--targets applies only with --lora-slots")
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
+    if no_genai and not with_past:
+        raise click.UsageError("--no-genai-config applies only with --with-past")
+    if with_past:
+        check_genai(out, base, overwrite, no_genai)
     if lora_slots:
         if optimize:
             raise click.UsageError("--optimize cannot be combined with --lora-slots")
         _export_slots(base, out, dtype, opset or DEFAULT_OPSET, verify, overwrite, as_json, targets,
-                      with_past, quant)
+                      with_past, quant, no_genai)
         return
     if with_past:
         _export_decoder(base, out, dtype, opset or DEFAULT_OPSET, verify, optimize, overwrite,
-                        as_json, quant)
+                        as_json, quant, no_genai)
         return
     with progress("exporting") as report:
         result = export_onnx(
@@ -189,7 +243,7 @@ def echo_verify(result: Any) -> None:
 
 def _export_slots(
     base: str, out: str, dtype: str, opset: int, verify: bool, overwrite: bool, as_json: bool,
-    targets: tuple[str, ...], with_past: bool = False, quant: Any = None,
+    targets: tuple[str, ...], with_past: bool = False, quant: Any = None, no_genai: bool = False,
 ) -> None:
     """``export --lora-slots [--with-past]``: see :func:`.slots.export_with_slots`."""
     from ..export.slots import export_with_slots
@@ -200,8 +254,9 @@ def _export_slots(
             base, out, targets=names or None, dtype=dtype, opset=opset, verify_output=verify,
             overwrite=overwrite, progress=report, with_past=with_past, quant=quant,
         )
+    genai = write_genai(result.path, base, no_genai or not with_past)
     if as_json:
-        echo_json(result.to_json())
+        echo_json({**result.to_json(), "genai": genai.to_json() if genai else None})
         return
     click.echo(
         f"exported {Path(base)} to {result.path} with {len(result.slots)} LoRA slot(s): opset "
@@ -214,11 +269,12 @@ def _export_slots(
             f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime (no adapter) "
             f"and torch on random inputs (tolerance {result.tolerance:.3g}): ok"
         )
+    echo_genai(genai)
 
 
 def _export_decoder(
     base: str, out: str, dtype: str, opset: int, verify: bool, optimize: bool, overwrite: bool,
-    as_json: bool, quant: Any = None,
+    as_json: bool, quant: Any = None, no_genai: bool = False,
 ) -> None:
     """``export --with-past``: see :func:`loraformat.export.decoder.export_decoder`."""
     from ..export.decoder import export_decoder
@@ -228,8 +284,9 @@ def _export_decoder(
             base, out, dtype=dtype, opset=opset, optimize=optimize, verify_output=verify,
             overwrite=overwrite, progress=report, quant=quant,
         )
+    genai = write_genai(result.path, base, no_genai)
     if as_json:
-        echo_json(result.to_json())
+        echo_json({**result.to_json(), "genai": genai.to_json() if genai else None})
         return
     click.echo(
         f"exported {Path(base)} to {result.path} with a KV cache: opset {result.export.opset}, "
@@ -244,3 +301,4 @@ def _export_decoder(
             f"(tolerance "
             f"{result.tolerance:.3g}): ok"
         )
+    echo_genai(genai)

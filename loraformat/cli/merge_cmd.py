@@ -10,7 +10,16 @@ import click
 from .. import sniff
 from ..format.adapter import Adapter
 from ._common import echo_json, from_option, json_option, overwrite_option, progress
-from .export_cmd import EXPORT_DTYPES, echo_verify, quant_from_options, quantization_options
+from .export_cmd import (
+    EXPORT_DTYPES,
+    check_genai,
+    echo_genai,
+    echo_verify,
+    genai_option,
+    quant_from_options,
+    quantization_options,
+    write_genai,
+)
 
 _DTYPES = click.Choice(EXPORT_DTYPES)
 
@@ -76,10 +85,15 @@ def _base_is_onnx() -> bool:
     return _given_base_kind() == sniff.ONNX_MODEL
 
 
-def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool) -> None:
-    """Print what ``result`` (every merge/export result gives its own ``to_json()``) says."""
+def _report(
+    kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool, genai: Any = None
+) -> None:
+    """Print what ``result`` (every merge/export result gives its own ``to_json()``) says, and
+    the GenAI folder a --with-past export wrote (``genai``)."""
     given = click.get_current_context().meta.get("adapter_arguments", ())
     data = {"adapters": list(given), **result.to_json()}
+    if genai is not None:
+        data["genai"] = genai.to_json()
     survival = getattr(result, "survival", None)  # quantized merges: what the adapter kept
     if as_json:
         echo_json(data)
@@ -105,6 +119,7 @@ def _report(kind: str, result: Any, adapters: tuple[Adapter, ...], as_json: bool
             click.echo(line)
     if survival is not None and survival.warning():
         click.echo(f"warning: {survival.warning()}", err=True)
+    echo_genai(genai)
 
 
 def _merge_quantized(
@@ -179,6 +194,7 @@ def _merge_quantized(
                    "checkpoint, the QLoRA recipe).")
 @from_option
 @quantization_options
+@genai_option
 @overwrite_option
 @json_option
 def merge_command(
@@ -188,7 +204,7 @@ def merge_command(
     qtype: str | None = None, requantize: bool = False, from_: str | None = None,
     block_size: int | None = None, symmetric: bool = False, accuracy_level: int | None = None,
     quantize_lm_head: bool | None = None,
-    quantize_embeddings: bool = False,
+    quantize_embeddings: bool = False, no_genai: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).
 
@@ -207,6 +223,8 @@ def merge_command(
     )
     if optimize and not with_past:
         raise click.UsageError("--optimize applies only with --with-past")
+    if no_genai and not with_past:
+        raise click.UsageError("--no-genai-config applies only with --with-past")
     quantized = _merge_quantized(base, adapters, out, weights, qtype, requantize, force,
                                  allow_nonfinite, overwrite,
                                  bool(dtype or opset or verify or with_past or unshare))
@@ -222,6 +240,7 @@ def merge_command(
         from ..export.decoder import export_decoder
         from ..export.onnx import DEFAULT_OPSET
 
+        check_genai(out, base, overwrite, no_genai)
         with progress("merging") as bar:
             result = export_decoder(
                 base, out, adapters=list(adapters), weights=list(weights),
@@ -229,7 +248,7 @@ def merge_command(
                 verify_output=verify, force=force, allow_nonfinite=allow_nonfinite,
                 overwrite=overwrite, progress=bar, quant=quant,
             )
-        _report("merged", result, adapters, as_json)
+        _report("merged", result, adapters, as_json, write_genai(result.path, base, no_genai))
         return
     if _base_is_onnx():
         from ..merge.onnx_surgery import merge_onnx
