@@ -243,10 +243,57 @@ def rope_from_config(
         long = torch.tensor(params["long_factor"], dtype=torch.float32)
         base = theta**exponents
         return Rope(1.0 / (short * base), dim, float(attention), 1.0 / (long * base), original)
+    if kind == "yarn":
+        return yarn_rope(params, config, theta, dim, where)
     raise where.config_error(
         f"rope type {kind!r} is not supported by the decoder export module "
-        "(supported: default, linear, llama3, longrope)"
+        "(supported: default, linear, llama3, longrope, yarn)"
     )
+
+
+def yarn_rope(
+    params: Mapping[str, Any], config: Mapping[str, Any], theta: float, dim: int,
+    where: CheckpointInfo,
+) -> Rope:
+    """YaRN (gpt-oss, DeepSeek, Qwen long context) as transformers computes it: frequencies
+    between the correction range's bounds (``beta_fast``/``beta_slow`` rotations over the
+    original context) ramp from interpolated (÷ factor) to extrapolated, and cos/sin are
+    scaled by the attention factor (given, else from ``mscale``/``mscale_all_dim``, else
+    0.1·ln(factor) + 1)."""
+    import torch
+
+    original = params.get("original_max_position_embeddings",
+                          config.get("original_max_position_embeddings"))
+    if original is None:
+        raise where.config_error("yarn needs 'original_max_position_embeddings'")
+    original = int(original)
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else float(
+        config.get("max_position_embeddings", original)) / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = correction_dim(float(params.get("beta_fast") or 32))
+    high = correction_dim(float(params.get("beta_slow") or 1))
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolated = 1 - ramp
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+    return Rope(inv_freq, dim, float(attention))
 
 
 def rotate(x: Any, position_ids: Any, rope: Rope, inv_freq: Any, long_inv_freq: Any) -> Any:

@@ -10,7 +10,7 @@ transformers logits (cosine). ONNX Runtime 1.32's CPU provider runs every graph 
 
 The checkpoints are tests/tiny_moe.py's with hidden size 64 (GroupQueryAttention's CPU kernel
 needs head sizes that are multiples of 16) and expert width 32 (QMoE quantizes in blocks of 32
-along both the hidden and the expert width).
+along both the hidden and the expert width); gpt-oss's rope is YaRN as in the published models.
 """
 
 from __future__ import annotations
@@ -32,9 +32,15 @@ PROMPT = [5, 17, 33, 8, 90, 41, 12, 66, 3, 27, 54]
 SIZES = {"hidden_size": 64}
 
 
-def sizes(family: str) -> dict[str, int]:
+#: gpt-oss's published rope (YaRN, untruncated ramp), scaled down to the tiny context
+GPT_OSS_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "original_max_position_embeddings": 16, "truncate": False}
+
+
+def sizes(family: str) -> dict[str, object]:
     inner = "moe_intermediate_size" if family.startswith("qwen") else "intermediate_size"
-    return {**SIZES, inner: 32}
+    rope = {"rope_parameters": GPT_OSS_YARN} if family == "gpt_oss" else {}
+    return {**SIZES, inner: 32, **rope}
 
 
 @pytest.fixture(scope="module")
