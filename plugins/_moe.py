@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 
 from loraformat.architecture import (
     SAME,
-    ArchitectureBase,
     CheckpointInfo,
     DenseLayer,
     ExpertStorage,
@@ -203,7 +202,12 @@ class MoeFamily(DecoderFamily):
     def export_model(
         self, checkpoint: CheckpointInfo, tensors: object, options: ExportOptions
     ) -> ExportModel:
-        return ArchitectureBase.export_model(self, checkpoint, tensors, options)  # type: ignore[arg-type]
+        # The KV-cache decoder is emitted from spec() (ONNX Runtime's MoE/QMoE ops); no torch
+        # module is traced, so neither a plain export nor --verify (which runs one) has one.
+        raise checkpoint.error(
+            f"the {self.id!r} architecture has no torch export module: a mixture-of-experts "
+            "model exports as the KV-cache decoder (--with-past), without --verify"
+        )
 
     def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
         return None
