@@ -10,7 +10,8 @@ transformers logits (cosine). ONNX Runtime 1.32's CPU provider runs every graph 
 
 The checkpoints are tests/tiny_moe.py's with hidden size 64 (GroupQueryAttention's CPU kernel
 needs head sizes that are multiples of 16) and expert width 32 (QMoE quantizes in blocks of 32
-along both the hidden and the expert width); gpt-oss's rope is YaRN as in the published models.
+along both the hidden and the expert width); gpt-oss's rope is YaRN as in the published models;
+Qwen2-MoE's first layer keeps a dense MLP (``mlp_only_layers``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ GPT_OSS_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta
 
 def sizes(family: str) -> dict[str, object]:
     inner = "moe_intermediate_size" if family.startswith("qwen") else "intermediate_size"
-    rope = {"rope_parameters": GPT_OSS_YARN} if family == "gpt_oss" else {}
-    return {**SIZES, inner: 32, **rope}
+    extra: dict[str, object] = {}
+    if family == "gpt_oss":
+        extra["rope_parameters"] = GPT_OSS_YARN
+    if family == "qwen2_moe":  # layer 0 keeps a dense MLP (mlp_only_layers)
+        extra["mlp_only_layers"] = [0]
+    return {**SIZES, inner: 32, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,8 @@ def test_moe_decoder_equals_peft_merge_and_generates_like_transformers(built, fa
     root, base, adapter, merged = built(family)
     out = export(root, base, adapter, "merged.onnx")
     ops = [n.op_type for n in onnx.load(out).graph.node]
-    assert ops.count("MoE") == 2 and ops.count("GroupQueryAttention") == 2
+    routed = 1 if family == "qwen2_moe" else 2
+    assert ops.count("MoE") == routed and ops.count("GroupQueryAttention") == 2
     if family == "gpt_oss":  # sinks as GroupQueryAttention's head_sink input
         gqa = [n for n in onnx.load(out).graph.node if n.op_type == "GroupQueryAttention"]
         assert all(n.input[11].endswith("self_attn.sinks") for n in gqa)
