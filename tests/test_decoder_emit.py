@@ -266,7 +266,7 @@ def test_slot_decoder_is_emitted_and_equals_peft_merge(family_setup, family, tar
     from loraformat.export.slots import export_with_slots
     from loraformat.runtime import Session
 
-    root, base, adapter = family_setup(family)
+    _, base, adapter = family_setup(family)
     if targets is not None:  # an adapter on q/v only, slots on q/v only
         adapter = tf.peft_adapter(base, family, tmp_path / "qv", target_modules=list(targets),
                                   lora_alpha=16)

@@ -1,8 +1,12 @@
 """Generation-ready export of a (merged) decoder: KV-cache inputs and outputs, optionally fused.
 
-The graph is the plugin's export module built with ``ExportOptions(with_past=True)`` and exported
-by :func:`loraformat.export.onnx.export_onnx` (same weights, names and external-data rules as a
-plain export). Its interface is the one optimum and ONNX Runtime users know:
+For a built-in decoder family (a plugin whose ``spec(checkpoint)`` describes its decoder) the
+graph is written op by op from that description by :mod:`.emitter` — GroupQueryAttention,
+packed projections, MatMulNBits; fused already, so ``optimize`` has nothing to do — with the
+plugin's torch export module as the ``verify_output`` oracle. Otherwise it is the plugin's export
+module built with ``ExportOptions(with_past=True)`` and traced by
+:func:`loraformat.export.onnx.export_onnx` (same weights, names and external-data rules as a
+plain export). Either way its interface is the one optimum and ONNX Runtime users know:
 
 ========================== ========================================== =========
 name                       shape                                      dtype
