@@ -253,3 +253,57 @@ def _info(base):
 
     with open_base(base) as model:
         return model.info
+
+
+@pytest.mark.parametrize("family,targets", [
+    ("llama", None), ("phi3", None), ("gemma3", None), ("qwen2", ("q_proj", "v_proj")),
+])
+def test_slot_decoder_is_emitted_and_equals_peft_merge(family_setup, family, targets, tmp_path):
+    """`export --lora-slots --with-past` of a built-in family comes from the emitter: slots on
+    the packed projections (each layer's part of the packed output gets its own term), and the
+    runtime Session with PEFT's adapter in the slots gives PEFT's merged logits through the
+    KV cache; with no adapter, the base's."""
+    from loraformat.export.slots import export_with_slots
+    from loraformat.runtime import Session
+
+    _, base, adapter = family_setup(family)
+    if targets is not None:  # an adapter on q/v only, slots on q/v only
+        adapter = tf.peft_adapter(base, family, tmp_path / "qv", target_modules=list(targets),
+                                  lora_alpha=16)
+    result = export_with_slots(base, tmp_path / "slots.onnx", with_past=True, targets=targets,
+                               verify_output=True)
+    assert result.traced.startswith("emitted")
+    assert result.max_abs_diff <= result.tolerance
+    layers = 2 * (2 if targets else (4 if family == "phi3" else 7))
+    assert len(result.slots) == layers + (1 if targets is None and family != "gemma3" else 0)
+    ops = [n.op_type for n in onnx.load(result.path).graph.node]
+    assert ops.count("GroupQueryAttention") == 2
+
+    ids = np.array([PROMPT, PROMPT[::-1]])
+    merged = peft_merged(base, adapter)
+    with torch.no_grad():
+        want = merged(torch.from_numpy(ids)).logits.numpy()
+        plain = tf.load_transformers(base)(torch.from_numpy(ids)).logits.numpy()
+    with Session(result.path) as session:
+        session.load("x", adapter)
+        got = _session_steps(session, ids, 9, "x")
+        none = _session_steps(session, ids, 9, None)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(none - plain).max() <= 1e-4 * np.abs(plain).max()
+
+
+def _session_steps(session, ids: np.ndarray, split: int, adapter) -> np.ndarray:
+    shapes = {i.name: i.shape for i in session.inner.get_inputs()}
+    past = {n: np.zeros((ids.shape[0], s[1], 0, s[3]), np.float32) for n, s in shapes.items()
+            if n.startswith("past_key_values.")}
+    logits, start = [], 0
+    for stop in [split, *range(split + 1, ids.shape[1] + 1)]:
+        feed = {"input_ids": ids[:, start:stop],
+                "attention_mask": np.ones((ids.shape[0], stop), np.int64),
+                "position_ids": np.tile(np.arange(start, stop), (ids.shape[0], 1)), **past}
+        out = session.run(feed, adapter=adapter)
+        logits.append(out[0])
+        presents = dict(zip(session.output_names[1:], out[1:], strict=True))
+        past = {n.replace("present.", "past_key_values."): v for n, v in presents.items()}
+        start = stop
+    return np.concatenate(logits, axis=1)

@@ -1,8 +1,12 @@
 """Generation-ready export of a (merged) decoder: KV-cache inputs and outputs, optionally fused.
 
-The graph is the plugin's export module built with ``ExportOptions(with_past=True)`` and exported
-by :func:`loraformat.export.onnx.export_onnx` (same weights, names and external-data rules as a
-plain export). Its interface is the one optimum and ONNX Runtime users know:
+For a built-in decoder family (a plugin whose ``spec(checkpoint)`` describes its decoder) the
+graph is written op by op from that description by :mod:`.emitter` — GroupQueryAttention,
+packed projections, MatMulNBits; fused already, so ``optimize`` has nothing to do — with the
+plugin's torch export module as the ``verify_output`` oracle. Otherwise it is the plugin's export
+module built with ``ExportOptions(with_past=True)`` and traced by
+:func:`loraformat.export.onnx.export_onnx` (same weights, names and external-data rules as a
+plain export). Either way its interface is the one optimum and ONNX Runtime users know:
 
 ========================== ========================================== =========
 name                       shape                                      dtype
@@ -213,6 +217,8 @@ def export_decoder(
     progress: Progress | None = None,
     quant: QuantOptions | None = None,
     emit: bool = True,
+    slots: Sequence[str] = (),
+    metadata: Mapping[str, str] | None = None,
 ) -> DecoderExportResult:
     """Export the decoder ``base`` (with ``adapters`` merged, weighted) with a KV cache to ``out``.
 
@@ -226,6 +232,10 @@ def export_decoder(
     already fused (GroupQueryAttention, packed projections, SkipSimplifiedLayerNormalization),
     and ``optimize`` has nothing left to do; otherwise it is traced from the plugin's export
     module. ``result.graph`` says which, and why not emitted. ``emit=False`` forces the trace.
+
+    ``slots`` (layer paths; emitted graphs only, :func:`~.slots.export_with_slots` traces the
+    rest) gives those layers LoRA slots with zero-rank defaults, ``metadata`` goes into the
+    model's metadata; ``verify_output`` then checks the graph with no adapter active.
     """
     from .optimize import optimize_graph
 
@@ -316,11 +326,14 @@ def export_decoder(
             result.export = export_emitted(
                 model, spec, target, plan, dtype=dtype, quant=quant, opset=opset,
                 external_data=external_data, progress=progress,
-                verifier=verify_emitted if verify_output else None,
+                verifier=verify_emitted if verify_output else None, slots=slots,
+                metadata=metadata,
             )
             result.nodes, result.graph = result.export.nodes, "emitted"
             return result
         result.graph = f"traced ({why})"
+        if slots or metadata:
+            raise LoraformatError(target, f"a slot decoder is emitted only, not traced: {why}")
         base = model
 
     # fp16 with fusions: export in fp32, fuse, then convert (ONNX Runtime's converter keeps
@@ -374,6 +387,8 @@ def export_emitted(
     external_data: bool | None,
     progress: Progress | None,
     verifier: Callable[[Path, ExportModel], None] | None,
+    slots: Sequence[str] = (),
+    metadata: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Write the decoder ``spec`` describes (:mod:`.emitter`) to ``target``, weights streamed
     through ``plan``. ``verifier(temporary path, oracle)`` gets the plugin's torch export module
@@ -383,13 +398,17 @@ def export_emitted(
 
     options = EmitOptions("float32" if quant is not None else dtype, quant,
                           max_positions(model.config), opset)
-    graph = emit_decoder(spec, model.checkpoint, plan, options, progress)
+    from .slots import add_slot_defaults
+
+    graph = emit_decoder(spec, model.checkpoint, plan, options, progress, slots)
+    add_slot_defaults(graph, slots)
+    graph.metadata_props.update(metadata or {})
     if external_data is None:
         external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
     result = ExportResult(
         path=target, external_data=None, opset=opset, dtype=dtype, nodes=len(list(graph.graph)),
         initializers=len(graph.graph.initializers), tensors_changed=len(plan.ops) if plan else 0,
-        input_names=[v.name for v in graph.graph.inputs],
+        input_names=[v.name for v in graph.graph.inputs if v.name not in graph.graph.initializers],
         output_names=[v.name for v in graph.graph.outputs],
         quantized_layers=sum(n.op_type == "MatMulNBits" for n in graph.graph),
         traced="emitted from the decoder description",
@@ -403,8 +422,15 @@ def export_emitted(
             lambda: model.arch.export_model(model.info, tensors, ExportOptions(with_past=True)),
             tensors,
         ), torch_dtype)
-        with weights_on_demand(exported.module, model.checkpoint, plan, torch_dtype):
-            verifier(path, exported)
+        import onnxruntime
+
+        # ORT warns once per slot that an initializer is also a graph input: by design (slots)
+        onnxruntime.set_default_logger_severity(3)
+        try:
+            with weights_on_demand(exported.module, model.checkpoint, plan, torch_dtype):
+                verifier(path, exported)
+        finally:
+            onnxruntime.set_default_logger_severity(2)  # ORT's default
 
     result.external_data = save_model(graph, target, external_data,
                                       check if verifier is not None else None)

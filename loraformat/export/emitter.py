@@ -212,10 +212,16 @@ def emit_decoder(
     plan: MergePlan | None,
     options: EmitOptions,
     progress: Callable[[int, int], None] | None = None,
+    slots: Sequence[str] = (),
 ) -> Any:
     """The onnx_ir model of the KV-cache decoder ``spec`` describes, its weights lazy: each read
     from ``checkpoint`` through ``plan`` (merged), laid out (packed, transposed, quantized) and
-    cast only while it is written."""
+    cast only while it is written.
+
+    ``slots``: layer paths that get a LoRA slot (:mod:`.slots`' convention: inputs
+    ``P.lora_A`` [in, rank_i] and ``P.lora_B`` [rank_i, out], in the float type, after the
+    model's own inputs, in this order; ``y += (x·A)·B``). A packed projection's output is split
+    per layer where one of its layers has a slot, and each part gets its own term."""
     import onnx_ir as ir
 
     float_np = {"float32": np.float32, "float16": np.float16}.get(options.dtype)
@@ -290,6 +296,29 @@ def emit_decoder(
     def value(name: str, dtype: Any, shape: Sequence[Any]) -> Any:
         return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(shape)))
 
+    slot_index = {path: i for i, path in enumerate(slots)}
+    slot_inputs: dict[int, list[Any]] = {}
+
+    def with_slots(x: Any, y: Any, parts: Sequence[str], split: bool = False) -> list[Any]:
+        """``y`` (x through the packed layers ``parts``) as one output per layer, each with its
+        slot's term where it has one; unsplit ([y]) when no part has a slot, unless ``split``."""
+        if not split and not any(p in slot_index for p in parts):
+            return [y]
+        sizes = [int(checkpoint.info(p + ".weight").shape[0]) for p in parts]
+        k = int(checkpoint.info(parts[0] + ".weight").shape[1])
+        outs = list(b.op("Split", [y, b.ints(*sizes)], outputs=len(parts), axis=-1)) \
+            if len(parts) > 1 else [y]
+        for j, (path, n) in enumerate(zip(parts, sizes, strict=True)):
+            if path not in slot_index:
+                continue
+            i = slot_index[path]
+            lora_a = value(path + ".lora_A", float_type, [k, f"rank_{i}"])
+            lora_b = value(path + ".lora_B", float_type, [f"rank_{i}", n])
+            slot_inputs[i] = [lora_a, lora_b]
+            term = b.op("MatMul", [b.op("MatMul", [x, lora_a]), lora_b])
+            outs[j] = b.op("Add", [outs[j], term])
+        return outs
+
     input_ids = value("input_ids", ir.DataType.INT64, ["batch", "sequence"])
     attention_mask = value("attention_mask", ir.DataType.INT64, ["batch", "total_sequence"])
     position_ids = value("position_ids", ir.DataType.INT64, ["batch", "sequence"])
@@ -352,8 +381,11 @@ def emit_decoder(
         gate_parts = [mlp + "gate_up_proj"] if spec.fused_gate_up else [
             mlp + "gate_proj", mlp + "up_proj"]
         inner = sum(int(checkpoint.info(p + ".weight").shape[0]) for p in gate_parts) // 2
-        gate_up = dense(h, mlp + "gate_up_proj", gate_parts, packed(gate_parts, ".bias"))
-        gate, up = b.op("Split", [gate_up, b.ints(inner, inner)], outputs=2, axis=-1)
+        gate_up = with_slots(h, dense(h, mlp + "gate_up_proj", gate_parts,
+                                      packed(gate_parts, ".bias")), gate_parts, split=True)
+        if len(gate_up) == 1:  # Phi-3's fused gate_up_proj
+            gate_up = list(b.op("Split", [gate_up[0], b.ints(inner, inner)], outputs=2, axis=-1))
+        gate, up = gate_up
         act = ACTIVATIONS[str(spec.activation)]
         if act == "silu":
             gate = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
@@ -361,8 +393,11 @@ def emit_decoder(
             gate = b.op("FastGelu", [gate], domain=MS_DOMAIN)
         else:
             gate = b.op("Gelu", [gate], domain=MS_DOMAIN)
-        return dense(b.op("Mul", [gate, up]), mlp + "down_proj", [mlp + "down_proj"],
-                     packed([mlp + "down_proj"], ".bias"))
+        down_parts = [mlp + "down_proj"]
+        hidden = b.op("Mul", [gate, up])
+        (out,) = with_slots(hidden, dense(hidden, mlp + "down_proj", down_parts,
+                                          packed(down_parts, ".bias")), down_parts)
+        return out
 
     def plain_norm(x: Any, path: str) -> Any:
         return b.op("SimplifiedLayerNormalization", [x, norm_weight(path)], axis=-1,
@@ -377,14 +412,14 @@ def emit_decoder(
             parts = [attn + "qkv_proj"]
         else:
             parts = [attn + "q_proj", attn + "k_proj", attn + "v_proj"]
-        qkv = dense(h, attn + "qkv_proj", parts, packed(parts, ".bias"))
+        qkv = with_slots(h, dense(h, attn + "qkv_proj", parts, packed(parts, ".bias")), parts)
+        if len(qkv) == 1 and spec.qk_norm:  # Phi-3-style fused layer or no slot: split here
+            qkv = list(b.op("Split", [qkv[0], b.ints(q_size, kv_size, kv_size)], outputs=3,
+                            axis=-1))
         if spec.qk_norm:
-            q, k, v = b.op("Split", [qkv, b.ints(q_size, kv_size, kv_size)], outputs=3, axis=-1)
-            q = _head_norm(b, q, norm_weight(attn + "q_norm"), hd, q_size, spec.eps)
-            k = _head_norm(b, k, norm_weight(attn + "k_norm"), hd, kv_size, spec.eps)
-            qkv_inputs = [q, k, v]
-        else:
-            qkv_inputs = [qkv, None, None]
+            qkv[0] = _head_norm(b, qkv[0], norm_weight(attn + "q_norm"), hd, q_size, spec.eps)
+            qkv[1] = _head_norm(b, qkv[1], norm_weight(attn + "k_norm"), hd, kv_size, spec.eps)
+        qkv_inputs = qkv if len(qkv) == 3 else [qkv[0], None, None]
         cos, sin = caches[spec.rope_of[i]]
         window = spec.windows[i]
         outputs = ["", f"present.{i}.key", f"present.{i}.value"]
@@ -403,8 +438,9 @@ def emit_decoder(
             do_rotary=1, rotary_interleaved=0,
         )
         presents += [present_k, present_v]
-        attended = dense(attended, attn + "o_proj", [attn + "o_proj"],
-                         packed([attn + "o_proj"], ".bias"))
+        o_parts = [attn + "o_proj"]
+        (attended,) = with_slots(attended, dense(attended, attn + "o_proj", o_parts,
+                                                 packed(o_parts, ".bias")), o_parts)
         # MLP
         if spec.sandwich_norm:
             attended = plain_norm(attended, block + "post_attention_layernorm")
@@ -413,6 +449,14 @@ def emit_decoder(
             h = add_norm(attended, block + "post_attention_layernorm")
         moe = getattr(spec, "moe", None)
         if moe is not None and moe.routed[i]:
+            routed = [block + moe.router, block + (moe.shared_gate or moe.router)] + [
+                block + t.split("{e}")[0] for st in (moe.gate_up, moe.down)
+                for t in (st.per_expert or (st.parameter,))]
+            slotted = [p for p in slot_index if p.startswith(tuple(routed))]
+            if slotted:
+                raise LoraformatError(None, (
+                    f"{slotted[0]}: ONNX Runtime's MoE/QMoE ops take no LoRA on the router or "
+                    "the experts; give slots to the attention (or merge the expert LoRA)"))
             out = _moe_block(b, h, block, moe, source, options, dense, float_weight)
             if moe.shared_expert is not None:
                 shared = gated_mlp(h, block + moe.shared_expert + ".")
@@ -442,6 +486,10 @@ def emit_decoder(
     else:
         logits = dense(h, "lm_head", [head_name.removesuffix(".weight")], head_bias,
                        quantize=head_quant)
+    if "lm_head" in slot_index:
+        if tied:
+            raise ValueError("a tied head has no lm_head layer to give a slot")
+        (logits,) = with_slots(h, logits, ["lm_head"])
     if spec.final_softcap is not None:
         cap = b.scalar(float(spec.final_softcap))
         logits = b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap])]), cap])
@@ -456,7 +504,9 @@ def emit_decoder(
         present.name = f"present.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
 
     graph = ir.Graph(
-        [input_ids, attention_mask, position_ids, *pasts], [logits, *presents], nodes=b.nodes,
+        [input_ids, attention_mask, position_ids, *pasts,
+         *(v for i in sorted(slot_inputs) for v in slot_inputs[i])],
+        [logits, *presents], nodes=b.nodes,
         initializers=list(b.initializers.values()),
         opset_imports={"": options.opset, MS_DOMAIN: 1}, name=f"{spec.family} decoder",
     )
