@@ -234,3 +234,29 @@ def test_onnxruntime_genai_runs_the_gpt_oss_export(built):
     if eos in expected:  # GenAI stops at the config's end-of-sequence token
         expected = expected[:expected.index(eos) + 1]
     assert got == expected
+
+
+def test_lora_slots_on_the_attention_of_a_moe_decoder(built, tmp_path):
+    """`export --with-past --lora-slots`: attention slots work on a MoE decoder (with their
+    zero-rank defaults it is the base model); the default (every dense layer) includes the
+    router and experts, which ONNX Runtime's MoE ops cannot take LoRA on: refused, naming the
+    --targets that work."""
+    _, base, _, merged = built("qwen3_moe")
+    out = tmp_path / "slots.onnx"
+    run = run_cli("export", base, "-o", out, "--with-past", "--lora-slots", "--targets",
+                  "q_proj,v_proj")
+    assert run.code == 0, run.err
+    graph = onnx.load(out).graph
+    assert sum("lora" in i.name.lower() for i in graph.input) >= 2 * 2 * 2  # A, B × q, v × 2
+    ids = np.array([PROMPT])
+    with torch.no_grad():
+        ref = type(merged).from_pretrained(base).eval()(torch.from_numpy(ids)).logits.numpy()
+    got = run_steps(out, ids, 8)
+    assert np.abs(got - ref).max() <= 1e-4 * float(np.abs(ref).max())
+
+    (tmp_path / "all").mkdir()
+    run = run_cli("export", base, "-o", tmp_path / "all" / "all.onnx", "--with-past",
+                  "--lora-slots")
+    assert run.code != 0
+    assert "MoE/QMoE ops take no LoRA on the router or the experts" in run.err
+    assert "--targets q_proj,v_proj" in run.err and not list((tmp_path / "all").iterdir())

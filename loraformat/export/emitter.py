@@ -456,7 +456,8 @@ def emit_decoder(
             if slotted:
                 raise LoraformatError(None, (
                     f"{slotted[0]}: ONNX Runtime's MoE/QMoE ops take no LoRA on the router or "
-                    "the experts; give slots to the attention (or merge the expert LoRA)"))
+                    "the experts: give slots to the attention (--targets q_proj,v_proj) and "
+                    "merge the expert LoRA"))
             out = _moe_block(b, h, block, moe, source, options, dense, float_weight)
             if moe.shared_expert is not None:
                 shared = gated_mlp(h, block + moe.shared_expert + ".")
