@@ -188,9 +188,10 @@ def _check_dense_layers(arch: Any, info: CheckpointInfo) -> list[DenseLayer]:
             )
         if layer.bias is not None:
             bias = shapes.get(layer.bias)
+            expected = (*((layer.experts,) if layer.experts else ()), layer.out_features)
             p.check(
-                bias is not None and tuple(bias) == (layer.out_features,),
-                f"{where}: bias {layer.bias!r} has shape {bias}, expected [{layer.out_features}]",
+                bias is not None and tuple(bias) == expected,
+                f"{where}: bias {layer.bias!r} has shape {bias}, expected {list(expected)}",
             )
         if layer.parts:
             spans = [(part.start, part.stop) for part in layer.parts]

@@ -179,3 +179,36 @@ def test_gguf_expert_lora_round_trip(built, family, tmp_path):
         np.testing.assert_array_equal(back.layer(path).A, original.layer(path).A)
         np.testing.assert_array_equal(back.layer(path).B, original.layer(path).B)
         assert back.scale(path) == original.scale(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conformance_kit_without_export(built, family):
+    """Every contract question but the export module (MoE ONNX export is not written yet)."""
+    from loraformat.testing import check_plugin
+
+    base, _, _, _ = built(family)
+    report = check_plugin(base, family, export=False)
+    assert {"peft", "gguf"} <= set(report.foreign_names)
+    layers = {layer.path: layer for layer in report.layers}
+    if family == "gpt_oss":
+        stack = layers["model.layers.0.mlp.experts.gate_up_proj"]
+        assert (stack.experts, stack.layout, stack.in_features, stack.out_features) == (
+            EXPERTS, "in_out", 32, 48)
+    else:
+        assert sum(".experts." in p for p in layers) == 2 * 3 * EXPERTS  # 2 blocks × 3 parts
+
+
+def test_checkpoint_no_plugin_covers_with_per_expert_tensors_is_refused(built, tmp_path):
+    """PEFT's stacked parameter has no tensor in a per-expert checkpoint no plugin describes:
+    refused in one line naming what is missing."""
+    base, adapter, _, _ = built("qwen3_moe")
+    toy = tmp_path / "toy"
+    toy.mkdir()
+    (toy / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="toy_moe", architectures=["ToyMoeForCausalLM"])
+    (toy / "config.json").write_text(json.dumps(config))
+    result = run_cli("merge", toy, adapter, "-o", tmp_path / "merged")
+    assert result.code == 1
+    assert "the base has no 3-D tensor model.layers.0.mlp.experts." in result.error
+    assert "per expert needs a plugin" in result.error

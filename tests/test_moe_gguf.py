@@ -77,3 +77,33 @@ def test_llama_cpp_expert_lora_gives_peft_merge(family, tmp_path):
     for name, value in after.items():
         scale = float(np.abs(value).max()) or 1.0
         np.testing.assert_allclose(ours[name], value, rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+def test_merge_into_quantized_experts_reports_survival(tmp_path):
+    """--type Q8_0: the stacked expert tensors are requantized and measured like any other."""
+    import json
+
+    base = checkpoint("qwen3_moe", tmp_path / "base", moe_intermediate_size=32)  # Q8_0 blocks
+    adapter, peft_model = peft_adapter("qwen3_moe", base, tmp_path / "peft")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    (tmp_path / "merged" / "config.json").write_text((base / "config.json").read_text())
+    convert(base, tmp_path / "base.gguf")
+    after = convert(tmp_path / "merged", tmp_path / "merged.gguf")
+    result = run_cli("merge", tmp_path / "base.gguf", adapter, "-o", tmp_path / "q8.gguf",
+                     "--type", "Q8_0", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert "blk.0.ffn_gate_exps.weight" in json.dumps(report)
+    from loraformat.quant import ggml
+
+    for tensor in _reader(tmp_path / "q8.gguf").tensors:
+        if not tensor.name.endswith("_exps.weight"):
+            continue
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        assert tensor.tensor_type.name == "Q8_0"
+        ours = ggml.dequantize(np.array(tensor.data), tensor.tensor_type, shape)
+        expected = after[tensor.name]
+        # Q8_0 steps: each 32-value block's max / 127 (float16 scale: just over half a step)
+        step = np.abs(expected).reshape(-1, 32).max(axis=1) / 127
+        error = np.abs(ours - expected).reshape(-1, 32).max(axis=1)
+        assert (error <= step * 0.6 + 1e-6).all(), tensor.name

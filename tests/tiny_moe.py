@@ -24,33 +24,38 @@ COMMON = dict(
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def model(family: str, seed: int = 0, **sizes: Any) -> Any:
-    """A fresh ``*ForCausalLM`` of ``family`` (eval mode); ``sizes`` override config values
-    (``COMMON``'s and the family's)."""
+def model(family: str, seed: int = 0, **overrides: Any) -> Any:
+    """A fresh ``*ForCausalLM`` of ``family`` (eval mode); ``overrides``: config values."""
     import transformers as tf
 
     torch.manual_seed(seed)
     if family == "qwen3_moe":
-        own, make = dict(
-            intermediate_size=64, moe_intermediate_size=24, num_experts=EXPERTS,
-            num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
-        ), (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM)
+        config = tf.Qwen3MoeConfig(**{
+            **dict(intermediate_size=64, moe_intermediate_size=24, num_experts=EXPERTS,
+                   num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1,
+                   mlp_only_layers=[]),
+            **COMMON, **overrides,
+        })
+        m = tf.Qwen3MoeForCausalLM(config)
     elif family == "qwen2_moe":
-        own, make = dict(
+        config = tf.Qwen2MoeConfig(
             intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
             num_experts=EXPERTS, num_experts_per_tok=2, decoder_sparse_step=1,
-            mlp_only_layers=[],
-        ), (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM)
+            mlp_only_layers=[], **COMMON,
+        )
+        m = tf.Qwen2MoeForCausalLM(config)
     elif family == "mixtral":
-        own, make = dict(
-            intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2,
-        ), (tf.MixtralConfig, tf.MixtralForCausalLM)
+        config = tf.MixtralConfig(
+            intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2, **COMMON
+        )
+        m = tf.MixtralForCausalLM(config)
     else:
-        own, make = dict(
+        config = tf.GptOssConfig(
             intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2, head_dim=16,
             sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        ), (tf.GptOssConfig, tf.GptOssForCausalLM)
-    m = make[1](make[0](**{**own, **COMMON, **sizes}))
+            **COMMON,
+        )
+        m = tf.GptOssForCausalLM(config)
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -59,9 +64,9 @@ def model(family: str, seed: int = 0, **sizes: Any) -> Any:
     return m.eval()
 
 
-def checkpoint(family: str, out: Path, seed: int = 0, **sizes: Any) -> Path:
+def checkpoint(family: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    model(family, seed, **sizes).save_pretrained(out)
+    model(family, seed, **overrides).save_pretrained(out)
     return out
 
 

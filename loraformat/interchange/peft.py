@@ -259,7 +259,8 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
     base_shapes = ctx.base.checkpoint.shapes() if ctx.base is not None else {}
     all_wrapped = take_wrappers(
         grouped, list(config.get("target_parameters") or ()), storages,
-        lambda name: base_shapes.get(names.to_path(name) or name), weights_path,
+        (lambda name: base_shapes.get(names.to_path(name) or name)) if ctx.base else None,
+        weights_path,
     )
     for wrapped in all_wrapped:
         produced = expert_layers(

@@ -101,12 +101,13 @@ def take_wrappers(
     grouped: dict[str, dict[str, np.ndarray]],
     target_parameters: Sequence[str],
     storages: Sequence[ExpertStorage],
-    base_shape: Callable[[str], tuple[int, ...] | None],
+    base_shape: Callable[[str], tuple[int, ...] | None] | None,
     where: Path,
 ) -> list[Wrapped]:
     """Remove the ParamWrapper entries from ``grouped`` (module → role → array) and return them
     by parameter. Which nesting depth is which parameter: the family's registration order
-    (``storages``); without a family, the only assignment the base's shapes allow."""
+    (``storages``); without a family, the only assignment the base's shapes allow
+    (``base_shape``: a tensor's shape in the base by in-memory name; None without a base)."""
     modules: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for key in list(grouped):
         module, depth = unwrap(key)
@@ -144,7 +145,7 @@ def _registration_order(
     params: list[str],
     by_depth: Mapping[int, Mapping[str, np.ndarray]],
     storages: Sequence[ExpertStorage],
-    base_shape: Callable[[str], tuple[int, ...] | None],
+    base_shape: Callable[[str], tuple[int, ...] | None] | None,
     where: Path,
 ) -> list[str]:
     if len(params) == 1:
@@ -152,24 +153,31 @@ def _registration_order(
     known = by_registration(module, params, storages)
     if known is not None:
         return known
-    fitting = [
-        order for order in itertools.permutations(params)
-        if all(
-            _fits(base_shape(f"{module}.{p}"), by_depth[len(order) - 1 - j].get("A", np.empty(0)),
-                  by_depth[len(order) - 1 - j].get("B", np.empty(0)))
-            for j, p in enumerate(order)
+    why = "without the base model (--base) its shapes cannot decide"
+    if base_shape is not None:
+        missing = [p for p in params if len(base_shape(f"{module}.{p}") or ()) != 3]
+        fitting = [
+            order for order in itertools.permutations(params)
+            if all(
+                _fits(base_shape(f"{module}.{p}"),
+                      by_depth[len(order) - 1 - j].get("A", np.empty(0)),
+                      by_depth[len(order) - 1 - j].get("B", np.empty(0)))
+                for j, p in enumerate(order)
+            )
+        ]
+        if len(fitting) == 1:
+            return list(fitting[0])
+        why = (
+            f"the base has no 3-D tensor {module}.{missing[0]} (a checkpoint storing one tensor "
+            "per expert needs a plugin to say which)" if missing
+            else "the base's shapes do not decide"
         )
-    ]
-    if len(fitting) != 1:
-        raise LoraformatError(
-            where,
-            f"module {module!r} nests LoRA on {len(params)} parameters ({', '.join(params)}); "
-            "which is which depends on the order the model registers them: no installed plugin "
-            "states it, and "
-            + ("the base's shapes do not decide" if fitting else
-               "without the base model (--base) its shapes cannot decide"),
-        )
-    return list(fitting[0])
+    raise LoraformatError(
+        where,
+        f"module {module!r} nests LoRA on {len(params)} parameters ({', '.join(params)}); "
+        "which is which depends on the order the model registers them: no installed plugin "
+        f"states it, and {why}",
+    )
 
 
 def expert_factors(
