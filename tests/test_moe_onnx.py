@@ -16,6 +16,7 @@ Qwen2-MoE's first layer keeps a dense MLP (``mlp_only_layers``).
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -48,20 +49,17 @@ def sizes(family: str) -> dict[str, object]:
     return {**SIZES, inner: 32, **extra}
 
 
+def build(root, family: str) -> tuple:
+    """(root, base, PEFT adapter dir, PEFT's merge_and_unload model) of ``family``."""
+    base = checkpoint(family, root / "base", **sizes(family))
+    adapter, peft_model = peft_adapter(family, base, root / "peft")
+    return root, base, adapter, peft_model.merge_and_unload().eval()
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """family → (root, base, PEFT adapter dir, PEFT's merge_and_unload model)."""
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            root = tmp_path_factory.mktemp(family)
-            base = checkpoint(family, root / "base", **sizes(family))
-            adapter, peft_model = peft_adapter(family, base, root / "peft")
-            cache[family] = (root, base, adapter, peft_model.merge_and_unload().eval())
-        return cache[family]
-
-    return get
+    """family → :func:`build`'s tuple, built once per module."""
+    return functools.cache(lambda family: build(tmp_path_factory.mktemp(family), family))
 
 
 def export(root, base, adapter, name: str, *options: str):
