@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tiny_families
@@ -98,8 +99,12 @@ def test_with_past_generate_equals_transformers_greedy(family):
     fused = root / "fused.onnx"
     fusions = optimize_file(out, fused, base).fusions
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
-    assert fusions.get("SkipSimplifiedLayerNormalization") == SKIP_NORMS.get(name, 2 * layers)
-    assert fusions.get("MultiHeadAttention", 0) == ATTENTION_FUSIONS.get(name, layers)
+    ops = [n.op_type for n in onnx.load(out, load_external_data=False).graph.node]
+    if "GroupQueryAttention" in ops:  # emitted fused (head size 16: Qwen3): nothing to fuse
+        assert ops.count("GroupQueryAttention") == layers and not fusions.get("MultiHeadAttention")
+    else:
+        assert fusions.get("SkipSimplifiedLayerNormalization") == SKIP_NORMS.get(name, 2 * layers)
+        assert fusions.get("MultiHeadAttention", 0) == ATTENTION_FUSIONS.get(name, layers)
     assert greedy_generate(fused, PROMPT, N_NEW).new_ids == [expected]
 
 
