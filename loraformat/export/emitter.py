@@ -92,6 +92,8 @@ def unsupported(spec: Any, config: Mapping[str, Any]) -> str | None:
         changed = _changed_fields(rope, KNOWN_ROPE_FIELDS)
         if changed:
             return f"rope {key!r} sets {', '.join(changed)}, which the emitter does not write"
+        if rope.dim == 0:
+            return f"rope {key!r} rotates nothing (layers without rotary)"
         if rope.dim % 16 or rope.dim > spec.head_dim:
             # GroupQueryAttention's cos/sin caches: [positions, rotary/2], rotary/2 % 8 == 0
             return f"rope {key!r} rotates {rope.dim} of {spec.head_dim} channels (GroupQuery" \
