@@ -37,6 +37,18 @@ class BaseModel:
         """The architecture id adapters for this base carry."""
         return str(self.arch.id)
 
+    def read_as(self, architecture: str) -> BaseModel | None:
+        """This base file read through plugin ``architecture`` instead, where the file is equally
+        that architecture's (llama.cpp writes Mistral as ``llama``, OLMo 3 as ``olmo2``: one GGUF
+        model, several plugins); None where it is not."""
+        if architecture == self.architecture or not hasattr(self.checkpoint, "arch_name"):
+            return None
+        from .gguf_model import open_gguf, written_as
+
+        if architecture not in written_as(self.checkpoint.arch_name):
+            return None
+        return BaseModel(*open_gguf(self.path, architecture))
+
     @property
     def required_architecture(self) -> str | None:
         """The architecture an adapter must be for; ``None`` when the checkpoint does not say
@@ -90,19 +102,6 @@ class BaseModel:
             if path in layers:
                 layers[path] = self.layer_as(path, spec.kind, spec.in_features, spec.out_features)
         return layers
-
-    def written_as(self, architecture: str) -> BaseModel | None:
-        """This base seen through the plugin ``architecture`` where the file admits several (a
-        GGUF model, which llama.cpp writes as ``llama`` for Mistral and Mixtral alike); None
-        where it does not."""
-        from .gguf_model import GgufCheckpoint, open_gguf
-
-        if not isinstance(self.checkpoint, GgufCheckpoint):
-            return None
-        wanted = registry().architectures().get(architecture)
-        if wanted is None or wanted.gguf_architecture != self.arch.gguf_architecture:
-            return None
-        return BaseModel(*open_gguf(self.path, architecture))
 
     def default_target_paths(self) -> list[str]:
         suffixes = self.arch.default_targets(self.info)

@@ -73,6 +73,11 @@ def gguf_config(reader: Any, arch_name: str) -> dict[str, Any]:
     return config
 
 
+def written_as(arch_name: str) -> list[str]:
+    """The ids of the installed plugins written as llama.cpp architecture ``arch_name``."""
+    return [a.id for a in registry().architectures().values() if a.gguf_architecture == arch_name]
+
+
 def gguf_architecture(
     arch_name: str, where: Path | None, wanted: str | None = None
 ) -> PluginArchitecture:
@@ -258,4 +263,5 @@ def open_gguf(
 
 
 __all__ = ["GgufCheckpoint", "checked_permutation", "gguf_architecture", "gguf_config",
-           "gguf_layers", "model_architecture", "open_gguf", "open_reader", "read_field"]
+           "gguf_layers", "model_architecture", "open_gguf", "open_reader", "read_field",
+           "written_as"]

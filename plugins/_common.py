@@ -272,9 +272,17 @@ def past_pairs(flat: Sequence[Any], n_layers: int) -> list[tuple[Any, Any] | Non
     return pairs
 
 
-def causal_lm(body: Any, prefix: str, lm_head: Any | None, with_past: bool, n_layers: int) -> Any:
+def causal_lm(
+    body: Any,
+    prefix: str,
+    lm_head: Any | None,
+    with_past: bool,
+    n_layers: int,
+    head_path: str = "lm_head",
+) -> Any:
     """Wrap a decoder ``body`` so its parameters sit under ``prefix`` (``"transformer."``,
-    ``"model."`` or ``""``) exactly as in the checkpoint, with an optional root ``lm_head``.
+    ``"model."`` or ``""``) exactly as in the checkpoint, with an optional ``lm_head`` at
+    ``head_path`` (``language_model.lm_head`` in a multimodal checkpoint).
 
     ``body.hidden(input_ids, attention_mask, position_ids, pairs)`` returns (hidden states,
     presents); ``body.embedding_weight()`` is used for the logits when ``lm_head`` is None (tied).
@@ -300,13 +308,19 @@ def causal_lm(body: Any, prefix: str, lm_head: Any | None, with_past: bool, n_la
                 for name, child in body.named_children():
                     self.add_module(name, child)
             if lm_head is not None:
-                self.lm_head = lm_head
+                *parents, leaf = head_path.split(".")
+                holder = self
+                for part in parents:
+                    if not hasattr(holder, part):
+                        holder.add_module(part, nn.Module())
+                    holder = getattr(holder, part)
+                holder.add_module(leaf, lm_head)
 
         def run(self, input_ids, attention_mask, position_ids, flat_past):
             pairs = past_pairs(flat_past, n_layers)
             hidden, presents = self._body.hidden(input_ids, attention_mask, position_ids, pairs)
             if lm_head is not None:
-                logits = self.lm_head(hidden)
+                logits = self.get_submodule(head_path)(hidden)
             else:
                 logits = hidden @ self._body.embedding_weight().t()
             if not self.with_past:

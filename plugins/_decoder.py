@@ -19,7 +19,7 @@ import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from loraformat.architecture import DenseLayer, ExportModel, ExportOptions, FusedPart
@@ -44,6 +44,13 @@ from ._common import (
 #: The prefix ``*ForCausalLM`` checkpoints put the decoder under (absent in a bare ``*Model``).
 PREFIX = "model."
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def head_path(prefix: str) -> str:
+    """The ``lm_head`` path beside a decoder stored under ``prefix``: ``lm_head`` for
+    ``model.`` or none, ``language_model.lm_head`` for a multimodal checkpoint's
+    ``language_model.model.``."""
+    return prefix.removesuffix("model.") + "lm_head"
 
 #: llama.cpp's tensor names for the projections of a block, by checkpoint suffix.
 GGUF_PROJECTIONS = {
@@ -99,6 +106,16 @@ def model_type(
     return None
 
 
+def language_model(checkpoint: CheckpointInfo) -> CheckpointInfo:
+    """The checkpoint as its language model sees it: a ``...ForConditionalGeneration`` config
+    keeps the decoder's sizes in ``text_config``, which replaces the config here (shapes and
+    path stay); any other checkpoint is returned as it is."""
+    text = checkpoint.config.get("text_config")
+    if not isinstance(text, Mapping):
+        return checkpoint
+    return CheckpointInfo(checkpoint.path, text, checkpoint.shapes)
+
+
 def has_tensor(checkpoint: CheckpointInfo, suffix: str) -> bool:
     """Whether a block-0 tensor ``layers.0.<suffix>`` exists (with or without a prefix)."""
     return any(n.endswith("layers.0." + suffix) for n in checkpoint.shapes)
@@ -115,6 +132,9 @@ def dense_layers(
     """Every block projection in ``projections``, the embedding table and an untied ``lm_head``,
     in checkpoint order. ``parts``: the fused parts of a projection suffix (Phi-3's qkv_proj)."""
     shapes = checkpoint.shapes
+    # A multimodal checkpoint's decoder sits under its own prefix (the embedding's); its vision
+    # tower may have blocks of the same names, which are not the decoder's.
+    prefix = find_prefix(list(shapes), r"embed_tokens\.weight$")
     layers = []
     for name, shape in shapes.items():
         if not name.endswith(".weight"):
@@ -123,10 +143,11 @@ def dense_layers(
         bias = path + ".bias" if path + ".bias" in shapes else None
         m = _BLOCK.match(path)
         if m and m[2] in projections:
-            layers.append(dense_from_shape(path, shape, parts=parts.get(m[2], ()), bias=bias))
-        elif path == "lm_head":
+            if prefix is None or path.startswith(prefix + "layers."):
+                layers.append(dense_from_shape(path, shape, parts=parts.get(m[2], ()), bias=bias))
+        elif path == head_path(prefix or ""):
             layers.append(dense_from_shape(path, shape, bias=bias))
-        elif path in ("embed_tokens", PREFIX + "embed_tokens"):
+        elif prefix is not None and path == prefix + "embed_tokens":
             layers.append(dense_from_shape(path, shape, layout="in_out", kind="embedding"))
     return layers
 
@@ -173,7 +194,7 @@ def llama_cpp_qk_permutation(checkpoint: CheckpointInfo, layer_path: str) -> lis
     None for any other layer."""
     if not layer_path.endswith(("self_attn.q_proj", "self_attn.k_proj")):
         return None
-    n_head, n_kv, head_dim = heads(checkpoint, "llama.cpp's q/k row permutation")
+    n_head, n_kv, head_dim = heads(language_model(checkpoint), "llama.cpp's q/k row permutation")
     if layer_path.endswith("k_proj"):
         # The converter passes n_head_kv, which replaces n_head whenever it differs (GQA).
         n_head = n_kv
@@ -224,15 +245,8 @@ def rope_from_config(
         medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
         return Rope(torch.where(medium, smoothed, scaled), dim)
     if kind in ("longrope", "su"):
-        original = params.get(
-            "original_max_position_embeddings", config.get("original_max_position_embeddings")
-        )
-        if original is None:
-            raise where.config_error("longrope needs 'original_max_position_embeddings'")
+        original, factor = context_scaling(params, config, "longrope", where)
         original = int(original)
-        factor = params.get("factor")
-        if factor is None:
-            factor = float(config.get("max_position_embeddings", original)) / original
         attention = params.get("attention_factor")
         if attention is None:
             # LongRoPE's recommended attention scaling, as transformers computes it.
@@ -243,10 +257,75 @@ def rope_from_config(
         long = torch.tensor(params["long_factor"], dtype=torch.float32)
         base = theta**exponents
         return Rope(1.0 / (short * base), dim, float(attention), 1.0 / (long * base), original)
+    if kind == "yarn":
+        return yarn_rope(params, config, theta, dim, where)
     raise where.config_error(
         f"rope type {kind!r} is not supported by the decoder export module "
-        "(supported: default, linear, llama3, longrope)"
+        "(supported: default, linear, llama3, longrope, yarn)"
     )
+
+
+def context_scaling(
+    params: Mapping[str, Any], config: Mapping[str, Any], kind: str, where: CheckpointInfo
+) -> tuple[Any, Any]:
+    """(original context, scaling factor) of a context-extending rope: the factor defaults to
+    ``max_position_embeddings / original``, as transformers computes it."""
+    original = params.get(
+        "original_max_position_embeddings", config.get("original_max_position_embeddings")
+    )
+    if original is None:
+        raise where.config_error(f"{kind} needs 'original_max_position_embeddings'")
+    factor = params.get("factor")
+    if factor is None:
+        factor = float(config.get("max_position_embeddings", original)) / int(original)
+    return original, factor
+
+
+def yarn_rope(
+    params: Mapping[str, Any],
+    config: Mapping[str, Any],
+    theta: float,
+    dim: int,
+    where: CheckpointInfo,
+) -> Rope:
+    """YaRN (transformers' ``_compute_yarn_parameters``): interpolated frequencies below the
+    correction range, extrapolated above it, a linear ramp between; cos/sin scaled by the
+    attention factor (from ``mscale``/``mscale_all_dim`` when the config does not give it)."""
+    import torch
+
+    original, factor = context_scaling(params, config, "yarn", where)
+    original, factor = float(original), float(factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast, slow = float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    base = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * base)) * (1 - extrapolate) + (1.0 / base) * extrapolate
+    return Rope(inv_freq, dim, float(attention))
+
+
+def no_rope() -> Rope:
+    """The "rope" of a layer without positional rotation (SmolLM3's NoPE layers)."""
+    import torch
+
+    return Rope(torch.zeros(0), 0)
 
 
 def rotate(x: Any, position_ids: Any, rope: Rope, inv_freq: Any, long_inv_freq: Any) -> Any:
@@ -256,6 +335,8 @@ def rotate(x: Any, position_ids: Any, rope: Rope, inv_freq: Any, long_inv_freq: 
 
     from loraformat.architecture.modules import apply_rotary
 
+    if rope.dim == 0:
+        return x
     if long_inv_freq is not None:
         # LongRoPE picks one frequency set for the whole call from the highest position, like
         # transformers' longrope_frequency_update: a where, not a branch, so it stays traceable.
@@ -275,7 +356,27 @@ class DecoderSpec:
     """Everything that distinguishes one decoder family's export module from another's.
 
     ``windows[i]``: layer i's sliding window (keys with ``query_pos - key_pos < window``), None
-    for full attention. ``rope_of[i]``: the key in ``ropes`` layer i uses.
+    for full attention. ``rope_of[i]``: the key in ``ropes`` layer i uses (a :func:`no_rope`
+    entry leaves the layer's q/k unrotated).
+
+    The fields after ``final_softcap`` (:data:`EXTENSIONS`) describe pieces the families of
+    issue 25 added; their defaults leave every earlier family's module unchanged, and a consumer
+    that knows only the earlier fields (the ONNX emitter) must treat a spec whose
+    :meth:`extensions` is non-empty (which also flags a :func:`no_rope` layer) as one it does
+    not support:
+
+    ``block_norms``: the RMSNorm module names of a block, placed (before attention, after
+    attention, before the MLP, after the MLP); None at a place means no norm there. None as a
+    whole derives them from ``sandwich_norm``: LLaMA's pre-norms, or Gemma's four. OLMo 2
+    normalises only the sublayer outputs (:data:`POST_NORMS`).
+    ``qk_norm_span``: what the q/k norms normalise: ``"head"`` (each head, Qwen3 and Gemma 3)
+    or ``"projection"`` (the whole q and k projections before the head split, OLMo 2).
+    ``query_scale``: a function of ``position_ids`` [b, s] giving a factor [b, 1, s, 1] the
+    rotated queries are multiplied by (Ministral 3's position-dependent attention temperature,
+    :func:`llama4_query_scale`).
+    ``residual_scale``: sublayer outputs are multiplied by it before the residual add
+    (Granite's ``residual_multiplier``).
+    ``logits_divisor``: the logits are divided by it (Granite's ``logits_scaling``).
     """
 
     family: str
@@ -297,6 +398,53 @@ class DecoderSpec:
     attn_scale: float | None = None  # default head_dim ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    block_norms: tuple[str | None, str | None, str | None, str | None] | None = None
+    qk_norm_span: str = "head"
+    query_scale: Callable[[Any], Any] | None = None
+    residual_scale: float | None = None
+    logits_divisor: float | None = None
+
+    def extensions(self) -> tuple[str, ...]:
+        """The :data:`EXTENSIONS` fields this spec sets away from their defaults, and
+        ``"no_rope"`` where a layer's rope is :func:`no_rope`."""
+        changed = tuple(
+            f.name
+            for f in fields(self)
+            if f.name in EXTENSIONS and getattr(self, f.name) != f.default
+        )
+        return changed + (("no_rope",) if any(r.dim == 0 for r in self.ropes.values()) else ())
+
+    def norms(self) -> tuple[str | None, str | None, str | None, str | None]:
+        """``block_norms``, or the placement ``sandwich_norm`` implies."""
+        if self.block_norms is not None:
+            return self.block_norms
+        return SANDWICH_NORMS if self.sandwich_norm else PRE_NORMS
+
+
+#: The DecoderSpec fields added for issue 25's families (see DecoderSpec).
+EXTENSIONS = ("block_norms", "qk_norm_span", "query_scale", "residual_scale", "logits_divisor")
+#: Block norm placements (before attention, after attention, before MLP, after MLP).
+PRE_NORMS = ("input_layernorm", None, "post_attention_layernorm", None)
+SANDWICH_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+POST_NORMS = (None, "post_attention_layernorm", None, "post_feedforward_layernorm")
+
+
+def llama4_query_scale(beta: float, original: int) -> Callable[[Any], Any]:
+    """Ministral 3's query temperature (transformers' ``get_llama_4_attn_scale``):
+    ``1 + beta·log(1 + floor(pos / original))`` per position."""
+    return functools.partial(_llama4_query_scale, float(beta), int(original))
+
+
+def _llama4_query_scale(beta: float, original: int, position_ids: Any) -> Any:
+    import torch
+
+    scale = 1 + beta * torch.log(1 + torch.floor(position_ids.to(torch.float32) / original))
+    return scale[:, None, :, None]
 
 
 def layer_windows(
@@ -371,9 +519,11 @@ def build(
         mask_and_positions,
     )
 
-    GemmaRMSNorm, CappedDense, TiedCappedHead = torch_modules()
+    GemmaRMSNorm, FinishedDense, TiedFinishedHead = torch_modules()
     names = list(tensors)
-    prefix = find_prefix(names, r"layers\.\d+\.") or find_prefix(names, r"embed_tokens\.") or ""
+    # The embedding first: a multimodal checkpoint's vision tower has layers.N. blocks too.
+    prefix = find_prefix(names, r"embed_tokens\.weight$")
+    prefix = prefix if prefix is not None else (find_prefix(names, r"layers\.\d+\.") or "")
     family = spec.family
     if prefix + "embed_tokens.weight" not in tensors:
         raise checkpoint.error(f"{family} checkpoint has no {prefix}embed_tokens.weight")
@@ -398,14 +548,17 @@ def build(
         raise checkpoint.config_error(e.message) from None
     if checkpoint.config.get("use_bidirectional_attention"):
         raise checkpoint.config_error(f"{family}: bidirectional attention cannot be exported")
-    tied = "lm_head.weight" not in tensors
+    head = head_path(prefix)
+    tied = head + ".weight" not in tensors
     if tied and checkpoint.config.get("tie_word_embeddings") is False:
         raise checkpoint.error(
-            f"{family} checkpoint has no lm_head.weight and tie_word_embeddings is false"
+            f"{family} checkpoint has no {head}.weight and tie_word_embeddings is false"
         )
     scale = spec.attn_scale if spec.attn_scale is not None else head_dim**-0.5
     rope_keys = sorted(spec.ropes)
     windows = sorted({w for w in spec.windows if w is not None})
+    norm_names = spec.norms()
+    placed = [name for name in norm_names if name is not None]
 
     def norm(dim: int) -> nn.Module:
         return GemmaRMSNorm(dim, spec.eps) if spec.gemma_norm else RMSNorm(dim, spec.eps)
@@ -439,8 +592,9 @@ def build(
                 self.v_proj = Dense(d, kv, bias=qkv_bias)
             self.o_proj = Dense(q, d, bias=o_bias)
             if spec.qk_norm:
-                self.q_norm = norm(head_dim)
-                self.k_norm = norm(head_dim)
+                whole = spec.qk_norm_span == "projection"
+                self.q_norm = norm(q if whole else head_dim)
+                self.k_norm = norm(kv if whole else head_dim)
 
         def forward(self, x, mask_bias, position_ids, tables, past):
             b, s, _ = x.shape
@@ -450,14 +604,18 @@ def build(
                 )
             else:
                 q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            if spec.qk_norm and spec.qk_norm_span == "projection":
+                q, k = self.q_norm(q), self.k_norm(k)
             q = q.reshape(b, s, n_head, head_dim)
             k = k.reshape(b, s, n_kv, head_dim)
-            if spec.qk_norm:
+            if spec.qk_norm and spec.qk_norm_span == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.reshape(b, s, n_kv, head_dim).transpose(1, 2)
             q = rotate(q, position_ids, self.rope, *tables)
             k = rotate(k, position_ids, self.rope, *tables)
+            if spec.query_scale is not None:
+                q = q * spec.query_scale(position_ids).to(q.dtype)
             if past is not None:
                 k = torch.cat((past[0], k), dim=-2)
                 v = torch.cat((past[1], v), dim=-2)
@@ -490,23 +648,21 @@ def build(
             self.rope_key, self.window = spec.rope_of[i], spec.windows[i]
             self.self_attn = Attention(spec.ropes[self.rope_key])
             self.mlp = MLP()
-            self.input_layernorm = norm(d)
-            self.post_attention_layernorm = norm(d)
-            if spec.sandwich_norm:
-                self.pre_feedforward_layernorm = norm(d)
-                self.post_feedforward_layernorm = norm(d)
+            for name in placed:
+                self.add_module(name, norm(d))
+
+        def normed(self, place: int, x):
+            name = norm_names[place]
+            return x if name is None else getattr(self, name)(x)
+
+        def residual(self, x, out):
+            return x + (out if spec.residual_scale is None else out * spec.residual_scale)
 
         def forward(self, x, mask_bias, position_ids, tables, past):
-            a, present = self.self_attn(
-                self.input_layernorm(x), mask_bias, position_ids, tables, past
-            )
-            if spec.sandwich_norm:
-                x = x + self.post_attention_layernorm(a)
-                return x + self.post_feedforward_layernorm(
-                    self.mlp(self.pre_feedforward_layernorm(x))
-                ), present
-            x = x + a
-            return x + self.mlp(self.post_attention_layernorm(x)), present
+            a, present = self.self_attn(self.normed(0, x), mask_bias, position_ids, tables, past)
+            x = self.residual(x, self.normed(1, a))
+            m = self.normed(3, self.mlp(self.normed(2, x)))
+            return self.residual(x, m), present
 
     class Body(nn.Module):
         def __init__(self) -> None:
@@ -543,13 +699,14 @@ def build(
             return self.norm(x), presents
 
     body = Body()
-    if spec.final_softcap is None:
-        lm_head = None if tied else Dense(d, vocab, bias="lm_head.bias" in tensors)
+    finish = logits_finish(spec)
+    if finish is None:
+        lm_head = None if tied else Dense(d, vocab, bias=head + ".bias" in tensors)
     elif tied:
-        lm_head = TiedCappedHead(body.embed_tokens, spec.final_softcap)
+        lm_head = TiedFinishedHead(body.embed_tokens, finish)
     else:
-        lm_head = CappedDense(d, vocab, spec.final_softcap, bias="lm_head.bias" in tensors)
-    module = causal_lm(body, prefix, lm_head, options.with_past, spec.n_layer)
+        lm_head = FinishedDense(d, vocab, finish, bias=head + ".bias" in tensors)
+    module = causal_lm(body, prefix, lm_head, options.with_past, spec.n_layer, head)
     try:
         load_tensors(module, tensors, f"{family} checkpoint")
     except LoraformatError as e:
@@ -558,6 +715,24 @@ def build(
     return decoder_export_model(
         module, spec.n_layer, n_kv, head_dim, options.with_past, vocab, dtype
     )
+
+
+def logits_finish(spec: DecoderSpec) -> Callable[[Any], Any] | None:
+    """What the logits pass through after the head: Granite's divisor, then Gemma's soft-cap;
+    None when neither."""
+    if spec.logits_divisor is None and spec.final_softcap is None:
+        return None
+    return functools.partial(_finish_logits, spec.logits_divisor, spec.final_softcap)
+
+
+def _finish_logits(divisor: float | None, cap: float | None, logits: Any) -> Any:
+    import torch
+
+    if divisor is not None:
+        logits = logits / divisor
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def window_allowed(seq: int, past: Any, window: int, device: Any) -> Any:
@@ -586,7 +761,7 @@ def softcapped_attend(q: Any, k: Any, v: Any, mask_bias: Any, scale: float, cap:
 
 @functools.cache
 def torch_modules() -> tuple[Any, Any, Any]:
-    """(GemmaRMSNorm, CappedDense, TiedCappedHead), built on first use so that importing a
+    """(GemmaRMSNorm, FinishedDense, TiedFinishedHead), built on first use so that importing a
     plugin never imports torch."""
     import torch
     from torch import nn
@@ -607,30 +782,31 @@ def torch_modules() -> tuple[Any, Any, Any]:
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
             return (h * (1.0 + self.weight.to(torch.float32))).to(x.dtype)
 
-    class CappedDense(Dense):
-        """An untied ``lm_head`` whose logits are soft-capped (``cap·tanh(y/cap)``). Still a
-        :class:`Dense`, so it can carry a LoRA slot."""
+    class FinishedDense(Dense):
+        """An untied ``lm_head`` whose logits pass through ``finish`` (a soft-cap, a divisor).
+        Still a :class:`Dense`, so it can carry a LoRA slot."""
 
-        def __init__(self, d: int, vocab: int, cap: float, bias: bool = False) -> None:
+        def __init__(self, d: int, vocab: int, finish: Callable, bias: bool = False) -> None:
             super().__init__(d, vocab, bias=bias)
-            self.cap = cap
+            self.finish = finish
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(super().forward(x) / self.cap) * self.cap
+            return self.finish(super().forward(x))
 
-    class TiedCappedHead(nn.Module):
-        """Logits from the embedding table, soft-capped. The embedding is held without being
-        registered, so the state dict has no ``lm_head`` key (the checkpoint has none)."""
+    class TiedFinishedHead(nn.Module):
+        """Logits from the embedding table, passed through ``finish``. The embedding is held
+        without being registered, so the state dict has no ``lm_head`` key (the checkpoint has
+        none)."""
 
-        def __init__(self, embedding: nn.Module, cap: float) -> None:
+        def __init__(self, embedding: nn.Module, finish: Callable) -> None:
             super().__init__()
             object.__setattr__(self, "embedding", embedding)
-            self.cap = cap
+            self.finish = finish
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.tanh((x @ self.embedding.weight.t()) / self.cap) * self.cap
+            return self.finish(x @ self.embedding.weight.t())
 
-    return GemmaRMSNorm, CappedDense, TiedCappedHead
+    return GemmaRMSNorm, FinishedDense, TiedFinishedHead
 
 
 # -- the family base class ------------------------------------------------------------------------
@@ -647,6 +823,8 @@ class DecoderFamily(ArchitectureBase):
     classes: ClassVar[tuple[str, ...]] = ()
     #: Block projection suffixes that can carry an adapter, in checkpoint order.
     projections: ClassVar[tuple[str, ...]] = SPLIT_ATTENTION + SPLIT_MLP
+    #: Whether llama.cpp converts the family through LlamaModel, which permutes the q/k rows.
+    llama_cpp_permutes: ClassVar[bool] = False
 
     def detect(self, checkpoint: CheckpointInfo) -> bool:
         said = model_type(checkpoint, self.model_types, self.classes)
@@ -666,18 +844,31 @@ class DecoderFamily(ArchitectureBase):
     def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
         return dense_layers(checkpoint, self.projections, self.parts(checkpoint))
 
+    def row_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        if self.llama_cpp_permutes and convention == "gguf":
+            return llama_cpp_qk_permutation(checkpoint, layer_path)
+        return None
+
     def model_shape(self, checkpoint: CheckpointInfo) -> ModelShape | None:
-        return shape_of(checkpoint)
+        return shape_of(language_model(checkpoint))
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
+        """The family's description, from the language model's config (see
+        :func:`language_model`: called with that, never with a multimodal config)."""
         raise NotImplementedError
 
     def export_model(
         self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
     ) -> ExportModel:
-        return build(self.spec(checkpoint), checkpoint, tensors, options)
+        text = language_model(checkpoint)
+        return build(self.spec(text), text, tensors, options)
 
     def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
         # A layer's graph depends on its index only through its window and its rope.
-        spec = self.spec(checkpoint)
-        return LayerRepeat(tuple(zip(spec.windows, spec.rope_of, strict=True)), "num_hidden_layers")
+        spec = self.spec(language_model(checkpoint))
+        depth = "num_hidden_layers"
+        if language_model(checkpoint) is not checkpoint:
+            depth = "text_config." + depth
+        return LayerRepeat(tuple(zip(spec.windows, spec.rope_of, strict=True)), depth)

@@ -15,13 +15,14 @@ llama.cpp name of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from loraformat.architecture import (
     SAME,
-    ArchitectureBase,
     CheckpointInfo,
     DenseLayer,
     ExpertStorage,
@@ -33,7 +34,14 @@ from loraformat.architecture import (
 from loraformat.architecture.names import CHECKPOINT
 
 from ._common import dense_from_shape
-from ._decoder import GGUF_PROJECTIONS, PREFIX, SPLIT_ATTENTION, DecoderFamily, dense_layers
+from ._decoder import (
+    GGUF_PROJECTIONS,
+    PREFIX,
+    SPLIT_ATTENTION,
+    DecoderFamily,
+    DecoderSpec,
+    dense_layers,
+)
 
 BLOCK = "model.layers.{bid}."
 
@@ -78,6 +86,63 @@ def moe_names(
 _BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 
 
+@dataclass(frozen=True)
+class MoeBlock:
+    """A decoder's routed MLP as the KV-cache emitter writes it (ONNX Runtime's ``MoE``/``QMoE``).
+
+    Routing is softmax over the router's logits, the ``top_k`` largest kept and, with
+    ``normalize``, rescaled to sum to 1 (gpt-oss's softmax over the top-k logits is the same
+    thing). Each expert is SwiGLU ``down((clamp(g)·σ(alpha·clamp(g)))·(clamp(u) + beta))``, the
+    clamps at ``limit`` (None: none). ``gate_up``/``down``: the storages of the stacked
+    parameters (per-expert tensors or one stack). ``routed[i]``: whether layer i routes (the
+    others keep the dense MLP); ``shared_expert``/``shared_gate``: Qwen2-MoE's always-on expert
+    and the sigmoid gate scaling it."""
+
+    experts: int
+    top_k: int
+    normalize: bool
+    router: str
+    gate_up: ExpertStorage
+    down: ExpertStorage
+    routed: tuple[bool, ...]
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float | None = None
+    shared_expert: str | None = None
+    shared_gate: str | None = None
+
+
+@dataclass(frozen=True)
+class MoeDecoderSpec(DecoderSpec):
+    """A :class:`DecoderSpec` with routed MLPs (``moe``) and, gpt-oss, per-head attention sinks
+    (``self_attn.sinks``: one more logit per head in the softmax, attending to nothing)."""
+
+    moe: MoeBlock | None = None
+    attn_sinks: bool = False
+
+
+def moe_spec(decoder: DecoderSpec, moe: MoeBlock, attn_sinks: bool = False) -> MoeDecoderSpec:
+    """``decoder`` with the routed MLP ``moe`` (and sinks)."""
+    fields = {f.name: getattr(decoder, f.name) for f in dataclasses.fields(decoder)}
+    return MoeDecoderSpec(**fields, moe=moe, attn_sinks=attn_sinks)
+
+
+def expert_count(config: Mapping[str, Any]) -> int:
+    """Experts per block: ``num_local_experts`` (Mixtral, gpt-oss, and the name transformers 5
+    saves Qwen-MoE's count under) or ``num_experts``; 0 when the config says neither."""
+    return int(config.get("num_local_experts") or config.get("num_experts") or 0)
+
+
+def qwen_routed(checkpoint: CheckpointInfo, n_layer: int) -> tuple[bool, ...]:
+    """Which layers route in Qwen2/3-MoE: those outside ``mlp_only_layers`` whose index + 1 is a
+    multiple of ``decoder_sparse_step``, as transformers builds them."""
+    config = checkpoint.config
+    dense = set(config.get("mlp_only_layers") or ())
+    step = int(config.get("decoder_sparse_step") or 1)
+    experts = expert_count(config)
+    return tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n_layer))
+
+
 class MoeFamily(DecoderFamily):
     """A :class:`DecoderFamily` whose MLP is routed experts. A subclass sets ``router`` (the
     router's block-relative checkpoint path) and ``expert_storage``; dense layers are the
@@ -118,10 +183,31 @@ class MoeFamily(DecoderFamily):
                                              bias=bias, experts=int(shape[0])))
         return layers
 
+    def moe_block(
+        self, checkpoint: CheckpointInfo, routed: Sequence[bool], normalize: bool, **extra: object
+    ) -> MoeBlock:
+        """This family's :class:`MoeBlock`: expert count and top-k from the config, the
+        storages and router from the class; ``extra`` sets the activation and shared expert."""
+        what = f"the {self.id} routed experts"
+        experts = expert_count(checkpoint.config) or checkpoint.config_value(
+            "num_local_experts", what=what)
+        gate_up, down = self.expert_storage
+        return MoeBlock(
+            experts=int(experts),
+            top_k=int(checkpoint.config_value("num_experts_per_tok", what=what)),
+            normalize=normalize, router=self.router, gate_up=gate_up, down=down,
+            routed=tuple(routed), **extra,  # type: ignore[arg-type]
+        )
+
     def export_model(
         self, checkpoint: CheckpointInfo, tensors: object, options: ExportOptions
     ) -> ExportModel:
-        return ArchitectureBase.export_model(self, checkpoint, tensors, options)  # type: ignore[arg-type]
+        # The KV-cache decoder is emitted from spec() (ONNX Runtime's MoE/QMoE ops); no torch
+        # module is traced, so neither a plain export nor --verify (which runs one) has one.
+        raise checkpoint.error(
+            f"the {self.id!r} architecture has no torch export module: a mixture-of-experts "
+            "model exports as the KV-cache decoder (--with-past), without --verify"
+        )
 
     def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
         return None

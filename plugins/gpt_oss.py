@@ -11,8 +11,8 @@ from __future__ import annotations
 from loraformat.architecture import ExpertStorage, hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import SPLIT_ATTENTION, has_tensor
-from ._moe import MoeFamily, moe_names
+from ._decoder import SPLIT_ATTENTION, DecoderSpec, base_spec, has_tensor, layer_windows
+from ._moe import MoeFamily, moe_names, moe_spec
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -42,6 +42,19 @@ class GptOss(MoeFamily):
         return has_tensor(checkpoint, "self_attn.sinks") and has_tensor(
             checkpoint, "mlp.router.weight"
         )
+
+    def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
+        config = checkpoint.config
+        n_layer = int(checkpoint.config_value("num_hidden_layers", what="the gpt-oss decoder"))
+        window = config.get("sliding_window")
+        decoder = base_spec(checkpoint, "gpt-oss", windows=layer_windows(
+            config, n_layer, window, lambda i: i % 2 == 0))
+        # softmax over the top-k logits = softmax over all, top-k, renormalized; SwiGLU as
+        # GptOssExperts computes it (gate·σ(1.702·gate), up + 1, both clamped at swiglu_limit)
+        limit = config.get("swiglu_limit", 7.0)
+        block = self.moe_block(checkpoint, (True,) * n_layer, True, alpha=1.702, beta=1.0,
+                               limit=None if limit is None else float(limit))
+        return moe_spec(decoder, block, attn_sinks=True)
 
 
 @hookimpl

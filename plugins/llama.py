@@ -8,7 +8,6 @@ Checkpoints saved by ``LlamaForCausalLM`` put the decoder under ``model.`` and t
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from loraformat.architecture import CheckpointInfo, hookimpl
@@ -18,7 +17,6 @@ from ._decoder import (
     DecoderSpec,
     base_spec,
     decoder_names,
-    llama_cpp_qk_permutation,
     rope_from_config,
 )
 
@@ -36,6 +34,7 @@ class Llama(DecoderFamily):
     names = decoder_names(DecoderFamily.projections)
     targets = ("q_proj", "v_proj")
     gguf_architecture = "llama"
+    llama_cpp_permutes = True
     ort_model_type = "bert"  # ONNX Runtime's optimizer has no llama type; its bert passes apply
 
     def detect_tensors(self, checkpoint: CheckpointInfo) -> bool:
@@ -45,11 +44,6 @@ class Llama(DecoderFamily):
             n.endswith(("q_proj.bias", "q_norm.weight", "k_norm.weight")) for n in names
         )
         return not relatives and any(_GATE.match(n) for n in names)
-
-    def row_permutation(
-        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
-    ) -> Sequence[int] | None:
-        return llama_cpp_qk_permutation(checkpoint, layer_path) if convention == "gguf" else None
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         return base_spec(checkpoint, "LLaMA")

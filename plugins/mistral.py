@@ -6,8 +6,6 @@ Its tensors are LLaMA's, so only the config tells them apart; llama.cpp converts
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from loraformat.architecture import hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
@@ -17,7 +15,6 @@ from ._decoder import (
     base_spec,
     decoder_names,
     layer_windows,
-    llama_cpp_qk_permutation,
 )
 
 LORAFORMAT_PLUGIN_API = 2
@@ -32,11 +29,7 @@ class Mistral(DecoderFamily):
     targets = ("q_proj", "v_proj")
     gguf_architecture = "llama"
     ort_model_type = "bert"
-
-    def row_permutation(
-        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
-    ) -> Sequence[int] | None:
-        return llama_cpp_qk_permutation(checkpoint, layer_path) if convention == "gguf" else None
+    llama_cpp_permutes = True
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         n_layer = int(

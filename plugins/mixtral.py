@@ -12,8 +12,15 @@ from collections.abc import Sequence
 from loraformat.architecture import ExpertStorage, hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import SPLIT_ATTENTION, has_tensor, llama_cpp_qk_permutation
-from ._moe import MoeFamily, moe_names
+from ._decoder import (
+    SPLIT_ATTENTION,
+    DecoderSpec,
+    base_spec,
+    has_tensor,
+    layer_windows,
+    llama_cpp_qk_permutation,
+)
+from ._moe import MoeFamily, moe_names, moe_spec
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -48,6 +55,15 @@ class Mixtral(MoeFamily):
         self, checkpoint: CheckpointInfo, layer_path: str, convention: str
     ) -> Sequence[int] | None:
         return llama_cpp_qk_permutation(checkpoint, layer_path) if convention == "gguf" else None
+
+    def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
+        n_layer = int(checkpoint.config_value("num_hidden_layers", what="the Mixtral decoder"))
+        # as Mistral: transformers' Mixtral slides on every layer when the config has a window
+        window = checkpoint.config.get("sliding_window")
+        decoder = base_spec(checkpoint, "Mixtral",
+                            windows=layer_windows({}, n_layer, window, lambda i: True))
+        # softmax over every expert, top-k, renormalized (MixtralTopKRouter)
+        return moe_spec(decoder, self.moe_block(checkpoint, (True,) * n_layer, True))
 
 
 @hookimpl

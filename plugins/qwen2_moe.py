@@ -10,8 +10,9 @@ from __future__ import annotations
 from loraformat.architecture import hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import SPLIT_ATTENTION, SPLIT_MLP, has_tensor
-from ._moe import SHARED_EXPERT_GGUF, MoeFamily, moe_names
+from ._decoder import SPLIT_ATTENTION, SPLIT_MLP, DecoderSpec, base_spec, has_tensor
+from ._moe import SHARED_EXPERT_GGUF, MoeFamily, moe_names, moe_spec, qwen_routed
+from .qwen2 import qwen_windows
 from .qwen3_moe import EXPERTS
 
 LORAFORMAT_PLUGIN_API = 2
@@ -35,6 +36,14 @@ class Qwen2Moe(MoeFamily):
         return has_tensor(checkpoint, "mlp.shared_expert_gate.weight") and has_tensor(
             checkpoint, "mlp.experts.0.gate_proj.weight"
         )
+
+    def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
+        n_layer = int(checkpoint.config_value("num_hidden_layers", what="the Qwen2-MoE decoder"))
+        decoder = base_spec(checkpoint, "Qwen2-MoE", windows=qwen_windows(checkpoint, n_layer))
+        normalize = bool(checkpoint.config.get("norm_topk_prob", False))
+        return moe_spec(decoder, self.moe_block(
+            checkpoint, qwen_routed(checkpoint, n_layer), normalize,
+            shared_expert="mlp.shared_expert", shared_gate="mlp.shared_expert_gate"))
 
 
 @hookimpl

@@ -27,6 +27,8 @@ class Qwen3(DecoderFamily):
             has_tensor(checkpoint, "self_attn.q_norm.weight")
             and has_tensor(checkpoint, "mlp.gate_proj.weight")
             and not has_tensor(checkpoint, "pre_feedforward_layernorm.weight")
+            # OLMo 2's blocks have q/k norms too, but no input norm.
+            and has_tensor(checkpoint, "input_layernorm.weight")
         )
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from loraformat.architecture import ExpertStorage, hookimpl
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import SPLIT_ATTENTION, SPLIT_MLP, has_tensor
-from ._moe import MoeFamily, moe_names
+from ._decoder import SPLIT_ATTENTION, SPLIT_MLP, DecoderSpec, base_spec, has_tensor
+from ._moe import MoeFamily, moe_names, moe_spec, qwen_routed
+from .qwen2 import qwen_windows
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -42,6 +43,14 @@ class Qwen3Moe(MoeFamily):
         return has_tensor(checkpoint, "self_attn.q_norm.weight") and has_tensor(
             checkpoint, "mlp.experts.0.gate_proj.weight"
         )
+
+    def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
+        n_layer = int(checkpoint.config_value("num_hidden_layers", what="the Qwen3-MoE decoder"))
+        decoder = base_spec(checkpoint, "Qwen3-MoE", qk_norm=True,
+                            windows=qwen_windows(checkpoint, n_layer))
+        normalize = bool(checkpoint.config.get("norm_topk_prob", False))
+        return moe_spec(decoder, self.moe_block(
+            checkpoint, qwen_routed(checkpoint, n_layer), normalize))
 
 
 @hookimpl

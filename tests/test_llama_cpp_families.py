@@ -30,6 +30,17 @@ from cli_harness import run_cli
 real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]  # one fixture, one worker
 FAMILIES = ("llama", *tiny_families.FAMILIES)
+#: Families whose LoRA llama.cpp's own convert_lora_to_gguf.py (build 11434) writes wrongly: for
+#: Ministral 3 it writes general.type "model" and no adapter.lora.alpha, so llama.cpp refuses the
+#: file as an adapter (llama-export-lora: "expect general.type to be 'adapter'").
+CONVERTER_BROKEN = {"ministral3"}
+
+
+def _families(broken_reason: str) -> list:
+    """FAMILIES, the ones in CONVERTER_BROKEN marked as strict expected failures (so a fixed
+    llama.cpp shows up)."""
+    return [pytest.param(f, marks=pytest.mark.xfail(reason=broken_reason, strict=True))
+            if f in CONVERTER_BROKEN else f for f in FAMILIES]
 IDS = np.random.default_rng(0).integers(3, tiny_families.VOCAB, 9)  # crosses the 4-token windows
 
 
@@ -85,17 +96,20 @@ def _tensors(path) -> dict[str, np.ndarray]:
 
 
 def _deltas(path) -> dict[str, np.ndarray]:
-    """A GGUF LoRA's ΔW per llama.cpp weight name: alpha/rank · B·A, as llama.cpp applies it."""
+    """A GGUF LoRA's ΔW per llama.cpp weight name: alpha/rank · B·A, as llama.cpp applies it
+    (without ``adapter.lora.alpha`` llama.cpp's scale is 1: its converter writes none for some
+    architectures, e.g. mistral3)."""
     import gguf
 
-    alpha = float(gguf.GGUFReader(str(path)).fields["adapter.lora.alpha"].contents())
+    field = gguf.GGUFReader(str(path)).fields.get("adapter.lora.alpha")
+    alpha = float(field.contents()) if field is not None else None
     tensors = _tensors(path)
     out = {}
     for name in tensors:
         if name.endswith(".lora_a"):
             stem = name.removesuffix(".lora_a")
             a, b = tensors[name], tensors[stem + ".lora_b"]
-            out[stem] = alpha / a.shape[0] * (b @ a)
+            out[stem] = (alpha / a.shape[0] if alpha else 1.0) * (b @ a)
     return out
 
 
@@ -106,7 +120,7 @@ def _merged(tmp_path, base, adapter, *args) -> object:
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", _families("llama.cpp's converter writes no adapter alpha"))
 def test_gguf_lora_has_llama_cpp_converters_delta(made, family, tmp_path):
     files = made[family]
     ours = tmp_path / "ours.gguf"
@@ -138,9 +152,16 @@ def test_runtime_lora_and_merge_give_peft_merges_logits(made, family, tmp_path):
 @pytest.mark.parametrize("adapter", ["peft", "lora"])
 def test_merged_file_equals_llama_export_lora(made, family, adapter, tmp_path):
     """``merge base.gguf ADAPTER`` with PEFT's adapter, and with llama.cpp's own GGUF LoRA (a
-    llama.cpp-only user, no checkpoint anywhere), writes export-lora's tensors."""
+    llama.cpp-only user, no checkpoint anywhere), writes export-lora's tensors. Where llama.cpp's
+    converter writes no usable LoRA, export-lora is given loraformat's."""
     files = made[family]
-    exported = _tensors(real_llama_cpp.export_lora(files["base"], files["lora"],
+    lora = files["lora"]
+    if family in CONVERTER_BROKEN:
+        if adapter == "lora":
+            pytest.xfail("llama.cpp's converter writes no adapter for this family")
+        lora = tmp_path / "ours.gguf"
+        assert run_cli("convert", files["peft"], "-o", lora, "--base", files["hf"]).code == 0
+    exported = _tensors(real_llama_cpp.export_lora(files["base"], lora,
                                                    tmp_path / "export.gguf"))
     merged = _tensors(_merged(tmp_path, files["base"], files[adapter]))
     assert sorted(merged) == sorted(exported)

@@ -65,12 +65,13 @@ def make_peft_adapter(base: Path, arch: str, out: Path, seed: int = 5, **lora) -
 
 
 def model_inputs(arch: str) -> dict[str, torch.Tensor]:
-    """Inputs for both transformers and the exported graphs (BERT's masks spelled out)."""
+    """Inputs for both transformers and the exported graphs (masks spelled out: BERT's, and the
+    decoders' plain exports take one too)."""
     inputs = tiny_models.example_inputs(arch, batch=2, seq=7)
+    if arch in ("bert", "gpt2", "llama"):
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     if arch == "bert":
-        ids = inputs["input_ids"]
-        inputs["attention_mask"] = torch.ones_like(ids)
-        inputs["token_type_ids"] = torch.zeros_like(ids)
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
     return inputs
 
 

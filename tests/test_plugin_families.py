@@ -1,5 +1,6 @@
-"""The decoder families of issue 13 (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3) against
-transformers and gguf-py's tables, through the plugin objects directly (no registry)."""
+"""The decoder families of issue 13 (Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3) and issue 25
+(OLMo 2, OLMo 3, SmolLM3, Granite, Ministral 3) against transformers and gguf-py's tables, through
+the plugin objects directly (no registry)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from loraformat.checkpoint import Checkpoint
 from loraformat.errors import LoraformatError
 
 FAMILIES = tiny_families.FAMILIES
+#: Families whose tensors are another's (only the config tells them apart): what a bare
+#: checkpoint of theirs is detected as (None: nothing claims it, the registry says LLaMA).
+SAME_TENSORS = {"mistral": None, "llama": None, "olmo3": "olmo2", "smollm3": None,
+                "granite": None, "ministral3": None}
+#: Families llama.cpp converts through LlamaModel (q/k rows permuted).
+PERMUTED = ("mistral", "smollm3", "granite", "ministral3")
 
 
 def plugin(family: str):
@@ -75,12 +82,13 @@ def test_detection_matrix(built, tiny_checkpoint):
         assert found == [name], name
         bare = CheckpointInfo(None, {}, info.shapes)
         found = [f for f in FAMILIES if arch(f).detect(bare)]
-        # Mistral's tensors are LLaMA's: only its config tells them apart.
-        assert found == ([] if name in ("mistral", "llama") else [name]), name
+        # Mistral's tensors are LLaMA's (and OLMo 3's OLMo 2's): only the config tells them apart.
+        as_bare = SAME_TENSORS.get(name, name)
+        assert found == ([] if as_bare is None else [as_bare]), name
         # Through the registry (LLaMA's tensor test also accepts bare Gemma 2 tensors; plugin
         # order puts gemma2 first), a bare checkpoint is still its own family.
         detected = registry().detect(bare)
-        assert detected is not None and detected.id == ("llama" if name == "mistral" else name)
+        assert detected is not None and detected.id == (as_bare or "llama"), name
     for family in FAMILIES:
         assert not arch(family).detect(CheckpointInfo())
     # architectures alone (a partial config, as PEFT's adapter_config carries)
@@ -135,6 +143,10 @@ def test_peft_default_targets_are_peft_own():
     # PEFT has no phi3 entry; Phi-3 takes PEFT's default for the same fused projection (codegen)
     assert "phi3" not in peft
     assert list(arch("phi3").targets) == peft["codegen"] == ["qkv_proj"]
+    # PEFT has no entry for issue 25's families either; they take LLaMA's (same projections).
+    for family in tiny_families.FAMILIES_25:
+        assert family not in peft
+        assert list(arch(family).targets) == peft["llama"], family
 
 
 @pytest.mark.slow
@@ -156,14 +168,17 @@ def test_row_permutation_only_for_families_llama_cpp_permutes(built, tiny_checkp
     """llama.cpp permutes q/k rows only for what LlamaModel converts (Mistral among them)."""
     from loraformat_plugins import llama
 
-    info, _ = built("mistral")
-    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
-        ours = arch("mistral").row_permutation(info, path, "gguf")
-        assert ours == llama.Llama().row_permutation(info, path, "gguf")
-        assert sorted(ours) == list(range(len(ours))) and ours != sorted(ours)
-    assert arch("mistral").row_permutation(info, "model.layers.0.self_attn.v_proj", "gguf") is None
-    assert arch("mistral").row_permutation(info, "model.layers.0.self_attn.q_proj", "mlx") is None
-    for family in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
+    for family in PERMUTED:
+        info, _ = built(family)
+        for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"):
+            ours = arch(family).row_permutation(info, path, "gguf")
+            assert ours == llama.Llama().row_permutation(info, path, "gguf")
+            assert sorted(ours) == list(range(len(ours))) and ours != sorted(ours)
+        v = "model.layers.0.self_attn.v_proj"
+        assert arch(family).row_permutation(info, v, "gguf") is None
+        q = "model.layers.0.self_attn.q_proj"
+        assert arch(family).row_permutation(info, q, "mlx") is None
+    for family in set(FAMILIES) - set(PERMUTED):
         info, _ = built(family)
         for layer in arch(family).dense_layers(info):
             assert arch(family).row_permutation(info, layer.path, "gguf") is None
@@ -192,6 +207,11 @@ def _logits(family, built, seq=13, **kwargs):
         ("gemma2", {"tie_word_embeddings": False}),  # soft-capped lm_head of its own
         ("gemma3", {}),  # sliding (local rope) then global (scaled rope) layer
         ("phi3", {}),  # 13 tokens > 8: LongRoPE's long factors
+        ("olmo2", {}),  # post-norms, q/k norms over the projection
+        ("olmo3", {}),  # sliding (default rope) then full (YaRN) layer
+        ("smollm3", {}),  # rope layer then NoPE layer
+        ("granite", {}),  # four multipliers, tied head divided by logits_scaling
+        ("ministral3", {}),  # YaRN; 13 tokens > 8: the query temperature grows
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
 )
@@ -201,6 +221,7 @@ def test_export_module_logits_equal_transformers(built, family, kwargs):
         "mistral": (kwargs.get("sliding_window", 4),) * 2,
         "gemma2": (4, None),
         "gemma3": (4, None),
+        "olmo3": (4, None),
         "qwen2": (None, 4) if kwargs.get("sliding_window") else (None, None),
     }.get(family, (None, None))
     ours, expected = _logits(family, built, **kwargs)
@@ -273,9 +294,9 @@ def test_export_errors_name_the_checkpoint(built):
         arch("qwen3").export_model(info, partial, ExportOptions())
     assert e.value.path == str(info.path)
     info, tensors = built("phi3")
-    config = {**info.config, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
+    config = {**info.config, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}
     broken = CheckpointInfo(info.path, config, info.shapes)
-    with pytest.raises(LoraformatError, match="rope type 'yarn' is not supported") as e:
+    with pytest.raises(LoraformatError, match="rope type 'dynamic' is not supported") as e:
         arch("phi3").export_model(broken, tensors, ExportOptions())
     assert e.value.path == str(info.path / "config.json")
     no_heads = CheckpointInfo(info.path, {"model_type": "phi3"}, info.shapes)
@@ -418,3 +439,65 @@ def test_longrope_tables_equal_transformers():
     torch.testing.assert_close(rope.long_inv_freq, long, atol=0, rtol=1e-6)
     assert rope.scaling == pytest.approx(factor) and factor > 1.0
     assert rope.threshold == 8
+
+
+@pytest.mark.slow
+def test_multimodal_mistral3_is_its_language_model(tmp_path):
+    """Mistral3ForConditionalGeneration: detected by the mistral3 plugin only (not when it wraps
+    Mistral 4); its dense layers are the decoder's (none of the Pixtral tower's same-named
+    projections); the vision tower and projector are named as left out; the export module's
+    logits, with and without the KV cache, equal transformers' multimodal model on text."""
+    from loraformat_plugins import mistral3
+    from transformers import Mistral3ForConditionalGeneration
+
+    path = tiny_families.mistral3_multimodal(tmp_path / "base")
+    with Checkpoint(path) as c:
+        tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
+        info = CheckpointInfo(path, c.config, c.shapes())
+    (family,) = mistral3.loraformat_architectures()
+    assert family.names.problems() == []
+    assert family.detect(info)
+    assert [f for f in FAMILIES if arch(f).detect(info)] == []
+    moe = {**info.config, "text_config": {**info.config["text_config"], "model_type": "mistral4"}}
+    assert not family.detect(CheckpointInfo(path, moe, info.shapes))
+    layers = family.dense_layers(info)
+    assert {layer.path for layer in layers} == {
+        f"language_model.model.layers.{i}.{p}" for i in range(2) for p in family.projections
+    } | {"language_model.model.embed_tokens", "language_model.lm_head"}
+    left_out = family.left_out(info)
+    assert left_out and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in
+                            left_out)
+    assert set(left_out) | {layer.weight for layer in layers} <= set(info.shapes)
+    # PEFT names the in-memory path; llama.cpp drops the language_model level.
+    q = "language_model.model.layers.1.self_attn.q_proj"
+    assert family.names.foreign(q, "peft") == "model.language_model.layers.1.self_attn.q_proj"
+    assert family.names.foreign(q, "gguf") == "blk.1.attn_q"
+    assert family.model_shape(info).num_layers == 2
+    reference = Mistral3ForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()
+    ids = torch.randint(0, 95, (2, 13), generator=torch.Generator().manual_seed(0))
+    em = family.export_model(info, tensors, ExportOptions())
+    with torch.no_grad():
+        torch.testing.assert_close(em.module(input_ids=ids), reference(input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)
+    em = family.export_model(info, tensors, ExportOptions(with_past=True))
+    prompt = torch.randint(3, 95, (2, 5), generator=torch.Generator().manual_seed(1))
+    _decode_against_transformers_cache(em, reference, prompt, 6)
+
+
+@pytest.mark.slow
+def test_new_spec_pieces_are_flagged_and_absent_from_earlier_families(built):
+    """The DecoderSpec pieces issue 25 added keep their defaults for issue 13's families (so
+    their modules are unchanged and the emitter may take them); each new family's spec says
+    which pieces it uses, so a consumer that does not know them falls back."""
+    expected = {
+        "olmo2": ("block_norms", "qk_norm_span"),
+        "olmo3": ("block_norms", "qk_norm_span"),
+        "smollm3": ("no_rope",),
+        "granite": ("residual_scale", "logits_divisor"),
+        "ministral3": ("query_scale",),
+    }
+    for family in FAMILIES:
+        info, _ = built(family)
+        assert arch(family).spec(info).extensions() == expected.get(family, ()), family

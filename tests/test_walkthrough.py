@@ -92,6 +92,7 @@ def _merge_twice(base, adapter, first, second):
     assert forced.code == 0, forced.err
 
 
+@pytest.mark.slow
 def test_double_merge_refused_checkpoint_and_its_onnx_export(models, tmp_path):
     """The safetensors record survives export: a merged checkpoint's ONNX export refuses too;
     unmerging takes the adapter off the record."""
@@ -105,6 +106,7 @@ def test_double_merge_refused_checkpoint_and_its_onnx_export(models, tmp_path):
     assert run_cli("merge", unmerged, models["llama_peft"], "-o", tmp_path / "again").code == 0
 
 
+@pytest.mark.slow
 def test_double_merge_refused_onnx(models, tmp_path):
     base = tmp_path / "base.onnx"
     assert run_cli("export", models["llama"], "-o", base).code == 0
@@ -136,6 +138,7 @@ def test_double_merge_refused_gguf(models, tmp_path):
             assert after.fields[name].contents() == field.contents(), name
 
 
+@pytest.mark.slow
 def test_double_merge_refused_bitsandbytes(tmp_path):
     pytest.importorskip("bitsandbytes")
     from test_merge_bnb import TARGETS, _llama64, _quantize
@@ -153,6 +156,7 @@ def test_double_merge_refused_bitsandbytes(tmp_path):
 # -- 6. missing parent folders ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_missing_parent_folders_are_made(models, tmp_path):
     adapter = tmp_path / "deep" / "lf" / "adapter"
     commands = [
@@ -320,6 +324,7 @@ def _dequantize_matmulnbits(model, weight: str):
     return ((q - zero) * scales).reshape(n, blocks * block)[:, :k]
 
 
+@pytest.mark.slow
 def test_int4_export_reports_survival_like_an_int4_base(models, tmp_path):
     """Share = ⟨Q(W') − Q(W), ΔW⟩ / ‖ΔW‖², recomputed from the two written files (the base and
     the merged model, both int4) and PEFT's merged weights."""
@@ -466,6 +471,7 @@ def test_sentencepiece_tokenizer_without_the_package_names_it(tmp_path, monkeypa
 # -- 7. attention_mask in the plain export -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_plain_export_takes_a_padded_batch(models, tmp_path, family):
     """A left-padded and a right-padded row give, at their real tokens, the logits transformers

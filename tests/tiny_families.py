@@ -19,9 +19,11 @@ PROJECTIONS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
 }
-for _family in ("llama", "qwen3", "mistral", "gemma2", "gemma3"):
+#: Issue 25's families with the shared decoder description.
+FAMILIES_25 = ("olmo2", "olmo3", "smollm3", "granite", "ministral3")
+for _family in ("llama", "qwen3", "mistral", "gemma2", "gemma3", *FAMILIES_25):
     PROJECTIONS[_family] = PROJECTIONS["qwen2"]
-FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", *FAMILIES_25)
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
@@ -143,6 +145,85 @@ def phi3(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
     return _save(Phi3ForCausalLM(config), out, seed)
 
 
+def olmo2(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """OLMo 2: post-sublayer norms, q/k norms over the whole projection, untied head."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Olmo2Config(num_hidden_layers=layers, tie_word_embeddings=False, **COMMON)
+    return _save(Olmo2ForCausalLM(config), out, seed)
+
+
+def olmo3(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """OLMo 3: a sliding layer (4-token window, default rope) then a full one whose rope is
+    YaRN over an original context of 8 tokens."""
+    from transformers import Olmo3Config, Olmo3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Olmo3Config(
+        num_hidden_layers=layers, sliding_window=4, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2) + (
+            ["sliding_attention"] if layers % 2 else []
+        ),
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {
+                "rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0,
+                "original_max_position_embeddings": 8, "attention_factor": 1.2,
+                "beta_fast": 32.0, "beta_slow": 1.0,
+            },
+        },
+        **COMMON,
+    )
+    return _save(Olmo3ForCausalLM(config), out, seed)
+
+
+def smollm3(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """SmolLM3: the second layer attends without rope (no_rope_layers [1, 0]); tied head."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = SmolLM3Config(
+        num_hidden_layers=layers, no_rope_layers=[1, 0] * (layers // 2) + [1] * (layers % 2),
+        **COMMON,
+    )
+    return _save(SmolLM3ForCausalLM(config), out, seed)
+
+
+def granite(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """Granite with all four multipliers away from 1 and a tied head, as Granite 3 ties."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(seed)
+    config = GraniteConfig(
+        num_hidden_layers=layers, embedding_multiplier=2.0, residual_multiplier=0.7,
+        attention_multiplier=0.3, logits_scaling=2.0, tie_word_embeddings=True, **COMMON,
+    )
+    return _save(GraniteForCausalLM(config), out, seed)
+
+
+#: Ministral 3's YaRN rope and query temperature over an original context of 8 tokens.
+MINISTRAL3_ROPE = {
+    "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+    "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+    "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5,
+}
+
+
+def ministral3(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """Ministral 3: YaRN and the query temperature over an original context of 8 tokens (so
+    tests cross it), untied head."""
+    from transformers import Ministral3Config, Ministral3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Ministral3Config(
+        num_hidden_layers=layers, tie_word_embeddings=False,
+        rope_parameters=MINISTRAL3_ROPE,
+        **COMMON,
+    )
+    return _save(Ministral3ForCausalLM(config), out, seed)
+
+
 BUILDERS = {f: globals()[f] for f in FAMILIES}
 
 
@@ -167,3 +248,31 @@ def peft_adapter(base: Path, family: str, out: Path, seed: int = 1, **lora: Any)
     out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out)
     return out
+
+
+def mistral3_multimodal(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
+    """Mistral3ForConditionalGeneration: :func:`ministral3`'s decoder as the language model
+    (``model.language_model.``) beside a one-layer Pixtral vision tower and its projector, whose
+    attention and MLP projections have the same suffixes as the decoder's."""
+    from transformers import (
+        Ministral3Config,
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    text = Ministral3Config(
+        num_hidden_layers=layers, tie_word_embeddings=False,
+        rope_parameters=MINISTRAL3_ROPE,
+        **COMMON,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=16, head_dim=8,
+    )
+    config = Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=VOCAB - 1,
+        spatial_merge_size=1, tie_word_embeddings=False,
+    )
+    return _save(Mistral3ForConditionalGeneration(config), out, seed)

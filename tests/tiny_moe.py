@@ -38,16 +38,18 @@ def model(family: str, seed: int = 0, **overrides: Any) -> Any:
         })
         m = tf.Qwen3MoeForCausalLM(config)
     elif family == "qwen2_moe":
-        config = tf.Qwen2MoeConfig(
-            intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-            num_experts=EXPERTS, num_experts_per_tok=2, decoder_sparse_step=1,
-            mlp_only_layers=[], **COMMON,
-        )
+        config = tf.Qwen2MoeConfig(**{
+            **dict(intermediate_size=64, moe_intermediate_size=24,
+                   shared_expert_intermediate_size=40, num_experts=EXPERTS,
+                   num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+            **COMMON, **overrides,
+        })
         m = tf.Qwen2MoeForCausalLM(config)
     elif family == "mixtral":
-        config = tf.MixtralConfig(
-            intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2, **COMMON
-        )
+        config = tf.MixtralConfig(**{
+            **dict(intermediate_size=24, num_local_experts=EXPERTS, num_experts_per_tok=2),
+            **COMMON, **overrides,
+        })
         m = tf.MixtralForCausalLM(config)
     else:
         config = tf.GptOssConfig(**{

@@ -91,7 +91,8 @@ class LayerRepeat:
     The export module has one ``nn.ModuleList`` as long as ``kinds``, the layers in order.
     ``kinds[i]`` is any hashable value; two layers of equal kind MUST give the same graph but for
     their layer index (their own weights, cache inputs and outputs). ``depth_key`` is the config
-    entry that holds the number of layers (``None`` where the module counts the layers from the
+    entry that holds the number of layers (dotted for a nested config, as
+    ``text_config.num_hidden_layers``; ``None`` where the module counts the layers from the
     tensors it is given): the exporter builds the module from a config and tensors cut to the
     first few layers, traces that, and repeats each kind's traced layer for the rest
     (``loraformat/export/repeat.py``).

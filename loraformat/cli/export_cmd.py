@@ -29,8 +29,11 @@ def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
                      help="int4/int8: MatMulNBits accuracy_level, the compute type ONNX Runtime "
                      "may use (1 fp32, 2 fp16, 3 bf16, 4 int8; default 4, 0 leaves it unset)."),
-        click.option("--quantize-lm-head", is_flag=True,
-                     help="int4/int8: quantize lm_head too (default: kept in float)."),
+        click.option("--quantize-lm-head/--float-lm-head", default=None,
+                     help="int4/int8: quantize lm_head too, or keep it float. Default: quantized "
+                     "in a --with-past decoder of a built-in family (logits' cosine to fp32 as "
+                     "ONNX Runtime's own quantizer's; decode reads the head every token), float "
+                     "elsewhere."),
         click.option("--quantize-embeddings", is_flag=True,
                      help="int4: embedding tables as GatherBlockQuantized (default: float; a "
                      "table tied to the LM head keeps a float copy for the head)."),
@@ -42,7 +45,7 @@ def quantization_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def quant_from_options(
     dtype: str | None, block_size: int | None, symmetric: bool, accuracy_level: int | None,
-    quantize_lm_head: bool,
+    quantize_lm_head: bool | None,
     quantize_embeddings: bool = False,
 ) -> Any:
     """The :class:`~loraformat.export.quantize.QuantOptions` the flags ask for; None for float
@@ -50,11 +53,11 @@ def quant_from_options(
     from ..export.quantize import QuantOptions
 
     given = (block_size is not None or symmetric or accuracy_level is not None
-             or quantize_lm_head or quantize_embeddings)
+             or quantize_lm_head is not None or quantize_embeddings)
     if dtype not in ("int4", "int8"):
         if given:
             raise click.UsageError(
-                "--block-size, --symmetric, --accuracy-level, --quantize-lm-head and "
+                "--block-size, --symmetric, --accuracy-level, --quantize/float-lm-head and "
                 "--quantize-embeddings apply to --dtype int4/int8"
             )
         return None
@@ -147,10 +150,13 @@ def export_options(**kwargs: object) -> ExportOptions:
               "separated or repeated; default every dense layer.")
 @click.option("--with-past", is_flag=True,
               help="Decoder with a KV cache: past_key_values.N.key/value inputs, present.N.key/"
-                   "value outputs, attention_mask and position_ids (prefill and decode).")
+                   "value outputs, attention_mask and position_ids (prefill and decode). "
+                   "Built-in decoder families are written op by op (GroupQueryAttention, packed "
+                   "q/k/v and gate/up); other models are traced.")
 @click.option("--optimize", is_flag=True,
-              help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
-              "FastGelu, RMSNorm).")
+              help="With --with-past: fuse a traced decoder for ONNX Runtime (attention, "
+              "SkipLayerNorm, FastGelu, RMSNorm); a built-in decoder family's graph is written "
+              "fused already (GroupQueryAttention, packed projections), so it changes nothing.")
 @quantization_options
 @genai_option
 @overwrite_option
@@ -159,7 +165,8 @@ def export_command(
     base: str, out: str, dtype: str, opset: int | None, verify: bool, overwrite: bool,
     as_json: bool, lora_slots: bool = False, targets: tuple[str, ...] = (),
     with_past: bool = False, optimize: bool = False, block_size: int | None = None,
-    symmetric: bool = False, accuracy_level: int | None = None, quantize_lm_head: bool = False,
+    symmetric: bool = False, accuracy_level: int | None = None,
+    quantize_lm_head: bool | None = None,
     quantize_embeddings: bool = False, no_genai: bool = False,
 ) -> None:
     """Export the base checkpoint BASE to the ONNX model OUT (dynamic batch/sequence axes).

@@ -217,10 +217,13 @@ def _merge_quantized(
                    "with other layers (default: refuse).")
 @click.option("--with-past", is_flag=True,
               help="ONNX export of a decoder: KV-cache inputs/outputs (past_key_values.N.key/value "
-                   "→ present.N.key/value) for prefill and decode; see `loraformat generate`.")
+                   "→ present.N.key/value) for prefill and decode; see `loraformat generate`. "
+                   "Built-in decoder families are written op by op (GroupQueryAttention, packed "
+                   "q/k/v and gate/up); other models are traced.")
 @click.option("--optimize", is_flag=True,
-              help="With --with-past: fuse for ONNX Runtime (attention, SkipLayerNorm, "
-              "FastGelu, RMSNorm).")
+              help="With --with-past: fuse a traced decoder for ONNX Runtime (attention, "
+              "SkipLayerNorm, FastGelu, RMSNorm); a built-in decoder family's graph is written "
+              "fused already (GroupQueryAttention, packed projections), so it changes nothing.")
 @click.option("--type", "qtype", default=None, metavar="TYPE",
               help="GGUF base: the type adapted tensors are written in (default: their own; "
                    "F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0).")
@@ -239,7 +242,7 @@ def merge_command(
     qtype: str | None = None, requantize: bool = False, from_: str | None = None,
     names_base: str | None = None, block_size: int | None = None, symmetric: bool = False,
     accuracy_level: int | None = None,
-    quantize_lm_head: bool = False,
+    quantize_lm_head: bool | None = None,
     quantize_embeddings: bool = False, no_genai: bool = False,
 ) -> None:
     """Merge ADAPTERS into BASE: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ (fp32 accumulation, base dtype).

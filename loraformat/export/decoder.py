@@ -1,8 +1,12 @@
 """Generation-ready export of a (merged) decoder: KV-cache inputs and outputs, optionally fused.
 
-The graph is the plugin's export module built with ``ExportOptions(with_past=True)`` and exported
-by :func:`loraformat.export.onnx.export_onnx` (same weights, names and external-data rules as a
-plain export). Its interface is the one optimum and ONNX Runtime users know:
+For a built-in decoder family (a plugin whose ``spec(checkpoint)`` describes its decoder) the
+graph is written op by op from that description by :mod:`.emitter` — GroupQueryAttention,
+packed projections, MatMulNBits; fused already, so ``optimize`` has nothing to do — with the
+plugin's torch export module as the ``verify_output`` oracle. Otherwise it is the plugin's export
+module built with ``ExportOptions(with_past=True)`` and traced by
+:func:`loraformat.export.onnx.export_onnx` (same weights, names and external-data rules as a
+plain export). Either way its interface is the one optimum and ONNX Runtime users know:
 
 ========================== ========================================== =========
 name                       shape                                      dtype
@@ -33,6 +37,7 @@ for the graph.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +48,11 @@ import numpy as np
 
 from ..architecture import ExportModel, ExportOptions
 from ..atomic import check_output
-from ..base import BaseModel
+from ..base import BaseModel, open_base
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
+from ..merge.plan import MergePlan
+from ..onnx_io import initializer_bytes, save_model
 from .onnx import (
     DEFAULT_OPSET,
     VERIFY_MIN_COSINE,
@@ -54,10 +61,14 @@ from .onnx import (
     ExportResult,
     cosine,
     export_onnx,
+    inputs_in,
+    open_plan,
     quant_options,
+    torch_dtype_named,
 )
 from .quantize import QuantOptions
 from .runner import open_runner, providers_for, runner_name
+from .stream import STREAM_EXTERNAL_BYTES, build_weightless, placeholder_tensors, weights_on_demand
 
 Progress = Callable[[int, int], None]
 
@@ -75,6 +86,8 @@ class DecoderExportResult:
     verify_provider: str | None = None
     cosine: float | None = None  # verify: logits' cosine similarity to torch's
     min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
+    #: how the graph was made: "emitted" from the decoder description, or "traced (<why>)"
+    graph: str = ""
 
     @property
     def path(self) -> Path:
@@ -105,6 +118,7 @@ class DecoderExportResult:
             "verify_provider": self.verify_provider,
             "cosine": self.cosine,
             "quantized_layers": e.quantized_layers,
+            "graph": self.graph,
         }
 
 
@@ -202,6 +216,9 @@ def export_decoder(
     overwrite: bool = False,
     progress: Progress | None = None,
     quant: QuantOptions | None = None,
+    emit: bool = True,
+    slots: Sequence[str] = (),
+    metadata: Mapping[str, str] | None = None,
 ) -> DecoderExportResult:
     """Export the decoder ``base`` (with ``adapters`` merged, weighted) with a KV cache to ``out``.
 
@@ -209,6 +226,16 @@ def export_decoder(
     the optimization or ``verify_output`` fails. Merge refusals are
     :func:`~loraformat.merge.plan.plan_merge`'s; an architecture whose plugin has no KV-cache
     export is refused by the plugin.
+
+    Where the architecture describes its decoder (``spec(checkpoint)``, every built-in decoder
+    family) and :mod:`.emitter` can write that description, the graph is emitted op by op,
+    already fused (GroupQueryAttention, packed projections, SkipSimplifiedLayerNormalization),
+    and ``optimize`` has nothing left to do; otherwise it is traced from the plugin's export
+    module. ``result.graph`` says which, and why not emitted. ``emit=False`` forces the trace.
+
+    ``slots`` (layer paths; emitted graphs only, :func:`~.slots.export_with_slots` traces the
+    rest) gives those layers LoRA slots with zero-rank defaults, ``metadata`` goes into the
+    model's metadata; ``verify_output`` then checks the graph with no adapter active.
     """
     from .optimize import optimize_graph
 
@@ -285,6 +312,30 @@ def export_decoder(
                 "nothing was written",
             )
 
+    with contextlib.ExitStack() as stack:
+        model = base if isinstance(base, BaseModel) else stack.enter_context(open_base(base))
+        spec, why = emittable(model, dtype, quant, opset) if emit else (None, "asked to trace")
+        if spec is not None:
+            plan = open_plan(stack, model, adapters, weights=weights, force=force,
+                             allow_nonfinite=allow_nonfinite)
+
+            def verify_emitted(path: Path, exported: ExportModel) -> None:
+                captured.update(vocab=int(tensors_vocab(exported, model.config)))
+                check(path, exported)
+
+            result.export = export_emitted(
+                model, spec, target, plan, dtype=dtype, quant=quant, opset=opset,
+                external_data=external_data, progress=progress,
+                verifier=verify_emitted if verify_output else None, slots=slots,
+                metadata=metadata,
+            )
+            result.nodes, result.graph = result.export.nodes, "emitted"
+            return result
+        result.graph = f"traced ({why})"
+        if slots or metadata:
+            raise LoraformatError(target, f"a slot decoder is emitted only, not traced: {why}")
+        base = model
+
     # fp16 with fusions: export in fp32, fuse, then convert (ONNX Runtime's converter keeps
     # the ops without fp16 kernels in fp32).
     export_dtype = "float32" if optimize and float16 else dtype
@@ -297,6 +348,92 @@ def export_decoder(
     )
     plain.dtype = dtype
     result.export, result.nodes = plain, plain.nodes
+    return result
+
+
+def emittable(
+    model: BaseModel, dtype: str, quant: QuantOptions | None, opset: int
+) -> tuple[Any, str]:
+    """(the decoder description to emit, "") or (None, why the graph is traced instead)."""
+    from .emitter import unsupported
+
+    arch = getattr(model.arch, "impl", model.arch)
+    describe = getattr(arch, "spec", None)
+    if describe is None:
+        return None, f"the {model.architecture} plugin does not describe its decoder"
+    try:
+        spec = describe(model.info)
+    except NotImplementedError:
+        return None, f"the {model.architecture} plugin does not describe its decoder"
+    why = unsupported(spec, model.config)
+    if why is None and dtype == "bfloat16":
+        why = "bfloat16 (no CPU kernels to verify GroupQueryAttention with)"
+    if why is None and quant is not None and quant.embeddings:
+        why = "quantized embeddings"
+    if why is None and opset < 13:
+        why = f"opset {opset}"
+    return (spec, "") if why is None else (None, why)
+
+
+def export_emitted(
+    model: BaseModel,
+    spec: Any,
+    target: Path,
+    plan: MergePlan | None,
+    *,
+    dtype: str,
+    quant: QuantOptions | None,
+    opset: int,
+    external_data: bool | None,
+    progress: Progress | None,
+    verifier: Callable[[Path, ExportModel], None] | None,
+    slots: Sequence[str] = (),
+    metadata: Mapping[str, str] | None = None,
+) -> ExportResult:
+    """Write the decoder ``spec`` describes (:mod:`.emitter`) to ``target``, weights streamed
+    through ``plan``. ``verifier(temporary path, oracle)`` gets the plugin's torch export module
+    (built without weights; each weight read as an op uses it) before the output is put in
+    place."""
+    from .emitter import EmitOptions, emit_decoder, max_positions
+
+    options = EmitOptions("float32" if quant is not None else dtype, quant,
+                          max_positions(model.config), opset)
+    from .slots import add_slot_defaults
+
+    graph = emit_decoder(spec, model.checkpoint, plan, options, progress, slots)
+    add_slot_defaults(graph, slots)
+    graph.metadata_props.update(metadata or {})
+    if external_data is None:
+        external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
+    result = ExportResult(
+        path=target, external_data=None, opset=opset, dtype=dtype, nodes=len(list(graph.graph)),
+        initializers=len(graph.graph.initializers), tensors_changed=len(plan.ops) if plan else 0,
+        input_names=[v.name for v in graph.graph.inputs if v.name not in graph.graph.initializers],
+        output_names=[v.name for v in graph.graph.outputs],
+        quantized_layers=sum(n.op_type == "MatMulNBits" for n in graph.graph),
+        traced="emitted from the decoder description",
+    )
+
+    def check(path: Path) -> None:
+        assert verifier is not None
+        torch_dtype = torch_dtype_named("float32" if quant is not None else dtype)
+        tensors = placeholder_tensors(model.checkpoint, torch_dtype)
+        exported = inputs_in(build_weightless(
+            lambda: model.arch.export_model(model.info, tensors, ExportOptions(with_past=True)),
+            tensors,
+        ), torch_dtype)
+        import onnxruntime
+
+        # ORT warns once per slot that an initializer is also a graph input: by design (slots)
+        onnxruntime.set_default_logger_severity(3)
+        try:
+            with weights_on_demand(exported.module, model.checkpoint, plan, torch_dtype):
+                verifier(path, exported)
+        finally:
+            onnxruntime.set_default_logger_severity(2)  # ORT's default
+
+    result.external_data = save_model(graph, target, external_data,
+                                      check if verifier is not None else None)
     return result
 
 

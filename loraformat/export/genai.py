@@ -47,8 +47,15 @@ GENAI_DECODER_TYPES = frozenset({
     "mistral", "mistral3_text", "nemotron", "olmo", "phi", "phi3", "phi3small", "phimoe", "qwen2",
     "qwen3", "qwen3_5_text", "qwen3_5_moe_text", "smollm3",
 })
-#: Architectures whose ``model.type`` is not their name before ``For`` (the text-only Gemma 3).
-MODEL_TYPE_EXCEPTIONS = {"Gemma3ForCausalLM": "gemma3_text"}
+#: Architectures whose ``model.type`` is not their name before ``For``: the text-only Gemma 3, and
+#: families GenAI 0.18 has no type for whose exported graph holds all of their arithmetic itself
+#: (post-norms, windows, query temperature), so GenAI's plain decoder pipeline runs it.
+MODEL_TYPE_EXCEPTIONS = {
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Olmo2ForCausalLM": "llama",
+    "Olmo3ForCausalLM": "llama",
+    "Ministral3ForCausalLM": "mistral",
+}
 #: transformers' defaults for the search options GenAI reads (written when the base says nothing).
 SEARCH_DEFAULTS: dict[str, Any] = {
     "diversity_penalty": 0.0, "do_sample": False, "length_penalty": 1.0,

@@ -125,7 +125,7 @@ class ExportResult:
 # -- tensors ------------------------------------------------------------------------------------
 
 
-def _torch_dtype(name: str) -> Any:
+def torch_dtype_named(name: str) -> Any:
     import torch
 
     floats = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -153,7 +153,7 @@ def merged_tensors(
     """Every checkpoint tensor as a torch tensor, with ``plan`` applied (fp32 accumulation, in the
     base dtype, then cast to ``dtype``) — so the export sees exactly the weights the merged
     checkpoint would hold."""
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = torch_dtype_named(dtype)
     ckpt = base.checkpoint
     ops = plan.ops if plan is not None else {}
     tensors: dict[str, Any] = {}
@@ -223,7 +223,7 @@ def export_graph(
     return model
 
 
-def _inputs_in(exported: ExportModel, torch_dtype: Any) -> ExportModel:
+def inputs_in(exported: ExportModel, torch_dtype: Any) -> ExportModel:
     """``exported`` with its floating example inputs in ``torch_dtype``."""
     exported.example_inputs = {
         k: (v.to(torch_dtype) if getattr(v, "is_floating_point", lambda: False)() else v)
@@ -284,14 +284,19 @@ def build_graph(
             config = dict(model.info.config)
             built.append(config)
             if layer_repeat.depth_key is not None:
-                config[layer_repeat.depth_key] = depth
+                # A dotted key reaches into a nested config (a multimodal text_config).
+                *outer, key = layer_repeat.depth_key.split(".")
+                holder = config
+                for part in outer:
+                    holder[part] = holder = dict(holder[part])
+                holder[key] = depth
             info = dataclasses.replace(
                 model.info, config=config, shapes={n: shapes[n] for n in cut if n in shapes}
             )
             slots = tuple(cut_to_depth(list(options.lora_slots), path, depth))
             cut_options = dataclasses.replace(options, lora_slots=slots)
             small = build_weightless(lambda: make(info, cut, cut_options), cut)
-            return _inputs_in(small, torch_dtype)
+            return inputs_in(small, torch_dtype)
 
         graph, how = repeated_graph(
             exported, layer_repeat, shapes, build_at,
@@ -522,9 +527,9 @@ def export_onnx(
         staging, writer = stack.enter_context(staged_weights(
             target, model.checkpoint, False if external_data is False else prewrite
         ))
-        torch_dtype = _torch_dtype(float_dtype)
+        torch_dtype = torch_dtype_named(float_dtype)
         tensors = placeholder_tensors(model.checkpoint, torch_dtype)
-        exported = _inputs_in(build_weightless(
+        exported = inputs_in(build_weightless(
             lambda: build(model, tensors, options) if build is not None
             else model.arch.export_model(model.info, tensors, options),
             tensors,

@@ -48,7 +48,11 @@ class QuantOptions:
     block_size: int = matmulnbits.DEFAULT_BLOCK_SIZE
     symmetric: bool = False
     accuracy_level: int | None = 4
-    lm_head: bool = False
+    #: True/False: quantize ``lm_head`` or keep it float; None: the exporter's default — an
+    #: emitted decoder (:mod:`.emitter`) quantizes it (its logits' cosine to fp32 equals ONNX
+    #: Runtime's own quantizer's, and the head is the largest matrix read per decode step),
+    #: a traced graph keeps it float.
+    lm_head: bool | None = None
     embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -63,12 +67,14 @@ class QuantOptions:
 TRANSPOSE_ROWS = 128
 
 
-def transposed(w: np.ndarray) -> np.ndarray:
+def transposed(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``w.T`` as a C-contiguous array, copied in blocks of :data:`TRANSPOSE_ROWS` rows: each
     block's columns land in cache-sized runs (faster than ``np.ascontiguousarray(w.T)`` and
-    torch's: README, "Why the design is as it is")."""
+    torch's: README, "Why the design is as it is"). ``out`` [cols, rows] (a view, such as some
+    columns of a larger array) receives it instead of a new array."""
     rows, cols = w.shape
-    out = np.empty((cols, rows), w.dtype)
+    if out is None:
+        out = np.empty((cols, rows), w.dtype)
     for i in range(0, rows, TRANSPOSE_ROWS):
         out[:, i:i + TRANSPOSE_ROWS] = w[i:i + TRANSPOSE_ROWS].T
     return out

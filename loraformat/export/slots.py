@@ -183,6 +183,11 @@ def export_with_slots(
     stack = contextlib.ExitStack()  # the output's staging directory and weight writer
     try:
         paths = resolve_targets(model, targets)
+        if with_past:
+            emitted = _emitted_slots(model, out, paths, dtype, quant, opset, verify_output,
+                                     overwrite, progress)
+            if emitted is not None:
+                return emitted
         steps = 3
         if progress:
             progress(0, steps)
@@ -286,6 +291,36 @@ def export_with_slots(
         stack.close()
         if owned:
             model.close()
+
+
+def _emitted_slots(
+    model: BaseModel, out: Path, paths: Sequence[str], dtype: str, quant: QuantOptions | None,
+    opset: int, verify_output: bool, overwrite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> SlotExport | None:
+    """A KV-cache slot decoder written by :func:`~.decoder.export_decoder`'s emitter (packed
+    projections, GroupQueryAttention; slot terms on each layer's part of a packed output), or
+    None where the decoder cannot be emitted (then it is traced below)."""
+    from .decoder import emittable, export_decoder
+
+    if emittable(model, dtype, quant, opset)[0] is None:
+        return None
+    metadata = {
+        META_ARCHITECTURE: model.architecture,
+        META_FINGERPRINT: model.checkpoint.fingerprint(),
+        META_SLOTS: json.dumps(list(paths)),
+    }
+    result = export_decoder(
+        model, out, dtype=dtype, quant=quant, opset=opset, verify_output=verify_output,
+        overwrite=overwrite, progress=progress, slots=paths, metadata=metadata,
+    )
+    e = result.export
+    names = [n for n in e.input_names if not n.endswith((SLOT_A, SLOT_B))]
+    return SlotExport(
+        out, model.architecture, list(paths), names, list(e.output_names), opset, dtype,
+        e.external_data, result.max_abs_diff, result.tolerance, "emitted from the decoder "
+        "description", result.cosine,
+    )
 
 
 def _cast(value: Any, dtype: str) -> Any:

@@ -196,15 +196,18 @@ def adapter_architecture(
     given = given or ctx.options.get("architecture")
     if ctx.base is not None:
         base_arch = ctx.base.architecture
+        wanted = given or said
+        if wanted and wanted != base_arch:
+            # a file several plugins write alike (a GGUF model) is read as the one asked for
+            view = ctx.base.read_as(wanted)
+            if view is not None and not (given and said and given != said):
+                ctx.base = view
+                return wanted
         if given and given != base_arch:
             raise LoraformatError(
                 path, f"architecture {given!r} given, but the base {ctx.base.path} is {base_arch!r}"
             )
         if said and said != base_arch:
-            other = ctx.base.written_as(said)
-            if other is not None and not given:  # the plugin the adapter is for reads the file
-                ctx.base = other  # (a GGUF base holds nothing to close)
-                return said
             raise LoraformatError(
                 path, f"adapter is for architecture {said!r}, but the base {ctx.base.path} is "
                 f"{base_arch!r}",
