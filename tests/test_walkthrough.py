@@ -63,7 +63,7 @@ def test_nameless_formats_say_architecture_unknown(models, tmp_path, target):
         (out / "adapter_config.json").write_text(json.dumps(config))
     converted = tmp_path / "lf.safetensors"
     r = run_cli("convert", out, "-o", converted)
-    _one_error(r, "architecture unknown", "llama, mistral, qwen2", "--base BASE")
+    _one_error(r, "architecture unknown", "llama, ", "mistral, ", "qwen2, ", "--base BASE")
     assert not converted.exists()
     r = run_cli("convert", out, "--base", models["qwen2"], "-o", converted)
     assert r.code == 0, r.err

@@ -68,6 +68,7 @@ from .onnx import (
 )
 from .quantize import QuantOptions
 from .runner import open_runner, providers_for, runner_name
+from .slot_inputs import add_slot_defaults
 from .stream import STREAM_EXTERNAL_BYTES, build_weightless, placeholder_tensors, weights_on_demand
 
 Progress = Callable[[int, int], None]
@@ -398,7 +399,6 @@ def export_emitted(
 
     options = EmitOptions("float32" if quant is not None else dtype, quant,
                           max_positions(model.config), opset)
-    from .slots import add_slot_defaults
 
     graph = emit_decoder(spec, model.checkpoint, plan, options, progress, slots)
     add_slot_defaults(graph, slots)

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import architecture as arch
 from ..atomic import check_output
 from ..base import BaseModel, open_base
@@ -44,6 +42,7 @@ from .onnx import (
 )
 from .prewrite import finish, parameter_dtypes, staged_weights
 from .quantize import QuantOptions, quantize_dense_layers, quantize_embeddings
+from .slot_inputs import SLOT_A, SLOT_B, add_slot_defaults, slot_input_names
 from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
@@ -54,7 +53,6 @@ from .stream import (
 
 DTYPES = ("float32", "float16", *QUANT_DTYPES)
 
-SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 #: The rank used for the traced example slot tensors (0 and 1 would be specialised by torch.export).
 EXAMPLE_RANK = 2
 #: ONNX model metadata keys this export writes (read back by loraformat.runtime.Session).
@@ -96,11 +94,6 @@ class SlotExport:
             "prewritten": self.prewritten,
             "cosine": self.cosine,
         }
-
-
-def slot_input_names(path: str) -> tuple[str, str]:
-    """The graph input names of a layer's slot (equal to the ``.onnx_adapter`` parameter names)."""
-    return path + SLOT_A, path + SLOT_B
 
 
 def resolve_targets(base: BaseModel, targets: Sequence[str] | None) -> list[str]:
@@ -422,29 +415,3 @@ def slotted_export_model(
     return arch.ExportModel(module, examples, names, list(plain.output_names), axes)
 
 
-def add_slot_defaults(model: Any, paths: Sequence[str]) -> None:
-    """Give every slot input of the onnx_ir ``model`` a same-named zero-rank initializer.
-
-    A is [in, 0], B is [0, out]. ONNX Runtime rejects a run that omits a graph input without a
-    default, and rejects adapter parameters that are not graph inputs; a zero-rank default
-    satisfies both and makes the adapter term an empty sum.
-    """
-    import onnx_ir as ir
-
-    graph = model.graph
-    inputs = {value.name: value for value in graph.inputs}
-    for path in paths:
-        for name, zero_axis in zip(slot_input_names(path), (1, 0), strict=True):
-            value = inputs.get(name)
-            if value is None:
-                raise LoraformatError(None, f"the exported graph has no input {name}")
-            dims = list(value.shape)
-            fixed = dims[1 - zero_axis]
-            if len(dims) != 2 or not isinstance(fixed, int):
-                raise LoraformatError(None, f"graph input {name} has no static feature size")
-            shape = [0, 0]
-            shape[1 - zero_axis] = fixed
-            if name in graph.initializers:
-                continue
-            value.const_value = ir.tensor(np.zeros(shape, value.dtype.numpy()), name=name)
-            graph.register_initializer(value)
