@@ -18,6 +18,7 @@ from tiny_moe import (
     FAMILIES,
     assert_same_peft_tensors,
     checkpoint,
+    disguise,
     logits,
     peft_adapter,
 )
@@ -202,12 +203,7 @@ def test_checkpoint_no_plugin_covers_with_per_expert_tensors_is_refused(built, t
     """PEFT's stacked parameter has no tensor in a per-expert checkpoint no plugin describes:
     refused in one line naming what is missing."""
     base, adapter, _, _ = built("qwen3_moe")
-    toy = tmp_path / "toy"
-    toy.mkdir()
-    (toy / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
-    config = json.loads((base / "config.json").read_text())
-    config.update(model_type="toy_moe", architectures=["ToyMoeForCausalLM"])
-    (toy / "config.json").write_text(json.dumps(config))
+    toy, adapter = disguise(base, adapter, tmp_path)
     result = run_cli("merge", toy, adapter, "-o", tmp_path / "merged")
     assert result.code == 1
     assert "the base has no 3-D tensor model.layers.0.mlp.experts." in result.error

@@ -5,29 +5,16 @@ reference is PEFT's ``merge_and_unload`` of the real model."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tiny_moe
 from cli_harness import run_cli
 from safetensors.numpy import load_file
-from tiny_moe import assert_same_peft_tensors, peft_adapter
+from tiny_moe import assert_same_peft_tensors, disguise, peft_adapter
 
 from loraformat import load
 
 pytestmark = pytest.mark.slow
-
-
-def disguise(base: Path, out: Path) -> Path:
-    """``base`` with a config no installed plugin recognises."""
-    out.mkdir()
-    (out / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
-    config = json.loads((base / "config.json").read_text())
-    config.update(model_type="toy_moe", architectures=["ToyMoeForCausalLM"])
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +23,8 @@ def made(tmp_path_factory):
     base = tiny_moe.checkpoint("gpt_oss", root / "base")
     adapter, peft_model = peft_adapter("gpt_oss", base, root / "peft")
     peft_model.merge_and_unload().save_pretrained(root / "reference")
-    return base, disguise(base, root / "toy"), adapter, root / "reference"
+    toy, toy_adapter = disguise(base, adapter, root)
+    return base, toy, toy_adapter, root / "reference"
 
 
 def test_stacks_merge_as_peft_does(made, tmp_path):
@@ -71,7 +59,7 @@ def test_square_stack_is_refused(tmp_path):
     base = root / "base"
     _square_gpt_oss().save_pretrained(base)
     adapter, _ = peft_adapter("gpt_oss", base, root / "peft")
-    toy = disguise(base, root / "toy")
+    toy, adapter = disguise(base, adapter, root / "disguised")
     result = run_cli("merge", toy, adapter, "-o", root / "merged")
     assert result.code == 1
     assert "model.layers.0.mlp.experts.down_proj is [4, 32, 32]" in result.error

@@ -201,8 +201,8 @@ def test_rope_frequencies_match_transformers(untied):
     assert not torch.allclose(plain, ours)  # the scaling is not a no-op on this config
     legacy = {"rope_theta": 10000.0, "rope_scaling": dict(config["rope_parameters"])}
     torch.testing.assert_close(plugin.rope_inv_freq(info(legacy), 8)[0], ours)
-    with pytest.raises(LoraformatError, match="rope type 'yarn' is not supported"):
-        plugin.rope_inv_freq(info({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), 8)
+    with pytest.raises(LoraformatError, match="rope type 'dynamic' is not supported"):
+        plugin.rope_inv_freq(info({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}), 8)
 
 
 @pytest.mark.slow
@@ -272,7 +272,7 @@ def test_onnx_export_runs_in_onnxruntime(untied, tmp_path):
     )
     program.save(tmp_path / "m.onnx")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     for batch, seq in ((1, 9), (3, 2)):
         ids = torch.randint(0, 96, (batch, seq))
         with torch.no_grad():

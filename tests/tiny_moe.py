@@ -125,3 +125,25 @@ def assert_same_peft_tensors(original: Path, back: Path) -> None:
     assert sorted(first) == sorted(second)
     for key, value in first.items():
         np.testing.assert_array_equal(second[key], value, err_msg=key)
+
+
+def disguise(base: Path, adapter: Path, out: Path) -> tuple[Path, Path]:
+    """(checkpoint, PEFT adapter) as if made on a model no installed plugin knows: ``base`` under
+    ``model_type`` "toy_moe", and ``adapter`` saying it was trained on that model (PEFT's
+    ``auto_mapping``), as a PEFT adapter of such a model would."""
+    import json
+    import shutil
+
+    toy, toy_adapter = out / "toy", out / "toy_peft"
+    toy.mkdir(parents=True)
+    shutil.copy(base / "model.safetensors", toy / "model.safetensors")
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="toy_moe", architectures=["ToyMoeForCausalLM"])
+    (toy / "config.json").write_text(json.dumps(config))
+    shutil.copytree(adapter, toy_adapter)
+    settings = json.loads((toy_adapter / "adapter_config.json").read_text())
+    settings["auto_mapping"] = {"base_model_class": "ToyMoeForCausalLM",
+                                "parent_library": "transformers.models.toy_moe.modeling_toy_moe"}
+    (toy_adapter / "adapter_config.json").write_text(json.dumps(settings))
+    return toy, toy_adapter
+
