@@ -325,7 +325,7 @@ def test_multimodal_mistral3_language_model_merges_exports_and_converts(tmp_path
     out = root / "merged.onnx"
     run("merge", base, root / "adapter", "-o", out)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(["logits"], {"input_ids": IDS})
+    (logits,) = session.run(["logits"], tiny_models.feed(session, IDS))
     expected = merged_logits(merged, IDS)
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
     assert np.abs(expected - merged_logits(load(), IDS)).max() > 1e-2

@@ -335,18 +335,16 @@ def export_decoder(
         result.graph = f"traced ({why})"
         if slots or metadata:
             raise LoraformatError(target, f"a slot decoder is emitted only, not traced: {why}")
-        base = model
-
-    # fp16 with fusions: export in fp32, fuse, then convert (ONNX Runtime's converter keeps
-    # the ops without fp16 kernels in fp32).
-    export_dtype = "float32" if optimize and float16 else dtype
-    plain = export_onnx(
-        base, target, adapters=adapters, weights=weights, dtype=export_dtype, quant=quant,
-        opset=opset, options=ExportOptions(with_past=True), verify_output=False,
-        external_data=external_data, force=force, allow_nonfinite=allow_nonfinite,
-        overwrite=overwrite, progress=progress, build=build, rewrite=rewrite,
-        verifier=check if verify_output else None,
-    )
+        # fp16 with fusions: export in fp32, fuse, then convert (ONNX Runtime's converter keeps
+        # the ops without fp16 kernels in fp32). The base stays open until the export is done.
+        export_dtype = "float32" if optimize and float16 else dtype
+        plain = export_onnx(
+            model, target, adapters=adapters, weights=weights, dtype=export_dtype, quant=quant,
+            opset=opset, options=ExportOptions(with_past=True), verify_output=False,
+            external_data=external_data, force=force, allow_nonfinite=allow_nonfinite,
+            overwrite=overwrite, progress=progress, build=build, rewrite=rewrite,
+            verifier=check if verify_output else None,
+        )
     plain.dtype = dtype
     result.export, result.nodes = plain, plain.nodes
     return result
