@@ -164,19 +164,22 @@ def cosine(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_int4_cosine_at_least_onnxruntime_quantizer(family_setup, family):
     """int4 (block 16, its defaults otherwise) against fp32 transformers: at least the cosine
     of ONNX Runtime's MatMulNBitsQuantizer run on the emitted fp32 graph (same packed weights),
-    within 1e-3. The heads are quantized alike: LLaMA's MatMul head by both (the emitter's
-    default), Gemma 2's tied head (a Gemm on the embedding table, which ORT's quantizer leaves
-    float) by neither (--float-lm-head)."""
+    within 1e-3. The heads are quantized alike: an untied MatMul head by both (the emitter's
+    default), a tied head (a Gemm on the embedding table, which ORT's quantizer leaves float)
+    by neither (--float-lm-head)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from safetensors import safe_open
 
     root, base, _ = family_setup(family)
     fp32, int4 = root / "f32.onnx", root / "int4.onnx"
     assert run_cli("export", base, "-o", fp32, "--with-past", "--overwrite").code == 0
-    head = [] if family == "llama" else ["--float-lm-head"]
+    with safe_open(str(base / "model.safetensors"), "numpy") as f:
+        tied = "lm_head.weight" not in set(f.keys())
+    head = ["--float-lm-head"] if tied else []
     run = run_cli("export", base, "-o", int4, "--with-past", "--dtype", "int4", "--block-size",
                   "16", *head, "--verify", "--json", "--overwrite")
     assert run.code == 0, run.err

@@ -169,8 +169,8 @@ def test_merged_folder_generates_like_transformers(family_setup, llama_folder, f
         assert (folder / name).read_bytes() == (base / name).read_bytes()
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("phi3", marks=SLOW),
-                                    pytest.param("gemma2", marks=SLOW)])
+@pytest.mark.parametrize("family", ["llama", *(pytest.param(f, marks=SLOW) for f in (
+    "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"))])
 def test_slot_folder_switched_by_og_adapters(family_setup, family, tmp_path):
     """`export --lora-slots --with-past`: og.Adapters with the converted .onnx_adapter gives the
     merged model's tokens, no active adapter the base's."""
