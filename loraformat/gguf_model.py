@@ -73,9 +73,13 @@ def gguf_config(reader: Any, arch_name: str) -> dict[str, Any]:
     return config
 
 
+def _written_as(arch_name: str) -> list[PluginArchitecture]:
+    return [a for a in registry().architectures().values() if a.gguf_architecture == arch_name]
+
+
 def written_as(arch_name: str) -> list[str]:
     """The ids of the installed plugins written as llama.cpp architecture ``arch_name``."""
-    return [a.id for a in registry().architectures().values() if a.gguf_architecture == arch_name]
+    return [a.id for a in _written_as(arch_name)]
 
 
 def gguf_architecture(
@@ -84,7 +88,7 @@ def gguf_architecture(
     """The installed architecture written as llama.cpp architecture ``arch_name``: ``wanted``
     (an adapter's architecture) if it is one of them, else the one with that id, else the first.
     ``wanted`` written as another llama.cpp architecture is refused in one line."""
-    found = [a for a in registry().architectures().values() if a.gguf_architecture == arch_name]
+    found = _written_as(arch_name)
     if not found:
         raise LoraformatError(
             where, f"no installed plugin names the tensors of llama.cpp architecture "
