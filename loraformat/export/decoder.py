@@ -120,6 +120,7 @@ class DecoderExportResult:
             "cosine": self.cosine,
             "quantized_layers": e.quantized_layers,
             "graph": self.graph,
+            "left_out": e.left_out,
         }
 
 
@@ -395,7 +396,7 @@ def export_emitted(
         input_names=[v.name for v in graph.graph.inputs if v.name not in graph.graph.initializers],
         output_names=[v.name for v in graph.graph.outputs],
         quantized_layers=sum(n.op_type == "MatMulNBits" for n in graph.graph),
-        traced="emitted from the decoder description",
+        traced="emitted from the decoder description", left_out=model.left_out,
     )
 
     def check(path: Path) -> None:

@@ -103,6 +103,8 @@ class ExportResult:
     cosine: float | None = None  # verify: outputs' cosine similarity to torch's
     min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
     survival: SurvivalReport | None = None  # int4/int8: how much of the merged adapters kept
+    #: stored tensors the export left out, by group (:attr:`~loraformat.base.BaseModel.left_out`)
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,6 +122,7 @@ class ExportResult:
             "traced": self.traced,
             "prewritten": self.prewritten,
             "cosine": self.cosine,
+            "left_out": self.left_out,
         } | ({"survival": self.survival.to_json()} if self.survival is not None else {})
 
 
@@ -584,6 +587,7 @@ def export_onnx(
             prewritten=prewritten,
             survival=merge_survival(model.checkpoint, plan, model.layers, quantized, quant,
                                     np.dtype(float_dtype)) if quant is not None else None,
+            left_out=model.left_out,
         )
 
         def check(path: Path) -> None:

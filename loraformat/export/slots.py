@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class SlotExport:
     traced: str = ""  # how the graph was traced (all layers, or a few repeated)
     cosine: float | None = None  # verify of int4/int8: the logits' cosine to fp32 torch
     prewritten: bool = False  # the weights were written by a second process while tracing
+    left_out: dict[str, int] = field(default_factory=dict)  # stored tensors left out, by group
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class SlotExport:
             "traced": self.traced,
             "prewritten": self.prewritten,
             "cosine": self.cosine,
+            "left_out": self.left_out,
         }
 
 
@@ -157,7 +159,7 @@ def export_with_slots(
             result.path, model.architecture, paths,
             [n for n in result.input_names if not n.endswith((SLOT_A, SLOT_B))],
             list(result.output_names), opset, dtype, result.external_data, result.max_abs_diff,
-            result.tolerance, result.traced, result.cosine, result.prewritten,
+            result.tolerance, result.traced, result.cosine, result.prewritten, result.left_out,
         )
 
 
