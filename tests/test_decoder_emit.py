@@ -262,6 +262,21 @@ def test_unknown_spec_feature_falls_back_to_the_traced_graph(family_setup, monke
     assert "post_norms" in unsupported(spec, {})
     assert unsupported(dataclasses.replace(spec, post_norms=False), {}) is None
     assert "head size 8" in unsupported(dataclasses.replace(spec, post_norms=False, head_dim=8), {})
+    # Per-layer kinds, shapes and caches are written when they are what the rest implies.
+    from loraformat.architecture.decoder import LINEAR, CacheTensor, LayerCache, kv_cache
+
+    plain = dataclasses.replace(spec, post_norms=False)
+    said = dataclasses.replace(plain, layer_kinds=("full_attention",) * 2,
+                               caches=(kv_cache(plain.n_kv, plain.head_dim),) * 2)
+    assert unsupported(said, {}) is None
+    assert unsupported(dataclasses.replace(said, layer_kinds=(LINEAR, "full_attention")),
+                       {}) == "layer 0 is 'linear_attention'"
+    state = LayerCache((CacheTensor("conv_state", ("batch", 8, 3)),))
+    assert unsupported(dataclasses.replace(said, caches=(state, said.caches[1])),
+                       {}) == "layer 0 carries conv_state"
+    wide = (plain.n_head, plain.n_kv, 2 * plain.head_dim)
+    assert "own head shape" in unsupported(dataclasses.replace(said, layer_shapes=(None, wide)),
+                                           {})
 
     monkeypatch.setattr(llama_plugin.Llama, "spec", later_spec)
     run = run_cli("export", base, "-o", root / "traced.onnx", "--with-past", "--verify",
