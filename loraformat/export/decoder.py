@@ -21,6 +21,10 @@ name                       shape                                      dtype
                            head_dim]
 ========================== ========================================== =========
 
+A layer whose description carries other state than keys and values (a linear attention's
+convolution and recurrent states, ``DecoderSpec.layer_caches``) has ``past_key_values.N.<name>``
+→ ``present.N.<name>`` of their fixed sizes instead; a layer that keeps none has neither.
+
 One graph serves prefill (``past_sequence`` = 0) and one-token decode steps (``sequence`` = 1).
 ``optimize=True`` applies :func:`loraformat.export.optimize.optimize_graph` (ONNX Runtime
 fusions); the fused graph keeps this interface. ``dtype="float16"`` with ``optimize`` exports in
@@ -135,16 +139,19 @@ def decoder_check_inputs(
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    names = dict(zip(exported.example_inputs, exported.input_names, strict=True))
     past_args = [k for k in exported.example_inputs if k.startswith("past_key_values_")]
-    example = exported.example_inputs[past_args[0]]
-    heads, head_dim, dtype = example.shape[1], example.shape[3], example.dtype
     prefill: dict[str, Any] = {
         "input_ids": torch.randint(0, vocab, (batch, prompt), generator=g),
         "attention_mask": torch.ones(batch, prompt, dtype=torch.int64),
         "position_ids": torch.arange(prompt).expand(batch, prompt).contiguous(),
     }
     for k in past_args:
-        prefill[k] = torch.zeros(batch, heads, 0, head_dim, dtype=dtype)
+        # Each cache tensor empty: batch rows, a growing axis of length 0, a state's own sizes.
+        example, axes = exported.example_inputs[k], exported.dynamic_axes.get(names[k], {})
+        sizes = {"batch": batch, "past_sequence": 0}
+        shape = [sizes.get(axes.get(a, ""), n) for a, n in enumerate(example.shape)]
+        prefill[k] = torch.zeros(shape, dtype=example.dtype)
     with torch.no_grad():
         out = exported.module(**prefill)
     decode: dict[str, Any] = {
@@ -343,12 +350,16 @@ def emittable(
     model: BaseModel, dtype: str, quant: QuantOptions | None, opset: int
 ) -> tuple[Any, str]:
     """(the decoder description to emit, "") or (None, why the graph is traced instead)."""
+    from ..architecture.decoder import DecoderFamily
     from .emitter import unsupported
 
     arch = getattr(model.arch, "impl", model.arch)
     describe = getattr(arch, "spec", None)
     if describe is None:
         return None, f"the {model.architecture} plugin does not describe its decoder"
+    if isinstance(arch, DecoderFamily) and type(arch).blocks is not DecoderFamily.blocks:
+        # The emitter writes the default blocks; a family's own pieces exist only as torch.
+        return None, f"the {model.architecture} plugin builds the decoder from its own blocks"
     try:
         spec = describe(model.info)
     except NotImplementedError:
