@@ -31,12 +31,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from loraformat.architecture import DenseLayer, ExportModel, ExportOptions, hookimpl
-from loraformat.architecture.names import SAME, NameTable
-from loraformat.architecture.protocol import CheckpointInfo, LayerRepeat
+import numpy as np
 
-from ._common import dense_from_shape, find_prefix
-from ._decoder import (
+from loraformat.architecture import DenseLayer, ExportModel, ExportOptions, hookimpl
+from loraformat.architecture.decoder import (
     FULL,
     GGUF_PROJECTIONS,
     SLIDING,
@@ -44,15 +42,20 @@ from ._decoder import (
     SPLIT_MLP,
     DecoderFamily,
     DecoderSpec,
+    LayerCache,
+    Rope,
     base_spec,
     dense_layers,
     has_tensor,
     heads,
-    language_model,
+    kv_cache,
     layer_kinds,
     model_type,
     rope_from_config,
 )
+from loraformat.architecture.names import SAME, NameTable
+from loraformat.architecture.plugin_tools import dense_from_shape, find_prefix
+from loraformat.architecture.protocol import CheckpointInfo, LayerRepeat
 
 LORAFORMAT_PLUGIN_API = 2
 #: The per-layer-input projections of a block (PLE), beside attention and MLP.
@@ -117,19 +120,17 @@ def kv_sources(config: Mapping[str, Any], kinds: Sequence[str]) -> tuple[int | N
     return tuple(sources)
 
 
-def proportional_rope(params: Mapping[str, Any], head_dim: int) -> Any:
+def proportional_rope(params: Mapping[str, Any], head_dim: int) -> Rope:
     """transformers' "proportional" rope as a whole-head :class:`Rope`: the first
     ``partial_rotary_factor · head_dim / 2`` frequencies ``theta^(-2i/head_dim)``, the rest
     zero (cos 1, sin 0: those channel pairs pass through), all divided by ``factor``."""
-    import torch
-
-    from ._decoder import Rope
-
-    theta = float(params.get("rope_theta", 10000.0))
+    theta = np.float32(params.get("rope_theta", 10000.0))
     angles = int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
-    rotated = 1.0 / theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim)
-    inv_freq = torch.cat((rotated, torch.zeros(head_dim // 2 - angles)))
-    return Rope(inv_freq / float(params.get("factor", 1.0)), head_dim)
+    exponents = np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / np.float32(
+        head_dim)
+    inv_freq = np.zeros(head_dim // 2, np.float32)
+    inv_freq[:angles] = 1.0 / theta**exponents
+    return Rope(inv_freq / np.float32(params.get("factor", 1.0)), head_dim)
 
 
 class Gemma4(DecoderFamily):
@@ -209,16 +210,8 @@ class Gemma4(DecoderFamily):
         wide = bool(c.get("use_double_wide_mlp"))
         hidden = int(checkpoint.config_value("hidden_size", what=what))
         window = c.get("sliding_window")
-        extras = {
-            "layer_shapes": shapes,
-            "kv_source": sources,
-            "k_eq_v": tuple(bool(c.get("attention_k_eq_v")) and k != SLIDING for k in kinds),
-            "intermediate": tuple(
-                inner * (2 if wide and s is not None else 1) for s in sources
-            ),
-            "per_layer_input": int(c.get("hidden_size_per_layer_input") or 0),
-        }
-        spec = base_spec(
+        per_layer = int(c.get("hidden_size_per_layer_input") or 0)
+        return base_spec(
             checkpoint,
             "Gemma 4",
             ropes=ropes,
@@ -230,17 +223,36 @@ class Gemma4(DecoderFamily):
             embed_scale=hidden**0.5,
             attn_scale=1.0,
             final_softcap=c.get("final_logit_softcapping"),
+            layer_shapes=shapes,
+            caches=tuple(
+                LayerCache(()) if source is not None else kv_cache(*shape[1:])
+                for source, shape in zip(sources, shapes, strict=True)
+            ),
+            extras={
+                "kv_source": sources,
+                "k_eq_v": tuple(bool(c.get("attention_k_eq_v")) and k != SLIDING for k in kinds),
+                "intermediate": tuple(inner * (2 if wide and s is not None else 1)
+                                      for s in sources),
+                "per_layer_input": per_layer,
+                "per_layer_vocab": int(c.get("vocab_size_per_layer_input") or 0)
+                if per_layer else 0,
+            },
         )
-        object.__setattr__(spec, "gemma4", extras)
-        return spec
+
+    def blocks(self, spec: DecoderSpec) -> Any:
+        from ._gemma4_blocks import gemma4_blocks
+
+        return gemma4_blocks()
 
     def export_model(
         self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
     ) -> ExportModel:
-        from ._gemma4_blocks import build_gemma4
-
-        text = language_model(checkpoint)
-        return build_gemma4(self.spec(text), text, tensors, options)
+        if MULTIMODAL_PREFIX + "embed_tokens.weight" in tensors and "lm_head.weight" in tensors:
+            # The decoder core places a multimodal head at language_model.lm_head; Gemma 4's
+            # sits at the top (and every release ties it).
+            raise checkpoint.error("Gemma 4 multimodal checkpoint with an untied lm_head: "
+                                   "only the tied head is supported")
+        return super().export_model(checkpoint, tensors, options)
 
     def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
         # Layers differ in head size, KV source and MLP width: the exporter traces each one.
