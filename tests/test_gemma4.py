@@ -268,7 +268,7 @@ def test_multimodal_language_model_merges_exports_and_converts(tmp_path_factory)
     and per-layer projections; the vision tower has same-named projections): detected as
     gemma4_multimodal only; the vision tower and its embedder are named as left out; `merge -o
     model.onnx` equals PEFT's merge of the multimodal model on text; the GGUF LoRA has
-    llama.cpp's gemma4 names."""
+    llama.cpp's gemma4 names; `merge --with-past` + generate gives its greedy tokens."""
     root = tmp_path_factory.mktemp("gemma4-mm")
     base = tiny_gemma4.gemma4_multimodal(root / "base")
     info, _ = opened(base)
@@ -296,6 +296,19 @@ def test_multimodal_language_model_merges_exports_and_converts(tmp_path_factory)
     gguf_out = root / "adapter.gguf"
     cli("convert", adapter, "-o", gguf_out, "--to", "gguf", "--base", base)
     _gguf_names_as_llama_cpp(gguf_out, adapter, 4)
+    # The KV-cache export generates the multimodal model's greedy tokens on text. ORT GenAI gets
+    # no config: its writer reads the sizes at the config's top level, a multimodal config has
+    # them in text_config (said in one line).
+    from loraformat.generate import greedy_generate
+
+    result = run_cli("merge", base, adapter, "-o", root / "past" / "model.onnx", "--with-past")
+    assert result.code == 0, result.err
+    assert "no genai_config.json written" in result.err
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=24, pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert greedy_generate(root / "past" / "model.onnx", PROMPT, 24).new_ids == [want]
 
 
 def test_with_past_prefill_and_decode_equal_transformers_cache(tmp_path):
@@ -358,3 +371,39 @@ def test_with_past_generate_equals_transformers_greedy(text):
                                    )[0, len(PROMPT):].tolist()
     assert len(set(expected)) >= 6, expected  # varied: a stuck model would hide a broken cache
     assert report["new_ids"] == expected
+
+
+@pytest.mark.slow
+def test_genai_runs_the_merged_and_slot_folders_like_transformers(text):
+    """ONNX Runtime GenAI 0.18 (model.type gemma4_text) runs the traced KV-cache graph: it
+    reads each layer's cache shape off the graph, and the KV-shared layers (the last ones) have
+    no cache inputs, so the config's cache layers are 0..3. The merged folder, and the slot
+    folder with the converted adapter active through og.Adapters, give transformers' greedy
+    tokens of PEFT's merge; with no adapter active, the base's."""
+    from test_genai import NEW_TOKENS, genai_tokens
+    from test_genai import PROMPT as GENAI_PROMPT
+
+    from loraformat.export.genai import GENAI_CONFIG
+
+    base, adapter, merged, root = text
+
+    def reference(model) -> list[int]:
+        ids = torch.tensor([GENAI_PROMPT])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0)
+        return out[0, len(GENAI_PROMPT):].tolist()
+
+    expected, plain = reference(merged), reference(tiny_gemma4.load(base))
+    assert expected != plain
+    folder = root / "genai-merged"
+    cli("merge", base, adapter, "-o", folder / "model.onnx", "--with-past")
+    config = json.loads((folder / GENAI_CONFIG).read_text())["model"]
+    assert config["type"] == "gemma4_text" and config["decoder"]["num_hidden_layers"] == 4
+    assert genai_tokens(folder) == expected
+    folder = root / "genai-slots"
+    cli("export", base, "-o", folder / "model.onnx", "--lora-slots", "--with-past")
+    converted = root / "genai.onnx_adapter"
+    cli("convert", adapter, "-o", converted, "--base", base)
+    assert genai_tokens(folder, converted) == expected
+    assert genai_tokens(folder) == plain
