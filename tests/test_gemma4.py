@@ -407,3 +407,48 @@ def test_genai_runs_the_merged_and_slot_folders_like_transformers(text):
     cli("convert", adapter, "-o", converted, "--base", base)
     assert genai_tokens(folder, converted) == expected
     assert genai_tokens(folder) == plain
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_conformance_kit(tmp_path, multimodal):
+    from loraformat.testing import check_plugin
+
+    build = tiny_gemma4.gemma4_multimodal if multimodal else tiny_gemma4.gemma4
+    path = build(tmp_path / "base")
+    architecture = "gemma4_multimodal" if multimodal else "gemma4"
+    report = check_plugin(path, architecture, reference=tiny_gemma4.load(path))
+    assert (report.architecture, report.plugin) == (architecture, "gemma4")
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert {"peft", "gguf", "mlx"} <= set(report.foreign_names)
+    assert not report.unused_layers
+
+
+def test_left_padded_batch_equals_transformers(tmp_path):
+    """attention_mask and position_ids reach the windows, the shared layers' borrowed keys and
+    the per-layer inputs together: a left-padded row (3 pads) gives transformers' logits."""
+    path = tiny_gemma4.gemma4(tmp_path / "base")
+    info, tensors = opened(path)
+    em = families()[0].export_model(info, tensors, ExportOptions(with_past=True))
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 10, dtype=torch.int64)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    past = {k: torch.zeros(2, v.shape[1], 0, v.shape[3]) for k, v in em.example_inputs.items()
+            if k.startswith("past_")}
+    with torch.no_grad():
+        ours = em.module(input_ids=ids, attention_mask=mask, position_ids=positions, **past)[0]
+        ref = tiny_gemma4.load(path)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     use_cache=False).logits
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=0)
+
+
+def test_moe_block_refused_by_the_export_module():
+    """The MoE variant (a router and stacked experts beside the dense MLP) is left out of the
+    export module: its spec says so in one line naming the config."""
+    from loraformat.errors import LoraformatError
+
+    config = {**tiny_gemma4.text_config().to_dict(), "enable_moe_block": True,
+              "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}
+    with pytest.raises(LoraformatError, match=r"MoE block \(enable_moe_block\) is not supported"):
+        families()[0].spec(CheckpointInfo(config=config))
