@@ -153,7 +153,12 @@ def test_export_module_logits_equal_transformers(tmp_path, full):
 @pytest.mark.slow
 def test_merge_to_onnx_equals_peft_merge(text):
     base, adapter, merged, root = text
-    out = root / "merged.onnx"
+    _merged_onnx_equals_peft(base, adapter, merged, root / "merged.onnx")
+
+
+def _merged_onnx_equals_peft(base, adapter, merged, out) -> None:
+    """`merge BASE ADAPTER -o out` logits = PEFT's merged model's (1e-4 of their scale), and
+    the adapter changes them."""
     cli("merge", base, adapter, "-o", out)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], tiny_models.feed(session, IDS))
@@ -232,34 +237,13 @@ def test_convert_to_gguf_uses_llama_cpp_names(text):
 def test_mlx_lm_loads_the_converted_adapter_like_the_merge(text):
     """`convert --to mlx --base`: real mlx-lm (gemma4_text) loads the adapter onto the base and
     equals loraformat's merge loaded by mlx-lm."""
-    pytest.importorskip("mlx_lm")
-    import shutil
-
-    import mlx.core as mx
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import load_model
+    from test_families_cli import mlx_adapter_equals_merge
 
     base, adapter, _merged, root = text
-    cli("convert", adapter, "-o", root / "mlx", "--to", "mlx", "--base", base)
-    cli("merge", base, adapter, "-o", root / "merged-dir")
-    loadable = {}
-    for what, checkpoint in (("base", base), ("merged", root / "merged-dir")):
-        # mlx-lm reads global_head_dim / num_global_key_value_heads, which transformers 5
-        # folds into per_layer_config when it saves.
-        copy = root / f"mlx-{what}"
-        shutil.copytree(checkpoint, copy, dirs_exist_ok=True)
-        config = json.loads((base / "config.json").read_text())
-        config.update(global_head_dim=16, num_global_key_value_heads=1)
-        (copy / "config.json").write_text(json.dumps(config))
-        loadable[what] = copy
-    ids = mx.array(IDS)
-    merged, _ = load_model(loadable["merged"])
-    expected = np.array(merged(ids))
-    model, _ = load_model(loadable["base"])
-    plain = np.array(model(ids))
-    got = np.array(load_adapters(model, str(root / "mlx"))(ids))
-    assert np.abs(expected - plain).max() > 1e-2
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    # mlx-lm reads global_head_dim / num_global_key_value_heads, which transformers 5 folds
+    # into per_layer_config when it saves.
+    mlx_adapter_equals_merge(base, adapter, root, IDS,
+                             {"global_head_dim": 16, "num_global_key_value_heads": 1})
 
 
 @pytest.mark.slow
@@ -286,13 +270,7 @@ def test_multimodal_language_model_merges_exports_and_converts(tmp_path_factory)
                r"|per_layer_input_gate|per_layer_projection|per_layer_model_projection)")
     adapter = tiny_gemma4.peft_adapter(base, root / "adapter", targets)
     merged = tiny_gemma4.peft_merged(base, adapter)
-    out = root / "merged.onnx"
-    cli("merge", base, adapter, "-o", out)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], tiny_models.feed(session, IDS))
-    expected = logits(merged, IDS)
-    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
-    assert np.abs(expected - logits(tiny_gemma4.load(base), IDS)).max() > 1e-2
+    _merged_onnx_equals_peft(base, adapter, merged, root / "merged.onnx")
     gguf_out = root / "adapter.gguf"
     cli("convert", adapter, "-o", gguf_out, "--to", "gguf", "--base", base)
     _gguf_names_as_llama_cpp(gguf_out, adapter, 4)
