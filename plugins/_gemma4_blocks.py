@@ -24,16 +24,15 @@ from loraformat.architecture.decoder.blocks import (
 from loraformat.architecture.modules import Dense, RMSNorm
 
 
-class ScalelessRMSNorm(nn.Module):
-    """RMSNorm without a weight (Gemma 4's value norm), in fp32."""
+class ScalelessRMSNorm(RMSNorm):
+    """RMSNorm without a stored weight (Gemma 4's value norm): its weight is a buffer of ones
+    outside the state dict, so the graph has an RMSNorm's shape, which ONNX Runtime's fusions
+    turn into SimplifiedLayerNormalization (a weightless one sends its optimizer astray)."""
 
-    def __init__(self, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(torch.float32)
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        del self.weight
+        self.register_buffer("weight", torch.ones(dim), persistent=False)
 
 
 class Gemma4Attention(Attention):
@@ -51,7 +50,7 @@ class Gemma4Attention(Attention):
         else:
             if self.k_eq_v:
                 del self.v_proj
-            self.v_norm = ScalelessRMSNorm(spec.eps)
+            self.v_norm = ScalelessRMSNorm(self.head_dim, spec.eps)
 
     def forward(self, x: Any, step: Step, past: tuple[Any, ...] | None) -> tuple[Any, tuple]:
         b, s, _ = x.shape

@@ -325,9 +325,9 @@ def test_with_past_prefill_and_decode_equal_transformers_cache(tmp_path):
 
 @pytest.mark.slow
 def test_with_past_generate_equals_transformers_greedy(text):
-    """`merge --with-past` + `generate`: transformers' 24 greedy tokens of PEFT's merge. The
-    emitter does not take Gemma 4 (its spec sets per-layer shapes, caches and extras), so the
-    export is traced."""
+    """`merge --with-past` + `generate`: transformers' 24 greedy tokens of PEFT's merge, also
+    after ONNX Runtime's fusions (--optimize). The emitter does not take Gemma 4 (its spec sets
+    per-layer shapes, caches and extras), so the export is traced."""
     import onnx
 
     from loraformat.export.emitter import unsupported
@@ -349,6 +349,15 @@ def test_with_past_generate_equals_transformers_greedy(text):
                                    )[0, len(PROMPT):].tolist()
     assert len(set(expected)) >= 6, expected  # varied: a stuck model would hide a broken cache
     assert report["new_ids"] == expected
+    # --optimize: ONNX Runtime's fusions fire on the traced graph and the tokens stay the same.
+    from loraformat.export.optimize import optimize_file
+    from loraformat.generate import greedy_generate
+
+    fused = root / "fused.onnx"
+    fusions = optimize_file(out, fused, base).fusions
+    assert fusions.get("SimplifiedLayerNormalization", 0) + fusions.get(
+        "SkipSimplifiedLayerNormalization", 0) >= 40, fusions
+    assert greedy_generate(fused, PROMPT, 24).new_ids == [expected]
 
 
 @pytest.mark.slow
