@@ -253,9 +253,16 @@ def test_multimodal_language_model_merges_exports_and_converts(tmp_path_factory)
     gemma4_multimodal only; the vision tower and its embedder are named as left out; `merge -o
     model.onnx` equals PEFT's merge of the multimodal model on text; the GGUF LoRA has
     llama.cpp's gemma4 names; `merge --with-past` + generate gives its greedy tokens."""
+    from loraformat.errors import LoraformatError
+
     root = tmp_path_factory.mktemp("gemma4-mm")
     base = tiny_gemma4.gemma4_multimodal(root / "base")
-    info, _ = opened(base)
+    info, tensors = opened(base)
+    # The decoder core would look for an untied head at language_model.lm_head; Gemma 4's would
+    # sit at the top (every release ties it): refused, not silently tied.
+    untied = {**tensors, "lm_head.weight": torch.zeros(96, 32)}
+    with pytest.raises(LoraformatError, match="untied lm_head"):
+        families()[1].export_model(info, untied, ExportOptions())
     text, multimodal = families()
     assert multimodal.detect(info) and not text.detect(info)
     bare = CheckpointInfo(None, {}, info.shapes)
