@@ -49,7 +49,6 @@ from loraformat.architecture.decoder import (
     has_tensor,
     heads,
     kv_cache,
-    language_model,
     layer_kinds,
     model_type,
     rope_from_config,
@@ -268,11 +267,6 @@ class Gemma4Multimodal(Gemma4):
     names = gemma4_names(MULTIMODAL_PREFIX, MLX_MULTIMODAL, Gemma4.projections)
     # PEFT's own default for gemma4: q/v of the language model only (not the vision tower's).
     targets = ("q_proj", "v_proj")
-
-    def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
-        # export.decoder.emittable asks with the multimodal config itself (the family contract
-        # says the language model's): read text_config either way.
-        return super().spec(language_model(checkpoint))
 
     def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
         """The stored tensors outside the language model (vision and audio towers and their
