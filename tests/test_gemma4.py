@@ -446,3 +446,31 @@ def test_moe_block_refused_by_the_export_module():
               "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}
     with pytest.raises(LoraformatError, match=r"MoE block \(enable_moe_block\) is not supported"):
         families()[0].spec(CheckpointInfo(config=config))
+
+
+def test_spec_of_an_e2b_shaped_config_follows_transformers():
+    """A config shaped like Gemma 4 E2B's (35 layers, four sliding to one full, the last 20
+    KV-shared, double-wide MLPs, 256-wide per-layer inputs; no weights built): every shared
+    layer reads the layer transformers stores for its kind, shapes and widths as its per-layer
+    config says."""
+    from transformers import Gemma4TextConfig
+
+    pattern = ["sliding_attention"] * 4 + ["full_attention"]
+    config = Gemma4TextConfig(
+        hidden_size=1536, num_hidden_layers=35, intermediate_size=6144, num_attention_heads=8,
+        num_key_value_heads=1, head_dim=256, global_head_dim=512, num_kv_shared_layers=20,
+        hidden_size_per_layer_input=256, use_double_wide_mlp=True, sliding_window=512,
+        final_logit_softcapping=30.0, layer_types=(pattern * 7)[:35],
+    )
+    spec = families()[0].spec(CheckpointInfo(config=config.to_dict()))
+    modes = config.kv_sharing_modes
+    stores = {config.layer_types[i]: i for i, m in enumerate(modes) if m == "store"}
+    for i in range(35):
+        source = spec.extras["kv_source"][i]
+        assert source == (stores[config.layer_types[i]] if modes[i] == "reuse" else None), i
+        assert (spec.layer_caches()[i].tensors == ()) == (modes[i] == "reuse")
+        assert spec.shape_of_layer(i) == (8, config.per_layer_config[i].num_key_value_heads,
+                                          config.per_layer_config[i].head_dim)
+        assert spec.extras["intermediate"][i] == 6144 * (2 if modes[i] == "reuse" else 1)
+    assert spec.ropes["full_attention"].dim == 512
+    assert np.count_nonzero(spec.ropes["full_attention"].inv_freq) == 64  # 0.25 · 512 / 2
