@@ -55,6 +55,10 @@ MODEL_TYPE_EXCEPTIONS = {
     "Olmo2ForCausalLM": "llama",
     "Olmo3ForCausalLM": "llama",
     "Ministral3ForCausalLM": "mistral",
+    # GenAI reads each layer's cache shape off the graph; Gemma 4's KV-shared layers, the last
+    # ones, have no cache inputs, so the cache layers are still 0..N-1.
+    "Gemma4ForCausalLM": "gemma4_text",
+    "Gemma4ForConditionalGeneration": "gemma4_text",
 }
 #: transformers' defaults for the search options GenAI reads (written when the base says nothing).
 SEARCH_DEFAULTS: dict[str, Any] = {
