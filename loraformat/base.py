@@ -103,6 +103,22 @@ class BaseModel:
                 layers[path] = self.layer_as(path, spec.kind, spec.in_features, spec.out_features)
         return layers
 
+    @cached_property
+    def left_out(self) -> dict[str, int]:
+        """What an ONNX merge or export of this base leaves out (the architecture's
+        ``left_out``), grouped: the shortest dotted prefix of each left-out tensor that no kept
+        tensor shares (``vision_tower``, ``multi_modal_projector``) → its number of tensors."""
+        out = set(self.arch.left_out(self.info))
+        kept = {name.rsplit(".", n)[0] for name in self.info.shapes if name not in out
+                for n in range(name.count(".") + 1)}
+        groups: dict[str, int] = {}
+        for name in sorted(out):
+            parts = name.split(".")
+            group = next((p for p in (".".join(parts[:k]) for k in range(1, len(parts) + 1))
+                          if p not in kept), name)
+            groups[group] = groups.get(group, 0) + 1
+        return groups
+
     def default_target_paths(self) -> list[str]:
         suffixes = self.arch.default_targets(self.info)
         return [p for p, layer in self.layers.items() if layer.module_name in suffixes]

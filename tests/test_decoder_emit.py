@@ -346,3 +346,57 @@ def _session_steps(session, ids: np.ndarray, split: int, adapter) -> np.ndarray:
         past = {n.replace("present.", "past_key_values."): v for n, v in presents.items()}
         start = stop
     return np.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("family,side", [
+    ("llama", "left"), ("mistral", "left"), ("gemma2", "left"), ("llama", "right"),
+])
+def test_padded_batch_equals_each_prompt_alone(family_setup, family, side, tmp_path):
+    """Two prompts of different lengths in one padded batch (transformers' layout: pad columns
+    masked in attention_mask, position_ids counting each row's real tokens, padding 1 as
+    transformers fills it), a prefill and two decode steps through the emitted merged decoder:
+    each row's logits are those transformers gives (PEFT's merged model) for its prompt alone.
+    Mistral and Gemma 2 with a 4-token window, left-padded: the window counts cache columns,
+    as transformers' does, and a row's real tokens are contiguous there. (Right padding puts
+    the decode steps after the pad columns, which a window counts, in transformers too: it is
+    the prompt alone only without a window.)"""
+    import onnxruntime
+
+    _, base, adapter = family_setup(family)
+    out = tmp_path / "merged.onnx"
+    run = run_cli("merge", base, adapter, "-o", out, "--with-past", "--json", "--no-genai-config")
+    assert run.code == 0, run.err
+    assert json.loads(run.out)["graph"] == "emitted"
+
+    prompts = [PROMPT[:5], PROMPT[2:]]  # 5 and 9 tokens: the shorter one is padded
+    steps = [[8, 21], [30, 4]]  # the token each row is given at each decode step
+    width = max(map(len, prompts))
+    ids, mask = np.zeros((2, width), np.int64), np.zeros((2, width), np.int64)
+    for row, prompt in enumerate(prompts):
+        real = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+        ids[row, real], mask[row, real] = prompt, 1
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    past = {i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32) for i in pasts}
+    got = []
+    for step in range(3):
+        outputs = session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                     "position_ids": positions, **past})
+        got.append(outputs[0])
+        past = {i.name: v for i, v in zip(pasts, outputs[1:], strict=True)}
+        if step < 2:
+            ids = np.array([[s[step]] for s in steps], np.int64)
+            mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1 if side == "left" else \
+                np.array([[len(p) + step] for p in prompts], np.int64)
+
+    merged = peft_merged(base, adapter)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():  # the prompt alone, then its two decode tokens: one causal pass
+            want = merged(torch.tensor([prompt + steps[row]])).logits.numpy()[0]
+        real = got[0][row, width - len(prompt):] if side == "left" else got[0][row, :len(prompt)]
+        ours = np.concatenate([real, got[1][row], got[2][row]])
+        scale = float(np.abs(want).max())
+        assert np.abs(ours - want).max() <= 1e-4 * scale, (row, np.abs(ours - want).max())

@@ -330,7 +330,19 @@ def test_multimodal_mistral3_language_model_merges_exports_and_converts(tmp_path
     merged = PeftModel.from_pretrained(load(), root / "adapter").merge_and_unload().eval()
 
     out = root / "merged.onnx"
-    run("merge", base, root / "adapter", "-o", out)
+    said = run("merge", base, root / "adapter", "-o", out)
+    # what the ONNX model leaves out, named by the tensors' own top-level modules
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), "numpy") as f:
+        stored = list(f.keys())
+    towers = [n.split(".")[0] for n in stored if not n.startswith("language_model.")]
+    left_out = {group: towers.count(group) for group in sorted(set(towers))}
+    assert set(left_out) == {"vision_tower", "multi_modal_projector"}
+    assert "left out of the ONNX model: " + ", ".join(
+        f"{g} ({n} tensors)" for g, n in left_out.items()) in said.splitlines()
+    exported = json.loads(run("export", base, "-o", root / "plain.onnx", "--json"))
+    assert exported["left_out"] == left_out
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], tiny_models.feed(session, IDS))
     expected = merged_logits(merged, IDS)

@@ -260,6 +260,7 @@ def test_cli_export_lora_slots(toy_base, tmp_path):
     assert result.code == 0, result.err
     report = json.loads(result.out)
     assert report["slots"] == ["net.down"] and report["output"] == str(out)
+    assert report["left_out"] == {}  # ArchitectureBase's default: the export uses every tensor
     assert {i.name for i in onnx.load(out).graph.input} == {
         "x",
         "net.down.lora_A",

@@ -11,7 +11,9 @@ emitted decoder takes — each in a fresh process, cold (graph cache off) unless
 * layer repeat off (every layer traced: ``export_onnx(repeat_layers=False)``);
 * graph cache warm (a second export of the same base: no trace at all).
 
-Median wall time and largest peak RSS of each.
+Median wall time and largest peak RSS of each. ``--lora-slots`` times ``export --lora-slots``
+(the slot graph) instead; ``--baseline PYTHON`` runs every row with another checkout's
+interpreter too (its ``loraformat`` script beside it), in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,31 @@ from bench_merge import measure  # noqa: E402
 
 NO_REPEAT = ("from loraformat.export.onnx import export_onnx; import sys; "
              "export_onnx(sys.argv[1], sys.argv[2], overwrite=True, repeat_layers=False)")
+NO_REPEAT_SLOTS = ("from loraformat.export.slots import export_with_slots; import sys; "
+                   "export_with_slots(sys.argv[1], sys.argv[2], overwrite=True, "
+                   "repeat_layers=False)")
+
+
+def rows_for(python: str, base: Path, out: Path, slots: bool,
+             tag: str = "") -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The benchmark's rows run by ``python`` (and the ``loraformat`` script beside it)."""
+    lf = str(Path(python).parent / "loraformat")
+    flags = ["--lora-slots"] if slots else []
+
+    def export(name: str) -> list[str]:
+        return [lf, "export", str(base), "-o", str(out / f"{name}{tag}.onnx"), "--overwrite",
+                *flags]
+
+    cache = str(out / f"cache{tag}")
+    return {
+        f"as shipped (prewrite, repeat), cold{tag}": (export("a"), {"LORAFORMAT_CACHE": "off"}),
+        f"LORAFORMAT_PREWRITE=off, cold{tag}": (
+            export("b"), {"LORAFORMAT_CACHE": "off", "LORAFORMAT_PREWRITE": "off"}),
+        f"layer repeat off, cold{tag}": (
+            [python, "-c", NO_REPEAT_SLOTS if slots else NO_REPEAT, str(base),
+             str(out / f"c{tag}.onnx")], {"LORAFORMAT_CACHE": "off"}),
+        f"graph cache warm{tag}": (export("d"), {"LORAFORMAT_CACHE": cache}),
+    }
 
 
 def main() -> int:
@@ -38,30 +65,23 @@ def main() -> int:
     parser.add_argument("workdir")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--lora-slots", action="store_true",
+                        help="time `export --lora-slots` (the slot graph)")
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also run every row with this interpreter (another checkout)")
     args = parser.parse_args()
     work = Path(args.workdir)
     base = work / f"base{args.layers}"
     build_checkpoint(base, args.layers)
     out = work / "traced"
     out.mkdir(parents=True, exist_ok=True)
-    lf = str(Path(sys.executable).parent / "loraformat")
-    cache = out / "cache"
-    rows = {
-        "as shipped (prewrite, repeat), cold": ([lf, "export", str(base), "-o",
-                                                 str(out / "a.onnx"), "--overwrite"],
-                                                {"LORAFORMAT_CACHE": "off"}),
-        "LORAFORMAT_PREWRITE=off, cold": ([lf, "export", str(base), "-o", str(out / "b.onnx"),
-                                           "--overwrite"],
-                                          {"LORAFORMAT_CACHE": "off",
-                                           "LORAFORMAT_PREWRITE": "off"}),
-        "layer repeat off, cold": ([sys.executable, "-c", NO_REPEAT, str(base),
-                                    str(out / "c.onnx")], {"LORAFORMAT_CACHE": "off"}),
-        "graph cache warm": ([lf, "export", str(base), "-o", str(out / "d.onnx"), "--overwrite"],
-                             {"LORAFORMAT_CACHE": str(cache)}),
-    }
-    # fill the cache once (not timed)
-    env = dict(os.environ, LORAFORMAT_CACHE=str(cache))
-    subprocess.run(rows["graph cache warm"][0], env=env, check=True, capture_output=True)
+    rows = rows_for(sys.executable, base, out, args.lora_slots)
+    if args.baseline:
+        rows.update(rows_for(args.baseline, base, out, args.lora_slots, " [baseline]"))
+    # fill the caches once (not timed)
+    for label, (cmd, extra) in rows.items():
+        if label.startswith("graph cache warm"):
+            subprocess.run(cmd, env=dict(os.environ, **extra), check=True, capture_output=True)
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
     for round_ in range(args.repeat):
         for label, (cmd, extra) in rows.items():
@@ -79,7 +99,7 @@ def main() -> int:
             print(f"round {round_}: {label}: {wall:.1f} s, {peak / 1024:.2f} GiB", flush=True)
     print(f"\nmedian of {args.repeat} interleaved runs; peak RSS: largest")
     for label, values in results.items():
-        print(f"{label:<40} {statistics.median(w for w, _ in values):6.1f} s  "
+        print(f"{label:<52} {statistics.median(w for w, _ in values):6.1f} s  "
               f"{max(p for _, p in values) / 1024:.2f} GiB")
     return 0
 

@@ -155,6 +155,8 @@ class Architecture(Protocol):
     # Optional (the core asks only where it is defined; ArchitectureBase answers None):
     # def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
     #     """How the export module repeats its layers; None: the exporter traces every layer."""
+    # def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
+    #     """Stored tensors the export module leaves out (a multimodal checkpoint's towers)."""
     # expert_storage: tuple[ExpertStorage, ...]
     #     """How checkpoints store the stacked expert parameters PEFT's target_parameters adapt."""
     # peft_weight_parameters: tuple[str, ...]
@@ -209,6 +211,12 @@ class ArchitectureBase:
         """How the export module repeats its layers (:class:`LayerRepeat`); ``None``, the
         default, has the exporter trace every layer — always right, slower for deep models."""
         return None
+
+    def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
+        """The stored tensors the export module does not use, so an ONNX merge or export leaves
+        them out (a multimodal checkpoint's vision tower and projector beside the language
+        model it exports); the commands name them. Default: none."""
+        return []
 
     def __repr__(self) -> str:
         return f"<architecture {self.id}>"

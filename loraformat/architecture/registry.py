@@ -154,6 +154,13 @@ class PluginArchitecture:
             return None
         return self._call("layer_repeat", checkpoint, lambda: method(checkpoint))
 
+    def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
+        """The stored tensors the plugin's export leaves out (optional in the contract)."""
+        method = getattr(self.impl, "left_out", None)
+        if method is None:
+            return []
+        return list(self._call("left_out", checkpoint, lambda: method(checkpoint)))
+
     def __repr__(self) -> str:
         return f"<architecture {self.id} from plugin {self.plugin}>"
 

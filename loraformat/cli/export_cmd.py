@@ -211,7 +211,7 @@ def export_command(
             "outputs": result.output_names, "max_abs_diff": result.max_abs_diff,
             "verify_provider": result.verify_provider, "tolerance": result.tolerance,
             "quantized_layers": result.quantized_layers, "cosine": result.cosine,
-            "traced": result.traced,
+            "traced": result.traced, "left_out": result.left_out,
         })
         return
     click.echo(
@@ -220,7 +220,16 @@ def export_command(
         + (f", weights in {result.external_data}" if result.external_data else "")
     )
     click.echo(f"graph: {result.traced}")
+    echo_left_out(result.left_out)
     echo_verify(result)
+
+
+def echo_left_out(left_out: dict[str, int]) -> None:
+    """The line naming the stored tensors an ONNX export left out (a multimodal checkpoint's
+    towers), by group; nothing when it kept them all."""
+    if left_out:
+        click.echo("left out of the ONNX model: " + ", ".join(
+            f"{group} ({n} tensor{'s' if n > 1 else ''})" for group, n in left_out.items()))
 
 
 def echo_verify(result: Any) -> None:
@@ -264,10 +273,13 @@ def _export_slots(
         "<layer>.lora_A/.lora_B"
         + (f", weights in {result.external_data}" if result.external_data else "")
     )
+    echo_left_out(result.left_out)
     if result.max_abs_diff is not None:
         click.echo(
             f"verify: max abs diff {result.max_abs_diff:.3g} between ONNX Runtime (no adapter) "
-            f"and torch on random inputs (tolerance {result.tolerance:.3g}): ok"
+            "and torch on random inputs " + (
+                f"(tolerance {result.tolerance:.3g}): ok" if result.tolerance is not None
+                else f"(int4/int8: logits' cosine {result.cosine:.5f}): ok")
         )
     echo_genai(genai)
 
@@ -294,6 +306,7 @@ def _export_decoder(
         + (f", fused {result.fusions}" if result.optimized else "")
         + (f", weights in {result.export.external_data}" if result.export.external_data else "")
     )
+    echo_left_out(result.left_out)
     if result.max_abs_diff is not None:
         click.echo(
             f"verify: max abs diff {result.max_abs_diff:.3g} between "

@@ -14,6 +14,7 @@ from .export_cmd import (
     EXPORT_DTYPES,
     check_genai,
     echo_genai,
+    echo_left_out,
     echo_verify,
     genai_option,
     quant_from_options,
@@ -137,6 +138,7 @@ def _report(
         )
     if data.get("traced"):
         click.echo(f"graph: {data['traced']}")
+    echo_left_out(data.get("left_out") or {})
     if getattr(result, "max_abs_diff", None) is not None:
         echo_verify(result)
     if survival is not None:

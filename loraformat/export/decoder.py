@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import ExportModel, ExportOptions
+from ..architecture import CheckpointInfo, ExportModel, ExportOptions
 from ..atomic import check_output
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
@@ -72,7 +72,7 @@ from .onnx import (
 )
 from .quantize import QuantOptions
 from .runner import open_runner, providers_for, runner_name
-from .slot_inputs import add_slot_defaults
+from .slot_inputs import add_slots
 from .stream import STREAM_EXTERNAL_BYTES, build_weightless, placeholder_tensors, weights_on_demand
 
 Progress = Callable[[int, int], None]
@@ -124,6 +124,7 @@ class DecoderExportResult:
             "cosine": self.cosine,
             "quantized_layers": e.quantized_layers,
             "graph": self.graph,
+            "left_out": e.left_out,
         }
 
 
@@ -226,7 +227,8 @@ def export_decoder(
     quant: QuantOptions | None = None,
     emit: bool = True,
     slots: Sequence[str] = (),
-    metadata: Mapping[str, str] | None = None,
+    repeat_layers: bool = True,
+    prewrite: bool | None = None,
 ) -> DecoderExportResult:
     """Export the decoder ``base`` (with ``adapters`` merged, weighted) with a KV cache to ``out``.
 
@@ -241,9 +243,9 @@ def export_decoder(
     and ``optimize`` has nothing left to do; otherwise it is traced from the plugin's export
     module. ``result.graph`` says which, and why not emitted. ``emit=False`` forces the trace.
 
-    ``slots`` (layer paths; emitted graphs only, :func:`~.slots.export_with_slots` traces the
-    rest) gives those layers LoRA slots with zero-rank defaults, ``metadata`` goes into the
-    model's metadata; ``verify_output`` then checks the graph with no adapter active.
+    ``slots`` (layer paths) gives those layers LoRA slots with zero-rank defaults
+    (:mod:`.slot_inputs`); ``verify_output`` then checks the graph with no adapter active.
+    ``repeat_layers`` and ``prewrite`` are :func:`~.onnx.export_onnx`'s (the traced graph).
     """
     from .optimize import optimize_graph
 
@@ -254,36 +256,11 @@ def export_decoder(
                               "not bfloat16")
     if target.suffix != ".onnx":
         raise LoraformatError(target, "an ONNX export's output must end in .onnx")
-    captured: dict[str, Any] = {}
-
-    def build(model: BaseModel, tensors: Mapping[str, Any], options: ExportOptions) -> ExportModel:
-        exported = model.arch.export_model(model.info, tensors, options)
-        if not any(n.startswith("past_key_values.") for n in exported.input_names):
-            raise LoraformatError(
-                None, f"the {model.architecture} plugin's export module has no KV-cache inputs "
-                "(is it a decoder?)",
-            )
-        captured.update(
-            architecture=model.architecture, config=dict(model.config), keep=set(tensors),
-            vocab=int(tensors_vocab(exported, model.config)),
-        )
-        return exported
-
     float16 = dtype == "float16"
     result = DecoderExportResult(export=None)  # type: ignore[arg-type]
 
-    def rewrite(graph: Any) -> Any:
-        if not optimize:
-            return graph
-        graph, report = optimize_graph(
-            graph, captured["architecture"], captured["config"], captured["keep"],
-            float16=float16,
-        )
-        result.optimized, result.fusions = True, report.fusions
-        return graph
-
     def check(path: Path, exported: ExportModel) -> None:
-        checks = decoder_check_inputs(exported, captured["vocab"])
+        checks = decoder_check_inputs(exported, int(tensors_vocab(exported, model.config)))
         try:
             c = verify_decoder(path, exported, checks, providers_for(dtype))
         except LoraformatError:
@@ -326,31 +303,43 @@ def export_decoder(
         if spec is not None:
             plan = open_plan(stack, model, adapters, weights=weights, force=force,
                              allow_nonfinite=allow_nonfinite)
-
-            def verify_emitted(path: Path, exported: ExportModel) -> None:
-                captured.update(vocab=int(tensors_vocab(exported, model.config)))
-                check(path, exported)
-
             result.export = export_emitted(
                 model, spec, target, plan, dtype=dtype, quant=quant, opset=opset,
                 external_data=external_data, progress=progress,
-                verifier=verify_emitted if verify_output else None, slots=slots,
-                metadata=metadata,
+                verifier=check if verify_output else None, slots=slots,
             )
             result.nodes, result.graph = result.export.nodes, "emitted"
             return result
         result.graph = f"traced ({why})"
-        if slots or metadata:
-            raise LoraformatError(target, f"a slot decoder is emitted only, not traced: {why}")
+
+        def build(info: CheckpointInfo, tensors: Mapping[str, Any],
+                  options: ExportOptions) -> ExportModel:
+            exported = model.arch.export_model(info, tensors, options)
+            if not any(n.startswith("past_key_values.") for n in exported.input_names):
+                raise LoraformatError(
+                    None, f"the {model.architecture} plugin's export module has no KV-cache "
+                    "inputs (is it a decoder?)",
+                )
+            return exported
+
+        def rewrite(graph: Any) -> Any:
+            if not optimize:
+                return graph
+            graph, report = optimize_graph(graph, model.architecture, dict(model.config),
+                                           set(model.checkpoint.names()), float16=float16)
+            result.optimized, result.fusions = True, report.fusions
+            return graph
+
         # fp16 with fusions: export in fp32, fuse, then convert (ONNX Runtime's converter keeps
         # the ops without fp16 kernels in fp32). The base stays open until the export is done.
         export_dtype = "float32" if optimize and float16 else dtype
         plain = export_onnx(
             model, target, adapters=adapters, weights=weights, dtype=export_dtype, quant=quant,
-            opset=opset, options=ExportOptions(with_past=True), verify_output=False,
-            external_data=external_data, force=force, allow_nonfinite=allow_nonfinite,
-            overwrite=overwrite, progress=progress, build=build, rewrite=rewrite,
-            verifier=check if verify_output else None,
+            opset=opset, options=ExportOptions(with_past=True, lora_slots=tuple(slots)),
+            verify_output=False, external_data=external_data, force=force,
+            allow_nonfinite=allow_nonfinite, overwrite=overwrite, progress=progress, build=build,
+            rewrite=rewrite, verifier=check if verify_output else None,
+            repeat_layers=repeat_layers, prewrite=prewrite,
         )
     plain.dtype = dtype
     result.export, result.nodes = plain, plain.nodes
@@ -399,7 +388,6 @@ def export_emitted(
     progress: Progress | None,
     verifier: Callable[[Path, ExportModel], None] | None,
     slots: Sequence[str] = (),
-    metadata: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Write the decoder ``spec`` describes (:mod:`.emitter`) to ``target``, weights streamed
     through ``plan``. ``verifier(temporary path, oracle)`` gets the plugin's torch export module
@@ -411,8 +399,7 @@ def export_emitted(
                           max_positions(model.config), opset)
 
     graph = emit_decoder(spec, model.checkpoint, plan, options, progress, slots)
-    add_slot_defaults(graph, slots)
-    graph.metadata_props.update(metadata or {})
+    add_slots(graph, slots, model.architecture, model.checkpoint.fingerprint())
     if external_data is None:
         external_data = initializer_bytes(graph) > STREAM_EXTERNAL_BYTES
     result = ExportResult(
@@ -421,7 +408,7 @@ def export_emitted(
         input_names=[v.name for v in graph.graph.inputs if v.name not in graph.graph.initializers],
         output_names=[v.name for v in graph.graph.outputs],
         quantized_layers=sum(n.op_type == "MatMulNBits" for n in graph.graph),
-        traced="emitted from the decoder description",
+        traced="emitted from the decoder description", left_out=model.left_out,
     )
 
     def check(path: Path) -> None:
@@ -432,15 +419,8 @@ def export_emitted(
             lambda: model.arch.export_model(model.info, tensors, ExportOptions(with_past=True)),
             tensors,
         ), torch_dtype)
-        import onnxruntime
-
-        # ORT warns once per slot that an initializer is also a graph input: by design (slots)
-        onnxruntime.set_default_logger_severity(3)
-        try:
-            with weights_on_demand(exported.module, model.checkpoint, plan, torch_dtype):
-                verifier(path, exported)
-        finally:
-            onnxruntime.set_default_logger_severity(2)  # ORT's default
+        with weights_on_demand(exported.module, model.checkpoint, plan, torch_dtype):
+            verifier(path, exported)
 
     result.external_data = save_model(graph, target, external_data,
                                       check if verifier is not None else None)

@@ -14,9 +14,13 @@ this module writes the graph ONNX Runtime's fused kernels run, with no torch tra
   (``local_window_size``), the score soft-cap (``softcap``) and the scale; per-head q/k norms
   are ``SimplifiedLayerNormalization`` on the [.., heads, head_dim] view before it.
 
-``seqlens_k`` (each row's attended length − 1) and ``total_sequence_length`` come from
-``attention_mask`` as GroupQueryAttention expects (right-padded rows); ``position_ids`` is passed
-to it, so positions are the caller's.
+Padding is transformers' layout, left or right: each row's keys sit at the attention mask's
+columns, pad columns included, so ``seqlens_k`` is the mask's width − 1 for every row and the pad
+columns are masked by GroupQueryAttention's additive ``attention_bias`` (a window counts columns,
+as transformers' does). The rotary positions are the caller's ``position_ids``, shifted by each
+row's leading padding: on a prompt GroupQueryAttention rotates every row from one start
+position by column, which such a shift keeps consistent with the later steps (only differences
+of positions within a row count). LongRoPE picks its table by the mask's width.
 
 The interface is :mod:`.decoder`'s (``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.N.key/value`` → ``logits``, ``present.N.key/value``), so the same runtime code
@@ -354,12 +358,31 @@ def emit_decoder(
         for kind in ("key", "value"):
             pasts.append(value(f"past_key_values.{i}.{kind}", float_type,
                                ["batch", n_kv, "past_sequence", hd]))
-    seqlens = b.op("Cast", [b.op("Sub", [b.op("ReduceSum", [attention_mask, b.ints(1)],
-                                                keepdims=0), b.ints(1)])],
-                   to=ir.DataType.INT32)
-    total_len = b.op("Gather", [b.op("Shape", [attention_mask]), b.const(
-        "const_i64_scalar_1", np.array(1, np.int64))], axis=0)
+    # The keys sit at the mask's columns, padding included, as in transformers' cache: each
+    # row's cache is the mask's width (seqlens_k = width - 1), padding columns are masked by an
+    # additive attention_bias [batch, 1, sequence, width], so left and right padding both work.
+    mask_shape = b.op("Shape", [attention_mask])
+    batch_1d = b.op("Slice", [mask_shape, b.ints(0), b.ints(1)])
+    total_1d = b.op("Slice", [mask_shape, b.ints(1), b.ints(2)])
+    sequence_1d = b.op("Slice", [b.op("Shape", [input_ids]), b.ints(1), b.ints(2)])
+    total_len = b.op("Squeeze", [total_1d, b.ints(0)])
     total = b.op("Cast", [total_len], to=ir.DataType.INT32)
+    seqlens = b.op("Expand", [b.op("Cast", [b.op("Sub", [total_1d, b.ints(1)])],
+                                   to=ir.DataType.INT32), batch_1d])
+    padding = b.op("Cast", [b.op("Equal", [attention_mask, b.ints(0)])], to=float_type)
+    bias = b.op("Expand", [
+        b.op("Unsqueeze", [b.op("Mul", [padding, b.scalar(float(np.finfo(float_np).min))]),
+                           b.ints(1, 2)]),
+        b.op("Concat", [batch_1d, b.ints(1), sequence_1d, total_1d], axis=0)])
+    # Rotary positions. On a prompt (empty past) GroupQueryAttention rotates every row from
+    # position_ids[0, 0] on, by cache column: it is given 0 there, so a row's keys are rotated
+    # by column, and later steps by the caller's position plus the row's leading padding (its
+    # first real column); within a row only the differences count, and those are the caller's.
+    leading = b.op("ArgMax", [attention_mask], axis=1, keepdims=1)
+    shifted = b.op("Add", [position_ids, leading])
+    prompt = b.op("Cast", [b.op("Equal", [total_1d, sequence_1d])], to=ir.DataType.INT64)
+    rotary_positions = b.op("Sub", [shifted, b.op("Mul", [b.op("Slice", [
+        shifted, b.ints(0, 0), b.ints(1, 1), b.ints(0, 1)]), prompt])])
 
     # -- rotary caches: one (cos, sin) pair per rope, LongRoPE's chosen by an If --
     caches: dict[str, tuple[Any, Any]] = {}
@@ -453,12 +476,12 @@ def emit_decoder(
         outputs[0] = f"/layers.{i}/attn/GroupQueryAttention/output_0"
         # gpt-oss's per-head sinks: GroupQueryAttention's head_sink (after attention_bias)
         sinks_name = attn + "sinks"
-        sinks = [None, float_weight(sinks_name, [n_head], lambda name=sinks_name: source.read(
+        sinks = [float_weight(sinks_name, [n_head], lambda name=sinks_name: source.read(
             name))] if getattr(spec, "attn_sinks", False) else []
         attended, present_k, present_v = b.op(
             "GroupQueryAttention",
-            [*qkv_inputs, pasts[2 * i], pasts[2 * i + 1], seqlens, total, cos, sin, position_ids,
-             *sinks],
+            [*qkv_inputs, pasts[2 * i], pasts[2 * i + 1], seqlens, total, cos, sin,
+             rotary_positions, bias, *sinks],
             outputs=outputs, domain=MS_DOMAIN, num_heads=n_head, kv_num_heads=n_kv,
             scale=float(scale), softcap=float(spec.attn_softcap or 0.0),
             local_window_size=int(window) if window is not None else -1,

@@ -54,6 +54,7 @@ from .prewrite import finish, parameter_dtypes, staged_weights
 from .quantize import QuantOptions, merge_survival, quantize_dense_layers, quantize_embeddings
 from .repeat import cut_to_depth, repeated_graph
 from .runner import open_runner, ort_providers, providers_for, runner_name
+from .slot_inputs import add_slots, slotted_export_model
 from .stream import (
     STREAM_EXTERNAL_BYTES,
     attach_weights,
@@ -102,6 +103,8 @@ class ExportResult:
     cosine: float | None = None  # verify: outputs' cosine similarity to torch's
     min_cosine: float | None = None  # verify of int4/int8: the floor it had to reach
     survival: SurvivalReport | None = None  # int4/int8: how much of the merged adapters kept
+    #: stored tensors the export left out, by group (:attr:`~loraformat.base.BaseModel.left_out`)
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +122,7 @@ class ExportResult:
             "traced": self.traced,
             "prewritten": self.prewritten,
             "cosine": self.cosine,
+            "left_out": self.left_out,
         } | ({"survival": self.survival.to_json()} if self.survival is not None else {})
 
 
@@ -476,7 +480,7 @@ def export_onnx(
     allow_nonfinite: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
-    build: Callable[[BaseModel, Mapping[str, Any], ExportOptions], ExportModel] | None = None,
+    build: Callable[[CheckpointInfo, Mapping[str, Any], ExportOptions], ExportModel] | None = None,
     rewrite: Callable[[Any], Any] | None = None,
     verifier: Callable[[Path, ExportModel], None] | None = None,
     repeat_layers: bool = True,
@@ -489,8 +493,11 @@ def export_onnx(
     given instead of ``adapters`` by callers that computed it. ``dtype`` is float32, float16, or
     int4/int8: dense layers as MatMulNBits (``quant`` says how; :mod:`.quantize`), the rest fp32.
 
-    ``options`` are passed to the plugin (KV cache, LoRA slots); ``build`` replaces the plugin's
-    export module (callers that wrap it, e.g. slot export); ``rewrite(graph)`` returns the onnx_ir
+    ``options`` are passed to the plugin (KV cache, LoRA slots); ``options.lora_slots`` gives
+    those layers LoRA slots (:mod:`.slot_inputs`: the plugin's module wrapped, the slot inputs'
+    zero-rank defaults, the slot metadata; ``verify_output`` runs the graph with no adapter).
+    ``build(info, tensors, options)`` replaces the plugin's ``export_model`` (for the whole model
+    and for the cut ones a repeated trace builds); ``rewrite(graph)`` returns the onnx_ir
     graph to write instead (a pass such as fusion, run after quantization, weights still lazy);
     ``verifier(temporary path, export model)`` replaces the default check below; while it runs,
     the module's weights are read from the checkpoint as its ops use them
@@ -529,20 +536,30 @@ def export_onnx(
         ))
         torch_dtype = torch_dtype_named(float_dtype)
         tensors = placeholder_tensors(model.checkpoint, torch_dtype)
+        make = build or model.arch.export_model
+
+        def slotted(info: CheckpointInfo, cut: Mapping[str, Any],
+                    cut_options: ExportOptions) -> ExportModel:
+            # the slot step, on the whole module and on the cut ones a repeated trace builds
+            # (their example inputs are cast to the export dtype by build_graph)
+            return slotted_export_model(make(info, cut, cut_options), cut_options.lora_slots,
+                                        model.layers, float_dtype)
+
         exported = inputs_in(build_weightless(
-            lambda: build(model, tensors, options) if build is not None
-            else model.arch.export_model(model.info, tensors, options),
-            tensors,
+            lambda: make(model.info, tensors, options), tensors
         ), torch_dtype)
         if writer is not None and not writer.submit(
             model.checkpoint, plan, parameter_dtypes(exported.module, model.checkpoint),
             model.layers, quant,
         ):
             writer = None
+        slots = options.lora_slots
         graph, traced = build_graph(
-            model, exported, tensors, options, torch_dtype, opset,
-            repeat=repeat_layers and build is None,
+            model, slotted_export_model(exported, slots, model.layers, float_dtype)
+            if slots else exported, tensors, options, torch_dtype, opset,
+            repeat=repeat_layers, make=slotted if slots else make,
         )
+        add_slots(graph, slots, model.architecture, model.checkpoint.fingerprint())
         attach_weights(graph, model.checkpoint, plan, progress)
         quantized = quantize_dense_layers(graph, model.layers, quant) if quant else []
         if quant is not None and quant.embeddings:
@@ -570,6 +587,7 @@ def export_onnx(
             prewritten=prewritten,
             survival=merge_survival(model.checkpoint, plan, model.layers, quantized, quant,
                                     np.dtype(float_dtype)) if quant is not None else None,
+            left_out=model.left_out,
         )
 
         def check(path: Path) -> None:

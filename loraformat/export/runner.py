@@ -131,7 +131,12 @@ def open_runner(
         return GraphRunner(evaluator, REFERENCE_EVALUATOR, names, inputs, os.fspath(onnx_path))
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(os.fspath(onnx_path), providers=providers)
+    options = onnxruntime.SessionOptions()
+    # errors only: a slot graph's zero-rank defaults are initializers that are also graph inputs,
+    # by design, and ONNX Runtime warns once for each
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(os.fspath(onnx_path), sess_options=options,
+                                           providers=providers)
     inputs = {i.name: _ELEMENT_DTYPES[i.type] for i in session.get_inputs()
               if i.type in _ELEMENT_DTYPES}
     names = frozenset(i.name for i in session.get_inputs())
