@@ -1,0 +1,226 @@
+"""Qwen3.5 (Gated DeltaNet linear attention + gated full attention) against independent
+references: transformers (its modules, its model with PEFT's merge, its greedy generate), gguf-py's
+tensor map and llama.cpp's converter's value-head reorder (re-derived here with numpy), mlx-lm's
+own model.
+
+The tiny checkpoints (tests/tiny_qwen35.py) have layers linear, linear, linear, full; 2 key heads
+and 4 value heads in the linear layers; initializer_range 0.2. Adapters are PEFT's
+``target_modules="all-linear"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import tiny_qwen35
+import torch
+
+from loraformat.architecture import ExportOptions
+from loraformat.architecture.protocol import Architecture, CheckpointInfo
+from loraformat.checkpoint import Checkpoint
+from loraformat.errors import LoraformatError
+
+PROMPT = [5, 17, 33, 2, 71, 40, 9]
+
+
+def families():
+    from loraformat_plugins import qwen3_5
+
+    text, multimodal = qwen3_5.loraformat_architectures()
+    return text, multimodal
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``built("text" | "multimodal")`` → (CheckpointInfo, tensors) of a tiny checkpoint."""
+    cache: dict[str, tuple[CheckpointInfo, dict]] = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            make = tiny_qwen35.qwen3_5 if kind == "text" else tiny_qwen35.qwen3_5_multimodal
+            path = make(tmp_path_factory.mktemp(kind))
+            with Checkpoint(path) as c:
+                tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
+                cache[kind] = (CheckpointInfo(path, c.config, c.shapes()), tensors)
+        return cache[kind]
+
+    return get
+
+
+def test_plugin_declares_two_architectures():
+    from loraformat_plugins import qwen3_5
+
+    assert qwen3_5.LORAFORMAT_PLUGIN_API == 2
+    text, multimodal = families()
+    assert (text.id, multimodal.id) == ("qwen3_5", "qwen3_5_multimodal")
+    for arch in (text, multimodal):
+        assert isinstance(arch, Architecture)
+        assert arch.names.problems() == []
+        assert arch.gguf_architecture == "qwen35"
+
+
+def test_detection(built):
+    """Each checkpoint is its own architecture and no other installed one's, from its config and
+    from its tensor names alone; PEFT's adapter config (model_type "qwen3_5", the transformers
+    module, for both) is told apart by its class."""
+    from loraformat.architecture import registry
+
+    text, multimodal = families()
+    for kind, arch in (("text", text), ("multimodal", multimodal)):
+        info, _ = built(kind)
+        assert [a.id for a in registry().architectures().values() if a.detect(info)] == [arch.id]
+        bare = CheckpointInfo(None, {}, info.shapes)
+        assert registry().detect(bare).id == arch.id
+    for cls, arch in (("Qwen3_5ForCausalLM", text), ("Qwen3_5ForConditionalGeneration",
+                                                      multimodal)):
+        said = CheckpointInfo(config={"architectures": [cls], "model_type": "qwen3_5"})
+        assert registry().detect(said).id == arch.id
+    assert not text.detect(CheckpointInfo()) and not multimodal.detect(CheckpointInfo())
+
+
+def _gguf_reference(n_layer: int):
+    import gguf
+    from gguf.tensor_mapping import get_tensor_name_map
+
+    return get_tensor_name_map(gguf.MODEL_ARCH.QWEN35, n_layer)
+
+
+@pytest.mark.parametrize("kind", ["text", "multimodal"])
+def test_dense_layers_and_llama_cpp_names(built, kind):
+    """Every projection of both layer kinds, the embedding and the head; each named as gguf-py's
+    tensor map names it (after llama.cpp drops ``language_model.``), and read back."""
+    text, multimodal = families()
+    arch = text if kind == "text" else multimodal
+    info, _ = built(kind)
+    layers = arch.dense_layers(info)
+    prefix = "model." if kind == "text" else "model.language_model."
+    kinds = info.config.get("layer_types") or info.config["text_config"]["layer_types"]
+    expected = {prefix + "embed_tokens", "lm_head"}
+    for i, layer_kind in enumerate(kinds):
+        suffixes = (tiny_qwen35.LINEAR_PROJECTIONS if layer_kind == "linear_attention"
+                    else tiny_qwen35.ATTENTION_PROJECTIONS)
+        mixer = "linear_attn." if layer_kind == "linear_attention" else "self_attn."
+        expected |= {f"{prefix}layers.{i}.{mixer}{s}" for s in suffixes}
+        expected |= {f"{prefix}layers.{i}.mlp.{s}" for s in tiny_qwen35.MLP_PROJECTIONS}
+    assert {layer.path for layer in layers} == expected
+    reference = _gguf_reference(len(kinds))
+    for layer in layers:
+        assert layer.stored_shape() == info.shapes[layer.weight]
+        ours = arch.names.foreign(layer.path, "gguf")
+        assert ours == reference.get_name(layer.path.replace("language_model.", "")), layer.path
+        assert arch.names.layer_path(ours, "gguf") == layer.path
+        assert arch.names.foreign(layer.path, "peft") == layer.path
+    shape = arch.model_shape(info)
+    assert (shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim) == (4, 4, 2, 16)
+
+
+def _llama_cpp_reorder(rows: np.ndarray, n_k: int, n_v: int, head_dim: int) -> np.ndarray:
+    """llama.cpp's _reorder_v_heads on axis 0, as its converter writes it: view the value rows
+    as (key head, value head of that key head, head_dim) and swap the first two axes."""
+    per_k = n_v // n_k
+    shape = rows.shape
+    return rows.reshape(n_k, per_k, head_dim, *shape[1:]).swapaxes(0, 1).reshape(shape)
+
+
+def test_gguf_row_order_is_llama_cpp_value_head_reorder(built):
+    """2 key heads, 4 value heads: the rows of in_proj_qkv's value part, in_proj_z, in_proj_a
+    and in_proj_b are stored tiled by llama.cpp; out_proj's input columns too, which no row
+    permutation says: an out_proj LoRA is refused for llama.cpp, naming the layer."""
+    text, _ = families()
+    info, tensors = built("text")
+    n_k, n_v, dk, dv = 2, 4, 8, 8
+    block = "model.layers.0.linear_attn."
+    for name, split in (("in_proj_qkv", 2 * n_k * dk), ("in_proj_z", 0), ("in_proj_a", 0),
+                        ("in_proj_b", 0)):
+        weight = tensors[block + name + ".weight"].numpy()
+        head = 1 if name in ("in_proj_a", "in_proj_b") else dv
+        expected = np.concatenate(
+            [weight[:split], _llama_cpp_reorder(weight[split:], n_k, n_v, head)]
+        )
+        perm = text.row_permutation(info, block + name, "gguf")
+        np.testing.assert_array_equal(weight[perm], expected, err_msg=name)
+        assert text.row_permutation(info, block + name, "mlx") is None
+    assert text.row_permutation(info, "model.layers.3.self_attn.q_proj", "gguf") is None
+    with pytest.raises(LoraformatError, match=r"linear_attn\.out_proj: llama\.cpp reorders"):
+        text.row_permutation(info, block + "out_proj", "gguf")
+    # With as many value heads as key heads llama.cpp keeps every order.
+    same = CheckpointInfo(info.path, {**info.config, "linear_num_value_heads": 2}, info.shapes)
+    assert text.row_permutation(same, block + "out_proj", "gguf") is None
+    assert text.row_permutation(same, block + "in_proj_qkv", "gguf") is None
+
+
+def test_mlx_names_are_mlx_lm_qwen3_5_modules(built):
+    """mlx-lm runs the multimodal config (model_type qwen3_5) only: the multimodal names are the
+    module paths of mlx-lm's own Qwen3.5 model; the text model has no MLX names and mlx-lm has
+    no qwen3_5_text model."""
+    pytest.importorskip("mlx_lm")
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3_5 as mlx_qwen3_5
+
+    text, multimodal = families()
+    info, _ = built("multimodal")
+    model = mlx_qwen3_5.Model(mlx_qwen3_5.ModelArgs.from_dict(info.config))
+    weights = {name for name, _ in tree_flatten(model.parameters())}
+    for layer in multimodal.dense_layers(info):
+        assert multimodal.names.foreign(layer.path, "mlx") + ".weight" in weights, layer.path
+    text_info, _ = built("text")
+    assert all(text.names.foreign(layer.path, "mlx") is None
+               for layer in text.dense_layers(text_info))
+    with pytest.raises(ImportError):
+        importlib.import_module("mlx_lm.models.qwen3_5_text")
+
+
+def test_multimodal_leaves_out_the_vision_tower(built):
+    _, multimodal = families()
+    info, _ = built("multimodal")
+    left_out = multimodal.left_out(info)
+    assert left_out and all(n.startswith("model.visual.") for n in left_out)
+    assert set(left_out) == {n for n in info.shapes if n.startswith("model.visual.")}
+
+
+def test_linear_attention_state_carries_across_calls(built):
+    """transformers' Gated DeltaNet layer over 9 positions = ours over 5, then 4 calls of one
+    position each carrying the conv and recurrent state (fp32, 1e-5)."""
+    from loraformat_plugins._gated_deltanet import GatedDeltaNet
+    from transformers import Qwen3_5ForCausalLM
+
+    info, _ = built("text")
+    reference = Qwen3_5ForCausalLM.from_pretrained(info.path).eval()
+    layer = reference.model.layers[1].linear_attn
+    ours = GatedDeltaNet(info.config, 32, info.config["rms_norm_eps"], torch.nn.functional.silu)
+    ours.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = layer(x)
+        whole, _ = ours(x, None, None)
+        out, past = ours(x[:, :5], None, None)
+        outs = [out]
+        for t in range(5, 9):
+            out, past = ours(x[:, t : t + 1], None, past)
+            outs.append(out)
+    assert past[0].shape == (2, 2 * 2 * 8 + 4 * 8, 3) and past[1].shape == (2, 4, 8, 8)
+    torch.testing.assert_close(whole, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["text", "multimodal"])
+def test_export_module_logits_equal_transformers(built, kind):
+    text, multimodal = families()
+    arch = text if kind == "text" else multimodal
+    info, tensors = built(kind)
+    em = arch.export_model(info, tensors, ExportOptions())
+    assert set(em.module.state_dict()) == {
+        n for n in tensors if not n.startswith("model.visual.")
+    }
+    ids = torch.randint(3, 90, (2, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 13, dtype=torch.int64)
+    mask[1, :3] = 0  # left padding: the linear layers zero the padded positions
+    reference = tiny_qwen35.load(info.path)
+    with torch.no_grad():
+        ours = em.module(input_ids=ids, attention_mask=mask)
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+    scale = expected.abs().max().item()
+    keep = mask.bool()
+    torch.testing.assert_close(ours[keep], expected[keep], atol=1e-4 * scale, rtol=0)
