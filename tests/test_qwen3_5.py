@@ -224,3 +224,93 @@ def test_export_module_logits_equal_transformers(built, kind):
     scale = expected.abs().max().item()
     keep = mask.bool()
     torch.testing.assert_close(ours[keep], expected[keep], atol=1e-4 * scale, rtol=0)
+
+
+# -- the ONNX exports (slow: each traces the module) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """The text checkpoint, its all-linear PEFT adapter, and PEFT's merged transformers model."""
+    root = tmp_path_factory.mktemp("qwen3_5_onnx")
+    base = tiny_qwen35.qwen3_5(root / "base")
+    adapter = tiny_qwen35.peft_adapter(base, root / "peft")
+    return {"base": base, "peft": adapter, "merged": tiny_qwen35.peft_merged(base, adapter),
+            "root": root}
+
+
+def _ort_logits(path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+
+def _padded_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(3, 90, (2, 11)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+@pytest.mark.slow
+def test_merged_onnx_equals_peft_merge(made, tmp_path):
+    """`merge BASE PEFT -o m.onnx --verify`: one Scan per linear layer over the dynamic
+    sequence; logits of a left-padded batch of 11 and of a single token equal transformers on
+    PEFT's merged model (1e-4 of the logits' scale)."""
+    import json
+
+    import onnx
+    from cli_harness import run_cli
+
+    out = tmp_path / "merged.onnx"
+    run = run_cli("merge", made["base"], made["peft"], "-o", out, "--verify", "--json")
+    assert run.code == 0, run.err
+    report = json.loads(run.out)
+    assert report["tensors_changed"] == 3 * 5 + 4 + 4 * 3  # every linear of every block
+    assert report["max_abs_diff"] <= report["tolerance"]
+    assert sum(n.op_type == "Scan" for n in onnx.load(out).graph.node) == 3
+    for ids, mask in (_padded_batch(), (np.array([[7]]), np.ones((1, 1), np.int64))):
+        with torch.no_grad():
+            expected = made["merged"](input_ids=torch.from_numpy(ids),
+                                      attention_mask=torch.from_numpy(mask)).logits.numpy()
+        ours = _ort_logits(out, ids, mask)
+        keep = mask.astype(bool)
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(ours[keep], expected[keep], atol=1e-4 * scale, rtol=0)
+    with torch.no_grad():
+        plain = tiny_qwen35.load(made["base"])(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(plain - expected).max() > 0.05  # the adapter changes the logits
+
+
+@pytest.mark.slow
+def test_lora_slots_with_onnx_adapter_equal_the_merge(made, tmp_path):
+    """`export BASE --lora-slots` + `convert PEFT -o x.onnx_adapter`: every linear layer has a
+    slot; the adapter file active gives the merged model's logits, none the base's."""
+    from cli_harness import run_cli
+
+    from loraformat.runtime import Session
+
+    graph = tmp_path / "slots.onnx"
+    run = run_cli("export", made["base"], "-o", graph, "--lora-slots")
+    assert run.code == 0, run.err
+    assert "with 32 LoRA slot(s)" in run.out  # 31 block projections and the head
+    file = tmp_path / "x.onnx_adapter"
+    run = run_cli("convert", made["peft"], "-o", file, "--base", made["base"])
+    assert run.code == 0, run.err
+    ids, mask = _padded_batch(1)
+    keep = mask.astype(bool)
+    with torch.no_grad():
+        expected = made["merged"](input_ids=torch.from_numpy(ids),
+                                  attention_mask=torch.from_numpy(mask)).logits.numpy()
+        plain = tiny_qwen35.load(made["base"])(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).logits.numpy()
+    scale = np.abs(expected).max()
+    with Session(graph) as session:
+        session.load("x", file)
+        feed = {"input_ids": ids, "attention_mask": mask}
+        ours = session.run(feed, adapter="x")[0]
+        base = session.run(feed)[0]
+    np.testing.assert_allclose(ours[keep], expected[keep], atol=1e-4 * scale, rtol=0)
+    np.testing.assert_allclose(base[keep], plain[keep], atol=1e-4 * scale, rtol=0)
