@@ -191,7 +191,9 @@ class Qwen3_5(DecoderFamily):
         )
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
-        return base_spec(checkpoint, "Qwen3.5", qk_norm=True, gemma_norm=True)
+        # The core asks with the checkpoint as it is (the emitter's question): a multimodal
+        # config is read as its language model's here.
+        return base_spec(language_model(checkpoint), "Qwen3.5", qk_norm=True, gemma_norm=True)
 
     def export_model(
         self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions

@@ -314,3 +314,38 @@ def test_lora_slots_with_onnx_adapter_equal_the_merge(made, tmp_path):
         base = session.run(feed)[0]
     np.testing.assert_allclose(ours[keep], expected[keep], atol=1e-4 * scale, rtol=0)
     np.testing.assert_allclose(base[keep], plain[keep], atol=1e-4 * scale, rtol=0)
+
+
+@pytest.mark.slow
+def test_multimodal_language_model_merges_and_exports(tmp_path):
+    """Qwen3_5ForConditionalGeneration with a PEFT adapter on its language model's projections:
+    `merge -o m.onnx` exports the language model (text in, logits out) with PEFT's merged
+    weights, equal to transformers' merged multimodal model on text; `export --with-past` has
+    the linear layers' states; the vision tower is left out of both."""
+    import onnx
+    from cli_harness import run_cli
+
+    base = tiny_qwen35.qwen3_5_multimodal(tmp_path / "base")
+    targets = [*tiny_qwen35.ATTENTION_PROJECTIONS, *tiny_qwen35.LINEAR_PROJECTIONS,
+               *tiny_qwen35.MLP_PROJECTIONS]  # the vision tower's are qkv, proj, linear_fc*
+    adapter = tiny_qwen35.peft_adapter(base, tmp_path / "peft", target_modules=targets)
+    out = tmp_path / "m.onnx"
+    run = run_cli("merge", base, adapter, "-o", out, "--verify")
+    assert run.code == 0, run.err
+    initializers = {t.name for t in onnx.load(out).graph.initializer}
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in initializers
+    assert not any(n.startswith("model.visual.") for n in initializers)
+    ids, mask = _padded_batch(2)
+    with torch.no_grad():
+        expected = tiny_qwen35.peft_merged(base, adapter)(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).logits.numpy()
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(_ort_logits(out, ids, mask)[keep], expected[keep],
+                               atol=1e-4 * np.abs(expected).max(), rtol=0)
+    run = run_cli("export", base, "-o", tmp_path / "p.onnx", "--with-past")
+    assert run.code == 0, run.err
+    inputs = [i.name for i in onnx.load(tmp_path / "p.onnx").graph.input]
+    assert inputs[3:7] == ["past_key_values.0.conv_state", "past_key_values.0.recurrent_state",
+                           "past_key_values.1.conv_state", "past_key_values.1.recurrent_state"]
+    assert inputs[-2:] == ["past_key_values.3.key", "past_key_values.3.value"]
