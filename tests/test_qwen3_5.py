@@ -349,3 +349,29 @@ def test_multimodal_language_model_merges_and_exports(tmp_path):
     assert inputs[3:7] == ["past_key_values.0.conv_state", "past_key_values.0.recurrent_state",
                            "past_key_values.1.conv_state", "past_key_values.1.recurrent_state"]
     assert inputs[-2:] == ["past_key_values.3.key", "past_key_values.3.value"]
+
+
+@pytest.mark.slow
+def test_mlx_lm_runs_the_multimodal_adapter_as_peft_merge(tmp_path):
+    """`convert PEFT --to mlx --base MULTIMODAL`: mlx-lm's Qwen3.5 with that adapter
+    (load_adapters) gives what mlx-lm gives for PEFT's merged checkpoint."""
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    from cli_harness import run_cli
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    base = tiny_qwen35.qwen3_5_multimodal(tmp_path / "base")
+    targets = [*tiny_qwen35.ATTENTION_PROJECTIONS, *tiny_qwen35.LINEAR_PROJECTIONS,
+               *tiny_qwen35.MLP_PROJECTIONS]
+    peft = tiny_qwen35.peft_adapter(base, tmp_path / "peft", target_modules=targets)
+    run = run_cli("convert", peft, "-o", tmp_path / "mlx", "--to", "mlx", "--base", base)
+    assert run.code == 0, run.err
+    tiny_qwen35.peft_merged(base, peft).save_pretrained(tmp_path / "merged")
+    ids = mx.array(np.random.default_rng(0).integers(3, 90, (2, 7)))
+    expected = np.array(load_model(tmp_path / "merged")[0](ids))
+    model = load_model(base)[0]
+    plain = np.array(model(ids))
+    got = np.array(load_adapters(model, str(tmp_path / "mlx"))(ids))
+    assert np.abs(expected - plain).max() > 0.1  # the adapter matters
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
