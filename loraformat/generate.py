@@ -2,9 +2,10 @@
 
 The model is a ``--with-past`` export (:func:`loraformat.export.decoder.export_decoder`): inputs
 ``input_ids`` [batch, sequence], ``attention_mask`` [batch, past+sequence], ``position_ids``
-[batch, sequence] and ``past_key_values.N.key/value`` [batch, kv_heads, past, head_dim]; outputs
-``logits`` [batch, sequence, vocab] and ``present.N.key/value`` [batch, kv_heads, past+sequence,
-head_dim] — the names optimum and ONNX Runtime's GenAI tooling use.
+[batch, sequence] and each layer's cache ``past_key_values.N.<name>`` (attention's ``key``/``value``
+[batch, kv_heads, past, head_dim]; a linear attention's fixed-size states); outputs ``logits``
+[batch, sequence, vocab] and ``present.N.<name>`` (keys and values [batch, kv_heads,
+past+sequence, head_dim]) — the names optimum and ONNX Runtime's GenAI tooling use.
 
 Generation is the end-to-end check of such an export: one *prefill* call on the whole prompt with
 an empty past (sequence axis of length 0), then one call per new token with ``sequence = 1``,
@@ -36,7 +37,7 @@ import numpy as np
 from .errors import LoraformatError
 from .onnx_io import ort_load_error
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(\w+)$")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 Progress = Callable[[int, int], None]
 
@@ -94,8 +95,8 @@ class DecoderSession:
         outputs = [o.name for o in self.session.get_outputs()]
         missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in inputs]
         past = sorted(
-            ((int(m[1]), m[2], name) for name in inputs if (m := _PAST.match(name))),
-            key=lambda t: (t[0], t[1] != "key"),
+            ((int(m[1]), order, name) for order, name in enumerate(inputs)
+             if (m := _PAST.match(name))),
         )
         if missing or not past or "logits" not in outputs:
             what = ", ".join(missing + ([] if past else ["past_key_values.N.key/value"]))
@@ -109,23 +110,31 @@ class DecoderSession:
         absent = [n for n in self.present_names if n not in outputs]
         if absent:
             raise LoraformatError(self.path, f"the model has no output {absent[0]} for its past")
-        first = inputs[self.past_names[0]]
-        self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
-        if not isinstance(self.kv_heads, int) or not isinstance(self.head_dim, int):
-            raise LoraformatError(
-                self.path, f"{first.name} needs static head and head_dim axes, got {first.shape}"
-            )
-        self.past_dtype = _DTYPES.get(first.type)
-        if self.past_dtype is None:
-            raise LoraformatError(self.path, f"{first.name} has unsupported type {first.type}")
+        # Each cache tensor: batch first, every other named axis grows from 0 (attention's keys
+        # and values); a fixed-size state (a linear attention's) has only static axes after it.
+        self.past_shapes: dict[str, tuple[int | None, ...]] = {}
+        self.past_dtypes: dict[str, Any] = {}
+        for name in self.past_names:
+            info = inputs[name]
+            dtype = _DTYPES.get(info.type)
+            if dtype is None:
+                raise LoraformatError(self.path, f"{name} has unsupported type {info.type}")
+            dims = list(info.shape)
+            if not dims:
+                raise LoraformatError(self.path, f"{name} has no batch axis, got {info.shape}")
+            self.past_shapes[name] = (None, *(d if isinstance(d, int) else 0 for d in dims[1:]))
+            self.past_dtypes[name] = dtype
         self.output_names = ["logits", *self.present_names]
         vocab = self.session.get_outputs()[outputs.index("logits")].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else None
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        """Past tensors of sequence length 0, for a prefill call."""
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, self.past_dtype) for name in self.past_names}
+        """The cache before a prefill call: keys and values of sequence length 0, other states
+        zero."""
+        return {
+            name: np.zeros((batch, *shape[1:]), self.past_dtypes[name])
+            for name, shape in self.past_shapes.items()
+        }
 
     def step(
         self, input_ids: np.ndarray, past: dict[str, Any], past_len: int

@@ -31,10 +31,7 @@ from loraformat.architecture import (
     LayerRepeat,
     NameTable,
 )
-from loraformat.architecture.names import CHECKPOINT
-
-from ._common import dense_from_shape
-from ._decoder import (
+from loraformat.architecture.decoder import (
     GGUF_PROJECTIONS,
     PREFIX,
     SPLIT_ATTENTION,
@@ -42,6 +39,8 @@ from ._decoder import (
     DecoderSpec,
     dense_layers,
 )
+from loraformat.architecture.names import CHECKPOINT
+from loraformat.architecture.plugin_tools import dense_from_shape
 
 BLOCK = "model.layers.{bid}."
 

@@ -25,14 +25,9 @@ from loraformat.architecture import (
     NameTable,
     hookimpl,
 )
+from loraformat.architecture.plugin_tools import activation_function
 
-from ._common import (
-    EncoderParts,
-    detect_by_names,
-    encoder_activation,
-    encoder_linears,
-    uniform_layers,
-)
+from ._common import EncoderParts, detect_by_names, encoder_linears, uniform_layers
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -136,7 +131,7 @@ def build_export_model(
         )
     heads = int(config["num_attention_heads"])
     eps = float(config["layer_norm_eps"])
-    act = encoder_activation(str(config.get("hidden_act", "gelu")), "bert: unsupported hidden_act")
+    act = activation_function(str(config.get("hidden_act", "gelu")), "bert: unsupported hidden_act")
     architectures = list(config.get("architectures") or [])
 
     parts = EncoderParts(checkpoint, tensors, "bert", heads, eps)

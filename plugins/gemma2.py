@@ -5,9 +5,7 @@ final logits soft-capped, sliding-window and global layers alternating. Embeddin
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     DecoderFamily,
     DecoderSpec,
     base_spec,
@@ -15,6 +13,7 @@ from ._decoder import (
     has_tensor,
     layer_windows,
 )
+from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
 

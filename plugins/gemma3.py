@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     FULL,
     SLIDING,
     DecoderFamily,
@@ -18,6 +16,8 @@ from ._decoder import (
     layer_kinds,
     rope_from_config,
 )
+from loraformat.architecture.protocol import CheckpointInfo
+
 from .gemma2 import gemma_common
 
 LORAFORMAT_PLUGIN_API = 2

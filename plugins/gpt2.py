@@ -24,16 +24,10 @@ from loraformat.architecture import (
     NameTable,
     hookimpl,
 )
+from loraformat.architecture.decoder import causal_lm, decoder_export_model, kv_caches
+from loraformat.architecture.plugin_tools import dense_from_shape, find_prefix, load_tensors
 
-from ._common import (
-    causal_lm,
-    decoder_export_model,
-    dense_from_shape,
-    find_prefix,
-    load_tensors,
-    model_type_is,
-    uniform_layers,
-)
+from ._common import model_type_is, uniform_layers
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -233,7 +227,8 @@ def _build(
                 presents.append(present)
             return self.ln_f(x), presents
 
-    module = causal_lm(Body(), prefix, None, options.with_past, n_layer)
+    caches = kv_caches(n_layer, n_head, head_dim)
+    module = causal_lm(Body(), prefix, None, options.with_past, caches)
     load_tensors(module, tensors, "GPT-2 checkpoint")
     dtype = next(module.parameters()).dtype
-    return decoder_export_model(module, n_layer, n_head, head_dim, options.with_past, vocab, dtype)
+    return decoder_export_model(module, caches, options.with_past, vocab, dtype)

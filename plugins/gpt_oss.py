@@ -9,9 +9,15 @@ parameters under the same names. llama.cpp converts it as ``gpt-oss`` (``ffn_gat
 from __future__ import annotations
 
 from loraformat.architecture import ExpertStorage, hookimpl
+from loraformat.architecture.decoder import (
+    SPLIT_ATTENTION,
+    DecoderSpec,
+    base_spec,
+    has_tensor,
+    layer_windows,
+)
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import SPLIT_ATTENTION, DecoderSpec, base_spec, has_tensor, layer_windows
 from ._moe import MoeFamily, moe_names, moe_spec
 
 LORAFORMAT_PLUGIN_API = 2

@@ -9,14 +9,13 @@ llama.cpp converts it as ``granite`` through LlamaModel, which permutes the q/k 
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     DecoderFamily,
     DecoderSpec,
     base_spec,
     decoder_names,
 )
+from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
 

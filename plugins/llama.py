@@ -11,8 +11,7 @@ import re
 from typing import Any
 
 from loraformat.architecture import CheckpointInfo, hookimpl
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     DecoderFamily,
     DecoderSpec,
     base_spec,

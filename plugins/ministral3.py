@@ -10,9 +10,7 @@ through LlamaModel, which permutes the q/k rows.
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     DecoderFamily,
     DecoderSpec,
     base_spec,
@@ -20,6 +18,7 @@ from ._decoder import (
     layer_windows,
     llama4_query_scale,
 )
+from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
 

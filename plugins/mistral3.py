@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from loraformat.architecture import hookimpl
+from loraformat.architecture.decoder import GGUF_PROJECTIONS, DecoderFamily
 from loraformat.architecture.names import SAME, NameTable
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import GGUF_PROJECTIONS, DecoderFamily
 from .ministral3 import Ministral3
 
 LORAFORMAT_PLUGIN_API = 2

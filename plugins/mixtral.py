@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from loraformat.architecture import ExpertStorage, hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     SPLIT_ATTENTION,
     DecoderSpec,
     base_spec,
@@ -20,6 +18,8 @@ from ._decoder import (
     layer_windows,
     llama_cpp_qk_permutation,
 )
+from loraformat.architecture.protocol import CheckpointInfo
+
 from ._moe import MoeFamily, moe_names, moe_spec
 
 LORAFORMAT_PLUGIN_API = 2

@@ -8,9 +8,7 @@ llama.cpp converts it as ``olmo2`` through TextModel, which does not permute q/k
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     POST_NORMS,
     DecoderFamily,
     DecoderSpec,
@@ -18,6 +16,7 @@ from ._decoder import (
     decoder_names,
     has_tensor,
 )
+from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
 

@@ -8,9 +8,7 @@ Its tensors are OLMo 2's, so only the config tells them apart; llama.cpp convert
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     FULL,
     SLIDING,
     DecoderSpec,
@@ -19,6 +17,8 @@ from ._decoder import (
     layer_kinds,
     rope_from_config,
 )
+from loraformat.architecture.protocol import CheckpointInfo
+
 from .olmo2 import Olmo2, olmo_common
 
 LORAFORMAT_PLUGIN_API = 2

@@ -5,9 +5,7 @@ optional sliding window on every layer, partial rotary."""
 from __future__ import annotations
 
 from loraformat.architecture import FusedPart, hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     FUSED_ATTENTION,
     FUSED_MLP,
     DecoderFamily,
@@ -18,6 +16,7 @@ from ._decoder import (
     heads,
     layer_windows,
 )
+from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
 

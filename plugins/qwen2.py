@@ -4,9 +4,7 @@ or untied embeddings, optional sliding window on the layers from ``max_window_la
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     DecoderFamily,
     DecoderSpec,
     base_spec,
@@ -14,6 +12,7 @@ from ._decoder import (
     has_tensor,
     layer_windows,
 )
+from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
 

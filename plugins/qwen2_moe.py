@@ -8,9 +8,15 @@ converts it as ``qwen2moe`` (shared expert ``ffn_*_shexp``, its gate ``ffn_gate_
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
+from loraformat.architecture.decoder import (
+    SPLIT_ATTENTION,
+    SPLIT_MLP,
+    DecoderSpec,
+    base_spec,
+    has_tensor,
+)
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import SPLIT_ATTENTION, SPLIT_MLP, DecoderSpec, base_spec, has_tensor
 from ._moe import SHARED_EXPERT_GGUF, MoeFamily, moe_names, moe_spec, qwen_routed
 from .qwen2 import qwen_windows
 from .qwen3_moe import EXPERTS

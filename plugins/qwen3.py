@@ -4,9 +4,15 @@ embedding, an explicit ``head_dim`` and optional attention biases."""
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
+from loraformat.architecture.decoder import (
+    DecoderFamily,
+    DecoderSpec,
+    base_spec,
+    decoder_names,
+    has_tensor,
+)
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import DecoderFamily, DecoderSpec, base_spec, decoder_names, has_tensor
 from .qwen2 import qwen_windows
 
 LORAFORMAT_PLUGIN_API = 2

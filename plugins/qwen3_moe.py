@@ -8,9 +8,15 @@ up rows) and ``mlp.experts.down_proj`` [E, H, I]. llama.cpp converts it as ``qwe
 from __future__ import annotations
 
 from loraformat.architecture import ExpertStorage, hookimpl
+from loraformat.architecture.decoder import (
+    SPLIT_ATTENTION,
+    SPLIT_MLP,
+    DecoderSpec,
+    base_spec,
+    has_tensor,
+)
 from loraformat.architecture.protocol import CheckpointInfo
 
-from ._decoder import SPLIT_ATTENTION, SPLIT_MLP, DecoderSpec, base_spec, has_tensor
 from ._moe import MoeFamily, moe_names, moe_spec, qwen_routed
 from .qwen2 import qwen_windows
 

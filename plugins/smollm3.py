@@ -8,9 +8,7 @@ llama.cpp converts it as ``smollm3`` through LlamaModel, which permutes the q/k 
 from __future__ import annotations
 
 from loraformat.architecture import hookimpl
-from loraformat.architecture.protocol import CheckpointInfo
-
-from ._decoder import (
+from loraformat.architecture.decoder import (
     DecoderFamily,
     DecoderSpec,
     base_spec,
@@ -20,6 +18,7 @@ from ._decoder import (
     no_rope,
     rope_from_config,
 )
+from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
 ROPE, NOPE = "rope", "nope"

@@ -42,14 +42,9 @@ from loraformat.architecture import (
     NameTable,
     hookimpl,
 )
+from loraformat.architecture.plugin_tools import activation_function
 
-from ._common import (
-    EncoderParts,
-    detect_by_names,
-    encoder_activation,
-    encoder_linears,
-    uniform_layers,
-)
+from ._common import EncoderParts, detect_by_names, encoder_linears, uniform_layers
 
 LORAFORMAT_PLUGIN_API = 2
 
@@ -142,9 +137,9 @@ def build_export_model(
             raise checkpoint.config_error(f"vit: lacks {key!r}, needed for export")
     heads = int(config["num_attention_heads"])
     eps = float(config["layer_norm_eps"])
-    unknown = "vit: unsupported activation"  # encoder_activation's error adds the name and choices
-    act = encoder_activation(str(config.get("hidden_act", "gelu")), unknown)
-    pooler_act = encoder_activation(str(config.get("pooler_act", "tanh")), unknown)
+    unknown = "vit: unsupported activation"  # activation_function's error adds the name and choices
+    act = activation_function(str(config.get("hidden_act", "gelu")), unknown)
+    pooler_act = activation_function(str(config.get("pooler_act", "tanh")), unknown)
 
     parts = EncoderParts(checkpoint, tensors, "vit", heads, eps)
     shape, dense, layer_norm = parts.shape, parts.dense, parts.layer_norm

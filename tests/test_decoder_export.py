@@ -87,7 +87,7 @@ def test_export_with_past_float16_optimized(tiny_checkpoint, tmp_path, monkeypat
     names_in, names_out = interface(2)
     assert report["inputs"] == names_in and report["outputs"] == names_out
     session = DecoderSession(out)
-    assert session.past_dtype == np.float16
+    assert set(session.past_dtypes.values()) == {np.float16}
     types = {o.name: o.type for o in session.session.get_outputs()}
     assert types["logits"] == "tensor(float)" and types["present.0.key"] == "tensor(float16)"
     graph = onnx.load(out)

@@ -16,9 +16,9 @@ import gguf
 import numpy as np
 import pytest
 import tiny_models
-from loraformat_plugins._decoder import gguf_permutation
 from test_cli_errors import assert_one_line_error, run
 
+from loraformat.architecture.decoder import gguf_permutation
 from loraformat.errors import LoraformatError
 from loraformat.interchange import open_adapter
 from loraformat.merge.gguf import merge_gguf

@@ -21,6 +21,10 @@ name                       shape                                      dtype
                            head_dim]
 ========================== ========================================== =========
 
+A layer whose description carries other state than keys and values (a linear attention's
+convolution and recurrent states, ``DecoderSpec.layer_caches``) has ``past_key_values.N.<name>``
+→ ``present.N.<name>`` of their fixed sizes instead; a layer that keeps none has neither.
+
 One graph serves prefill (``past_sequence`` = 0) and one-token decode steps (``sequence`` = 1).
 ``optimize=True`` applies :func:`loraformat.export.optimize.optimize_graph` (ONNX Runtime
 fusions); the fused graph keeps this interface. ``dtype="float16"`` with ``optimize`` exports in
@@ -134,16 +138,19 @@ def decoder_check_inputs(
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    names = dict(zip(exported.example_inputs, exported.input_names, strict=True))
     past_args = [k for k in exported.example_inputs if k.startswith("past_key_values_")]
-    example = exported.example_inputs[past_args[0]]
-    heads, head_dim, dtype = example.shape[1], example.shape[3], example.dtype
     prefill: dict[str, Any] = {
         "input_ids": torch.randint(0, vocab, (batch, prompt), generator=g),
         "attention_mask": torch.ones(batch, prompt, dtype=torch.int64),
         "position_ids": torch.arange(prompt).expand(batch, prompt).contiguous(),
     }
     for k in past_args:
-        prefill[k] = torch.zeros(batch, heads, 0, head_dim, dtype=dtype)
+        # Each cache tensor empty: batch rows, a growing axis of length 0, a state's own sizes.
+        example, axes = exported.example_inputs[k], exported.dynamic_axes.get(names[k], {})
+        sizes = {"batch": batch, "past_sequence": 0}
+        shape = [sizes.get(axes.get(a, ""), n) for a, n in enumerate(example.shape)]
+        prefill[k] = torch.zeros(shape, dtype=example.dtype)
     with torch.no_grad():
         out = exported.module(**prefill)
     decode: dict[str, Any] = {

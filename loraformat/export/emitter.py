@@ -1,8 +1,8 @@
 """The KV-cache decoder graph written directly from a decoder description, op by op.
 
-The built-in decoder families describe themselves with one ``DecoderSpec`` (``plugins/_decoder.py``:
-sizes, norms, ropes, windows, soft-caps). From it this module writes the graph ONNX Runtime's
-fused kernels run, with no torch trace: per layer
+The built-in decoder families describe themselves with one ``DecoderSpec``
+(:mod:`loraformat.architecture.decoder`: sizes, norms, ropes, windows, soft-caps). From it
+this module writes the graph ONNX Runtime's fused kernels run, with no torch trace: per layer
 
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (the residual add
   fused into the next norm; Gemma's ``(1 + w)`` norms as a weight ``1 + w`` written at export);
