@@ -1,5 +1,6 @@
-"""Qwen3.5's two token mixers as torch modules: the Gated DeltaNet linear attention
-(``linear_attn``) and the gated full attention (``self_attn``).
+"""Qwen3.5's building blocks (:mod:`loraformat.architecture.decoder.blocks`): the Gated DeltaNet
+linear attention (``linear_attn``), the gated full attention (``self_attn``) and the layer that
+names its mixer by kind.
 
 Imports torch: the Qwen3.5 plugin imports this module only inside its ``blocks()``, so importing
 the plugin does not import torch.
@@ -16,16 +17,18 @@ would need a custom translation the traced export path does not take.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraformat.architecture.modules import Dense, attend
+from loraformat.architecture.decoder import LINEAR, DecoderSpec
+from loraformat.architecture.decoder.blocks import Attention, DecoderLayer, Dims, Step, rotate
+from loraformat.architecture.modules import Dense
 
-from ._decoder import rotate, torch_modules
+from .qwen3_5 import LINEAR_SIZES
+
 
 def l2_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / ‖x‖ over the last axis, as transformers' (and FLA's) ``l2norm``."""
@@ -81,20 +84,22 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    """Qwen3.5's linear attention. Its cache is (``conv_state`` [batch, conv channels,
-    kernel - 1]: the last inputs of the causal depthwise convolution; ``recurrent_state``
-    [batch, value heads, key head size, value head size]): both replaced on every call.
+    """Qwen3.5's linear attention, the mixer of a ``linear_attention`` layer. Its cache is
+    (``conv_state`` [batch, conv channels, kernel - 1]: the last inputs of the causal depthwise
+    convolution; ``recurrent_state`` [batch, value heads, key head size, value head size]), both
+    replaced on every call.
 
-    Sizes come from ``extras`` (:data:`LINEAR_SIZES`), ``hidden`` from the checkpoint, ``eps``
-    and the activation from the spec."""
+    Sizes come from ``spec.extras`` (:data:`~loraformat_plugins.qwen3_5.LINEAR_SIZES`), the
+    hidden size and the activation (the config's ``hidden_act``) from ``dims``."""
 
-    def __init__(self, extras: Mapping[str, Any], hidden: int, eps: float, activation: Any) -> None:
+    def __init__(self, spec: DecoderSpec, dims: Dims, index: int) -> None:
         super().__init__()
-        self.n_k, self.n_v = int(extras["linear_num_key_heads"]), int(extras["linear_num_value_heads"])
-        self.k_dim, self.v_dim = int(extras["linear_key_head_dim"]), int(extras["linear_value_head_dim"])
-        self.kernel = int(extras["linear_conv_kernel_dim"])
-        self.act = activation
-        keys, values = self.n_k * self.k_dim, self.n_v * self.v_dim
+        sizes = {k: int(spec.extras[k]) for k in LINEAR_SIZES}
+        self.n_k, self.n_v = sizes["linear_num_key_heads"], sizes["linear_num_value_heads"]
+        self.k_dim, self.v_dim = sizes["linear_key_head_dim"], sizes["linear_value_head_dim"]
+        self.kernel = sizes["linear_conv_kernel_dim"]
+        self.act = dims.activation
+        hidden, keys, values = dims.hidden, self.n_k * self.k_dim, self.n_v * self.v_dim
         self.channels = 2 * keys + values
         self.in_proj_qkv = Dense(hidden, self.channels, bias=False)
         self.in_proj_z = Dense(hidden, values, bias=False)
@@ -105,17 +110,15 @@ class GatedDeltaNet(nn.Module):
         )
         self.dt_bias = nn.Parameter(torch.empty(self.n_v))
         self.A_log = nn.Parameter(torch.empty(self.n_v))
-        self.norm = GatedRMSNorm(self.v_dim, eps)
+        self.norm = GatedRMSNorm(self.v_dim, spec.eps)
         self.out_proj = Dense(values, hidden, bias=False)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[Any, ...] | None
+        self, x: torch.Tensor, step: Step, past: tuple[Any, ...] | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``mask``: this call's positions [b, s] (1 = real token; padding is zeroed, as
-        transformers does), or None."""
         b, s, _ = x.shape
-        if mask is not None:
-            x = x * mask[:, :, None].to(x.dtype)
+        # Padded positions are zeroed before the projections, as transformers does.
+        x = x * step.attention_mask[:, -s:, None].to(x.dtype)
         if past is None:
             conv_past = x.new_zeros(b, self.channels, self.kernel - 1)
             state = torch.zeros(b, self.n_v, self.k_dim, self.v_dim, dtype=torch.float32)
@@ -141,196 +144,41 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(out), present
 
 
-class GatedAttention(nn.Module):
-    """Qwen3.5's full attention: ``q_proj`` gives each head's query and an output gate
-    (interleaved per head), per-head q/k norms ``(1 + w)``, partial rotary, and the attention
-    output multiplied by sigmoid(gate) before ``o_proj``. Its cache is key/value."""
+class GatedAttention(Attention):
+    """Qwen3.5's full attention: :class:`Attention` (per-head ``(1 + w)`` q/k norms, partial
+    rotary, key/value cache) whose ``q_proj`` also gives an output gate per head (each head's
+    query then its gate), the attention output multiplied by sigmoid(gate) before ``o_proj``."""
 
-    def __init__(
-        self, hidden: int, n_head: int, n_kv: int, head_dim: int, eps: float, bias: bool
-    ) -> None:
-        super().__init__()
-        GemmaRMSNorm = torch_modules()[0]
-        self.n_head, self.n_kv, self.head_dim = n_head, n_kv, head_dim
-        self.q_proj = Dense(hidden, 2 * n_head * head_dim, bias=bias)
-        self.k_proj = Dense(hidden, n_kv * head_dim, bias=bias)
-        self.v_proj = Dense(hidden, n_kv * head_dim, bias=bias)
-        self.o_proj = Dense(n_head * head_dim, hidden, bias=bias)
-        self.q_norm = GemmaRMSNorm(head_dim, eps)
-        self.k_norm = GemmaRMSNorm(head_dim, eps)
+    def __init__(self, spec: DecoderSpec, dims: Dims, index: int) -> None:
+        super().__init__(spec, dims, index)
+        self.q_proj = Dense(dims.hidden, 2 * self.n_head * self.head_dim, bias=dims.qkv_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        mask_bias: torch.Tensor,
-        position_ids: torch.Tensor,
-        rope: Any,
-        tables: tuple[Any, Any],
-        past: tuple[Any, ...] | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x: Any, step: Step, past: tuple[Any, ...] | None) -> tuple[Any, tuple]:
         b, s, _ = x.shape
         h, d = self.n_head, self.head_dim
-        q, gate = self.q_proj(x).reshape(b, s, h, 2 * d).chunk(2, dim=-1)
-        q = self.q_norm(q).transpose(1, 2)
+        query, gate = self.q_proj(x).reshape(b, s, h, 2 * d).chunk(2, dim=-1)
+        q = self.q_norm(query).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).reshape(b, s, self.n_kv, d)).transpose(1, 2)
         v = self.v_proj(x).reshape(b, s, self.n_kv, d).transpose(1, 2)
-        q = rotate(q, position_ids, rope, *tables)
-        k = rotate(k, position_ids, rope, *tables)
+        tables = step.tables[self.rope_key]
+        q = rotate(q, step.position_ids, self.rope, *tables)
+        k = rotate(k, step.position_ids, self.rope, *tables)
         if past is not None:
             k = torch.cat((past[0], k), dim=-2)
             v = torch.cat((past[1], v), dim=-2)
-        out = attend(q, k, v, mask_bias, d**-0.5).transpose(1, 2).reshape(b, s, h * d)
-        out = out * torch.sigmoid(gate.reshape(b, s, h * d))
-        return self.o_proj(out), (k, v)
+        out = self.attend(q, k, v, step).transpose(1, 2).reshape(b, s, h * d)
+        return self.o_proj(out * torch.sigmoid(gate.reshape(b, s, h * d))), (k, v)
 
 
-class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, inner: int, activation: Any) -> None:
-        super().__init__()
-        self.gate_proj = Dense(hidden, inner, bias=False)
-        self.up_proj = Dense(hidden, inner, bias=False)
-        self.down_proj = Dense(inner, hidden, bias=False)
-        self.act = activation
+class Qwen3_5Layer(DecoderLayer):
+    """A block whose mixer is named as the checkpoint names it: ``linear_attn`` in a linear
+    layer, ``self_attn`` in a full one."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def mixer_name_for(self, kind: str) -> str:
+        return "linear_attn" if kind == LINEAR else "self_attn"
 
 
-class Qwen3_5Layer(nn.Module):
-    """A block: ``(1 + w)`` pre-norms around the mixer (``linear_attn`` or ``self_attn``, by
-    the layer's kind) and the gated MLP."""
-
-    def __init__(self, kind: str, mixer: nn.Module, mlp: nn.Module, hidden: int, eps: float):
-        super().__init__()
-        GemmaRMSNorm = torch_modules()[0]
-        self.kind = kind
-        self.add_module("linear_attn" if kind == "linear_attention" else "self_attn", mixer)
-        self.mlp = mlp
-        self.input_layernorm = GemmaRMSNorm(hidden, eps)
-        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
-
-    def forward(self, x, mask, mask_bias, position_ids, rope, tables, past):
-        h = self.input_layernorm(x)
-        if self.kind == "linear_attention":
-            out, present = self.linear_attn(h, mask, past)
-        else:
-            out, present = self.self_attn(h, mask_bias, position_ids, rope, tables, past)
-        x = x + out
-        return x + self.mlp(self.post_attention_layernorm(x)), present
-
-
-def build_qwen3_5(
-    spec: Any,
-    kinds: tuple[str, ...],
-    sizes: Mapping[str, int],
-    checkpoint: Any,
-    tensors: Mapping[str, Any],
-    options: Any,
-) -> Any:
-    """The Qwen3.5 export module (LLaMA's inputs and outputs; with past, each linear layer's
-    ``conv_state``/``recurrent_state`` and each full layer's ``key``/``value``)."""
-    from loraformat.architecture import ExportModel
-    from loraformat.architecture.modules import (
-        additive_mask,
-        attention_mask_4d,
-        mask_and_positions,
-    )
-    from loraformat.errors import LoraformatError
-
-    from ._common import causal_lm, encoder_activation, find_prefix, load_tensors
-
-    GemmaRMSNorm = torch_modules()[0]
-    names = list(tensors)
-    prefix = find_prefix(names, r"embed_tokens\.weight$")
-    if prefix is None:
-        raise checkpoint.error("Qwen3.5 checkpoint has no embed_tokens.weight")
-    vocab, d = (int(n) for n in tensors[prefix + "embed_tokens.weight"].shape)
-    head = "lm_head"
-    tied = head + ".weight" not in tensors
-    inner = int(tensors[prefix + "layers.0.mlp.up_proj.weight"].shape[0])
-    act = encoder_activation(str(checkpoint.config.get("hidden_act", "silu")), "Qwen3.5 activation")
-    rope = spec.ropes[""]
-    bias = any(n.endswith("self_attn.q_proj.bias") for n in names)
-
-    def mixer(kind: str) -> nn.Module:
-        if kind == "linear_attention":
-            return GatedDeltaNet(sizes, d, spec.eps, act)
-        return GatedAttention(d, spec.n_head, spec.n_kv, spec.head_dim, spec.eps, bias)
-
-    class Body(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed_tokens = nn.Embedding(vocab, d)
-            self.layers = nn.ModuleList(
-                Qwen3_5Layer(k, mixer(k), GatedMLP(d, inner, act), d, spec.eps) for k in kinds
-            )
-            self.norm = GemmaRMSNorm(d, spec.eps)
-            self.register_buffer("inv_freq", torch.as_tensor(rope.inv_freq).clone(),
-                                 persistent=False)
-
-        def embedding_weight(self):
-            return self.embed_tokens.weight
-
-        def hidden(self, input_ids, attention_mask, position_ids, pasts):
-            b, s = input_ids.shape
-            with_past = pasts[0] is not None
-            past_len = attention_mask.shape[1] - s if with_past else 0
-            attention_mask, position_ids = mask_and_positions(
-                attention_mask, position_ids, b, s, past_len, input_ids.device
-            )
-            mask_bias = additive_mask(
-                attention_mask_4d(attention_mask, b, s, past_len, input_ids.device)
-            )
-            mask = attention_mask[:, -s:] if attention_mask is not None else None
-            x = self.embed_tokens(input_ids)
-            presents = []
-            for layer, past in zip(self.layers, pasts, strict=True):
-                x, present = layer(
-                    x, mask, mask_bias, position_ids, rope, (self.inv_freq, None), past
-                )
-                presents.append(present)
-            return self.norm(x), presents
-
-    lm_head = None if tied else Dense(d, vocab, bias=False)
-    module = causal_lm(Body(), prefix, lm_head, options.with_past, len(kinds), head)
-    try:
-        load_tensors(module, tensors, "Qwen3.5 checkpoint")
-    except LoraformatError as e:
-        raise checkpoint.error(e.message) from None
-    dtype = next(module.parameters()).dtype
-    return state_export_model(module, kinds, sizes, spec, options.with_past, vocab, dtype)
-
-
-def state_export_model(module, kinds, sizes, spec, with_past, vocab, dtype):
-    """Pre-merge stand-in for the public ``decoder_export_model`` with per-layer caches."""
-    from loraformat.architecture import ExportModel
-
-    from ._common import decoder_export_model, past_arg_name
-
-    plain = decoder_export_model(module, 0, 1, 1, with_past, vocab, dtype)
-    if not with_past:
-        return plain
-    batch, past = 2, 4
-    inputs, names, outputs, axes = (
-        dict(plain.example_inputs), list(plain.input_names), list(plain.output_names),
-        dict(plain.dynamic_axes),
-    )
-    keys = sizes["linear_num_key_heads"] * sizes["linear_key_head_dim"]
-    channels = 2 * keys + sizes["linear_num_value_heads"] * sizes["linear_value_head_dim"]
-    for i, kind in enumerate(kinds):
-        if kind == "linear_attention":
-            tensors = {
-                "conv_state": ((batch, channels, sizes["linear_conv_kernel_dim"] - 1), {0: "batch"}, {0: "batch"}),
-                "recurrent_state": ((batch, sizes["linear_num_value_heads"], sizes["linear_key_head_dim"], sizes["linear_value_head_dim"]), {0: "batch"}, {0: "batch"}),
-            }
-        else:
-            shape = (batch, spec.n_kv, past, spec.head_dim)
-            tensors = {k: (shape, {0: "batch", 2: "past_sequence"}, {0: "batch", 2: "total_sequence"}) for k in ("key", "value")}
-        for kname, (shape, pa, pr) in zip(("key", "value"), tensors.values()):
-            inputs[past_arg_name(i, kname)] = torch.randn(*shape, dtype=dtype)
-        for tname, (shape, pa, pr) in tensors.items():
-            names.append(f"past_key_values.{i}.{tname}")
-            axes[names[-1]] = pa
-            outputs.append(f"present.{i}.{tname}")
-            axes[outputs[-1]] = pr
-    return ExportModel(module, inputs, names, outputs, axes)
+__all__ = [
+    "GatedAttention", "GatedDeltaNet", "GatedRMSNorm", "Qwen3_5Layer", "delta_rule_step",
+    "gated_delta_rule", "l2_normalized",
+]

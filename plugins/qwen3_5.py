@@ -23,25 +23,30 @@ here), and the input columns of ``out_proj`` (which a row permutation cannot say
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from loraformat.architecture import DenseLayer, ExportModel, ExportOptions, hookimpl
-from loraformat.architecture.names import SAME, NameTable
-from loraformat.architecture.protocol import CheckpointInfo
-from loraformat.errors import LoraformatError
-
-from ._decoder import (
+from loraformat.architecture import hookimpl
+from loraformat.architecture.decoder import (
+    BATCH,
+    FULL,
     GGUF_PROJECTIONS,
+    LINEAR,
     PREFIX,
     SPLIT_ATTENTION,
     SPLIT_MLP,
+    CacheTensor,
     DecoderFamily,
     DecoderSpec,
+    LayerCache,
     base_spec,
-    dense_layers,
+    kv_cache,
     language_model,
 )
+from loraformat.architecture.names import SAME, NameTable
+from loraformat.architecture.protocol import CheckpointInfo
+from loraformat.errors import LoraformatError
 
 LORAFORMAT_PLUGIN_API = 2
 LINEAR_ATTENTION = (
@@ -68,7 +73,6 @@ LINEAR_SIZES = (
     "linear_conv_kernel_dim",
 )
 PROJECTIONS = SPLIT_ATTENTION + LINEAR_ATTENTION + SPLIT_MLP
-LINEAR_KIND, FULL_KIND = "linear_attention", "full_attention"
 #: Where the multimodal checkpoint keeps its decoder (stored and in memory alike), and its head.
 MULTIMODAL_PREFIX, MULTIMODAL_HEAD = "model.language_model.", "lm_head"
 
@@ -116,12 +120,12 @@ def layer_types(checkpoint: CheckpointInfo) -> tuple[str, ...]:
     n_layer = int(checkpoint.config_value("num_hidden_layers", what="the Qwen3.5 layer types"))
     types = checkpoint.config.get("layer_types")
     if types:
-        unknown = sorted(set(types) - {LINEAR_KIND, FULL_KIND})
+        unknown = sorted(set(types) - {LINEAR, FULL})
         if unknown:
             raise checkpoint.config_error(f"Qwen3.5 layer type {unknown[0]!r} is not supported")
         return tuple(types[:n_layer])
     interval = int(checkpoint.config.get("full_attention_interval") or 4)
-    return tuple(FULL_KIND if (i + 1) % interval == 0 else LINEAR_KIND for i in range(n_layer))
+    return tuple(FULL if (i + 1) % interval == 0 else LINEAR for i in range(n_layer))
 
 
 def value_head_order(n_k: int, n_v: int, head_dim: int) -> list[int]:
@@ -163,9 +167,6 @@ class Qwen3_5(DecoderFamily):
             n.endswith("linear_attn.in_proj_qkv.weight") for n in checkpoint.shapes
         ) and not any(n.startswith(MULTIMODAL_PREFIX) for n in checkpoint.shapes)
 
-    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
-        return dense_layers(checkpoint, self.projections, {})
-
     def row_permutation(
         self, checkpoint: CheckpointInfo, layer_path: str, convention: str
     ) -> Sequence[int] | None:
@@ -193,20 +194,27 @@ class Qwen3_5(DecoderFamily):
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         # The core asks with the checkpoint as it is (the emitter's question): a multimodal
         # config is read as its language model's here.
-        return base_spec(language_model(checkpoint), "Qwen3.5", qk_norm=True, gemma_norm=True)
-
-    def export_model(
-        self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], options: ExportOptions
-    ) -> ExportModel:
-        from ._gated_deltanet import build_qwen3_5
-
         text = language_model(checkpoint)
-        return build_qwen3_5(
-            self.spec(text), layer_types(text), linear_sizes(text), text, tensors, options
-        )
+        kinds = layer_types(text)
+        sizes = linear_sizes(text)
+        n_k, n_v = sizes["linear_num_key_heads"], sizes["linear_num_value_heads"]
+        dk, dv = sizes["linear_key_head_dim"], sizes["linear_value_head_dim"]
+        linear = LayerCache((
+            CacheTensor("conv_state", (BATCH, 2 * n_k * dk + n_v * dv,
+                                       sizes["linear_conv_kernel_dim"] - 1)),
+            CacheTensor("recurrent_state", (BATCH, n_v, dk, dv)),
+        ))
+        spec = base_spec(text, "Qwen3.5", qk_norm=True, gemma_norm=True, layer_kinds=kinds,
+                         extras=sizes)
+        full = kv_cache(spec.n_kv, spec.head_dim)
+        return replace(spec, caches=tuple(linear if k == LINEAR else full for k in kinds))
 
-    def layer_repeat(self, checkpoint: CheckpointInfo) -> None:
-        return None
+    def blocks(self, spec: DecoderSpec) -> Any:
+        from loraformat.architecture.decoder.blocks import Blocks
+
+        from ._gated_deltanet import GatedAttention, GatedDeltaNet, Qwen3_5Layer
+
+        return Blocks(mixers={FULL: GatedAttention, LINEAR: GatedDeltaNet}, layer=Qwen3_5Layer)
 
 
 class Qwen3_5Multimodal(Qwen3_5):
@@ -221,15 +229,6 @@ class Qwen3_5Multimodal(Qwen3_5):
             n.startswith(MULTIMODAL_PREFIX) and n.endswith("linear_attn.in_proj_qkv.weight")
             for n in checkpoint.shapes
         )
-
-    def dense_layers(self, checkpoint: CheckpointInfo) -> list[DenseLayer]:
-        from ._common import dense_from_shape
-
-        layers = dense_layers(checkpoint, self.projections, {})
-        shape = checkpoint.shapes.get(MULTIMODAL_HEAD + ".weight")
-        if shape is not None:
-            layers.append(dense_from_shape(MULTIMODAL_HEAD, shape))
-        return layers
 
     def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
         """The stored tensors outside the language model (vision tower and merger, and the

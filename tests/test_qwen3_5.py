@@ -183,22 +183,28 @@ def test_multimodal_leaves_out_the_vision_tower(built):
 def test_linear_attention_state_carries_across_calls(built):
     """transformers' Gated DeltaNet layer over 9 positions = ours over 5, then 4 calls of one
     position each carrying the conv and recurrent state (fp32, 1e-5)."""
-    from loraformat_plugins._gated_deltanet import GatedDeltaNet
     from transformers import Qwen3_5ForCausalLM
 
-    info, _ = built("text")
+    from loraformat.architecture.decoder.blocks import Step
+
+    text, _ = families()
+    info, tensors = built("text")
     reference = Qwen3_5ForCausalLM.from_pretrained(info.path).eval()
     layer = reference.model.layers[1].linear_attn
-    ours = GatedDeltaNet(info.config, 32, info.config["rms_norm_eps"], torch.nn.functional.silu)
-    ours.load_state_dict(layer.state_dict())
+    em = text.export_model(info, tensors, ExportOptions())
+    ours = em.module.get_submodule("model.layers.1.linear_attn")
+
+    def step(seq: int) -> Step:
+        return Step(None, torch.ones(2, seq, dtype=torch.int64), 0, {}, {})
+
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = layer(x)
-        whole, _ = ours(x, None, None)
-        out, past = ours(x[:, :5], None, None)
+        whole, _ = ours(x, step(9), None)
+        out, past = ours(x[:, :5], step(5), None)
         outs = [out]
         for t in range(5, 9):
-            out, past = ours(x[:, t : t + 1], None, past)
+            out, past = ours(x[:, t : t + 1], step(1), past)
             outs.append(out)
     assert past[0].shape == (2, 2 * 2 * 8 + 4 * 8, 3) and past[1].shape == (2, 4, 8, 8)
     torch.testing.assert_close(whole, expected, atol=1e-5, rtol=0)
@@ -375,3 +381,36 @@ def test_mlx_lm_runs_the_multimodal_adapter_as_peft_merge(tmp_path):
     got = np.array(load_adapters(model, str(tmp_path / "mlx"))(ids))
     assert np.abs(expected - plain).max() > 0.1  # the adapter matters
     np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
+
+
+@pytest.mark.slow
+def test_with_past_generate_equals_transformers_greedy(made, tmp_path):
+    """`export BASE --with-past` (merged: `merge --with-past`): each linear layer carries
+    conv_state/recurrent_state, the full layer key/value; loraformat's greedy generate over 24
+    tokens (the states carried from the prefill through every single-token step) gives
+    transformers' greedy generate on PEFT's merged model, token for token; a batch of two
+    prompts too."""
+    import onnx
+    from cli_harness import run_cli
+
+    from loraformat.generate import greedy_generate
+
+    out = tmp_path / "past.onnx"
+    run = run_cli("merge", made["base"], made["peft"], "-o", out, "--with-past", "--verify")
+    assert run.code == 0, run.err
+    graph = onnx.load(out).graph
+    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in graph.input}
+    assert shapes["past_key_values.0.conv_state"] == ["batch", 2 * 2 * 8 + 4 * 8, 3]
+    assert shapes["past_key_values.2.recurrent_state"] == ["batch", 4, 8, 8]
+    assert shapes["past_key_values.3.key"] == ["batch", 2, "past_sequence", 16]
+    assert "past_key_values.0.key" not in shapes and "past_key_values.3.conv_state" not in shapes
+    prompts = [PROMPT, [11, 4, 60, 23, 7, 88, 31]]
+    ids = torch.tensor(prompts)
+    expected = made["merged"].generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+        eos_token_id=None, pad_token_id=0,
+    )[:, len(PROMPT):].tolist()
+    assert expected[0] != expected[1]
+    assert greedy_generate(out, prompts, 24).new_ids == expected
+    assert greedy_generate(out, PROMPT, 24).new_ids == expected[:1]
