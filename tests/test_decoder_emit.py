@@ -217,6 +217,27 @@ def test_float16_emitted_runs_on_cpu(family_setup):
     assert cosine(run_steps(out, ids, 8, np.float16), ref) > 0.999
 
 
+def test_emitted_merge_never_imports_torch(family_setup, tmp_path):
+    """The emitted path reads the description (rope tables in numpy), the checkpoint and the
+    adapter with numpy only: importing torch alone would cost more than a small model's write."""
+    import subprocess
+    import sys
+
+    _, base, adapter = family_setup("gemma3")
+    code = (
+        "import sys\n"
+        "from loraformat.cli import main\n"
+        "try:\n"
+        f"    main(['merge', {str(base)!r}, {str(adapter)!r}, '-o', {str(tmp_path / 'm.onnx')!r},"
+        " '--with-past', '--no-genai-config'])\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_unknown_spec_feature_falls_back_to_the_traced_graph(family_setup, monkeypatch):
     """A description field the emitter does not know, set to a non-default value (a family
     added later), and a head size GroupQueryAttention cannot run, both take the traced path."""
@@ -241,6 +262,21 @@ def test_unknown_spec_feature_falls_back_to_the_traced_graph(family_setup, monke
     assert "post_norms" in unsupported(spec, {})
     assert unsupported(dataclasses.replace(spec, post_norms=False), {}) is None
     assert "head size 8" in unsupported(dataclasses.replace(spec, post_norms=False, head_dim=8), {})
+    # Per-layer kinds, shapes and caches are written when they are what the rest implies.
+    from loraformat.architecture.decoder import LINEAR, CacheTensor, LayerCache, kv_cache
+
+    plain = dataclasses.replace(spec, post_norms=False)
+    said = dataclasses.replace(plain, layer_kinds=("full_attention",) * 2,
+                               caches=(kv_cache(plain.n_kv, plain.head_dim),) * 2)
+    assert unsupported(said, {}) is None
+    assert unsupported(dataclasses.replace(said, layer_kinds=(LINEAR, "full_attention")),
+                       {}) == "layer 0 is 'linear_attention'"
+    state = LayerCache((CacheTensor("conv_state", ("batch", 8, 3)),))
+    assert unsupported(dataclasses.replace(said, caches=(state, said.caches[1])),
+                       {}) == "layer 0 carries conv_state"
+    wide = (plain.n_head, plain.n_kv, 2 * plain.head_dim)
+    assert "own head shape" in unsupported(dataclasses.replace(said, layer_shapes=(None, wide)),
+                                           {})
 
     monkeypatch.setattr(llama_plugin.Llama, "spec", later_spec)
     run = run_cli("export", base, "-o", root / "traced.onnx", "--with-past", "--verify",

@@ -361,12 +361,16 @@ def emittable(
     model: BaseModel, dtype: str, quant: QuantOptions | None, opset: int
 ) -> tuple[Any, str]:
     """(the decoder description to emit, "") or (None, why the graph is traced instead)."""
+    from ..architecture.decoder import DecoderFamily
     from .emitter import unsupported
 
     arch = getattr(model.arch, "impl", model.arch)
     describe = getattr(arch, "spec", None)
     if describe is None:
         return None, f"the {model.architecture} plugin does not describe its decoder"
+    if isinstance(arch, DecoderFamily) and type(arch).blocks is not DecoderFamily.blocks:
+        # The emitter writes the default blocks; a family's own pieces exist only as torch.
+        return None, f"the {model.architecture} plugin builds the decoder from its own blocks"
     try:
         spec = describe(model.info)
     except NotImplementedError:

@@ -47,6 +47,9 @@ KNOWN_FIELDS = frozenset({
     "activation", "fused_qkv", "fused_gate_up", "qk_norm", "gemma_norm", "sandwich_norm",
     "embed_scale", "attn_scale", "attn_softcap", "final_softcap",
     "moe", "attn_sinks",  # mixture-of-experts decoders (plugins/_moe.py's MoeDecoderSpec)
+    # per-layer kinds, shapes and caches: written when they are what the fields above imply
+    # (:func:`_layer_fields` refuses the rest)
+    "layer_kinds", "layer_shapes", "caches",
 })
 #: Rope fields written into the cos/sin caches.
 KNOWN_ROPE_FIELDS = frozenset({"inv_freq", "dim", "scaling", "long_inv_freq", "threshold"})
@@ -77,10 +80,32 @@ def _changed_fields(obj: Any, known: frozenset[str]) -> list[str]:
     return out
 
 
+def _layer_fields(spec: Any) -> str | None:
+    """Why the per-layer description (kinds, shapes, caches) is beyond the emitter — softmax
+    attention, full or sliding as the windows say, one shape, attention's keys and values in
+    every layer — or None when it is within it."""
+    for i in range(spec.n_layer):
+        kind = spec.kind_of(i)
+        if kind != ("full_attention" if spec.windows[i] is None else "sliding_attention"):
+            return f"layer {i} is {kind!r}"
+        if spec.shape_of_layer(i) != (spec.n_head, spec.n_kv, spec.head_dim):
+            return f"layer {i} has its own head shape {spec.shape_of_layer(i)}"
+        cache = spec.layer_caches()[i]
+        names = [(t.name, t.dims) for t in cache.tensors]
+        kv = ("batch", spec.n_kv, "past", spec.head_dim)
+        if names != [("key", kv), ("value", kv)]:
+            return f"layer {i} carries {', '.join(n for n, _ in names) or 'no cache'}"
+    return None
+
+
 def unsupported(spec: Any, config: Mapping[str, Any]) -> str | None:
     """Why ``spec`` (a ``DecoderSpec``) cannot be emitted, or None when it can."""
     if not dataclasses.is_dataclass(spec):
         return "the architecture's spec is not a decoder description"
+    if hasattr(spec, "layer_caches"):
+        why = _layer_fields(spec)
+        if why is not None:
+            return why
     changed = _changed_fields(spec, KNOWN_FIELDS)
     if changed:
         return (f"the decoder description sets {', '.join(changed)}, which the emitter does "

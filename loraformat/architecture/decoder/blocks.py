@@ -377,6 +377,9 @@ class Blocks:
     mlp: type = GatedMLP
     layer: type = DecoderLayer
     body: type = DecoderBody
+    #: Activations by a config's ``hidden_act`` name beyond those loraformat knows
+    #: (:func:`~loraformat.architecture.plugin_tools.activation_function`).
+    activations: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
 
 
 # -- the head -------------------------------------------------------------------------------------
@@ -433,10 +436,12 @@ def _any_layer(names: Sequence[str], prefix: str, suffix: str) -> str | None:
     return next((n for n in names if rx.match(n)), None)
 
 
-def read_dims(spec: DecoderSpec, checkpoint: CheckpointInfo, tensors: Mapping[str, Any]) -> Dims:
+def read_dims(
+    spec: DecoderSpec, checkpoint: CheckpointInfo, tensors: Mapping[str, Any], blocks: Blocks
+) -> Dims:
     """The :class:`Dims` of ``spec``'s module over ``tensors`` (state-dict keys = checkpoint
     names). Biases and the MLP size are read from whichever layer has the projection (a layer
-    of another kind may not)."""
+    of another kind may not); the activation from ``blocks.activations``, else loraformat's."""
     names = list(tensors)
     family = spec.family
     # The embedding first: a multimodal checkpoint's vision tower has layers.N. blocks too.
@@ -451,10 +456,10 @@ def read_dims(spec: DecoderSpec, checkpoint: CheckpointInfo, tensors: Mapping[st
         raise checkpoint.error(f"{family} checkpoint has no {prefix}layers.N.{up_name}")
     inner = int(tensors[up].shape[0]) // (2 if spec.fused_gate_up else 1)
     first_attn = "self_attn.qkv_proj" if spec.fused_qkv else "self_attn.q_proj"
+    act_name = str(checkpoint.config_value("hidden_activation", "hidden_act", default="silu"))
     try:
-        act = activation_function(
-            str(checkpoint.config_value("hidden_activation", "hidden_act", default="silu")),
-            f"{family} activation",
+        act = blocks.activations.get(act_name) or activation_function(
+            act_name, f"{family} activation"
         )
     except LoraformatError as e:
         raise checkpoint.config_error(e.message) from None
@@ -491,7 +496,7 @@ def build(
     blocks = blocks if blocks is not None else Blocks()
     if checkpoint.config.get("use_bidirectional_attention"):
         raise checkpoint.config_error(f"{spec.family}: bidirectional attention cannot be exported")
-    dims = read_dims(spec, checkpoint, tensors)
+    dims = read_dims(spec, checkpoint, tensors, blocks)
     body = blocks.body(spec, dims, blocks)
     finish = logits_finish(spec)
     head_bias = dims.head + ".bias" in tensors
