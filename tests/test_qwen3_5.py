@@ -414,3 +414,45 @@ def test_with_past_generate_equals_transformers_greedy(made, tmp_path):
     assert expected[0] != expected[1]
     assert greedy_generate(out, prompts, 24).new_ids == expected
     assert greedy_generate(out, PROMPT, 24).new_ids == expected[:1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["text", "multimodal"])
+def test_onnx_runtime_genai_runs_the_export_as_transformers(made, kind, tmp_path):
+    """`merge --with-past` writes genai_config.json with model.type qwen3_5_text (GenAI 0.18's
+    Qwen3.5 decoder, which finds the conv_state/recurrent_state inputs by name and keeps
+    key/value only for the full layers); og's greedy tokens = transformers' on PEFT's merge. The
+    multimodal checkpoint's language model runs the same way (text in)."""
+    import json
+
+    import onnxruntime  # noqa: F401  (onnxruntime_genai finds the ORT library it loads)
+    import onnxruntime_genai as og
+    from cli_harness import run_cli
+
+    if kind == "text":
+        base, adapter, merged = made["base"], made["peft"], made["merged"]
+    else:
+        base = tiny_qwen35.qwen3_5_multimodal(tmp_path / "base")
+        targets = [*tiny_qwen35.ATTENTION_PROJECTIONS, *tiny_qwen35.LINEAR_PROJECTIONS,
+                   *tiny_qwen35.MLP_PROJECTIONS]
+        adapter = tiny_qwen35.peft_adapter(base, tmp_path / "peft", target_modules=targets)
+        merged = tiny_qwen35.peft_merged(base, adapter)
+    folder = tmp_path / "genai"
+    run = run_cli("merge", base, adapter, "-o", folder / "model.onnx", "--with-past")
+    assert run.code == 0, run.err
+    config = json.loads((folder / "genai_config.json").read_text())["model"]
+    assert config["type"] == "qwen3_5_text"
+    assert config["decoder"]["num_hidden_layers"] == 4
+    assert (config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]) == (2, 16)
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    total = len(PROMPT) + 24
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([PROMPT])
+    while not generator.is_done():
+        generator.generate_next_token()
+    ids = torch.tensor([PROMPT])
+    expected = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=24, eos_token_id=None, pad_token_id=0)
+    assert [int(t) for t in generator.get_sequence(0)] == expected[0].tolist()
