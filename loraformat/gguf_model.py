@@ -128,14 +128,25 @@ def _named(
     return found, shapes_hf
 
 
-def checked_permutation(perm: Any, rows: int, path: str) -> np.ndarray | None:
-    """A plugin's row permutation as indices, refused unless it permutes ``rows`` rows."""
+def checked_permutation(perm: Any, rows: int, path: str, what: str = "row") -> np.ndarray | None:
+    """A plugin's row (or column) permutation as indices, refused unless it permutes ``rows``
+    rows (columns)."""
     if perm is None:
         return None
     perm = np.asarray(perm, dtype=np.int64)
     if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
-        raise LoraformatError(None, f"plugin gave an invalid gguf row permutation for {path}")
+        raise LoraformatError(None, f"plugin gave an invalid gguf {what} permutation for {path}")
     return perm
+
+
+def column_permutation(
+    architecture: Any, checkpoint: CheckpointInfo, path: str, columns: int
+) -> np.ndarray | None:
+    """The input-column order llama.cpp stores ``path``'s weight in (the plugin's optional
+    ``column_permutation``), checked; None where it keeps the checkpoint's."""
+    ask = getattr(architecture, "column_permutation", None)
+    perm = ask(checkpoint, path, "gguf") if ask is not None else None
+    return checked_permutation(perm, columns, path, "column")
 
 
 def gguf_layers(
@@ -163,6 +174,10 @@ def gguf_layers(
         perm = checked_permutation(
             architecture.row_permutation(checkpoint, path, "gguf"), dense.out_features, path
         )
+        if column_permutation(architecture, checkpoint, path, dense.in_features) is not None:
+            # A merge through the GGUF base would add ΔW in the checkpoint's column order.
+            raise LoraformatError(None, f"{path}: llama.cpp stores this layer's input columns "
+                                  "reordered, which a GGUF base is not read back through")
         layers[path] = (dense, name, perm)
     return layers
 
@@ -266,6 +281,7 @@ def open_gguf(
     return checkpoint, found
 
 
-__all__ = ["GgufCheckpoint", "checked_permutation", "gguf_architecture", "gguf_config",
+__all__ = ["GgufCheckpoint", "checked_permutation", "column_permutation", "gguf_architecture",
+           "gguf_config",
            "gguf_layers", "model_architecture", "open_gguf", "open_reader", "read_field",
            "written_as"]

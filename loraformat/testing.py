@@ -266,6 +266,16 @@ def _check_names(
                     f"its {layer.out_features} out rows",
                 )
                 report.permuted.setdefault(convention, []).append(layer.path)
+            columns = getattr(arch, "column_permutation", lambda *a: None)(
+                info, layer.path, convention
+            )
+            if columns is not None:
+                p.check(
+                    sorted(int(i) for i in columns) == list(range(layer.in_features)),
+                    f"{convention}: column permutation of {layer.path} is not a permutation of "
+                    f"its {layer.in_features} in columns",
+                )
+                report.permuted.setdefault(convention, []).append(layer.path)
         if names:
             report.foreign_names[convention] = names
         junk = table.layer_path("no.such.module.anywhere", convention)

@@ -16,9 +16,9 @@ llama.cpp converts both checkpoints as ``qwen35`` (Qwen3_5TextModel, no q/k perm
 ``language_model.`` level dropped). Where the linear attention has more value heads than key
 heads, it reorders the value heads from grouped-by-key-head to tiled: the rows of
 ``in_proj_qkv``'s value part, ``in_proj_z``, ``in_proj_a``, ``in_proj_b`` (a row permutation
-here), and the input columns of ``out_proj`` (which a row permutation cannot say: an
-``out_proj`` adapter is refused for llama.cpp then). MLX-LM runs only the multimodal config
-(``qwen3_5``), under ``language_model.model.``; it has no ``qwen3_5_text`` model.
+here), and the input columns of ``out_proj`` (a column permutation). MLX-LM runs only the
+multimodal config (``qwen3_5``), under ``language_model.model.``; it has no ``qwen3_5_text``
+model.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from loraformat.architecture.decoder import (
 )
 from loraformat.architecture.names import SAME, NameTable
 from loraformat.architecture.protocol import CheckpointInfo
-from loraformat.errors import LoraformatError
 
 LORAFORMAT_PLUGIN_API = 2
 LINEAR_ATTENTION = (
@@ -185,11 +184,18 @@ class Qwen3_5(DecoderFamily):
             return value_head_order(n_k, n_v, v_dim)
         if layer_path.endswith(("in_proj_a", "in_proj_b")):
             return value_head_order(n_k, n_v, 1)
-        raise LoraformatError(
-            checkpoint.path,
-            f"{layer_path}: llama.cpp reorders this layer's input columns (value heads, "
-            f"{n_v} for {n_k} key heads), which a llama.cpp LoRA of it cannot be written for",
-        )
+        return None
+
+    def column_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        if convention != "gguf" or not layer_path.endswith("linear_attn.out_proj"):
+            return None
+        sizes = linear_sizes(language_model(checkpoint))
+        n_k, n_v = sizes["linear_num_key_heads"], sizes["linear_num_value_heads"]
+        if n_k == n_v:
+            return None
+        return value_head_order(n_k, n_v, sizes["linear_value_head_dim"])
 
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         # The core asks with the checkpoint as it is (the emitter's question): a multimodal

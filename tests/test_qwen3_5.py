@@ -20,7 +20,6 @@ import torch
 from loraformat.architecture import ExportOptions
 from loraformat.architecture.protocol import Architecture, CheckpointInfo
 from loraformat.checkpoint import Checkpoint
-from loraformat.errors import LoraformatError
 
 PROMPT = [5, 17, 33, 2, 71, 40, 9]
 
@@ -124,10 +123,10 @@ def _llama_cpp_reorder(rows: np.ndarray, n_k: int, n_v: int, head_dim: int) -> n
     return rows.reshape(n_k, per_k, head_dim, *shape[1:]).swapaxes(0, 1).reshape(shape)
 
 
-def test_gguf_row_order_is_llama_cpp_value_head_reorder(built):
-    """2 key heads, 4 value heads: the rows of in_proj_qkv's value part, in_proj_z, in_proj_a
-    and in_proj_b are stored tiled by llama.cpp; out_proj's input columns too, which no row
-    permutation says: an out_proj LoRA is refused for llama.cpp, naming the layer."""
+def test_gguf_order_is_llama_cpp_value_head_reorder(built):
+    """2 key heads, 4 value heads: llama.cpp stores the value heads tiled — the rows of
+    in_proj_qkv's value part, in_proj_z, in_proj_a and in_proj_b (row permutations), the input
+    columns of out_proj (a column permutation)."""
     text, _ = families()
     info, tensors = built("text")
     n_k, n_v, dk, dv = 2, 4, 8, 8
@@ -142,12 +141,16 @@ def test_gguf_row_order_is_llama_cpp_value_head_reorder(built):
         perm = text.row_permutation(info, block + name, "gguf")
         np.testing.assert_array_equal(weight[perm], expected, err_msg=name)
         assert text.row_permutation(info, block + name, "mlx") is None
+        assert text.column_permutation(info, block + name, "gguf") is None
+    out_proj = tensors[block + "out_proj.weight"].numpy()
+    columns = text.column_permutation(info, block + "out_proj", "gguf")
+    np.testing.assert_array_equal(out_proj[:, columns],
+                                  _llama_cpp_reorder(out_proj.T, n_k, n_v, dv).T)
+    assert text.row_permutation(info, block + "out_proj", "gguf") is None
     assert text.row_permutation(info, "model.layers.3.self_attn.q_proj", "gguf") is None
-    with pytest.raises(LoraformatError, match=r"linear_attn\.out_proj: llama\.cpp reorders"):
-        text.row_permutation(info, block + "out_proj", "gguf")
     # With as many value heads as key heads llama.cpp keeps every order.
     same = CheckpointInfo(info.path, {**info.config, "linear_num_value_heads": 2}, info.shapes)
-    assert text.row_permutation(same, block + "out_proj", "gguf") is None
+    assert text.column_permutation(same, block + "out_proj", "gguf") is None
     assert text.row_permutation(same, block + "in_proj_qkv", "gguf") is None
 
 
@@ -456,3 +459,16 @@ def test_onnx_runtime_genai_runs_the_export_as_transformers(made, kind, tmp_path
     expected = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                max_new_tokens=24, eos_token_id=None, pad_token_id=0)
     assert [int(t) for t in generator.get_sequence(0)] == expected[0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["text", "multimodal"])
+def test_conformance_kit(built, kind):
+    from loraformat.testing import check_plugin
+
+    info, _ = built(kind)
+    arch_id = "qwen3_5" if kind == "text" else "qwen3_5_multimodal"
+    report = check_plugin(info.path, arch_id, reference=tiny_qwen35.load(info.path))
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert {"peft", "gguf"} <= set(report.foreign_names) and not report.unused_layers
+    # llama.cpp's value-head order: 4 row-permuted projections and out_proj's columns, 3 layers
+    assert len(report.permuted["gguf"]) == 3 * 5

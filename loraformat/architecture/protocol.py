@@ -155,6 +155,11 @@ class Architecture(Protocol):
     # Optional (the core asks only where it is defined; ArchitectureBase answers None):
     # def layer_repeat(self, checkpoint: CheckpointInfo) -> LayerRepeat | None:
     #     """How the export module repeats its layers; None: the exporter traces every layer."""
+    # def column_permutation(
+    #     self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    # ) -> Sequence[int] | None:
+    #     """The input-column order ``convention`` stores the layer's weight in (entry j: the
+    #     checkpoint column at column j), or None: row_permutation's counterpart for inputs."""
     # expert_storage: tuple[ExpertStorage, ...]
     #     """How checkpoints store the stacked expert parameters PEFT's target_parameters adapt."""
     # peft_weight_parameters: tuple[str, ...]
@@ -195,6 +200,13 @@ class ArchitectureBase:
     def row_permutation(
         self, checkpoint: CheckpointInfo, layer_path: str, convention: str
     ) -> Sequence[int] | None:
+        return None
+
+    def column_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        """The input-column order ``convention`` stores the layer's weight in, or ``None``
+        (llama.cpp reorders Qwen3.5's value heads in ``out_proj``'s inputs)."""
         return None
 
     def export_model(
