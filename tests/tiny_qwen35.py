@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny_families import _save
 
 VOCAB = 96
 TEXT = dict(
@@ -32,17 +33,6 @@ TEXT = dict(
 LINEAR_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def _save(model: Any, out: Path, seed: int) -> Path:
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(p + 0.2 * torch.randn(p.shape, generator=g))
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval().save_pretrained(out)
-    return out
 
 
 def text_config(**overrides: Any) -> Any:
