@@ -1,6 +1,6 @@
-"""Benchmark: the gated delta rule as loraformat exports it (one ONNX ``Scan``) against ONNX Runtime's
-fused ``com.microsoft`` ``LinearAttention`` (what ONNX Runtime GenAI's model builder emits for
-Qwen3.5), one linear-attention layer's recurrence at Qwen3.5-9B's sizes, on the CPU.
+"""Benchmark: the gated delta rule as loraformat exports it (one ONNX ``Scan``) against ONNX
+Runtime's fused ``com.microsoft`` ``LinearAttention`` (what ONNX Runtime GenAI's model builder
+emits for Qwen3.5), one linear-attention layer's recurrence at Qwen3.5-9B's sizes, on the CPU.
 
     .venv/bin/python tools/bench_gated_deltanet.py [--prefill 256] [--repeat 5] [--threads 2]
 
