@@ -419,6 +419,33 @@ def test_with_past_generate_equals_transformers_greedy(made, tmp_path):
     assert greedy_generate(out, PROMPT, 24).new_ids == expected[:1]
 
 
+def _og_tokens(folder, adapter_file=None) -> list[int]:
+    """ONNX Runtime GenAI's greedy PROMPT + 24 tokens from ``folder``; with ``adapter_file``
+    loaded through og.Adapters and active."""
+    import onnxruntime  # noqa: F401  (onnxruntime_genai finds the ORT library it loads)
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    total = len(PROMPT) + 24
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "a")
+        generator.set_active_adapter(adapters, "a")
+    generator.append_tokens([PROMPT])
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]
+
+
+def _greedy(model) -> list[int]:
+    ids = torch.tensor([PROMPT])
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=24, eos_token_id=None, pad_token_id=0)[0].tolist()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["text", "multimodal"])
 def test_onnx_runtime_genai_runs_the_export_as_transformers(made, kind, tmp_path):
@@ -428,8 +455,6 @@ def test_onnx_runtime_genai_runs_the_export_as_transformers(made, kind, tmp_path
     multimodal checkpoint's language model runs the same way (text in)."""
     import json
 
-    import onnxruntime  # noqa: F401  (onnxruntime_genai finds the ORT library it loads)
-    import onnxruntime_genai as og
     from cli_harness import run_cli
 
     if kind == "text":
@@ -447,18 +472,25 @@ def test_onnx_runtime_genai_runs_the_export_as_transformers(made, kind, tmp_path
     assert config["type"] == "qwen3_5_text"
     assert config["decoder"]["num_hidden_layers"] == 4
     assert (config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]) == (2, 16)
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    total = len(PROMPT) + 24
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens([PROMPT])
-    while not generator.is_done():
-        generator.generate_next_token()
-    ids = torch.tensor([PROMPT])
-    expected = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=24, eos_token_id=None, pad_token_id=0)
-    assert [int(t) for t in generator.get_sequence(0)] == expected[0].tolist()
+    assert _og_tokens(folder) == _greedy(merged)
+
+
+@pytest.mark.slow
+def test_genai_slot_folder_switched_by_og_adapters(made, tmp_path):
+    """`export --lora-slots --with-past`: og.Adapters with the converted .onnx_adapter gives the
+    merged model's tokens, no active adapter the base's."""
+    from cli_harness import run_cli
+
+    folder = tmp_path / "slots"
+    run = run_cli("export", made["base"], "-o", folder / "model.onnx", "--lora-slots",
+                  "--with-past")
+    assert run.code == 0, run.err
+    file = tmp_path / "a.onnx_adapter"
+    assert run_cli("convert", made["peft"], "-o", file, "--base", made["base"]).code == 0
+    expected, plain = _greedy(made["merged"]), _greedy(tiny_qwen35.load(made["base"]))
+    assert expected != plain
+    assert _og_tokens(folder, file) == expected
+    assert _og_tokens(folder) == plain
 
 
 @pytest.mark.parametrize("kind", ["text", "multimodal"])
