@@ -65,11 +65,23 @@ def gguf_config(reader: Any, arch_name: str) -> dict[str, Any]:
         "num_hidden_layers": "block_count",
         "intermediate_size": "feed_forward_length",
         "vocab_size": "vocab_size",
+        # A Gated DeltaNet's sizes (Qwen3.5), as llama.cpp's converter writes them.
+        "linear_num_key_heads": "ssm.group_count",
+        "linear_num_value_heads": "ssm.time_step_rank",
+        "linear_key_head_dim": "ssm.state_size",
+        "linear_conv_kernel_dim": "ssm.conv_kernel",
+        "full_attention_interval": "full_attention_interval",
     }
     for hf, key in keys.items():
         value = read_field(reader, f"{arch_name}.{key}")
         if isinstance(value, (int, float)):
             config[hf] = int(value)
+    inner = read_field(reader, f"{arch_name}.ssm.inner_size")
+    if isinstance(inner, (int, float)) and config.get("linear_num_value_heads"):
+        config["linear_value_head_dim"] = int(inner) // config["linear_num_value_heads"]
+    recurrent = read_field(reader, f"{arch_name}.attention.recurrent_layers")
+    if isinstance(recurrent, list):
+        config["layer_types"] = ["linear_attention" if r else "full_attention" for r in recurrent]
     return config
 
 
@@ -174,10 +186,6 @@ def gguf_layers(
         perm = checked_permutation(
             architecture.row_permutation(checkpoint, path, "gguf"), dense.out_features, path
         )
-        if column_permutation(architecture, checkpoint, path, dense.in_features) is not None:
-            # A merge through the GGUF base would add ΔW in the checkpoint's column order.
-            raise LoraformatError(None, f"{path}: llama.cpp stores this layer's input columns "
-                                  "reordered, which a GGUF base is not read back through")
         layers[path] = (dense, name, perm)
     return layers
 

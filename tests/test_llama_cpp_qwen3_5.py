@@ -91,3 +91,41 @@ def test_llama_cpp_runs_our_lora_as_peft_merge(made, case, tmp_path):
     assert run_cli("convert", files["peft"], "-o", ours, "--base", files["hf"]).code == 0
     np.testing.assert_allclose(real_llama_cpp.logits(files["base"], IDS, ours), expected,
                                atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merge_into_gguf_base_is_peft_merge(made, case, tmp_path):
+    """`merge base.gguf PEFT`: the linear sizes and layer kinds read from llama.cpp's metadata,
+    ΔW added in the checkpoint's order and stored back in llama.cpp's (value heads tiled, rows
+    and out_proj's columns): llama.cpp's logits of the result are those of PEFT's merge."""
+    files = made[case]
+    out = tmp_path / "merged.gguf"
+    result = run_cli("merge", files["base"], files["peft"], "-o", out)
+    assert result.code == 0, result.err
+    np.testing.assert_allclose(real_llama_cpp.logits(out, IDS),
+                               real_llama_cpp.logits(files["ref"], IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_llama_cpp_lora_read_through_gguf_base_is_peft_delta(made, case, tmp_path):
+    """`convert lora.gguf --base base.gguf --to peft` (llama.cpp's own LoRA, no checkpoint):
+    Hugging Face names and order back; ΔW equals the PEFT adapter's."""
+    from safetensors.numpy import load_file
+
+    files = made[case]
+    result = run_cli("convert", files["lora"], "--base", files["base"], "-o", tmp_path / "p",
+                     "--to", "peft")
+    assert result.code == 0, result.err
+
+    def deltas(directory) -> dict[str, np.ndarray]:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(directory / "adapter_model.safetensors")
+        scale = config["lora_alpha"] / config["r"]
+        return {k.split("base_model.model.")[-1].removesuffix(".lora_A.weight"):
+                scale * tensors[k.replace("lora_A", "lora_B")] @ tensors[k]
+                for k in tensors if k.endswith("lora_A.weight")}
+
+    got, expected = deltas(tmp_path / "p"), deltas(files["peft"])
+    assert sorted(got) == sorted(expected)
+    for name, delta in expected.items():
+        np.testing.assert_allclose(got[name], delta, atol=1e-6, rtol=0, err_msg=name)
