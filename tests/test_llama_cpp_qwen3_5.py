@@ -18,7 +18,7 @@ import pytest
 import real_llama_cpp
 import tiny_qwen35
 from cli_harness import run_cli
-from test_llama_cpp_families import _deltas
+from test_llama_cpp_families import _deltas, check_read_through_gguf_base
 
 real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]
@@ -109,23 +109,5 @@ def test_merge_into_gguf_base_is_peft_merge(made, case, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_llama_cpp_lora_read_through_gguf_base_is_peft_delta(made, case, tmp_path):
     """`convert lora.gguf --base base.gguf --to peft` (llama.cpp's own LoRA, no checkpoint):
-    Hugging Face names and order back; ΔW equals the PEFT adapter's."""
-    from safetensors.numpy import load_file
-
-    files = made[case]
-    result = run_cli("convert", files["lora"], "--base", files["base"], "-o", tmp_path / "p",
-                     "--to", "peft")
-    assert result.code == 0, result.err
-
-    def deltas(directory) -> dict[str, np.ndarray]:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        tensors = load_file(directory / "adapter_model.safetensors")
-        scale = config["lora_alpha"] / config["r"]
-        return {k.split("base_model.model.")[-1].removesuffix(".lora_A.weight"):
-                scale * tensors[k.replace("lora_A", "lora_B")] @ tensors[k]
-                for k in tensors if k.endswith("lora_A.weight")}
-
-    got, expected = deltas(tmp_path / "p"), deltas(files["peft"])
-    assert sorted(got) == sorted(expected)
-    for name, delta in expected.items():
-        np.testing.assert_allclose(got[name], delta, atol=1e-6, rtol=0, err_msg=name)
+    Hugging Face names and order back (value heads untiled); ΔW equals the PEFT adapter's."""
+    check_read_through_gguf_base(made[case], tmp_path)

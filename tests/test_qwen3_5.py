@@ -419,31 +419,15 @@ def test_with_past_generate_equals_transformers_greedy(made, tmp_path):
     assert greedy_generate(out, PROMPT, 24).new_ids == expected[:1]
 
 
-def _og_tokens(folder, adapter_file=None) -> list[int]:
-    """ONNX Runtime GenAI's greedy PROMPT + 24 tokens from ``folder``; with ``adapter_file``
-    loaded through og.Adapters and active."""
-    import onnxruntime  # noqa: F401  (onnxruntime_genai finds the ORT library it loads)
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    total = len(PROMPT) + 24
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    if adapter_file is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter_file), "a")
-        generator.set_active_adapter(adapters, "a")
-    generator.append_tokens([PROMPT])
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)]
-
-
 def _greedy(model) -> list[int]:
-    ids = torch.tensor([PROMPT])
-    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=24, eos_token_id=None, pad_token_id=0)[0].tolist()
+    """transformers' greedy tokens after test_genai's prompt (as many as genai_tokens gives)."""
+    from test_genai import NEW_TOKENS
+    from test_genai import PROMPT as GENAI_PROMPT
+
+    ids = torch.tensor([GENAI_PROMPT])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+    return out[0, len(GENAI_PROMPT):].tolist()
 
 
 @pytest.mark.slow
@@ -472,7 +456,9 @@ def test_onnx_runtime_genai_runs_the_export_as_transformers(made, kind, tmp_path
     assert config["type"] == "qwen3_5_text"
     assert config["decoder"]["num_hidden_layers"] == 4
     assert (config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"]) == (2, 16)
-    assert _og_tokens(folder) == _greedy(merged)
+    from test_genai import genai_tokens
+
+    assert genai_tokens(folder) == _greedy(merged)
 
 
 @pytest.mark.slow
@@ -487,10 +473,12 @@ def test_genai_slot_folder_switched_by_og_adapters(made, tmp_path):
     assert run.code == 0, run.err
     file = tmp_path / "a.onnx_adapter"
     assert run_cli("convert", made["peft"], "-o", file, "--base", made["base"]).code == 0
+    from test_genai import genai_tokens
+
     expected, plain = _greedy(made["merged"]), _greedy(tiny_qwen35.load(made["base"]))
     assert expected != plain
-    assert _og_tokens(folder, file) == expected
-    assert _og_tokens(folder) == plain
+    assert genai_tokens(folder, file) == expected
+    assert genai_tokens(folder) == plain
 
 
 @pytest.mark.parametrize("kind", ["text", "multimodal"])
