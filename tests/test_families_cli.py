@@ -263,6 +263,23 @@ def test_phi3_adapter_on_one_fused_part(tmp_path_factory):
 def test_mlx_lm_loads_the_converted_adapter_like_the_merge(family):
     """`convert --to mlx --base` gives MLX-LM's module names for the family: real mlx-lm loads it
     onto the base (``load_adapters``) and equals loraformat's merge loaded by mlx-lm."""
+    name, base, adapter, _merged, root = family
+    config: dict[str, object] = {}
+    if name == "gemma3":
+        # mlx-lm's Gemma 3 reads the layer pattern from sliding_window_pattern (default 6),
+        # not layer_types: copies with the tiny model's pattern.
+        config["sliding_window_pattern"] = 2
+    if name in ("olmo3", "granite"):
+        # mlx-lm's OLMo 3 and Granite read a top-level rope_theta (transformers 5 moved it
+        # into rope_parameters); the comparison is mlx-lm against itself, so any theta does.
+        config["rope_theta"] = 10000.0
+    mlx_adapter_equals_merge(base, adapter, root, IDS, config)
+
+
+def mlx_adapter_equals_merge(base, adapter, root, ids, config_update) -> None:
+    """mlx-lm with ``convert ADAPTER --to mlx --base BASE`` loaded on the base (``load_adapters``)
+    gives mlx-lm's logits of loraformat's merge, which the adapter changes. Both are loaded from
+    copies whose config.json has ``config_update`` (settings mlx-lm reads differently)."""
     pytest.importorskip("mlx_lm")
     import shutil
 
@@ -270,30 +287,20 @@ def test_mlx_lm_loads_the_converted_adapter_like_the_merge(family):
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model
 
-    name, base, adapter, _merged, root = family
     run("convert", adapter, "-o", root / "mlx", "--to", "mlx", "--base", base)
     run("merge", base, adapter, "-o", root / "merged-dir")
     loadable = {}
     for what, checkpoint in (("base", base), ("merged", root / "merged-dir")):
-        # mlx-lm's Gemma 3 reads the layer pattern from sliding_window_pattern (default 6),
-        # not layer_types: copies with the tiny model's pattern.
         copy = root / f"mlx-{what}"
         shutil.copytree(checkpoint, copy, dirs_exist_ok=True)
-        config = json.loads((base / "config.json").read_text())
-        if name == "gemma3":
-            config["sliding_window_pattern"] = 2
-        if name in ("olmo3", "granite"):
-            # mlx-lm's OLMo 3 and Granite read a top-level rope_theta (transformers 5 moved it
-            # into rope_parameters); the comparison is mlx-lm against itself, so any theta does.
-            config["rope_theta"] = 10000.0
+        config = {**json.loads((base / "config.json").read_text()), **config_update}
         (copy / "config.json").write_text(json.dumps(config))
         loadable[what] = copy
-    ids = mx.array(IDS)
     merged, _ = load_model(loadable["merged"])
-    expected = np.array(merged(ids))
+    expected = np.array(merged(mx.array(ids)))
     model, _ = load_model(loadable["base"])
-    plain = np.array(model(ids))
-    got = np.array(load_adapters(model, str(root / "mlx"))(ids))
+    plain = np.array(model(mx.array(ids)))
+    got = np.array(load_adapters(model, str(root / "mlx"))(mx.array(ids)))
     assert np.abs(expected - plain).max() > 1e-2  # the adapter matters
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 

@@ -282,8 +282,9 @@ NEEDS = {
             "names and q/k row order depend on the model): pass --base BASE",
     # q/v-only LLaMA names are shared by LLaMA relatives: the names alone cannot say which
     "onnx_adapter": "architecture unknown: an .onnx_adapter does not say which model it is for "
-                    "(its layer names fit gemma2, gemma3, gpt_oss, granite, llama, ministral3, "
-                    "mistral, mixtral, olmo2, olmo3, qwen2, qwen2_moe, qwen3, qwen3_moe, smollm3); "
+                    "(its layer names fit gemma2, gemma3, gemma4, gpt_oss, granite, llama, "
+                    "ministral3, mistral, mixtral, olmo2, olmo3, qwen2, qwen2_moe, qwen3, "
+                    "qwen3_moe, smollm3); "
                     "pass the base model (--base BASE)",
 }
 

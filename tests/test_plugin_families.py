@@ -484,6 +484,18 @@ def test_multimodal_mistral3_is_its_language_model(tmp_path):
     em = family.export_model(info, tensors, ExportOptions(with_past=True))
     prompt = torch.randint(3, 95, (2, 5), generator=torch.Generator().manual_seed(1))
     _decode_against_transformers_cache(em, reference, prompt, 6)
+    # The KV-cache export asks the description of the language model (text_config), not of the
+    # multimodal config.
+    from cli_harness import run_cli
+
+    from loraformat.generate import greedy_generate
+
+    run = run_cli("export", path, "-o", tmp_path / "d.onnx", "--with-past", "--no-genai-config")
+    assert run.code == 0, run.err
+    start = [5, 17, 33, 2, 71]
+    expected = reference.generate(torch.tensor([start]), do_sample=False, max_new_tokens=8,
+                                  eos_token_id=None, pad_token_id=0)
+    assert greedy_generate(tmp_path / "d.onnx", start, 8).new_ids == [expected[0, 5:].tolist()]
 
 
 @pytest.mark.slow

@@ -361,7 +361,7 @@ def emittable(
     model: BaseModel, dtype: str, quant: QuantOptions | None, opset: int
 ) -> tuple[Any, str]:
     """(the decoder description to emit, "") or (None, why the graph is traced instead)."""
-    from ..architecture.decoder import DecoderFamily
+    from ..architecture.decoder import DecoderFamily, language_model
     from .emitter import unsupported
 
     arch = getattr(model.arch, "impl", model.arch)
@@ -372,7 +372,8 @@ def emittable(
         # The emitter writes the default blocks; a family's own pieces exist only as torch.
         return None, f"the {model.architecture} plugin builds the decoder from its own blocks"
     try:
-        spec = describe(model.info)
+        # a multimodal checkpoint's decoder is described by its language model's config
+        spec = describe(language_model(model.info))
     except NotImplementedError:
         return None, f"the {model.architecture} plugin does not describe its decoder"
     why = unsupported(spec, model.config)

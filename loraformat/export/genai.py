@@ -58,6 +58,10 @@ MODEL_TYPE_EXCEPTIONS = {
     # GenAI's Qwen3.5 text decoder; the multimodal checkpoint exports its language model.
     "Qwen3_5ForCausalLM": "qwen3_5_text",
     "Qwen3_5ForConditionalGeneration": "qwen3_5_text",
+    # GenAI reads each layer's cache shape off the graph; Gemma 4's KV-shared layers, the last
+    # ones, have no cache inputs, so the cache layers are still 0..N-1.
+    "Gemma4ForCausalLM": "gemma4_text",
+    "Gemma4ForConditionalGeneration": "gemma4_text",
 }
 #: transformers' defaults for the search options GenAI reads (written when the base says nothing).
 SEARCH_DEFAULTS: dict[str, Any] = {
