@@ -45,6 +45,7 @@ from loraformat.architecture.decoder import (
     language_model,
 )
 from loraformat.architecture.names import SAME, NameTable
+from loraformat.architecture.plugin_tools import find_prefix
 from loraformat.architecture.protocol import CheckpointInfo
 
 LORAFORMAT_PLUGIN_API = 2
@@ -197,6 +198,13 @@ class Qwen3_5(DecoderFamily):
             return None
         return value_head_order(n_k, n_v, sizes["linear_value_head_dim"])
 
+    def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
+        """The stored tensors merge and export leave as they are: those outside the decoder and
+        its head — the multi-token-prediction head (``mtp.``) the published checkpoints carry, a
+        multimodal checkpoint's vision tower and merger."""
+        prefix = find_prefix(list(checkpoint.shapes), r"embed_tokens\.weight$") or ""
+        return [n for n in checkpoint.shapes if not n.startswith((prefix, "lm_head."))]
+
     def spec(self, checkpoint: CheckpointInfo) -> DecoderSpec:
         # The core asks with the checkpoint as it is (the emitter's question): a multimodal
         # config is read as its language model's here.
@@ -236,11 +244,6 @@ class Qwen3_5Multimodal(Qwen3_5):
             for n in checkpoint.shapes
         )
 
-    def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
-        """The stored tensors outside the language model (vision tower and merger, and the
-        multi-token-prediction head ``mtp.`` where the checkpoint has one)."""
-        return [n for n in checkpoint.shapes
-                if not n.startswith((MULTIMODAL_PREFIX, MULTIMODAL_HEAD + "."))]
 
 
 @hookimpl

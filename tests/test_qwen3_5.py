@@ -175,12 +175,24 @@ def test_mlx_names_are_mlx_lm_qwen3_5_modules(built):
         importlib.import_module("mlx_lm.models.qwen3_5_text")
 
 
-def test_multimodal_leaves_out_the_vision_tower(built):
-    _, multimodal = families()
+def test_left_out_names_the_vision_tower_and_the_mtp_head(built):
+    """What merge and export leave as stored: the multimodal checkpoint's vision tower and
+    merger; the multi-token-prediction head the published checkpoints carry (transformers does
+    not load it), in both."""
+    text, multimodal = families()
+    mtp = {"mtp.fc.weight": (32, 64), "mtp.layers.0.self_attn.q_proj.weight": (128, 32)}
     info, _ = built("multimodal")
-    left_out = multimodal.left_out(info)
-    assert left_out and all(n.startswith("model.visual.") for n in left_out)
-    assert set(left_out) == {n for n in info.shapes if n.startswith("model.visual.")}
+    with_mtp = CheckpointInfo(info.path, info.config, {**info.shapes, **mtp})
+    assert set(multimodal.left_out(with_mtp)) == set(mtp) | {
+        n for n in info.shapes if n.startswith("model.visual.")
+    }
+    assert not any(p.startswith("mtp.") for p in
+                   (layer.path for layer in multimodal.dense_layers(with_mtp)))
+    info, _ = built("text")
+    with_mtp = CheckpointInfo(info.path, info.config, {**info.shapes, **mtp})
+    assert text.left_out(info) == [] and set(text.left_out(with_mtp)) == set(mtp)
+    assert not any(p.startswith("mtp.") for p in
+                   (layer.path for layer in text.dense_layers(with_mtp)))
 
 
 def test_linear_attention_state_carries_across_calls(built):
