@@ -55,7 +55,8 @@ MODEL_TYPE_EXCEPTIONS = {
     "Olmo2ForCausalLM": "llama",
     "Olmo3ForCausalLM": "llama",
     "Ministral3ForCausalLM": "mistral",
-    # GenAI's Qwen3.5 text decoder; the multimodal checkpoint exports its language model.
+    # A multimodal checkpoint exports its language model: GenAI's text decoder type for it.
+    "Mistral3ForConditionalGeneration": "mistral3_text",
     "Qwen3_5ForCausalLM": "qwen3_5_text",
     "Qwen3_5ForConditionalGeneration": "qwen3_5_text",
     # GenAI reads each layer's cache shape off the graph; Gemma 4's KV-shared layers, the last
