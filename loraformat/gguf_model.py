@@ -65,11 +65,23 @@ def gguf_config(reader: Any, arch_name: str) -> dict[str, Any]:
         "num_hidden_layers": "block_count",
         "intermediate_size": "feed_forward_length",
         "vocab_size": "vocab_size",
+        # A Gated DeltaNet's sizes (Qwen3.5), as llama.cpp's converter writes them.
+        "linear_num_key_heads": "ssm.group_count",
+        "linear_num_value_heads": "ssm.time_step_rank",
+        "linear_key_head_dim": "ssm.state_size",
+        "linear_conv_kernel_dim": "ssm.conv_kernel",
+        "full_attention_interval": "full_attention_interval",
     }
     for hf, key in keys.items():
         value = read_field(reader, f"{arch_name}.{key}")
         if isinstance(value, (int, float)):
             config[hf] = int(value)
+    inner = read_field(reader, f"{arch_name}.ssm.inner_size")
+    if isinstance(inner, (int, float)) and config.get("linear_num_value_heads"):
+        config["linear_value_head_dim"] = int(inner) // config["linear_num_value_heads"]
+    recurrent = read_field(reader, f"{arch_name}.attention.recurrent_layers")
+    if isinstance(recurrent, list):
+        config["layer_types"] = ["linear_attention" if r else "full_attention" for r in recurrent]
     return config
 
 
@@ -128,14 +140,25 @@ def _named(
     return found, shapes_hf
 
 
-def checked_permutation(perm: Any, rows: int, path: str) -> np.ndarray | None:
-    """A plugin's row permutation as indices, refused unless it permutes ``rows`` rows."""
+def checked_permutation(perm: Any, rows: int, path: str, what: str = "row") -> np.ndarray | None:
+    """A plugin's row (or column) permutation as indices, refused unless it permutes ``rows``
+    rows (columns)."""
     if perm is None:
         return None
     perm = np.asarray(perm, dtype=np.int64)
     if perm.shape != (rows,) or not np.array_equal(np.sort(perm), np.arange(rows)):
-        raise LoraformatError(None, f"plugin gave an invalid gguf row permutation for {path}")
+        raise LoraformatError(None, f"plugin gave an invalid gguf {what} permutation for {path}")
     return perm
+
+
+def column_permutation(
+    architecture: Any, checkpoint: CheckpointInfo, path: str, columns: int
+) -> np.ndarray | None:
+    """The input-column order llama.cpp stores ``path``'s weight in (the plugin's optional
+    ``column_permutation``), checked; None where it keeps the checkpoint's."""
+    ask = getattr(architecture, "column_permutation", None)
+    perm = ask(checkpoint, path, "gguf") if ask is not None else None
+    return checked_permutation(perm, columns, path, "column")
 
 
 def gguf_layers(
@@ -266,6 +289,7 @@ def open_gguf(
     return checkpoint, found
 
 
-__all__ = ["GgufCheckpoint", "checked_permutation", "gguf_architecture", "gguf_config",
+__all__ = ["GgufCheckpoint", "checked_permutation", "column_permutation", "gguf_architecture",
+           "gguf_config",
            "gguf_layers", "model_architecture", "open_gguf", "open_reader", "read_field",
            "written_as"]

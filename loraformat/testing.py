@@ -258,12 +258,18 @@ def _check_names(
                     f"{convention}: {layer.path} and {other} share the name {foreign!r}",
                 )
                 names[layer.path] = foreign
-            perm = arch.row_permutation(info, layer.path, convention)
-            if perm is not None:
+            # Rows, and the input columns where the plugin answers (an optional question).
+            for what, ask, size in (
+                ("row", arch.row_permutation, layer.out_features),
+                ("column", getattr(arch, "column_permutation", None), layer.in_features),
+            ):
+                perm = ask(info, layer.path, convention) if ask is not None else None
+                if perm is None:
+                    continue
                 p.check(
-                    sorted(int(i) for i in perm) == list(range(layer.out_features)),
-                    f"{convention}: row permutation of {layer.path} is not a permutation of "
-                    f"its {layer.out_features} out rows",
+                    sorted(int(i) for i in perm) == list(range(size)),
+                    f"{convention}: {what} permutation of {layer.path} is not a permutation of "
+                    f"its {size} {'out rows' if what == 'row' else 'in columns'}",
                 )
                 report.permuted.setdefault(convention, []).append(layer.path)
         if names:

@@ -40,6 +40,7 @@ import json, runpy, sys
 src = sys.argv[1]
 sys.path[:0] = [src, src + "/gguf-py"]
 import conversion
+exec(sys.argv[3])
 
 def no_vocab(self):
     self.gguf_writer.add_tokenizer_model("no_vocab")
@@ -59,12 +60,13 @@ for script, argv in json.loads(sys.argv[2]):
 """
 
 
-def convert(jobs: list[tuple[str, list[str]]]) -> None:
+def convert(jobs: list[tuple[str, list[str]]], setup: str = "") -> None:
     """Run llama.cpp's converters (``convert_hf_to_gguf.py`` / ``convert_lora_to_gguf.py``, each
-    with its command line) in one process."""
+    with its command line) in one process, after ``setup`` (Python run once ``conversion`` is
+    imported: a converter setting its command line cannot reach)."""
     src = home() / "src"
     done = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(src), json.dumps(jobs)], capture_output=True,
+        [sys.executable, "-c", _DRIVER, str(src), json.dumps(jobs), setup], capture_output=True,
         text=True,
     )
     if done.returncode:

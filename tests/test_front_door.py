@@ -284,7 +284,7 @@ NEEDS = {
     "onnx_adapter": "architecture unknown: an .onnx_adapter does not say which model it is for "
                     "(its layer names fit arcee, gemma2, gemma3, gemma4, gpt_oss, granite, llama, "
                     "ministral3, mistral, mixtral, olmo2, olmo3, qwen2, qwen2_moe, qwen3, "
-                    "qwen3_moe, smollm3); "
+                    "qwen3_5, qwen3_moe, smollm3); "
                     "pass the base model (--base BASE)",
 }
 

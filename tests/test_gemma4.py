@@ -281,19 +281,27 @@ def test_multimodal_language_model_merges_exports_and_converts(tmp_path_factory)
     gguf_out = root / "adapter.gguf"
     cli("convert", adapter, "-o", gguf_out, "--to", "gguf", "--base", base)
     _gguf_names_as_llama_cpp(gguf_out, adapter, 4)
-    # The KV-cache export generates the multimodal model's greedy tokens on text. ORT GenAI gets
-    # no config: its writer reads the sizes at the config's top level, a multimodal config has
-    # them in text_config (said in one line).
+    # The KV-cache export generates the multimodal model's greedy tokens on text, through
+    # loraformat's generate and through ORT GenAI (its config's sizes from text_config).
+    from test_genai import NEW_TOKENS, genai_tokens
+    from test_genai import PROMPT as GENAI_PROMPT
+
     from loraformat.generate import greedy_generate
 
     result = run_cli("merge", base, adapter, "-o", root / "past" / "model.onnx", "--with-past")
     assert result.code == 0, result.err
-    assert "no genai_config.json written" in result.err
-    ids = torch.tensor([PROMPT])
-    with torch.no_grad():
-        want = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=24, pad_token_id=0)[0, len(PROMPT):].tolist()
-    assert greedy_generate(root / "past" / "model.onnx", PROMPT, 24).new_ids == [want]
+    assert "(model.type gemma4_text)" in result.out
+
+    def greedy(prompt: list[int], new: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = merged.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=new, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    past = root / "past" / "model.onnx"
+    assert greedy_generate(past, PROMPT, 24).new_ids == [greedy(PROMPT, 24)]
+    assert genai_tokens(past.parent) == greedy(GENAI_PROMPT, NEW_TOKENS)
 
 
 def test_with_past_prefill_and_decode_equal_transformers_cache(tmp_path):

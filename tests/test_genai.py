@@ -185,6 +185,28 @@ def test_slot_folder_switched_by_og_adapters(family_setup, family, tmp_path):
     assert genai_tokens(folder) == plain
 
 
+@SLOW
+def test_multimodal_mistral3_folder_runs_its_language_model(tmp_path):
+    """A Mistral3ForConditionalGeneration export is its language model: the writer reads the
+    sizes from text_config and names GenAI's text decoder (mistral3_text); og's greedy tokens
+    are transformers' multimodal model's on text."""
+    import torch
+    from transformers import Mistral3ForConditionalGeneration
+
+    base = tiny_families.mistral3_multimodal(tmp_path / "base")
+    folder = tmp_path / "genai"
+    result = run_cli("export", base, "-o", folder / "model.onnx", "--with-past")
+    assert result.code == 0, result.err
+    model = json.loads((folder / GENAI_CONFIG).read_text())["model"]
+    assert model["type"] == "mistral3_text" and model["decoder"]["num_hidden_layers"] == 2
+    reference = Mistral3ForConditionalGeneration.from_pretrained(
+        base, attn_implementation="eager").eval()
+    ids = torch.tensor([PROMPT])
+    want = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=NEW_TOKENS, pad_token_id=0)[0, len(PROMPT):]
+    assert genai_tokens(folder) == want.tolist()
+
+
 def test_tokenizer_opened_by_og_encodes_like_tokenizers(family_setup, llama_folder):
     from tokenizers import Tokenizer
 

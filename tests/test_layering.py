@@ -133,6 +133,9 @@ ALLOWED_PRIVATE = {
     # ONNX Runtime's MatMulNBits quantizer kernels live only there; its own MatMulNBitsQuantizer
     # imports them from there (the public module that re-exports them costs 2 s to import).
     "onnxruntime.capi._pybind_state",
+    # torch's scan (a prototype with no public name in torch 2.13), which torch.onnx exports as
+    # one ONNX Scan: Qwen3.5's gated delta rule over a dynamic sequence.
+    "torch._higher_order_ops.scan",
 }
 
 

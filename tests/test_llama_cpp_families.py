@@ -113,6 +113,18 @@ def _deltas(path) -> dict[str, np.ndarray]:
     return out
 
 
+def peft_deltas(directory) -> dict[str, np.ndarray]:
+    """A PEFT adapter's ΔW per module path (read here with numpy)."""
+    from safetensors.numpy import load_file
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(directory / "adapter_model.safetensors")
+    scale = config["lora_alpha"] / config["r"]
+    return {k.split("base_model.model.")[-1].removesuffix(".lora_A.weight"):
+            scale * tensors[k.replace("lora_A", "lora_B")] @ tensors[k]
+            for k in tensors if k.endswith("lora_A.weight")}
+
+
 def _merged(tmp_path, base, adapter, *args) -> object:
     out = tmp_path / "merged.gguf"
     result = run_cli("merge", base, adapter, "-o", out, *args)
@@ -191,22 +203,16 @@ def test_q8_0_base_merge_equals_llama_export_lora(made, tmp_path):
 def test_gguf_lora_read_through_gguf_base_is_peft_delta(made, family, tmp_path):
     """``convert lora.gguf --base base.gguf -o peft/``: Hugging Face names and row order from the
     GGUF base alone; ΔW equals the original PEFT adapter's (read here with numpy)."""
-    from safetensors.numpy import load_file
+    check_read_through_gguf_base(made[family], tmp_path)
 
-    files = made[family]
+
+def check_read_through_gguf_base(files, tmp_path) -> None:
+    """llama.cpp's GGUF LoRA converted to PEFT through the GGUF base has the PEFT adapter's
+    names and ΔW."""
     result = run_cli("convert", files["lora"], "--base", files["base"], "-o", tmp_path / "p",
                      "--to", "peft")
     assert result.code == 0, result.err
-
-    def deltas(directory) -> dict[str, np.ndarray]:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        tensors = load_file(directory / "adapter_model.safetensors")
-        scale = config["lora_alpha"] / config["r"]
-        return {k.split("base_model.model.")[-1].removesuffix(".lora_A.weight"):
-                scale * tensors[k.replace("lora_A", "lora_B")] @ tensors[k]
-                for k in tensors if k.endswith("lora_A.weight")}
-
-    got, expected = deltas(tmp_path / "p"), deltas(files["peft"])
+    got, expected = peft_deltas(tmp_path / "p"), peft_deltas(files["peft"])
     assert sorted(got) == sorted(expected)
     for name, delta in expected.items():
         np.testing.assert_allclose(got[name], delta, atol=1e-6, rtol=0, err_msg=name)

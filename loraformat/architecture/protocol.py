@@ -157,6 +157,11 @@ class Architecture(Protocol):
     #     """How the export module repeats its layers; None: the exporter traces every layer."""
     # def left_out(self, checkpoint: CheckpointInfo) -> list[str]:
     #     """Stored tensors the export module leaves out (a multimodal checkpoint's towers)."""
+    # def column_permutation(
+    #     self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    # ) -> Sequence[int] | None:
+    #     """The input-column order ``convention`` stores the layer's weight in (entry j: the
+    #     checkpoint column at column j), or None: row_permutation's counterpart for inputs."""
     # expert_storage: tuple[ExpertStorage, ...]
     #     """How checkpoints store the stacked expert parameters PEFT's target_parameters adapt."""
     # peft_weight_parameters: tuple[str, ...]
@@ -197,6 +202,13 @@ class ArchitectureBase:
     def row_permutation(
         self, checkpoint: CheckpointInfo, layer_path: str, convention: str
     ) -> Sequence[int] | None:
+        return None
+
+    def column_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        """The input-column order ``convention`` stores the layer's weight in, or ``None``
+        (llama.cpp reorders Qwen3.5's value heads in ``out_proj``'s inputs)."""
         return None
 
     def export_model(

@@ -135,6 +135,15 @@ class PluginArchitecture:
             lambda: self.impl.row_permutation(checkpoint, layer_path, convention),
         )
 
+    def column_permutation(
+        self, checkpoint: CheckpointInfo, layer_path: str, convention: str
+    ) -> Sequence[int] | None:
+        impl = getattr(self.impl, "column_permutation", None)  # optional in the protocol
+        if impl is None:
+            return None
+        return self._call("column_permutation", checkpoint,
+                          lambda: impl(checkpoint, layer_path, convention))
+
     def export_model(
         self, checkpoint: CheckpointInfo, tensors: Mapping[str, Any],
         options: ExportOptions | None = None,

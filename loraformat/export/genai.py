@@ -55,6 +55,10 @@ MODEL_TYPE_EXCEPTIONS = {
     "Olmo2ForCausalLM": "llama",
     "Olmo3ForCausalLM": "llama",
     "Ministral3ForCausalLM": "mistral",
+    # A multimodal checkpoint exports its language model: GenAI's text decoder type for it.
+    "Mistral3ForConditionalGeneration": "mistral3_text",
+    "Qwen3_5ForCausalLM": "qwen3_5_text",
+    "Qwen3_5ForConditionalGeneration": "qwen3_5_text",
     # GenAI reads each layer's cache shape off the graph; Gemma 4's KV-shared layers, the last
     # ones, have no cache inputs, so the cache layers are still 0..N-1.
     "Gemma4ForCausalLM": "gemma4_text",
@@ -67,7 +71,9 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
 }
 #: The cache inputs/outputs every KV-cache export names this way (``export.decoder``).
-PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+#: A layer's cache input: keys/values, or another state (a linear attention's conv_state and
+#: recurrent_state, which ORT GenAI finds by the same pattern with those names).
+PAST = re.compile(r"past_key_values\.(\d+)\.(\w+)$")
 PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 
 
@@ -125,14 +131,21 @@ def genai_config(
     import onnx
 
     path = Path(model_path)
+    text = config.get("text_config")
+    if isinstance(text, Mapping):  # a multimodal base: the export is its language model
+        config = {**config, **text, "architectures": config.get("architectures")}
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = {i.name: i for i in graph.input}
     outputs = {o.name for o in graph.output}
-    layers = sorted(int(m.group(1)) for n in inputs if (m := PAST.match(n)) and m.group(2) == "key")
-    if not layers or layers != list(range(len(layers))) or "input_ids" not in inputs:
-        raise LoraformatError(path, "not a KV-cache decoder (input_ids and past_key_values.N.key "
-                              "inputs for layers 0..N-1): GenAI cannot run it")
-    kv_heads, head_size = (_static_dim(inputs["past_key_values.0.key"], axis) for axis in (1, 3))
+    layers = sorted({int(m.group(1)) for n in inputs if (m := PAST.match(n))})
+    # Layers with keys and values; a hybrid decoder's others carry their own state.
+    kv_layers = [i for i in layers if f"past_key_values.{i}.key" in inputs]
+    if (not kv_layers or layers != list(range(len(layers)))
+            or "input_ids" not in inputs):
+        raise LoraformatError(path, "not a KV-cache decoder (input_ids and past_key_values.N.* "
+                              "inputs for layers 0..N-1, keys among them): GenAI cannot run it")
+    first_key = f"past_key_values.{kv_layers[0]}.key"
+    kv_heads, head_size = (_static_dim(inputs[first_key], axis) for axis in (1, 3))
     heads = _config_int(config, path, "num_attention_heads", "n_head")
     hidden = _config_int(config, path, "hidden_size", "n_embd")
     kv_heads = kv_heads or int(config.get("num_key_value_heads") or heads)
@@ -170,7 +183,8 @@ def genai_config(
             },
         },
     }
-    missing = {"logits", "present.0.key", "present.0.value"} - outputs
+    first = kv_layers[0]
+    missing = {"logits", f"present.{first}.key", f"present.{first}.value"} - outputs
     if missing:
         raise LoraformatError(path, f"not a KV-cache decoder: no output {sorted(missing)[0]!r}")
     if merged.get("bos_token_id") is not None:

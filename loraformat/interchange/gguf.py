@@ -10,7 +10,9 @@ What llama.cpp's loader (``src/llama-adapter.cpp``) requires, and this module wr
   model.ne[1] == b.ne[1], a.ne[1] == b.ne[0]. ``token_embd`` is the exception: A is stored
   transposed, (num_embeddings, r), as llama.cpp's converter does;
 - B's rows in llama.cpp's order: the architecture's ``row_permutation(..., "gguf")`` (LLaMA q/k are
-  permuted for llama.cpp's rotary layout); A is untouched.
+  permuted for llama.cpp's rotary layout); A's columns where its optional
+  ``column_permutation(..., "gguf")`` says (Qwen3.5's ``out_proj`` inputs); A is otherwise
+  untouched.
 
 The scale llama.cpp applies is ``user_scale·alpha/rank`` with one alpha per file and the rank read
 from the tensor. So one alpha covers every layer with the same alpha under ``alpha/r``; rsLoRA
@@ -52,7 +54,7 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer, scale_of
-from ..gguf_model import checked_permutation, open_reader, read_field
+from ..gguf_model import checked_permutation, column_permutation, open_reader, read_field
 from ._common import Context, Names, atomic_path, scaled
 from .experts import collect_stacks, expert_parts, expert_storage, split_expert_tensors
 
@@ -174,6 +176,9 @@ def write_gguf(adapter: Adapter, out: Path, ctx: Context) -> None:
         if perm is not None:
             b = b[perm]
         a = np.asarray(layer.A)
+        columns = column_permutation(ctx.base.arch, ctx.base.info, path, layer.in_features)
+        if columns is not None:
+            a = a[:, columns]
         if layer.kind == "embedding" or name.removesuffix(".weight") in _EMBEDDING_NAMES:
             a = a.T  # llama.cpp's token_embd LoRA: A stored (num_embeddings, r)
         tensors.append((name + ".lora_a", np.ascontiguousarray(a)))
@@ -285,6 +290,11 @@ def read_gguf(path: Path, ctx: Context) -> Adapter:
             restored = np.empty_like(b)
             restored[perm] = b
             b = restored
+        columns = column_permutation(base.arch, base.info, layer_path, dense.in_features)
+        if columns is not None:
+            restored = np.empty_like(a)
+            restored[:, columns] = a
+            a = restored
         rank = int(a.shape[0])
         layers[layer_path] = LoraLayer(
             A=a, B=np.ascontiguousarray(b), alpha=alpha if alpha else float(rank),

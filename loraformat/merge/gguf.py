@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from ..architecture import DenseLayer
+from ..architecture import CheckpointInfo, DenseLayer
 from ..atomic import atomic_file, check_output
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
 from ..gguf_model import (
+    column_permutation,
     gguf_architecture,
     gguf_config,
     gguf_layers,
@@ -128,22 +129,28 @@ def _read(fd: int, tensor: Any, where: Path) -> np.ndarray:
 
 
 def _merge_tensor(
-    op: TensorOp, tensor: Any, perm: np.ndarray | None, layout: str, where: Path, fd: int
+    op: TensorOp, tensor: Any, perm: np.ndarray | None, layout: str, where: Path, fd: int,
+    columns: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(W, W') as float32 in llama.cpp's row order."""
+    """(W, W') as float32 in llama.cpp's row (and input-column) order."""
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     w = ggml.dequantize(_read(fd, tensor, where), tensor.tensor_type, shape, where)
-    axis = 0 if layout == "out_in" else 1
-    if perm is None:
+    if perm is None and columns is None:
         return w, op.apply(w)
-    hf = np.empty_like(w)
-    # llama.cpp stored rows W_hf[perm]; undo, merge in Hugging Face order, redo.
-    if axis == 0:
-        hf[perm] = w
-    else:
-        hf[:, perm] = w
+    # llama.cpp stored W_hf[perm] (rows, the out axis) and W_hf[:, columns] (inputs); undo,
+    # merge in Hugging Face order, redo.
+    out_axis = 0 if layout == "out_in" else 1
+    hf = w
+    for order, axis in ((perm, out_axis), (columns, 1 - out_axis)):
+        if order is not None:
+            undone = np.empty_like(hf)
+            undone[(slice(None),) * axis + (order,)] = hf
+            hf = undone
     merged = op.apply(hf, inplace=True)
-    return w, np.ascontiguousarray(np.take(merged, perm, axis=axis))
+    for order, axis in ((perm, out_axis), (columns, 1 - out_axis)):
+        if order is not None:
+            merged = np.take(merged, order, axis=axis)
+    return w, np.ascontiguousarray(merged)
 
 
 def _pad(n: int, alignment: int) -> int:
@@ -249,6 +256,7 @@ def merge_gguf(
             arch_name, base_path, wanted.pop() if len(wanted) == 1 else None
         )
         config = gguf_config(reader, arch_name)
+        info = CheckpointInfo(base_path, config, {})
         try:
             layers = gguf_layers(architecture, config, shapes)
         except LoraformatError as exc:
@@ -295,7 +303,9 @@ def merge_gguf(
             nonlocal done
             dense, _, perm = by_weight[changed[name].name]
             tensor, kind = by_name[name], types[name]
-            w, merged = _merge_tensor(changed[name], tensor, perm, dense.layout, base_path, fd)
+            columns = column_permutation(architecture, info, dense.path, dense.in_features)
+            w, merged = _merge_tensor(changed[name], tensor, perm, dense.layout, base_path, fd,
+                                      columns)
             if kind.name == "F32":  # stored exactly: nothing to measure
                 data = ggml.quantize(merged, kind, base_path)
             else:

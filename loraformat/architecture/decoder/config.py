@@ -14,7 +14,10 @@ PREFIX = "model."
 def head_path(prefix: str) -> str:
     """The ``lm_head`` path beside a decoder stored under ``prefix``: ``lm_head`` for
     ``model.`` or none, ``language_model.lm_head`` for a multimodal checkpoint's
-    ``language_model.model.``."""
+    ``language_model.model.``, ``lm_head`` for transformers 5's ``model.language_model.`` (the
+    head beside the whole multimodal model, as Qwen3.5 stores it)."""
+    if prefix.startswith("model.language_model."):
+        return "lm_head"
     return prefix.removesuffix("model.") + "lm_head"
 
 
