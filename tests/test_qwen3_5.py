@@ -504,3 +504,38 @@ def test_conformance_kit(built, kind):
     assert {"peft", "gguf"} <= set(report.foreign_names) and not report.unused_layers
     # llama.cpp's value-head order: 4 row-permuted projections and out_proj's columns, 3 layers
     assert len(report.permuted["gguf"]) == 3 * 5
+
+
+@pytest.mark.slow
+def test_rank_above_the_value_heads_is_read_exactly(tmp_path):
+    """PEFT's all-linear at r=8 on a model with 4 value heads: in_proj_a/in_proj_b (4 rows each)
+    carry a rank-8 LoRA, above the format's bound. The reader stores them at rank 4 with the same
+    ΔW (B·A refactored), says so in its report, and the merge equals PEFT's."""
+    import json
+
+    from cli_harness import run_cli
+
+    from loraformat.interchange.front_door import read_adapter
+
+    base = tiny_qwen35.qwen3_5(tmp_path / "base")
+    peft = tiny_qwen35.peft_adapter(base, tmp_path / "peft", r=8, lora_alpha=16)
+    adapter, report = read_adapter(peft)
+    narrow = [p for p, _ in adapter.layers() if p.endswith(("in_proj_a", "in_proj_b"))]
+    assert len(narrow) == 6 and all(adapter.layer(p).rank == 4 for p in narrow)
+    assert any("refactored exactly" in n for n in report.notes)
+    from safetensors.numpy import load_file
+
+    raw = load_file(peft / "adapter_model.safetensors")
+    for path in narrow:
+        key = f"base_model.model.{path}"
+        want = 2.0 * raw[key + ".lora_B.weight"] @ raw[key + ".lora_A.weight"]  # alpha/r = 2
+        np.testing.assert_allclose(adapter.delta(path), want, rtol=1e-5, atol=1e-6)
+    run = run_cli("merge", base, peft, "-o", tmp_path / "merged", "--json")
+    assert run.code == 0, run.err
+    assert json.loads(run.out)["tensors_changed"] == 3 * 5 + 4 + 4 * 3
+    merged = tiny_qwen35.peft_merged(base, peft)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = merged(input_ids=ids).logits
+        got = tiny_qwen35.load(tmp_path / "merged")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=0)

@@ -10,6 +10,8 @@ the caller asked for ``lossy=True``. Changes of *representation* that keep the a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Callable, Container, Iterator, Mapping
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import LoraformatError
+from ..format.adapter import LoraLayer, scale_of
 
 if TYPE_CHECKING:
     from ..base import BaseModel
@@ -355,3 +358,39 @@ def atomic_path(out: Path) -> Iterator[Path]:
             tmp.unlink()
         remove_made(made)
         raise
+
+
+def alpha_for_scale(scale: float, rank: int, rule: str) -> float:
+    """An alpha whose ``scale_of(rule, alpha, rank)`` is exactly ``scale`` where one exists."""
+    base = scale * rank if rule == "alpha/r" else scale * math.sqrt(rank)
+    candidate = base
+    for _ in range(4):  # a correctly rounded division is within an ulp or two
+        if scale_of(rule, candidate, rank) == scale:
+            return candidate
+        candidate = math.nextafter(
+            candidate, math.inf if scale_of(rule, candidate, rank) < scale else -math.inf
+        )
+    return base
+
+
+def fit_rank(layer: LoraLayer, scaling: str, ctx: Context) -> LoraLayer:
+    """``layer`` as the format can hold it when its rank exceeds its smaller dimension (the
+    format's bound, spec/FORMAT.md §9): PEFT and mlx-lm allow any r, and ``all-linear`` at a
+    common rank exceeds a narrow layer's size (Qwen3.5's ``in_proj_a``/``in_proj_b`` have one row
+    per value head). B·A has rank at most that dimension, so it is stored exactly at it: B·A as
+    A with B the identity (or the reverse), the scale unchanged — the same ΔW up to rounding in
+    the adapter's dtype. Fused, expert and embedding layers are left to the format's checks."""
+    rows = int(layer.B.shape[0])
+    bound = min(layer.in_features, rows)
+    if (layer.rank <= bound or layer.kind != "linear" or layer.out_rows is not None
+            or layer.experts is not None):
+        return layer
+    product = layer.B.astype(np.float64) @ layer.A.astype(np.float64)
+    a, b = (product, np.eye(rows)) if rows <= layer.in_features else (
+        np.eye(layer.in_features), product)
+    ctx.note("layers whose rank exceeds their smaller dimension are stored at that dimension "
+             "(the same ΔW: B·A refactored exactly)")
+    return dataclasses.replace(
+        layer, A=a.astype(layer.A.dtype), B=b.astype(layer.B.dtype),
+        alpha=alpha_for_scale(scale_of(scaling, layer.alpha, layer.rank), bound, scaling),
+    )

@@ -99,7 +99,7 @@ def _find_path(module: str, ctx: Context) -> str:
 
 
 def read_loralib(path: Path, ctx: Context) -> Adapter:
-    from .mlx import alpha_for_scale
+    from ._common import alpha_for_scale
 
     tensors, metadata = _load(path)
     alpha = ctx.options.get("alpha")
@@ -234,7 +234,7 @@ def write_loralib(adapter: Adapter, out: Path, ctx: Context) -> None:
     loralib form (refused unless lossy, which drops them). A ``.safetensors`` output records
     ``lora_alpha``, ``r`` and ``enable_lora`` in its metadata.
     """
-    from .mlx import alpha_for_scale
+    from ._common import alpha_for_scale
 
     specs = adapter.specs
     dora = [p for p, s in specs.items() if s.dora]

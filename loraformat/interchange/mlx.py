@@ -41,6 +41,8 @@ from ._common import (
     Context,
     Names,
     adapter_architecture,
+    alpha_for_scale,
+    fit_rank,
     read_safetensors,
     refuse_escape,
     scaled,
@@ -63,21 +65,6 @@ def sniff(path: Path) -> bool:
     return isinstance(config, dict) and "peft_type" not in config and (
         "lora_parameters" in config or "fine_tune_type" in config
     )
-
-
-def alpha_for_scale(scale: float, rank: int, rule: str) -> float:
-    """An alpha whose ``scale_of(rule, alpha, rank)`` is exactly ``scale`` where one exists."""
-    import math
-
-    base = scale * rank if rule == "alpha/r" else scale * math.sqrt(rank)
-    candidate = base
-    for _ in range(4):  # a correctly rounded division is within an ulp or two
-        if scale_of(rule, candidate, rank) == scale:
-            return candidate
-        candidate = math.nextafter(
-            candidate, math.inf if scale_of(rule, candidate, rank) < scale else -math.inf
-        )
-    return base
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -166,12 +153,12 @@ def read_mlx(path: Path, ctx: Context) -> Adapter:
         magnitude = tensors.get(module + ".m")
         if fine_tune == "dora" and magnitude is None:
             raise LoraformatError(path / WEIGHTS_FILE, f"{module}: DoRA adapter without .m")
-        layers[layer_path] = LoraLayer(
+        layers[layer_path] = fit_rank(LoraLayer(
             A=a, B=b, alpha=float(alpha), in_features=int(a.shape[1]),
             out_features=int(b.shape[0]),
             kind="embedding" if dense is not None and dense.kind == "embedding" else "linear",
             magnitude=magnitude if fine_tune == "dora" else None,
-        )
+        ), rule, ctx)
     ctx.report.layers = len(layers)
     return Adapter.from_layers(
         architecture, layers, scaling=rule,

@@ -44,6 +44,7 @@ from ._common import (
     Context,
     Names,
     adapter_architecture,
+    fit_rank,
     read_safetensors,
     refuse_escape,
     torch_load_weights_only,
@@ -305,7 +306,7 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
                 weights_path,
                 f"module {module!r}: use_dora is set but lora_magnitude_vector is missing",
             )
-        layers[layer_path] = LoraLayer(
+        layers[layer_path] = fit_rank(LoraLayer(
             A=a,
             B=b,
             alpha=float(alpha),
@@ -314,7 +315,7 @@ def _read(path: Path, ctx: Context, architecture: str | None) -> Adapter:
             kind="embedding" if embedding else "linear",
             magnitude=magnitude,
             lora_bias=parts.get("bias"),
-        )
+        ), scaling, ctx)
         module_of[layer_path] = module
         ctx.tick(done, total)
 
