@@ -18,6 +18,10 @@ from typing import Any
 
 from .atomic import TMP_MARKER, make_parents, remove_made
 
+#: Suffixes of a layer's two LoRA slot inputs (``<layer>.lora_A`` [in, r], ``<layer>.lora_B``
+#: [r, out]): ONNX Runtime's and Olive's multi-LoRA convention, which slot graphs, the runtime
+#: session and ``.onnx_adapter`` files share.
+SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 #: Above this many initializer bytes the weights go to an external data file (protobuf's cap).
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 #: With external data, initializers of at most this many bytes stay in the protobuf (what

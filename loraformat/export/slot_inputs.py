@@ -13,8 +13,8 @@ import numpy as np
 
 from .. import architecture as arch
 from ..errors import LoraformatError
+from ..onnx_io import SLOT_A, SLOT_B
 
-SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 #: The rank used for the traced example slot tensors (0 and 1 would be specialised by torch.export).
 EXAMPLE_RANK = 2
 #: ONNX model metadata keys a slot graph carries (read back by loraformat.runtime.Session).

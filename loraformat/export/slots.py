@@ -30,10 +30,11 @@ from typing import Any
 from ..architecture import ExportOptions
 from ..base import BaseModel, open_base
 from ..errors import LoraformatError
+from ..onnx_io import SLOT_A, SLOT_B
 from .decoder import export_decoder
 from .onnx import DEFAULT_OPSET, QUANT_DTYPES, export_onnx
 from .quantize import QuantOptions
-from .slot_inputs import SLOT_A, SLOT_B, slotted_export_model, slotted_module
+from .slot_inputs import slotted_export_model, slotted_module
 
 DTYPES = ("float32", "float16", *QUANT_DTYPES)
 

@@ -23,11 +23,11 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter, LoraLayer
+from ..onnx_io import SLOT_A, SLOT_B
 from ._common import Context, adapter_architecture, atomic_path, scaled
 
 NAME = "onnx_adapter"
 SUFFIX = ".onnx_adapter"
-SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 _DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64,
            "fp32": np.float32, "fp16": np.float16}
 

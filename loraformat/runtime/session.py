@@ -28,10 +28,8 @@ import numpy as np
 
 from ..errors import LoraformatError
 from ..format.adapter import Adapter
-from ..onnx_io import ort_load_error
+from ..onnx_io import SLOT_A, SLOT_B, ort_load_error
 
-#: Suffixes of the two slot inputs of a layer (ONNX Runtime / Olive multi-LoRA convention).
-SLOT_A, SLOT_B = ".lora_A", ".lora_B"
 ONNX_ADAPTER_SUFFIX = ".onnx_adapter"
 
 _ORT_DTYPES: dict[str, np.dtype] = {
