@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from ..architecture.decoder import FULL, SLIDING, kv_cache
+from ..architecture.decoder.spec import fields_changed
 from ..checkpoint import Checkpoint
 from ..errors import LoraformatError
 from ..merge.plan import MergePlan
@@ -68,37 +70,22 @@ FLOAT_TYPES = ("float32", "float16", "bfloat16")
 
 def _changed_fields(obj: Any, known: frozenset[str]) -> list[str]:
     """Fields of the dataclass ``obj`` outside ``known`` whose value is not their default."""
-    out = []
-    for f in dataclasses.fields(obj):
-        if f.name in known:
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            out.append(f.name)  # required field we do not know
-            continue
-        if getattr(obj, f.name) != default:
-            out.append(f.name)
-    return out
+    return fields_changed(obj, lambda name: name not in known)
 
 
 def _layer_fields(spec: Any) -> str | None:
     """Why the per-layer description (kinds, shapes, caches) is beyond the emitter — softmax
     attention, full or sliding as the windows say, one shape, attention's keys and values in
     every layer — or None when it is within it."""
-    for i in range(spec.n_layer):
+    kv = kv_cache(spec.n_kv, spec.head_dim)
+    for i, cache in enumerate(spec.layer_caches()):
         kind = spec.kind_of(i)
-        if kind != ("full_attention" if spec.windows[i] is None else "sliding_attention"):
+        if kind != (FULL if spec.windows[i] is None else SLIDING):
             return f"layer {i} is {kind!r}"
         if spec.shape_of_layer(i) != (spec.n_head, spec.n_kv, spec.head_dim):
             return f"layer {i} has its own head shape {spec.shape_of_layer(i)}"
-        cache = spec.layer_caches()[i]
-        names = [(t.name, t.dims) for t in cache.tensors]
-        kv = ("batch", spec.n_kv, "past", spec.head_dim)
-        if names != [("key", kv), ("value", kv)]:
-            return f"layer {i} carries {', '.join(n for n, _ in names) or 'no cache'}"
+        if cache != kv:
+            return f"layer {i} carries {', '.join(t.name for t in cache.tensors) or 'no cache'}"
     return None
 
 

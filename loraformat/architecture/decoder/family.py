@@ -191,4 +191,4 @@ class DecoderFamily(ArchitectureBase):
         depth = "num_hidden_layers"
         if language_model(checkpoint) is not checkpoint:
             depth = "text_config." + depth
-        return LayerRepeat(tuple(spec.layer_signature(i) for i in range(spec.n_layer)), depth)
+        return LayerRepeat(spec.layer_signatures(), depth)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from loraformat.architecture.protocol import CheckpointInfo
@@ -50,13 +50,6 @@ class LayerCache:
     layer's keys and values)."""
 
     tensors: tuple[CacheTensor, ...]
-
-    @property
-    def is_kv(self) -> bool:
-        """Whether this is exactly attention's ``key``/``value`` pair."""
-        return [t.name for t in self.tensors] == ["key", "value"] and all(
-            t.grows for t in self.tensors
-        )
 
 
 def kv_cache(n_kv: int, head_dim: int) -> LayerCache:
@@ -134,15 +127,9 @@ class DecoderSpec:
     def extensions(self) -> tuple[str, ...]:
         """The :data:`EXTENSIONS` fields this spec sets away from their defaults, and
         ``"no_rope"`` where a layer's rope is :func:`no_rope`."""
-        changed = []
-        for f in fields(self):
-            if f.name not in EXTENSIONS:
-                continue
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            if getattr(self, f.name) != default:
-                changed.append(f.name)
+        changed = tuple(fields_changed(self, EXTENSIONS.__contains__))
         no_rope_layer = any(r.dim == 0 for r in self.ropes.values())
-        return tuple(changed) + (("no_rope",) if no_rope_layer else ())
+        return changed + (("no_rope",) if no_rope_layer else ())
 
     def norms(self) -> tuple[str | None, str | None, str | None, str | None]:
         """``block_norms``, or the placement ``sandwich_norm`` implies."""
@@ -167,16 +154,35 @@ class DecoderSpec:
             return self.caches
         return tuple(kv_cache(*self.shape_of_layer(i)[1:]) for i in range(self.n_layer))
 
-    def layer_signature(self, layer: int) -> tuple[Any, ...]:
-        """What a layer's graph depends on besides its index and weights: two layers of equal
-        signature trace to the same graph (the traced path's layer repeat relies on it)."""
-        return (
-            self.kind_of(layer),
-            self.windows[layer],
-            self.rope_of[layer],
-            self.shape_of_layer(layer),
-            self.layer_caches()[layer],
+    def layer_signatures(self) -> tuple[tuple[Any, ...], ...]:
+        """Per layer, what its graph depends on besides its index and weights (kind, window,
+        rope, shape, cache): two layers of equal signature trace to the same graph (the traced
+        path's layer repeat relies on it)."""
+        caches = self.layer_caches()
+        return tuple(
+            (self.kind_of(i), self.windows[i], self.rope_of[i], self.shape_of_layer(i), caches[i])
+            for i in range(self.n_layer)
         )
+
+
+def fields_changed(obj: Any, asked: Callable[[str], bool]) -> list[str]:
+    """The fields of the dataclass ``obj`` that ``asked`` names and whose value is not their
+    default (a field without a default always counts). Only those are compared: a field may
+    hold an array, whose ``!=`` is not a truth value."""
+    changed = []
+    for f in fields(obj):
+        if not asked(f.name):
+            continue
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            changed.append(f.name)
+            continue
+        if getattr(obj, f.name) != default:
+            changed.append(f.name)
+    return changed
 
 
 #: The DecoderSpec fields added after the first families (see DecoderSpec).
