@@ -165,9 +165,7 @@ class GatedAttention(Attention):
         tables = step.tables[self.rope_key]
         q = rotate(q, step.position_ids, self.rope, *tables)
         k = rotate(k, step.position_ids, self.rope, *tables)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=-2)
-            v = torch.cat((past[1], v), dim=-2)
+        k, v = self.extend(k, v, past)
         out = self.attend(q, k, v, step).transpose(1, 2).reshape(b, s, h * d)
         return self.o_proj(out * torch.sigmoid(gate.reshape(b, s, h * d))), (k, v)
 

@@ -65,9 +65,7 @@ class Gemma4Attention(Attention):
             v = k if self.k_eq_v else self.v_proj(x).reshape(b, s, self.n_kv, self.head_dim)
             k = rotate(self.k_norm(k).transpose(1, 2), step.position_ids, self.rope, *tables)
             v = self.v_norm(v).transpose(1, 2)
-            if past is not None:
-                k = torch.cat((past[0], k), dim=-2)
-                v = torch.cat((past[1], v), dim=-2)
+            k, v = self.extend(k, v, past)
             present = (k, v)
         out = self.attend(q, k, v, step).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), present

@@ -173,7 +173,8 @@ class Attention(nn.Module):
     score soft-cap and a query temperature, as the spec says for layer ``index``.
 
     Pieces a family may replace one by one in a subclass: :meth:`project` (q/k/v before the
-    head split), :meth:`queries_keys_values` (heads, norms, rotary), :meth:`attend`."""
+    head split), :meth:`queries_keys_values` (heads, norms, rotary), :meth:`attend`; one that
+    writes its own ``forward`` appends to the cache with :meth:`extend`."""
 
     def __init__(self, spec: DecoderSpec, dims: Dims, index: int) -> None:
         super().__init__()
@@ -229,12 +230,17 @@ class Attention(nn.Module):
             return attend(q, k, v, mask_bias, self.scale)
         return softcapped_attend(q, k, v, mask_bias, self.scale, self.spec.attn_softcap)
 
+    @staticmethod
+    def extend(k: Any, v: Any, past: tuple[Any, ...] | None) -> tuple[Any, Any]:
+        """This call's keys and values [b, kv_h, s, d] after the cached ones (the present)."""
+        if past is None:
+            return k, v
+        return torch.cat((past[0], k), dim=-2), torch.cat((past[1], v), dim=-2)
+
     def forward(self, x: Any, step: Step, past: tuple[Any, ...] | None) -> tuple[Any, tuple]:
         b, s, _ = x.shape
         q, k, v = self.queries_keys_values(x, step)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=-2)
-            v = torch.cat((past[1], v), dim=-2)
+        k, v = self.extend(k, v, past)
         out = self.attend(q, k, v, step)
         out = out.transpose(1, 2).reshape(b, s, self.n_head * self.head_dim)
         return self.o_proj(out), (k, v)
