@@ -70,11 +70,10 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
     "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
 }
-#: The cache inputs/outputs every KV-cache export names this way (``export.decoder``).
-#: A layer's cache input: keys/values, or another state (a linear attention's conv_state and
+#: A layer's cache input, as every KV-cache export names it (``export.decoder``): keys/values,
+#: or another state (a linear attention's conv_state and
 #: recurrent_state, which ORT GenAI finds by the same pattern with those names).
 PAST = re.compile(r"past_key_values\.(\d+)\.(\w+)$")
-PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 
 
 @dataclass
