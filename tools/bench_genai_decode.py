@@ -1,8 +1,8 @@
 """Benchmark: loraformat's KV-cache decoder against ONNX Runtime GenAI's model builder, both run
 by the same ONNX Runtime GenAI runtime, so only the graphs differ.
 
-    .venv/bin/python tools/bench_genai_decode.py [WORKDIR] [--layers 24] [--repeat 3]
-        [--threads 2] [--prompt 128] [--tokens 32] [--optimize] [--reuse]
+    .venv/bin/python tools/bench_genai_decode.py [WORKDIR] [--layers 24] [--repeat 5]
+        [--processes 2] [--threads 2] [--prompt 128] [--tokens 32] [--optimize] [--reuse]
 
 The checkpoint is ``tools/bench_export.py``'s (0.49B LLaMA-shaped fp32 at 24 layers, RMSNorm
 weights 1, a word-level tokenizer), built in WORKDIR if absent. Exported once each, cold
@@ -13,15 +13,16 @@ weights 1, a word-level tokenizer), built in WORKDIR if absent. Exported once ea
   exactly as loraformat writes it (its own genai_config.json and tokenizer);
 * ``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu`` with the builder's defaults.
 
-Then each folder runs in a fresh process (``onnxruntime_genai.Model``, greedy, batch 1,
-``--threads`` intra-op threads and 1 inter-op thread through ``og.Config.overlay``): a warm-up
-generation, then a ``--prompt``-token prompt (random ids, seed 0) — prefill, the time
-``append_tokens`` takes — and ``--tokens`` greedy tokens — decode, the time of the steps that
-each run the model on one token, per token. The models are interleaved round by round
-(``--repeat``, default 3) so a slow spell of the shared machine does not fall on one of them; the
-table gives medians (min-max), the node count of each graph, and loraformat / builder ratios per
-precision. Finally the greedy tokens of the fp32 models must agree (the same weights, no adapter);
-the int4 models' agreement with fp32 is printed.
+Then each pair (loraformat's folder and the builder's, one precision) runs in one process
+(``onnxruntime_genai.Model``, greedy, batch 1, ``--threads`` intra-op threads and 1 inter-op
+thread through ``og.Config.overlay``), ``--processes`` processes (default 2) alternating which
+model loads first. After a warm-up, each round (``--repeat``, default 5) prefills a
+``--prompt``-token prompt (random ids, seed 0) on each model — prefill, the time ``append_tokens``
+takes — and ``--tokens`` greedy steps, one model after the other, so the two see nearly the same
+spell of the shared machine; a round's decode is its median step. The table gives medians
+(min-max) over rounds and the node count of each graph; the ratios are loraformat / builder per
+round (paired), their median and range. Finally the greedy tokens of the fp32 models must agree
+(the same weights, no adapter); the int4 models' agreement with fp32 is printed.
 """
 
 from __future__ import annotations
@@ -48,33 +49,46 @@ import numpy as np
 import onnxruntime  # noqa: F401  (loads the ORT library onnxruntime_genai uses)
 import onnxruntime_genai as og
 
-folder, threads, prompt_len, tokens, vocab = sys.argv[1], *map(int, sys.argv[2:6])
-config = og.Config(folder)
-config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-    "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-model = og.Model(config)
+threads, prompt_len, tokens, vocab, rounds = map(int, sys.argv[1:6])
+folders = sys.argv[6:]
+models = []
+for folder in folders:
+    config = og.Config(folder)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    models.append(og.Model(config))
 prompt = np.random.default_rng(0).integers(3, min(vocab, 1000), prompt_len).tolist()
 
-def generate(prompt, n):
+def generator(model, n):
     params = og.GeneratorParams(model)
-    total = len(prompt) + n
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    start = time.perf_counter()
-    generator.append_tokens([prompt])
-    prefill = time.perf_counter() - start
-    steps = []
-    for _ in range(n):
-        start = time.perf_counter()
-        generator.generate_next_token()
-        steps.append(time.perf_counter() - start)
-    out = [int(t) for t in generator.get_sequence(0)][len(prompt):]
-    # the first call picks a token from the prefill's logits; each later one runs the model
-    return prefill, sum(steps[1:]) / max(1, n - 1), out
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n,
+                              do_sample=False)
+    return og.Generator(model, params)
 
-generate(prompt[:16], 4)  # warm-up: session, allocator and kernels
-prefill, decode, out = generate(prompt, tokens + 1)
-print(json.dumps({"prefill": prefill, "decode": decode, "tokens": out}))
+def run(order, n):
+    # each model in turn runs a whole generation: alternating single steps would leave the idle
+    # session's spinning intra-op threads competing with the running one's
+    out = {}
+    for i in order:
+        gen = generator(models[i], n)
+        start = time.perf_counter()
+        gen.append_tokens([prompt])
+        prefill = time.perf_counter() - start
+        gen.generate_next_token()  # picks a token from the prefill's logits
+        steps = []
+        for _ in range(n - 1):
+            start = time.perf_counter()
+            gen.generate_next_token()
+            steps.append(time.perf_counter() - start)
+        out[i] = {"prefill": prefill, "decode": float(np.median(steps)),
+                  "tokens": [int(t) for t in gen.get_sequence(0)][len(prompt):]}
+    return [out[i] for i in range(len(models))]
+
+run(list(range(len(models))), 4)  # warm-up: sessions, allocators and kernels
+for r in range(rounds):
+    order = list(range(len(models)))
+    order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first
+    print(json.dumps(run(order, tokens + 1)), flush=True)
 """
 
 
@@ -89,7 +103,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", nargs="?", default=None)
     parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="Rounds per process (each: a prefill and --tokens steps per model).")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="Processes per pair, alternating which model loads first.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=32)
@@ -135,42 +152,57 @@ def main() -> int:
             raise SystemExit(f"{label} export failed:\n{done.stderr[-3000:]}")
         print(f"export {label:<28} {time.perf_counter() - start:7.1f} s (cold, once)", flush=True)
 
+    pairs = [("loraformat fp32", "builder fp32"), ("loraformat int4", "builder int4")]
+    if args.optimize:
+        pairs.append(("loraformat fp32 --optimize", "builder fp32"))
     results: dict[str, list[dict]] = {label: [] for label in folders}
-    for round_ in range(args.repeat):
-        order = list(folders)
-        order = order[round_ % len(order):] + order[:round_ % len(order)]  # rotate the order
-        for label in order:
+    paired: dict[tuple[str, str], list[tuple[float, float]]] = {pair: [] for pair in pairs}
+    measured: set[str] = set()
+    for pair in pairs:
+        for process in range(args.processes):
+            labels = list(pair) if process % 2 == 0 else list(pair)[::-1]  # who loads first
             out = subprocess.run(
-                [sys.executable, "-c", RUN, str(folders[label]), str(args.threads),
-                 str(args.prompt), str(args.tokens), str(VOCAB)],
+                [sys.executable, "-c", RUN, str(args.threads), str(args.prompt),
+                 str(args.tokens), str(VOCAB), str(args.repeat),
+                 *(str(folders[label]) for label in labels)],
                 capture_output=True, text=True,
             )
             if out.returncode != 0:
-                print(f"{label}: failed: {out.stderr[-1500:]}", flush=True)
+                print(f"{' / '.join(labels)}: failed: {out.stderr[-1500:]}", flush=True)
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            results[label].append(r)
-            print(f"round {round_ + 1} {label:<28} prefill {r['prefill'] * 1e3:7.1f} ms  "
-                  f"decode {r['decode'] * 1e3:6.1f} ms/token", flush=True)
+            for round_, line in enumerate(out.stdout.strip().splitlines()):
+                runs = dict(zip(labels, json.loads(line), strict=True))
+                for label, r in runs.items():
+                    if label not in measured:  # the builder's fp32 row once, from its first pair
+                        results[label].append(r)
+                ours, theirs = runs[pair[0]], runs[pair[1]]
+                paired[pair].append((ours["prefill"] / theirs["prefill"],
+                                     ours["decode"] / theirs["decode"]))
+                print(f"process {process + 1} round {round_ + 1} {pair[0]} / {pair[1]}: "
+                      f"prefill {ours['prefill'] * 1e3:6.1f} / {theirs['prefill'] * 1e3:6.1f} ms"
+                      f", decode {ours['decode'] * 1e3:5.1f} / {theirs['decode'] * 1e3:5.1f} "
+                      "ms/token", flush=True)
+        measured.update(pair)
 
     print(f"\nORT GenAI runtime, CPU, {args.threads} threads, {args.prompt}-token prompt, "
-          f"{args.tokens} greedy tokens; median (min-max) of {args.repeat} interleaved runs")
-    median: dict[str, tuple[float, float]] = {}
+          f"{args.tokens} greedy tokens; {args.processes} processes x {args.repeat} rounds, "
+          "the two models of a pair in one process, one after the other each round; median "
+          "(min-max) over rounds of each round's median step")
     for label, runs in results.items():
         if not runs:
             continue
         pre = sorted(r["prefill"] * 1e3 for r in runs)
         dec = sorted(r["decode"] * 1e3 for r in runs)
-        median[label] = (statistics.median(pre), statistics.median(dec))
         print(f"| {label:<28} | {nodes(folders[label]):5d} nodes | prefill "
-              f"{median[label][0]:6.0f} ms ({pre[0]:.0f}-{pre[-1]:.0f}) | decode "
-              f"{median[label][1]:5.1f} ms/token ({dec[0]:.1f}-{dec[-1]:.1f}) |")
-    for ours, theirs in (("loraformat fp32", "builder fp32"),
-                         ("loraformat fp32 --optimize", "builder fp32"),
-                         ("loraformat int4", "builder int4")):
-        if ours in median and theirs in median:
-            a, b = median[ours], median[theirs]
-            print(f"{ours} / {theirs}: prefill {a[0] / b[0]:.2f}x, decode {a[1] / b[1]:.2f}x")
+              f"{statistics.median(pre):6.0f} ms ({pre[0]:.0f}-{pre[-1]:.0f}) | decode "
+              f"{statistics.median(dec):5.1f} ms/token ({dec[0]:.1f}-{dec[-1]:.1f}) |")
+    for (ours, theirs), ratios in paired.items():
+        if ratios:
+            pre = sorted(r[0] for r in ratios)
+            dec = sorted(r[1] for r in ratios)
+            print(f"{ours} / {theirs}, paired by round: prefill {statistics.median(pre):.3f}x "
+                  f"({pre[0]:.3f}-{pre[-1]:.3f}), decode {statistics.median(dec):.3f}x "
+                  f"({dec[0]:.3f}-{dec[-1]:.3f})")
     tokens = {label: runs[0]["tokens"] for label, runs in results.items() if runs}
     reference = tokens.get("builder fp32")
     status = 0

@@ -152,7 +152,7 @@ def export_options(**kwargs: object) -> ExportOptions:
               help="Decoder with a KV cache: past_key_values.N.key/value inputs, present.N.key/"
                    "value outputs, attention_mask and position_ids (prefill and decode). "
                    "Built-in decoder families are written op by op (GroupQueryAttention, packed "
-                   "q/k/v and gate/up); other models are traced.")
+                   "q/k/v); other models are traced.")
 @click.option("--optimize", is_flag=True,
               help="With --with-past: fuse a traced decoder for ONNX Runtime (attention, "
               "SkipLayerNorm, FastGelu, RMSNorm); a built-in decoder family's graph is written "

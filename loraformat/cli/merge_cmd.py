@@ -221,7 +221,7 @@ def _merge_quantized(
               help="ONNX export of a decoder: KV-cache inputs/outputs (past_key_values.N.key/value "
                    "→ present.N.key/value) for prefill and decode; see `loraformat generate`. "
                    "Built-in decoder families are written op by op (GroupQueryAttention, packed "
-                   "q/k/v and gate/up); other models are traced.")
+                   "q/k/v); other models are traced.")
 @click.option("--optimize", is_flag=True,
               help="With --with-past: fuse a traced decoder for ONNX Runtime (attention, "
               "SkipLayerNorm, FastGelu, RMSNorm); a built-in decoder family's graph is written "

@@ -6,8 +6,11 @@ this module writes the graph ONNX Runtime's fused kernels run, with no torch tra
 
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (the residual add
   fused into the next norm; Gemma's ``(1 + w)`` norms as a weight ``1 + w`` written at export);
-* one ``MatMul`` for the packed q/k/v projection and one for the packed gate/up projection
-  (:mod:`.layout` packs the streamed, merged weights), ``MatMulNBits`` for int4/int8;
+* one ``MatMul`` for the packed q/k/v projection (:mod:`.layout` packs the streamed, merged
+  weights), one each for gate and up (as ONNX Runtime GenAI's builder writes them: packing them
+  saves less in the product than the ``Split`` it needs costs, measured by
+  ``tools/bench_genai_decode.py``; Phi-3's fused ``gate_up_proj`` stays one, split after),
+  ``MatMulNBits`` for int4/int8;
 * ``GroupQueryAttention`` (``com.microsoft``) with the rotary embedding inside (``do_rotary``,
   cos/sin caches computed here from the spec's ropes; LongRoPE's two caches chosen by an ``If``
   on the total length, as transformers chooses them), the KV cache, the sliding window
@@ -146,8 +149,9 @@ class _Builder:
 
     def op(
         self, op_type: str, inputs: Sequence[Any], outputs: int | Sequence[str] = 1,
-        domain: str = "", **attributes: Any,
+        domain: str = "", unused: Sequence[int] = (), **attributes: Any,
     ) -> Any:
+        """One node; ``unused``: indices of optional outputs written as empty names."""
         ir = self.ir
         self.count += 1
         name = f"/{op_type}_{self.count}"
@@ -158,8 +162,8 @@ class _Builder:
         attrs = {k: v for k, v in attributes.items() if v is not None}
         node = ir.node(op_type, list(inputs), attributes=attrs, domain=domain, name=name,
                        num_outputs=len(names))
-        for value, out_name in zip(node.outputs, names, strict=True):
-            value.name = out_name
+        for j, (value, out_name) in enumerate(zip(node.outputs, names, strict=True)):
+            value.name = "" if j in unused else out_name
         self.nodes.append(node)
         return node.outputs[0] if len(names) == 1 else tuple(node.outputs)
 
@@ -409,20 +413,22 @@ def emit_decoder(
         if update is None:
             return b.op("SimplifiedLayerNormalization", [residual, w], axis=-1,
                         epsilon=spec.eps, stash_type=1)
+        # outputs 1 and 2 (mean, inverse std) left empty: the kernel then skips writing them
         out, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [update, residual, w],
-                                   outputs=4, domain=MS_DOMAIN, epsilon=spec.eps)
+                                   outputs=4, unused=(1, 2), domain=MS_DOMAIN,
+                                   epsilon=spec.eps)
         return out
 
     def gated_mlp(h: Any, mlp: str) -> Any:
         """The gated MLP under ``mlp`` (a block's, or Qwen2-MoE's shared expert)."""
-        gate_parts = [mlp + "gate_up_proj"] if spec.fused_gate_up else [
-            mlp + "gate_proj", mlp + "up_proj"]
-        inner = sum(int(checkpoint.info(p + ".weight").shape[0]) for p in gate_parts) // 2
-        gate_up = with_slots(h, dense(h, mlp + "gate_up_proj", gate_parts,
-                                      packed(gate_parts, ".bias")), gate_parts, split=True)
-        if len(gate_up) == 1:  # Phi-3's fused gate_up_proj
-            gate_up = list(b.op("Split", [gate_up[0], b.ints(inner, inner)], outputs=2, axis=-1))
-        gate, up = gate_up
+        if spec.fused_gate_up:  # Phi-3's gate_up_proj: one layer, split after
+            parts = [mlp + "gate_up_proj"]
+            (gate_up,) = with_slots(h, dense(h, parts[0], parts, packed(parts, ".bias")), parts)
+            inner = int(checkpoint.info(parts[0] + ".weight").shape[0]) // 2
+            gate, up = b.op("Split", [gate_up, b.ints(inner, inner)], outputs=2, axis=-1)
+        else:
+            gate, up = (with_slots(h, dense(h, p, [p], packed([p], ".bias")), [p])[0]
+                        for p in (mlp + "gate_proj", mlp + "up_proj"))
         act = ACTIVATIONS[str(spec.activation)]
         if act == "silu":
             gate = b.op("Mul", [gate, b.op("Sigmoid", [gate])])

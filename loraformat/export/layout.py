@@ -5,7 +5,7 @@ Each function returns one initializer's value when it is written, reading only t
 tensors it needs (:func:`.stream.merged_array`, fp32 accumulation as a merged checkpoint holds
 them), so the packed and transposed weights stream like any other: nothing holds the model.
 
-* q/k/v (and gate/up) rows are packed into one weight ([q; k; v] along the out-features), so one
+* q/k/v rows are packed into one weight ([q; k; v] along the out-features), so one
   ``MatMul``/``MatMulNBits`` computes all three; an adapter merged into one of them is merged
   before packing, exactly as into the checkpoint.
 * float ``MatMul`` weights are written transposed ([in, out], what ``MatMul(x, W)`` reads).
