@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from .architecture.decoder.causal_lm import CACHE_INPUT
 from .errors import LoraformatError
 from .onnx_io import ort_load_error
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(\w+)$")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 Progress = Callable[[int, int], None]
 
@@ -96,7 +95,7 @@ class DecoderSession:
         missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in inputs]
         past = sorted(
             ((int(m[1]), order, name) for order, name in enumerate(inputs)
-             if (m := _PAST.match(name))),
+             if (m := CACHE_INPUT.match(name))),
         )
         if missing or not past or "logits" not in outputs:
             what = ", ".join(missing + ([] if past else ["past_key_values.N.key/value"]))

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..architecture.decoder.causal_lm import CACHE_INPUT
 from ..atomic import atomic_file
 from ..errors import LoraformatError
 
@@ -70,10 +70,6 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
     "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
 }
-#: A layer's cache input, as every KV-cache export names it (``export.decoder``): keys/values,
-#: or another state (a linear attention's conv_state and
-#: recurrent_state, which ORT GenAI finds by the same pattern with those names).
-PAST = re.compile(r"past_key_values\.(\d+)\.(\w+)$")
 
 
 @dataclass
@@ -136,7 +132,7 @@ def genai_config(
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = {i.name: i for i in graph.input}
     outputs = {o.name for o in graph.output}
-    layers = sorted({int(m.group(1)) for n in inputs if (m := PAST.match(n))})
+    layers = sorted({int(m.group(1)) for n in inputs if (m := CACHE_INPUT.match(n))})
     # Layers with keys and values; a hybrid decoder's others carry their own state.
     kv_layers = [i for i in layers if f"past_key_values.{i}.key" in inputs]
     if (not kv_layers or layers != list(range(len(layers)))

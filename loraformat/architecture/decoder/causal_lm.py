@@ -8,12 +8,18 @@ not import torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from loraformat.architecture.layers import ExportModel
 
 from .spec import BATCH, PAST, LayerCache, kv_cache
+
+#: A layer's cache input as every KV-cache graph names it, ``past_key_values.<layer>.<name>``
+#: (groups: the layer, the tensor's name: key/value, or a linear attention's conv_state and
+#: recurrent_state); ONNX Runtime GenAI finds them by the same pattern.
+CACHE_INPUT = re.compile(r"past_key_values\.(\d+)\.(\w+)$")
 
 
 def past_arg_name(layer: int, name: str) -> str:
