@@ -352,6 +352,7 @@ def _session_steps(session, ids: np.ndarray, split: int, adapter) -> np.ndarray:
 
 @pytest.mark.parametrize("family,side", [
     ("llama", "left"), ("mistral", "left"), ("gemma2", "left"), ("llama", "right"),
+    ("qwen2", "left"), ("qwen3", "left"), ("gemma3", "left"), ("phi3", "left"),
 ])
 def test_padded_batch_equals_each_prompt_alone(family_setup, family, side, tmp_path):
     """Two prompts of different lengths in one padded batch (transformers' layout: pad columns
@@ -361,7 +362,9 @@ def test_padded_batch_equals_each_prompt_alone(family_setup, family, side, tmp_p
     Mistral and Gemma 2 with a 4-token window, left-padded: the window counts cache columns,
     as transformers' does, and a row's real tokens are contiguous there. (Right padding puts
     the decode steps after the pad columns, which a window counts, in transformers too: it is
-    the prompt alone only without a window.)"""
+    the prompt alone only without a window.) Qwen2's biases, Qwen3's q/k norms, Gemma 3's
+    per-kind ropes; Phi-3's LongRoPE against transformers' own padded batch (one table for the
+    batch)."""
     import onnxruntime
 
     _, base, adapter = family_setup(family)
@@ -378,6 +381,7 @@ def test_padded_batch_equals_each_prompt_alone(family_setup, family, side, tmp_p
         real = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
         ids[row, real], mask[row, real] = prompt, 1
     positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+    ids_prompt, mask_prompt, pos_prompt = ids, mask, positions
 
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
@@ -395,9 +399,23 @@ def test_padded_batch_equals_each_prompt_alone(family_setup, family, side, tmp_p
                 np.array([[len(p) + step] for p in prompts], np.int64)
 
     merged = peft_merged(base, adapter)
+    if family == "phi3":
+        # LongRoPE picks one table for the whole batch by its longest row (9 tokens > the 8 of
+        # original_max_position_embeddings: the long factors), in transformers too, so the
+        # shorter row's logits are those of transformers' own padded batch, not its prompt's
+        # alone (the short factors): one causal pass over the padded prompt and both steps
+        full_ids = np.concatenate([ids_prompt, np.array(steps, np.int64)], axis=1)
+        full_mask = np.concatenate([mask_prompt, np.ones((2, 2), np.int64)], axis=1)
+        full_pos = np.concatenate([pos_prompt, pos_prompt[:, -1:] + [1, 2]], axis=1)
+        with torch.no_grad():
+            batch = merged(torch.tensor(full_ids), attention_mask=torch.tensor(full_mask),
+                           position_ids=torch.tensor(full_pos)).logits.numpy()
     for row, prompt in enumerate(prompts):
-        with torch.no_grad():  # the prompt alone, then its two decode tokens: one causal pass
-            want = merged(torch.tensor([prompt + steps[row]])).logits.numpy()[0]
+        if family == "phi3":
+            want = batch[row, width - len(prompt):]
+        else:
+            with torch.no_grad():  # the prompt alone, then its two decode tokens: one pass
+                want = merged(torch.tensor([prompt + steps[row]])).logits.numpy()[0]
         real = got[0][row, width - len(prompt):] if side == "left" else got[0][row, :len(prompt)]
         ours = np.concatenate([real, got[1][row], got[2][row]])
         scale = float(np.abs(want).max())
