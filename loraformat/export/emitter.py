@@ -321,10 +321,10 @@ def emit_decoder(
     slot_index = {path: i for i, path in enumerate(slots)}
     slot_inputs: dict[int, list[Any]] = {}
 
-    def with_slots(x: Any, y: Any, parts: Sequence[str], split: bool = False) -> list[Any]:
+    def with_slots(x: Any, y: Any, parts: Sequence[str]) -> list[Any]:
         """``y`` (x through the packed layers ``parts``) as one output per layer, each with its
-        slot's term where it has one; unsplit ([y]) when no part has a slot, unless ``split``."""
-        if not split and not any(p in slot_index for p in parts):
+        slot's term where it has one; unsplit ([y]) when no part has a slot."""
+        if not any(p in slot_index for p in parts):
             return [y]
         sizes = [int(checkpoint.info(p + ".weight").shape[0]) for p in parts]
         k = int(checkpoint.info(parts[0] + ".weight").shape[1])
