@@ -18,10 +18,10 @@ import tiny_gemma4
 import tiny_models
 import torch
 from cli_harness import run_cli
+from tiny_families import opened
 
 from loraformat.architecture import ExportOptions
 from loraformat.architecture.protocol import CheckpointInfo
-from loraformat.checkpoint import Checkpoint
 
 IDS = np.random.default_rng(3).integers(3, 89, (2, 11)).astype(np.int64)
 PROMPT = [5, 17, 33, 3, 71, 40, 9]
@@ -32,12 +32,6 @@ def families():
 
     text, multimodal = gemma4.loraformat_architectures()
     return text, multimodal
-
-
-def opened(path):
-    with Checkpoint(path) as c:
-        tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
-        return CheckpointInfo(path, c.config, c.shapes()), tensors
 
 
 def logits(model, ids: np.ndarray) -> np.ndarray:

@@ -42,10 +42,8 @@ def built(tmp_path_factory):
     def get(family: str, **kwargs):
         key = (family, tuple(sorted(kwargs.items())))
         if key not in cache:
-            path = tiny_families.BUILDERS[family](tmp_path_factory.mktemp(family), **kwargs)
-            with Checkpoint(path) as c:
-                tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
-                cache[key] = (CheckpointInfo(path, c.config, c.shapes()), tensors)
+            cache[key] = tiny_families.opened(
+                tiny_families.BUILDERS[family](tmp_path_factory.mktemp(family), **kwargs))
         return cache[key]
 
     return get
@@ -451,9 +449,7 @@ def test_multimodal_mistral3_is_its_language_model(tmp_path):
     from transformers import Mistral3ForConditionalGeneration
 
     path = tiny_families.mistral3_multimodal(tmp_path / "base")
-    with Checkpoint(path) as c:
-        tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
-        info = CheckpointInfo(path, c.config, c.shapes())
+    info, tensors = tiny_families.opened(path)
     (family,) = mistral3.loraformat_architectures()
     assert family.names.problems() == []
     assert family.detect(info)

@@ -14,12 +14,12 @@ import importlib
 
 import numpy as np
 import pytest
+import tiny_families
 import tiny_qwen35
 import torch
 
 from loraformat.architecture import ExportOptions
 from loraformat.architecture.protocol import Architecture, CheckpointInfo
-from loraformat.checkpoint import Checkpoint
 
 PROMPT = [5, 17, 33, 2, 71, 40, 9]
 
@@ -39,10 +39,7 @@ def built(tmp_path_factory):
     def get(kind: str):
         if kind not in cache:
             make = tiny_qwen35.qwen3_5 if kind == "text" else tiny_qwen35.qwen3_5_multimodal
-            path = make(tmp_path_factory.mktemp(kind))
-            with Checkpoint(path) as c:
-                tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
-                cache[kind] = (CheckpointInfo(path, c.config, c.shapes()), tensors)
+            cache[kind] = tiny_families.opened(make(tmp_path_factory.mktemp(kind)))
         return cache[kind]
 
     return get

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 VOCAB = 96
@@ -276,3 +277,13 @@ def mistral3_multimodal(out: Path, *, layers: int = 2, seed: int = 0) -> Path:
         spatial_merge_size=1, tie_word_embeddings=False,
     )
     return _save(Mistral3ForConditionalGeneration(config), out, seed)
+
+
+def opened(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A saved checkpoint as a plugin sees it (``CheckpointInfo``) and its tensors (torch)."""
+    from loraformat.architecture.protocol import CheckpointInfo
+    from loraformat.checkpoint import Checkpoint
+
+    with Checkpoint(path) as c:
+        tensors = {n: torch.tensor(np.array(a)) for n, a in c.items()}
+        return CheckpointInfo(path, c.config, c.shapes()), tensors
