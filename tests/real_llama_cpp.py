@@ -73,6 +73,54 @@ def convert(jobs: list[tuple[str, list[str]]], setup: str = "") -> None:
         raise AssertionError(f"llama.cpp's converter failed:\n{done.stderr[-4000:]}")
 
 
+def hf_to_gguf(model: Path, out: Path, *args: str) -> tuple[str, list[str]]:
+    """The :func:`convert` job writing the transformers checkpoint ``model`` as an f32 GGUF."""
+    return ("convert_hf_to_gguf.py", [str(model), "--outfile", str(out), "--outtype", "f32",
+                                      *args])
+
+
+def lora_to_gguf(peft: Path, base: Path, out: Path) -> tuple[str, list[str]]:
+    """The :func:`convert` job writing the PEFT adapter ``peft`` of ``base`` as an f32 GGUF
+    LoRA."""
+    return ("convert_lora_to_gguf.py", [str(peft), "--base", str(base), "--outfile", str(out),
+                                        "--outtype", "f32"])
+
+
+def write_vocab(model: Path, size: int) -> None:
+    """A word-level ``tokenizer.json`` of ``size`` tokens in ``model``: the tiny checkpoints have
+    none, and llama.cpp's converters (Gemma's) count the vocabulary there."""
+    (model / "tokenizer.json").write_text(json.dumps(
+        {"model": {"vocab": {f"t{i}": i for i in range(size)}}, "added_tokens": []}))
+
+
+def gguf_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file as float32 (dequantized), numpy shape."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: dequantize(np.asarray(t.data), t.tensor_type).reshape(
+        [int(d) for d in reversed(t.shape.tolist())]).astype(np.float32) for t in reader.tensors}
+
+
+def lora_deltas(path: Path) -> dict[str, np.ndarray]:
+    """A GGUF LoRA's ΔW per llama.cpp weight name: alpha/rank · B·A, as llama.cpp applies it
+    (without ``adapter.lora.alpha`` llama.cpp's scale is 1: its converter writes none for some
+    architectures, e.g. mistral3)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("adapter.lora.alpha")
+    alpha = float(field.contents()) if field is not None else None
+    tensors = gguf_tensors(path)
+    out = {}
+    for name in tensors:
+        if name.endswith(".lora_a"):
+            stem = name.removesuffix(".lora_a")
+            a, b = tensors[name], tensors[stem + ".lora_b"]
+            out[stem] = (alpha / a.shape[0] if alpha else 1.0) * (b @ a)
+    return out
+
+
 def export_lora(base: Path, lora: Path, out: Path) -> Path:
     """``llama-export-lora -m BASE --lora LORA -o OUT``."""
     tool = home() / "build" / "bin" / "llama-export-lora"

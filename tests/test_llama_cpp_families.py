@@ -26,6 +26,7 @@ import real_llama_cpp
 import tiny_families
 import tiny_models
 from cli_harness import run_cli
+from real_llama_cpp import gguf_tensors, lora_deltas
 
 real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]  # one fixture, one worker
@@ -64,53 +65,19 @@ def made(tmp_path_factory):
         peft = tiny_families.peft_adapter(hf, family, d / "peft")
         merged = PeftModel.from_pretrained(tiny_families.load_transformers(hf), peft)
         merged.merge_and_unload().save_pretrained(d / "merged")
-        for model in (hf, d / "merged"):  # llama.cpp's Gemma converters count the vocabulary
-            (model / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {
-                f"t{i}": i for i in range(tiny_families.VOCAB)}}, "added_tokens": []}))
+        for model in (hf, d / "merged"):
+            real_llama_cpp.write_vocab(model, tiny_families.VOCAB)
         files = {"hf": hf, "peft": peft, "base": d / "base.gguf", "ref": d / "merged_ref.gguf",
                  "lora": d / "lora_ref.gguf"}
-        jobs += [
-            ("convert_hf_to_gguf.py", [str(hf), "--outfile", str(files["base"]), "--outtype",
-                                       "f32"]),
-            ("convert_hf_to_gguf.py", [str(d / "merged"), "--outfile", str(files["ref"]),
-                                       "--outtype", "f32"]),
-            ("convert_lora_to_gguf.py", [str(peft), "--base", str(hf), "--outfile",
-                                         str(files["lora"]), "--outtype", "f32"]),
-        ]
+        jobs += [real_llama_cpp.hf_to_gguf(hf, files["base"]),
+                 real_llama_cpp.hf_to_gguf(d / "merged", files["ref"]),
+                 real_llama_cpp.lora_to_gguf(peft, hf, files["lora"])]
         made[family] = files
     made["q8"] = root / "llama" / "base_q8.gguf"
     jobs.append(("convert_hf_to_gguf.py", [str(made["llama"]["hf"]), "--outfile",
                                            str(made["q8"]), "--outtype", "q8_0"]))
     real_llama_cpp.convert(jobs)
     return made
-
-
-def _tensors(path) -> dict[str, np.ndarray]:
-    """Every tensor of a GGUF file as float32 (dequantized), numpy shape."""
-    import gguf
-    from gguf.quants import dequantize
-
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: dequantize(np.asarray(t.data), t.tensor_type).reshape(
-        [int(d) for d in reversed(t.shape.tolist())]).astype(np.float32) for t in reader.tensors}
-
-
-def _deltas(path) -> dict[str, np.ndarray]:
-    """A GGUF LoRA's ΔW per llama.cpp weight name: alpha/rank · B·A, as llama.cpp applies it
-    (without ``adapter.lora.alpha`` llama.cpp's scale is 1: its converter writes none for some
-    architectures, e.g. mistral3)."""
-    import gguf
-
-    field = gguf.GGUFReader(str(path)).fields.get("adapter.lora.alpha")
-    alpha = float(field.contents()) if field is not None else None
-    tensors = _tensors(path)
-    out = {}
-    for name in tensors:
-        if name.endswith(".lora_a"):
-            stem = name.removesuffix(".lora_a")
-            a, b = tensors[name], tensors[stem + ".lora_b"]
-            out[stem] = (alpha / a.shape[0] if alpha else 1.0) * (b @ a)
-    return out
 
 
 def peft_deltas(directory) -> dict[str, np.ndarray]:
@@ -138,7 +105,7 @@ def test_gguf_lora_has_llama_cpp_converters_delta(made, family, tmp_path):
     ours = tmp_path / "ours.gguf"
     result = run_cli("convert", files["peft"], "-o", ours, "--base", files["hf"])
     assert result.code == 0, result.err
-    expected, got = _deltas(files["lora"]), _deltas(ours)
+    expected, got = lora_deltas(files["lora"]), lora_deltas(ours)
     assert sorted(got) == sorted(expected)
     for name, delta in expected.items():
         np.testing.assert_allclose(got[name], delta, atol=1e-6, rtol=0, err_msg=name)
@@ -173,9 +140,9 @@ def test_merged_file_equals_llama_export_lora(made, family, adapter, tmp_path):
             pytest.xfail("llama.cpp's converter writes no adapter for this family")
         lora = tmp_path / "ours.gguf"
         assert run_cli("convert", files["peft"], "-o", lora, "--base", files["hf"]).code == 0
-    exported = _tensors(real_llama_cpp.export_lora(files["base"], lora,
+    exported = gguf_tensors(real_llama_cpp.export_lora(files["base"], lora,
                                                    tmp_path / "export.gguf"))
-    merged = _tensors(_merged(tmp_path, files["base"], files[adapter]))
+    merged = gguf_tensors(_merged(tmp_path, files["base"], files[adapter]))
     assert sorted(merged) == sorted(exported)
     for name, tensor in exported.items():
         np.testing.assert_allclose(merged[name], tensor, atol=2e-6, rtol=0, err_msg=name)
@@ -185,12 +152,12 @@ def test_q8_0_base_merge_equals_llama_export_lora(made, tmp_path):
     """Into a Q8_0 base: export-lora writes merged tensors as F16; ``--type F16`` writes the same,
     and the default (Q8_0 kept) is within one Q8_0 step of it, with llama.cpp's logits."""
     files = made["llama"]
-    exported = _tensors(real_llama_cpp.export_lora(made["q8"], files["lora"],
+    exported = gguf_tensors(real_llama_cpp.export_lora(made["q8"], files["lora"],
                                                    tmp_path / "export.gguf"))
-    as_f16 = _tensors(_merged(tmp_path, made["q8"], files["peft"], "--type", "F16"))
+    as_f16 = gguf_tensors(_merged(tmp_path, made["q8"], files["peft"], "--type", "F16"))
     (tmp_path / "merged.gguf").unlink()
     as_q8 = _merged(tmp_path, made["q8"], files["peft"])
-    q8 = _tensors(as_q8)
+    q8 = gguf_tensors(as_q8)
     for name, tensor in exported.items():
         np.testing.assert_allclose(as_f16[name], tensor, rtol=1e-3, atol=1e-6, err_msg=name)
         step = np.abs(tensor).max() / 127

@@ -15,13 +15,12 @@ GGUF of PEFT's merged model and the GGUF LoRA (one process, once per module). Th
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import real_llama_cpp
 import tiny_gemma4
 from cli_harness import run_cli
+from real_llama_cpp import gguf_tensors, lora_deltas
 
 real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]
@@ -35,49 +34,19 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama_cpp_gemma4")
     hf = tiny_gemma4.gemma4(root / "hf")
     files, jobs = {"hf": hf, "base": root / "base.gguf"}, []
-    for model in [hf]:
-        jobs.append(("convert_hf_to_gguf.py", [str(model), "--outfile", str(files["base"]),
-                                               "--outtype", "f32"]))
+    jobs.append(real_llama_cpp.hf_to_gguf(hf, files["base"]))
     for name, targets in ADAPTERS.items():
         peft = tiny_gemma4.peft_adapter(hf, root / name / "peft", targets)
         merged = root / name / "merged"
         tiny_gemma4.peft_merged(hf, peft).save_pretrained(merged)
         files[name] = {"peft": peft, "ref": root / name / "merged_ref.gguf",
                        "lora": root / name / "lora_ref.gguf"}
-        jobs += [
-            ("convert_hf_to_gguf.py", [str(merged), "--outfile", str(files[name]["ref"]),
-                                       "--outtype", "f32"]),
-            ("convert_lora_to_gguf.py", [str(peft), "--base", str(hf), "--outfile",
-                                         str(files[name]["lora"]), "--outtype", "f32"]),
-        ]
-        # llama.cpp's Gemma converters count the vocabulary in tokenizer.json
-        (merged / "tokenizer.json").write_text(_tokenizer())
-    (hf / "tokenizer.json").write_text(_tokenizer())
+        jobs += [real_llama_cpp.hf_to_gguf(merged, files[name]["ref"]),
+                 real_llama_cpp.lora_to_gguf(peft, hf, files[name]["lora"])]
+        real_llama_cpp.write_vocab(merged, tiny_gemma4.VOCAB)
+    real_llama_cpp.write_vocab(hf, tiny_gemma4.VOCAB)
     real_llama_cpp.convert(jobs)
     return files
-
-
-def _tokenizer() -> str:
-    return json.dumps({"model": {"vocab": {f"t{i}": i for i in range(tiny_gemma4.VOCAB)}},
-                       "added_tokens": []})
-
-
-def _tensors(path) -> dict[str, np.ndarray]:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: np.asarray(t.data).reshape([int(d) for d in reversed(t.shape.tolist())])
-            .astype(np.float32) for t in reader.tensors}
-
-
-def _deltas(path) -> dict[str, np.ndarray]:
-    import gguf
-
-    alpha = float(gguf.GGUFReader(str(path)).fields["adapter.lora.alpha"].contents())
-    tensors = _tensors(path)
-    return {name.removesuffix(".lora_a"): alpha / tensors[name].shape[0]
-            * tensors[name.replace(".lora_a", ".lora_b")] @ tensors[name]
-            for name in tensors if name.endswith(".lora_a")}
 
 
 def _ours(made, name, tmp_path):
@@ -88,7 +57,7 @@ def _ours(made, name, tmp_path):
 
 
 def test_gguf_lora_has_llama_cpp_converters_delta(made, tmp_path):
-    expected, got = _deltas(made["all"]["lora"]), _deltas(_ours(made, "all", tmp_path))
+    expected, got = lora_deltas(made["all"]["lora"]), lora_deltas(_ours(made, "all", tmp_path))
     assert sorted(got) == sorted(expected)
     assert {"per_layer_model_proj.weight", "blk.4.inp_gate.weight", "blk.3.proj.weight",
             "blk.3.attn_k.weight"} <= set(got)
@@ -108,9 +77,9 @@ def test_merge_into_gguf_base_equals_llama_cpp(made, adapter, tmp_path):
     assert result.code == 0, result.err
     np.testing.assert_allclose(real_llama_cpp.logits(merged, IDS), expected,
                                atol=1e-4 * np.abs(expected).max(), rtol=0)
-    exported = _tensors(real_llama_cpp.export_lora(made["base"], files["lora"],
+    exported = gguf_tensors(real_llama_cpp.export_lora(made["base"], files["lora"],
                                                    tmp_path / "export.gguf"))
-    ours = _tensors(merged)
+    ours = gguf_tensors(merged)
     assert sorted(ours) == sorted(exported)
     for name, tensor in exported.items():
         np.testing.assert_allclose(ours[name], tensor, atol=2e-6, rtol=0, err_msg=name)

@@ -11,14 +11,13 @@ heads: rows of ``in_proj_qkv``/``z``/``a``/``b`` and the input columns of ``out_
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import real_llama_cpp
 import tiny_qwen35
 from cli_harness import run_cli
-from test_llama_cpp_families import _deltas, check_read_through_gguf_base
+from real_llama_cpp import lora_deltas
+from test_llama_cpp_families import check_read_through_gguf_base
 
 real_llama_cpp.home()  # skips the module when llama.cpp is not built (fails in make test)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama_cpp")]
@@ -44,18 +43,12 @@ def made(tmp_path_factory):
         peft = tiny_qwen35.peft_adapter(hf, d / "peft", target_modules=targets, r=2)
         tiny_qwen35.peft_merged(hf, peft).save_pretrained(d / "merged")
         for model in (hf, d / "merged"):
-            (model / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {
-                f"t{i}": i for i in range(tiny_qwen35.VOCAB)}}, "added_tokens": []}))
+            real_llama_cpp.write_vocab(model, tiny_qwen35.VOCAB)
         files = {"hf": hf, "peft": peft, "base": d / "base.gguf", "ref": d / "merged_ref.gguf",
                  "lora": d / "lora_ref.gguf"}
-        jobs += [
-            ("convert_hf_to_gguf.py", [str(hf), "--outfile", str(files["base"]), "--outtype",
-                                       "f32", "--no-mtp"]),
-            ("convert_hf_to_gguf.py", [str(d / "merged"), "--outfile", str(files["ref"]),
-                                       "--outtype", "f32", "--no-mtp"]),
-            ("convert_lora_to_gguf.py", [str(peft), "--base", str(hf), "--outfile",
-                                         str(files["lora"]), "--outtype", "f32"]),
-        ]
+        jobs += [real_llama_cpp.hf_to_gguf(hf, files["base"], "--no-mtp"),
+                 real_llama_cpp.hf_to_gguf(d / "merged", files["ref"], "--no-mtp"),
+                 real_llama_cpp.lora_to_gguf(peft, hf, files["lora"])]
         made[case] = files
     real_llama_cpp.convert(jobs, setup=NO_MTP)
     return made
@@ -74,7 +67,7 @@ def test_gguf_lora_is_llama_cpp_converters(made, case, tmp_path):
     result = run_cli("convert", files["peft"], "-o", ours, "--base", files["hf"])
     assert result.code == 0, result.err
     assert _architecture(ours) == _architecture(files["lora"]) == "qwen35"
-    expected, got = _deltas(files["lora"]), _deltas(ours)
+    expected, got = lora_deltas(files["lora"]), lora_deltas(ours)
     assert sorted(got) == sorted(expected)
     assert {name.split(".")[2] for name in got} >= {"attn_qkv", "attn_gate", "ssm_alpha",
                                                        "ssm_beta", "attn_q", "ffn_down"}
